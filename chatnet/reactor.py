@@ -1,0 +1,141 @@
+"""A single-threaded event loop on ``selectors`` with a timer wheel, in the manner of Redis' ae.c.
+
+One iteration:  run the before-sleep hooks (group commit, then writing replies) → wait in
+``select`` until a socket is ready or the nearest timer is due → dispatch socket events →
+advance the timer wheel.  The poll timeout comes from the wheel, or is zero when a hook says
+more work is already pending, so timers are never late by more than a tick and pending work
+never waits for an unrelated event.
+
+Handlers are objects with ``handle_event(mask)`` and a ``closed`` attribute; the loop skips a
+handler that an earlier callback of the same iteration closed.  Signals (SIGINT/SIGTERM) only
+set a flag and wake the selector through a socket pair, so shutdown happens between
+iterations, never inside a handler.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import signal
+import socket
+import time
+
+from .timerwheel import TimerWheel
+
+log = logging.getLogger(__name__)
+
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+
+
+class _Waker:
+    """The read end of the signal wake-up socket pair: drained, never acted on."""
+
+    closed = False
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def handle_event(self, mask: int) -> None:
+        try:
+            while self.sock.recv(4096):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+
+class Reactor:
+    def __init__(self, clock=time.monotonic, tick: float = 0.01):
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        self.timers = TimerWheel(clock(), tick=tick)
+        self.before_sleep: list = []  # callables returning True when more work is pending
+        self.stopping = False
+        self.stop_reason = ""
+        self._masks: dict[int, int] = {}
+        self._signals_installed = False
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self.selector.register(self._wake_r, READ, _Waker(self._wake_r))
+
+    # -- registration: one call site per change of interest ----------------------------------
+    def set_interest(self, sock: socket.socket, mask: int, handler) -> None:
+        """Make ``sock``'s registered events exactly ``mask`` (0 = unregistered)."""
+        fd = sock.fileno()
+        old = self._masks.get(fd, 0)
+        if old == mask:
+            return
+        if mask == 0:
+            self.selector.unregister(sock)
+            del self._masks[fd]
+        elif old == 0:
+            self.selector.register(sock, mask, handler)
+            self._masks[fd] = mask
+        else:
+            self.selector.modify(sock, mask, handler)
+            self._masks[fd] = mask
+
+    def forget(self, sock: socket.socket) -> None:
+        """Unregister ``sock`` before it is closed."""
+        try:
+            self.set_interest(sock, 0, None)
+        except (KeyError, ValueError):
+            pass
+
+    # -- signals ------------------------------------------------------------------------------
+    def install_signal_handlers(self) -> None:
+        signal.set_wakeup_fd(self._wake_w.fileno())
+        self._signals_installed = True
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.stop(signal.Signals(signum).name)
+
+    def stop(self, reason: str = "stop requested") -> None:
+        self.stopping = True
+        self.stop_reason = reason
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:
+            pass
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run_once(self, max_wait: float | None = None) -> None:
+        busy = False
+        for hook in self.before_sleep:
+            busy = bool(hook()) or busy
+        if busy:
+            timeout = 0.0
+        else:
+            deadline = self.timers.next_deadline()
+            timeout = None if deadline is None else max(0.0, deadline - self.clock())
+            if max_wait is not None:
+                timeout = max_wait if timeout is None else min(timeout, max_wait)
+        for key, mask in self.selector.select(timeout):
+            handler = key.data
+            if handler.closed:
+                continue
+            try:
+                handler.handle_event(mask)
+            except Exception:  # a bug in one handler must not take the replica down
+                log.exception("handler %r failed", handler)
+                close = getattr(handler, "close", None)
+                if close is not None:
+                    close()
+        try:
+            self.timers.advance(self.clock())
+        except Exception:
+            log.exception("timer callback failed")
+
+    def run(self) -> None:
+        while not self.stopping:
+            self.run_once()
+
+    def close(self) -> None:
+        if self._signals_installed:
+            signal.set_wakeup_fd(-1)
+        self.selector.close()
+        self._wake_r.close()
+        self._wake_w.close()

@@ -1,0 +1,337 @@
+"""The chat service: client sessions on top of the replicated chat state machine.
+
+Sans-I/O.  The host (the reactor) feeds it decoded requests per connection and tells it when
+commands have committed and when chat frames have been written completely; the service
+answers with *effects* — bytes to append to a connection's output, connections to close, and
+commands to propose to the log — which the host carries out.  It never sees a socket, a clock
+or the database, so every reference text and every ordering rule is testable in memory.
+
+Rules the service keeps:
+* A request that changes replicated state (create, send, delete) becomes a command; its answer
+  is decided by the command's result at apply time and released only after the command is
+  durable, so an acknowledgement always means "committed".  While a connection waits for such
+  an answer, the host feeds it nothing more (``waiting``), which keeps answers in order.
+* Sessions (which connection is logged in as whom) are local to the serving replica.
+* Chat is removed from a mailbox only by a ``delivered`` command, proposed after the host
+  reports the chat's frame fully written to the recipient's socket.  Chat that was never
+  written completely stays queued for the next login: at-least-once, never lost.
+* A congested recipient (its output over the high-water mark) gets no live chat; it stays in
+  the mailbox and is pumped again when the host reports the output drained.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+from . import state as sm
+from .codec import (
+    INDICATOR_CHAT,
+    INDICATOR_SERVER,
+    STATUS_ERROR,
+    STATUS_NOTE,
+    STATUS_OK,
+    BadRequest,
+    Request,
+    encode_frame,
+    encode_response,
+)
+
+MAX_USERNAME_CHARS = 32
+
+# The reference server's texts (shared/seed/reference-behaviour.md), compared literally by clients.
+USERNAME_RULE = f"Usernames are 1 to {MAX_USERNAME_CHARS} characters with no spaces, control characters or '|'."
+T_CREATED = "Account created! Logged in as {name}."
+T_CREATE_LOGGED_IN = (
+    "Unable to create account: You are already logged in as {me}. "
+    "Please exit and start a new client to log into a different account."
+)
+T_CREATE_TAKEN = "Unable to create account: This username is already taken."
+T_CREATE_BAD_NAME = "Unable to create account: " + USERNAME_RULE
+T_LOGGED_IN = "Logged in as {name}."
+T_LOGIN_LOGGED_IN = (
+    "Unable to login: You are already logged in as {me}. "
+    "Please exit and start a new client to log into a different account."
+)
+T_LOGIN_UNKNOWN = (
+    "Unable to login: This username does not exist. If you would like to use this username, please create a new account."
+)
+T_LOGIN_CONNECTED = "Unable to login: This user is already connected to the server."
+T_MISSED = "You have {n} missed messages above."
+T_NO_MISSED = "No new messages since you've been gone."
+T_MUST_LOGIN = "Must be logged in to perform this operation. Please login or create an account."
+T_NO_RECIPIENT = "Recipient username cannot be found."
+T_TO_SELF = "Cannot send messages to yourself."
+T_EMPTY_MESSAGE = "Cannot send an empty message."
+T_SENT = "Message sent to {recipient}."
+T_DELETED = "Account {name} has been deleted. You are now logged out."
+T_UNSUPPORTED = "This operation is not supported by this server."
+
+
+def username_problem(name: str) -> bool:
+    """True when ``name`` breaks the username rules (see USERNAME_RULE)."""
+    return (
+        not name
+        or len(name) > MAX_USERNAME_CHARS
+        or "|" in name
+        or any(c.isspace() or not c.isprintable() for c in name)
+    )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Append ``data`` to the connection's output.  When ``delivered`` is (name, order, seq), all
+    chat of that account up to seq is in ``data``: once it is written, it counts as delivered."""
+
+    conn: int
+    data: bytes
+    delivered: tuple | None = None
+
+
+@dataclass(frozen=True)
+class Close:
+    """Close the connection once its pending output is written."""
+
+    conn: int
+
+
+@dataclass
+class Session:
+    conn: int
+    name: str | None = None
+    order: int = 0  # incarnation of the logged-in account
+    sent_upto: int = 0  # highest seq already put into this connection's output
+    waiting_for: int | None = None  # log index whose answer this connection waits for
+    congested: bool = False
+
+
+def frame(status: int, message: str) -> bytes:
+    return encode_frame(status, INDICATOR_SERVER, message)
+
+
+def chat_frame(mail: sm.Mail) -> bytes:
+    return encode_frame(STATUS_OK, INDICATOR_CHAT, f"{mail.display_sender}|{mail.text}")
+
+
+@dataclass
+class ChatService:
+    state: sm.ChatState
+    sessions: dict[int, Session] = field(default_factory=dict)
+    online: dict[str, int] = field(default_factory=dict)  # account name -> conn
+    effects: list = field(default_factory=list)
+    proposals: list = field(default_factory=list)  # (command, conn or None), in order
+    _waiters: dict[int, tuple[int, tuple]] = field(default_factory=dict)  # log index -> (conn, command)
+    _delivered: dict[tuple, int] = field(default_factory=dict)  # (name, order) -> highest written seq
+
+    # -- connection life cycle -------------------------------------------------------------
+    def connection_opened(self, conn: int) -> None:
+        self.sessions[conn] = Session(conn)
+
+    def connection_closed(self, conn: int) -> None:
+        session = self.sessions.pop(conn, None)
+        if session and session.name is not None and self.online.get(session.name) == conn:
+            del self.online[session.name]
+
+    def waiting(self, conn: int) -> bool:
+        session = self.sessions.get(conn)
+        return session is not None and session.waiting_for is not None
+
+    def logged_in_as(self, conn: int) -> str | None:
+        session = self.sessions.get(conn)
+        return session.name if session else None
+
+    # -- requests ---------------------------------------------------------------------------
+    def receive(self, conn: int, event) -> None:
+        """Handle one decoded request (or decoding error) of a connection."""
+        session = self.sessions[conn]
+        if isinstance(event, BadRequest):
+            self._reply(conn, STATUS_ERROR, event.text)
+            return
+        assert isinstance(event, Request)
+        handler = self._handlers.get(event.op)
+        if handler is None:
+            self._reply(conn, STATUS_ERROR, T_UNSUPPORTED)
+            return
+        handler(self, session, *event.args)
+
+    def _create(self, session: Session, name: str) -> None:
+        if session.name is not None:
+            self._reply(session.conn, STATUS_ERROR, T_CREATE_LOGGED_IN.format(me=session.name))
+        elif username_problem(name):
+            self._reply(session.conn, STATUS_ERROR, T_CREATE_BAD_NAME)
+        elif self.state.exists(name):
+            self._reply(session.conn, STATUS_ERROR, T_CREATE_TAKEN)
+        else:
+            self._propose(sm.cmd_create(name), session)
+
+    def _login(self, session: Session, name: str) -> None:
+        if session.name is not None:
+            self._reply(session.conn, STATUS_ERROR, T_LOGIN_LOGGED_IN.format(me=session.name))
+        elif username_problem(name) or not self.state.exists(name):
+            self._reply(session.conn, STATUS_ERROR, T_LOGIN_UNKNOWN)
+        elif name in self.online:
+            self._reply(session.conn, STATUS_ERROR, T_LOGIN_CONNECTED)
+        else:
+            self._log_in(session, name)
+            self._reply(session.conn, STATUS_OK, T_LOGGED_IN.format(name=name))
+            queued = self.state.mail_after(name, 0)
+            if queued:
+                self._send_chats(session, queued)
+                self._reply(session.conn, STATUS_NOTE, T_MISSED.format(n=len(queued)))
+            else:
+                self._reply(session.conn, STATUS_NOTE, T_NO_MISSED)
+
+    def _send(self, session: Session, recipient: str, text: str) -> None:
+        if session.name is None:
+            self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
+        elif recipient == session.name:
+            self._reply(session.conn, STATUS_ERROR, T_TO_SELF)
+        elif not self.state.exists(recipient):
+            self._reply(session.conn, STATUS_ERROR, T_NO_RECIPIENT)
+        elif not text:
+            self._reply(session.conn, STATUS_ERROR, T_EMPTY_MESSAGE)
+        else:
+            self._propose(sm.cmd_send(session.name, recipient, text), session)
+
+    def _list(self, session: Session, pattern: str) -> None:
+        names = [name for name in self.state.accounts if fnmatch.fnmatchcase(name, pattern)]
+        text = "\n" + "".join(f"- {name}\n" for name in names)
+        self.effects.append(Reply(session.conn, encode_response(STATUS_OK, INDICATOR_SERVER, text)))
+
+    def _delete(self, session: Session) -> None:
+        if session.name is None:
+            self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
+        else:
+            self._propose(sm.cmd_delete(session.name), session)
+
+    def _exit(self, session: Session) -> None:
+        # The account goes offline at once; the host stops feeding this connection after Close.
+        self._log_out(session)
+        self.effects.append(Close(session.conn))
+
+    _handlers = {1: _create, 2: _login, 3: _send, 4: _list, 5: _delete, 6: _exit}
+
+    # -- commands ---------------------------------------------------------------------------
+    def _propose(self, cmd: tuple, session: Session | None) -> None:
+        self.proposals.append((cmd, session.conn if session else None))
+        if session is not None:
+            session.waiting_for = -1  # set to the real index by bind()
+
+    def has_delivery_marks(self) -> bool:
+        return bool(self._delivered)
+
+    def take_proposals(self) -> list:
+        """Commands to append to the log, in order, with the connection waiting for each."""
+        proposals, self.proposals = self.proposals, []
+        for (name, order), seq in self._delivered.items():
+            proposals.append((sm.cmd_delivered(name, order, seq), None))
+        self._delivered.clear()
+        return proposals
+
+    def bind(self, index: int, cmd: tuple, conn: int | None) -> None:
+        """The host appended ``cmd`` at log ``index``; its answer goes to ``conn``."""
+        if conn is not None:
+            self._waiters[index] = (conn, cmd)
+            session = self.sessions.get(conn)
+            if session is not None:
+                session.waiting_for = index
+
+    def abandon_proposals(self) -> None:
+        """This replica stopped serving: nobody will get an answer for uncommitted commands."""
+        for conn, _ in self._waiters.values():
+            session = self.sessions.get(conn)
+            if session is not None:
+                session.waiting_for = None
+        self._waiters.clear()
+
+    def apply(self, index: int, cmd: tuple) -> list:
+        """Apply a committed command; queue its answer and live chat; return the store's row changes."""
+        result, changes = self.state.apply(cmd)
+        waiter = self._waiters.pop(index, None)
+        session = None
+        if waiter is not None:
+            session = self.sessions.get(waiter[0])
+            if session is not None and session.waiting_for == index:
+                session.waiting_for = None
+            else:
+                session = None
+        kind = cmd[0]
+        if kind == "send" and isinstance(result, sm.Mail):
+            self._deliver_live(cmd[2], result)
+        if session is not None:
+            self._answer(session, cmd, result)
+        elif kind == "delete" and result == sm.OK:
+            # The owner's connection went away before the answer; nothing else to do.
+            pass
+        return changes
+
+    def _answer(self, session: Session, cmd: tuple, result) -> None:
+        kind = cmd[0]
+        if kind == "create":
+            if result == sm.OK:
+                self._log_in(session, cmd[1])
+                self._reply(session.conn, STATUS_OK, T_CREATED.format(name=cmd[1]))
+            else:
+                self._reply(session.conn, STATUS_ERROR, T_CREATE_TAKEN)
+        elif kind == "send":
+            if isinstance(result, sm.Mail):
+                self._reply(session.conn, STATUS_OK, T_SENT.format(recipient=cmd[2]))
+            else:
+                self._reply(session.conn, STATUS_ERROR, T_NO_RECIPIENT)
+        elif kind == "delete":
+            self._log_out(session)
+            self._reply(session.conn, STATUS_OK, T_DELETED.format(name=cmd[1]))
+
+    # -- delivery ---------------------------------------------------------------------------
+    def _deliver_live(self, recipient: str, mail: sm.Mail) -> None:
+        conn = self.online.get(recipient)
+        if conn is None:
+            return
+        session = self.sessions[conn]
+        if not session.congested:
+            self._send_chats(session, self.state.mail_after(recipient, session.sent_upto))
+
+    def set_congested(self, conn: int, congested: bool) -> None:
+        """The host reports the connection's output over the high-water mark (or drained again)."""
+        session = self.sessions.get(conn)
+        if session is None or session.congested == congested:
+            return
+        session.congested = congested
+        if not congested and session.name is not None:
+            pending = self.state.mail_after(session.name, session.sent_upto)
+            if pending:
+                self._send_chats(session, pending)
+
+    def frames_written(self, delivered: tuple) -> None:
+        """The host wrote all bytes of a Reply whose ``delivered`` was (name, order, seq)."""
+        name, order, seq = delivered
+        key = (name, order)
+        if seq > self._delivered.get(key, 0):
+            self._delivered[key] = seq
+
+    def _send_chats(self, session: Session, mails: list) -> None:
+        if not mails:
+            return
+        data = b"".join(chat_frame(mail) for mail in mails)
+        session.sent_upto = mails[-1].seq
+        self.effects.append(Reply(session.conn, data, (session.name, session.order, session.sent_upto)))
+
+    # -- helpers ----------------------------------------------------------------------------
+    def _log_in(self, session: Session, name: str) -> None:
+        session.name = name
+        session.order = self.state.accounts[name].order
+        session.sent_upto = 0  # everything still in the mailbox is owed to this session
+        self.online[name] = session.conn
+
+    def _log_out(self, session: Session) -> None:
+        if session.name is not None and self.online.get(session.name) == session.conn:
+            del self.online[session.name]
+        session.name = None
+        session.sent_upto = 0
+
+    def _reply(self, conn: int, status: int, message: str) -> None:
+        self.effects.append(Reply(conn, frame(status, message)))
+
+    def take_effects(self) -> list:
+        effects, self.effects = self.effects, []
+        return effects

@@ -1,0 +1,168 @@
+"""The replicated chat state machine: accounts and per-recipient mailboxes.
+
+Everything that must survive a crash or reach a backup is a *command* applied here, in log
+order, on every replica.  ``apply`` is deterministic: the same commands in the same order give
+the same state and the same results everywhere, so the primary can decide a request's answer
+from the result of applying its command (for example "name taken" when two connections create
+the same name in one batch) and the backups reach the identical state.
+
+The state machine does no I/O.  ``apply`` returns, besides the result, the list of row
+changes the store must write in the same transaction as the applied index; the store is the
+only module that knows SQL.
+
+Mailboxes hold every chat that was acknowledged but not yet confirmed delivered.  Each chat
+gets a per-recipient sequence number; seqs in a mailbox are contiguous because chat is only
+ever removed from the front (``delivered``) or all at once (``delete``), so the chat with a
+given seq is found by arithmetic rather than search.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+from dataclasses import dataclass
+
+# Results of applying a command (the session layer turns them into the reference texts).
+OK = "ok"
+NAME_TAKEN = "name-taken"
+NO_SUCH_ACCOUNT = "no-such-account"
+NO_SUCH_RECIPIENT = "no-such-recipient"
+
+
+@dataclass(frozen=True)
+class Mail:
+    """One acknowledged chat waiting in its recipient's mailbox."""
+
+    seq: int
+    sender: str
+    text: str
+    sender_deleted: bool = False
+
+    @property
+    def display_sender(self) -> str:
+        return f"{self.sender} [deleted]" if self.sender_deleted else self.sender
+
+
+@dataclass
+class Account:
+    name: str
+    order: int  # creation order, for op 4's listing
+    next_seq: int = 1  # seq the next chat to this account will get
+
+
+# Commands.  They travel through the replicated log as bytes, so they are plain tuples with a
+# compact JSON encoding rather than objects.
+def cmd_create(name: str) -> tuple:
+    return ("create", name)
+
+
+def cmd_send(sender: str, recipient: str, text: str) -> tuple:
+    return ("send", sender, recipient, text)
+
+
+def cmd_delivered(recipient: str, order: int, upto_seq: int) -> tuple:
+    """Chat up to ``upto_seq`` reached ``recipient``.  ``order`` names the account incarnation,
+    so a late confirmation can never remove chat of a new account that reuses the name."""
+    return ("delivered", recipient, order, upto_seq)
+
+
+def cmd_delete(name: str) -> tuple:
+    return ("delete", name)
+
+
+def encode_command(cmd: tuple) -> bytes:
+    return json.dumps(cmd, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode_command(data: bytes) -> tuple:
+    return tuple(json.loads(data.decode("utf-8")))
+
+
+class ChatState:
+    """Accounts (in creation order) and their mailboxes; mutated only by ``apply``."""
+
+    def __init__(self) -> None:
+        self.accounts: dict[str, Account] = {}
+        self.mailboxes: dict[str, deque[Mail]] = {}
+        self._next_order = 1
+
+    # -- loading (used by the store when it rebuilds the state from its tables) ------------
+    def load_account(self, name: str, order: int, next_seq: int) -> None:
+        self.accounts[name] = Account(name, order, next_seq)
+        self.mailboxes[name] = deque()
+        self._next_order = max(self._next_order, order + 1)
+
+    def load_mail(self, recipient: str, mail: Mail) -> None:
+        self.mailboxes[recipient].append(mail)
+
+    # -- queries ---------------------------------------------------------------------------
+    def exists(self, name: str) -> bool:
+        return name in self.accounts
+
+    def mail_after(self, name: str, seq: int) -> list[Mail]:
+        """The chats in ``name``'s mailbox with a sequence number above ``seq``, oldest first."""
+        box = self.mailboxes.get(name)
+        if not box:
+            return []
+        start = max(0, seq + 1 - box[0].seq)
+        return [box[i] for i in range(start, len(box))]
+
+    def pending_count(self, name: str) -> int:
+        return len(self.mailboxes.get(name, ()))
+
+    def last_seq(self, name: str) -> int:
+        account = self.accounts.get(name)
+        return account.next_seq - 1 if account else 0
+
+    # -- the state machine -----------------------------------------------------------------
+    def apply(self, cmd: tuple) -> tuple[object, list[tuple]]:
+        """Apply one command; return (result, row changes for the store)."""
+        kind = cmd[0]
+        if kind == "create":
+            return self._create(cmd[1])
+        if kind == "send":
+            return self._send(cmd[1], cmd[2], cmd[3])
+        if kind == "delivered":
+            return self._delivered(cmd[1], cmd[2], cmd[3])
+        if kind == "delete":
+            return self._delete(cmd[1])
+        raise ValueError(f"unknown command {kind!r}")
+
+    def _create(self, name: str):
+        if name in self.accounts:
+            return NAME_TAKEN, []
+        order = self._next_order
+        self._next_order += 1
+        self.accounts[name] = Account(name, order)
+        self.mailboxes[name] = deque()
+        return OK, [("account+", name, order)]
+
+    def _send(self, sender: str, recipient: str, text: str):
+        account = self.accounts.get(recipient)
+        if account is None:
+            return NO_SUCH_RECIPIENT, []
+        mail = Mail(account.next_seq, sender, text)
+        account.next_seq += 1
+        self.mailboxes[recipient].append(mail)
+        return mail, [("mail+", recipient, mail.seq, sender, text), ("next_seq", recipient, account.next_seq)]
+
+    def _delivered(self, recipient: str, order: int, upto_seq: int):
+        account = self.accounts.get(recipient)
+        box = self.mailboxes.get(recipient)
+        if account is None or account.order != order or not box or box[0].seq > upto_seq:
+            return OK, []
+        while box and box[0].seq <= upto_seq:
+            box.popleft()
+        return OK, [("mail-", recipient, upto_seq)]
+
+    def _delete(self, name: str):
+        if name not in self.accounts:
+            return NO_SUCH_ACCOUNT, []
+        del self.accounts[name]
+        del self.mailboxes[name]
+        # Chat this account already sent keeps waiting for its recipients, shown as "name [deleted]".
+        for box in self.mailboxes.values():
+            for i, mail in enumerate(box):
+                if mail.sender == name and not mail.sender_deleted:
+                    box[i] = Mail(mail.seq, mail.sender, mail.text, True)
+        return OK, [("account-", name), ("sender-deleted", name)]

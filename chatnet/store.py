@@ -1,0 +1,179 @@
+"""The replica's durable store: one SQLite database in WAL mode with ``synchronous=FULL``.
+
+This is the only module that touches SQLite.  Everything one loop iteration changed is
+written by a single ``write_batch`` call, one transaction, one fsync (group commit): the log
+entries appended, the row changes of the commands applied, the applied index and any
+replication hard state (view, primary, members).  Because the applied index lives in the same
+transaction as the rows it describes, it can never point past the state, and because log rows
+are only deleted up to the applied index, it can never point past the log either.
+
+Tables:
+    meta(key, value)                       applied_index, view, primary, members, snapshot_*
+    log(idx, view, data)                   replicated log entries (a bounded tail is kept)
+    accounts(name, ord, next_seq)          the chat state machine's accounts
+    mail(recipient, seq, sender, text, sender_deleted)   acknowledged, undelivered chat
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+from dataclasses import dataclass, field
+
+from .state import ChatState, Mail
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS log(idx INTEGER PRIMARY KEY, view INTEGER NOT NULL, data BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts(name TEXT PRIMARY KEY, ord INTEGER NOT NULL, next_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS mail(
+    recipient TEXT NOT NULL, seq INTEGER NOT NULL, sender TEXT NOT NULL, text TEXT NOT NULL,
+    sender_deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(recipient, seq)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS mail_by_sender ON mail(sender);
+"""
+
+
+@dataclass
+class Loaded:
+    """What a replica finds in its store at start-up."""
+
+    state: ChatState
+    applied_index: int
+    meta: dict = field(default_factory=dict)
+    log: list = field(default_factory=list)  # (idx, view, data) after the applied state
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written; the replica must stop rather than guess."""
+
+
+class Store:
+    def __init__(self, data_dir: str):
+        os.makedirs(data_dir, exist_ok=True)
+        self.path = os.path.join(data_dir, "chatnet.sqlite3")
+        try:
+            self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot open store {self.path}: {exc}") from exc
+
+    # -- reading -----------------------------------------------------------------------------
+    def load(self) -> Loaded:
+        db = self._db
+        state = ChatState()
+        for name, order, next_seq in db.execute("SELECT name, ord, next_seq FROM accounts ORDER BY ord"):
+            state.load_account(name, order, next_seq)
+        for recipient, seq, sender, text, deleted in db.execute(
+            "SELECT recipient, seq, sender, text, sender_deleted FROM mail ORDER BY recipient, seq"
+        ):
+            state.load_mail(recipient, Mail(seq, sender, text, bool(deleted)))
+        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        applied = int(meta.get("applied_index", 0))
+        entries = list(db.execute("SELECT idx, view, data FROM log WHERE idx > ? ORDER BY idx", (applied,)))
+        return Loaded(state, applied, meta, entries)
+
+    def log_entries(self, after: int, limit: int = 10_000) -> list[tuple[int, int, bytes]]:
+        return list(
+            self._db.execute("SELECT idx, view, data FROM log WHERE idx > ? ORDER BY idx LIMIT ?", (after, limit))
+        )
+
+    def digest(self) -> str:
+        """A digest of the chat state (accounts and mail), equal on replicas that agree."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for row in self._db.execute("SELECT name, ord, next_seq FROM accounts ORDER BY name"):
+            h.update(repr(row).encode())
+        for row in self._db.execute("SELECT recipient, seq, sender, text, sender_deleted FROM mail ORDER BY recipient, seq"):
+            h.update(repr(row).encode())
+        return h.hexdigest()
+
+    # -- writing -----------------------------------------------------------------------------
+    def write_batch(
+        self,
+        *,
+        entries=(),
+        changes=(),
+        applied_index: int | None = None,
+        meta: dict | None = None,
+        truncate_after: int | None = None,
+        compact_upto: int | None = None,
+    ) -> None:
+        """Write one loop iteration's work in one durable transaction.
+
+        ``entries`` are (idx, view, data) log rows; ``changes`` are the row changes returned by
+        ``ChatState.apply``.  Returns only once the transaction is on disk (synchronous=FULL).
+        """
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            if truncate_after is not None:
+                db.execute("DELETE FROM log WHERE idx > ?", (truncate_after,))
+            if entries:
+                db.executemany("INSERT OR REPLACE INTO log(idx, view, data) VALUES (?, ?, ?)", entries)
+            self._apply_changes(changes)
+            if applied_index is not None:
+                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('applied_index', ?)", (json.dumps(applied_index),))
+            if meta:
+                db.executemany(
+                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()]
+                )
+            if compact_upto is not None:
+                db.execute("DELETE FROM log WHERE idx <= ?", (compact_upto,))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StoreError(f"write to {self.path} failed: {exc}") from exc
+
+    def _apply_changes(self, changes) -> None:
+        db = self._db
+        mail_rows = []
+        next_seqs = {}
+        for change in changes:
+            kind = change[0]
+            if kind == "mail+":
+                mail_rows.append(change[1:])
+            elif kind == "next_seq":
+                next_seqs[change[1]] = change[2]  # only the last value per account matters
+            else:
+                # Order matters between the rarer changes (a delete after a send), so flush first.
+                self._flush_mail(mail_rows, next_seqs)
+                if kind == "mail-":
+                    db.execute("DELETE FROM mail WHERE recipient = ? AND seq <= ?", change[1:])
+                elif kind == "account+":
+                    db.execute("INSERT INTO accounts(name, ord, next_seq) VALUES (?, ?, 1)", change[1:])
+                elif kind == "account-":
+                    db.execute("DELETE FROM accounts WHERE name = ?", change[1:])
+                    db.execute("DELETE FROM mail WHERE recipient = ?", change[1:])
+                elif kind == "sender-deleted":
+                    db.execute("UPDATE mail SET sender_deleted = 1 WHERE sender = ?", change[1:])
+                else:
+                    raise ValueError(f"unknown change {kind!r}")
+        self._flush_mail(mail_rows, next_seqs)
+
+    def _flush_mail(self, mail_rows: list, next_seqs: dict) -> None:
+        if mail_rows:
+            self._db.executemany(
+                "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, 0)", mail_rows
+            )
+            mail_rows.clear()
+        if next_seqs:
+            self._db.executemany(
+                "UPDATE accounts SET next_seq = ? WHERE name = ?", [(s, n) for n, s in next_seqs.items()]
+            )
+            next_seqs.clear()
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
