@@ -1,0 +1,308 @@
+"""The chat service and state machine in memory: every op, every reference text, delivery rules.
+
+A tiny host stands in for the reactor: it feeds requests, commits proposals in log order the way
+the server does (apply, then release answers), and records the frames each connection got.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from chatnet import service as sv
+from chatnet.codec import RequestDecoder, decode_frames
+from chatnet.state import ChatState, Mail, decode_command, encode_command
+
+
+class Host:
+    def __init__(self, state: ChatState | None = None):
+        self.service = sv.ChatService(state or ChatState())
+        self.index = 0
+        self.out: dict[int, list] = {}
+        self.closed: set[int] = set()
+        self.marks: dict[int, list] = {}
+        self.log: list[tuple] = []
+        self.changes: list = []
+
+    def open(self, conn: int) -> int:
+        self.service.connection_opened(conn)
+        self.out[conn] = []
+        self.marks[conn] = []
+        return conn
+
+    def close(self, conn: int) -> None:
+        self.service.connection_closed(conn)
+
+    def send(self, conn: int, text: str, commit: bool = True):
+        decoder = RequestDecoder()
+        decoder.receive_data(text.encode())
+        self.service.receive(conn, decoder.next_event())
+        self.drain()
+        if commit:
+            self.commit()
+
+    def commit(self, deliver: bool = True):
+        for cmd, conn in self.service.take_proposals():
+            self.index += 1
+            # Commands cross the log as bytes; round-trip them as the server does.
+            cmd = decode_command(encode_command(cmd))
+            self.log.append(cmd)
+            self.service.bind(self.index, cmd, conn)
+            self.changes.extend(self.service.apply(self.index, cmd))
+        self.drain(deliver)
+
+    def drain(self, deliver: bool = True):
+        for effect in self.service.take_effects():
+            if isinstance(effect, sv.Close):
+                self.closed.add(effect.conn)
+            else:
+                self.out[effect.conn].extend(decode_frames(effect.data))
+                if effect.delivered:
+                    self.marks[effect.conn].append(effect.delivered)
+                    if deliver:
+                        self.service.frames_written(effect.delivered)
+
+    def take(self, conn: int) -> list[tuple[int, int, str]]:
+        frames, self.out[conn] = self.out[conn], []
+        return [(f.status, f.indicator, f.message) for f in frames]
+
+
+@pytest.fixture
+def host():
+    return Host()
+
+
+def ok(text):
+    return (0, 0, text)
+
+
+def err(text):
+    return (1, 0, text)
+
+
+def note(text):
+    return (2, 0, text)
+
+
+def chat(text):
+    return (0, 1, text)
+
+
+def test_create_logs_in_and_duplicate_names(host):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|alice")
+    assert host.take(a) == [ok("Account created! Logged in as alice.")]
+    host.send(a, "1|other")
+    assert host.take(a) == [err(sv.T_CREATE_LOGGED_IN.format(me="alice"))]
+    host.send(b, "1|alice")
+    assert host.take(b) == [err("Unable to create account: This username is already taken.")]
+
+
+def test_two_creates_of_one_name_in_one_batch(host):
+    """Decided at apply time: exactly one wins even when both were proposed together."""
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|zed", commit=False)
+    host.send(b, "1|zed", commit=False)
+    host.commit()
+    assert host.take(a) == [ok("Account created! Logged in as zed.")]
+    assert host.take(b) == [err(sv.T_CREATE_TAKEN)]
+    assert host.service.logged_in_as(b) is None
+
+
+@pytest.mark.parametrize("name", ["", "a b", "a|b", "x" * 33, "tab\there", "bell\x07", " "])
+def test_bad_usernames_are_refused(host, name):
+    a = host.open(1)
+    host.send(a, f"1|{name}")
+    assert host.take(a) == [err(sv.T_CREATE_BAD_NAME)]
+    assert host.log == []
+
+
+def test_username_edge_cases_accepted(host):
+    a = host.open(1)
+    host.send(a, "1|" + "é" * 32)
+    assert host.take(a)[0][0] == 0
+
+
+def test_login_texts(host):
+    a, b, c = host.open(1), host.open(2), host.open(3)
+    host.send(a, "1|alice")
+    host.take(a)
+    host.send(b, "2|nobody")
+    assert host.take(b) == [err(sv.T_LOGIN_UNKNOWN)]
+    host.send(b, "2|alice")
+    assert host.take(b) == [err("Unable to login: This user is already connected to the server.")]
+    host.send(a, "2|alice")
+    assert host.take(a) == [err(sv.T_LOGIN_LOGGED_IN.format(me="alice"))]
+    host.send(a, "6")
+    assert a in host.closed
+    host.send(c, "2|alice")
+    assert host.take(c) == [ok("Logged in as alice."), note("No new messages since you've been gone.")]
+
+
+def test_send_rules(host):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "3|bob|hi")
+    assert host.take(a) == [err(sv.T_MUST_LOGIN)]
+    host.send(a, "1|alice")
+    host.take(a)
+    host.send(a, "3|bob|hi")
+    assert host.take(a) == [err("Recipient username cannot be found.")]
+    host.send(a, "3|alice|hi")
+    assert host.take(a) == [err("Cannot send messages to yourself.")]
+    host.send(b, "1|bob")
+    host.take(b)
+    host.send(a, "3|bob|   ")
+    assert host.take(a) == [err(sv.T_EMPTY_MESSAGE)]
+    host.send(a, "3| bob |hello | there ")
+    assert host.take(a) == [ok("Message sent to bob.")]
+    assert host.take(b) == [chat("alice|hello | there")]
+
+
+def test_queued_chat_is_delivered_oldest_first_at_login(host):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|alice")
+    host.send(b, "1|bob")
+    host.send(b, "6")
+    for i in range(3):
+        host.send(a, f"3|bob|m{i}")
+    host.take(a)
+    c = host.open(3)
+    host.send(c, "2|bob")
+    assert host.take(c) == [
+        ok("Logged in as bob."),
+        chat("alice|m0"),
+        chat("alice|m1"),
+        chat("alice|m2"),
+        note("You have 3 missed messages above."),
+    ]
+    # The frames were written, so the next round commits them as delivered.
+    host.commit()
+    assert host.service.state.pending_count("bob") == 0
+    assert host.log[-1][0] == "delivered"
+
+
+def test_chat_never_written_stays_queued(host):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|alice")
+    host.send(b, "1|bob")
+    host.take(b)
+    host.send(a, "3|bob|one", commit=False)
+    host.commit(deliver=False)  # the frame went into bob's buffer but was never written
+    assert host.take(b) == [chat("alice|one")]
+    host.close(b)
+    host.commit()
+    assert host.service.state.pending_count("bob") == 1
+    c = host.open(3)
+    host.send(c, "2|bob")
+    assert chat("alice|one") in host.take(c)
+
+
+def test_congested_recipient_gets_chat_after_draining(host):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|alice")
+    host.send(b, "1|bob")
+    host.take(b)
+    host.service.set_congested(b, True)
+    host.send(a, "3|bob|x1")
+    host.send(a, "3|bob|x2")
+    assert host.take(b) == []
+    host.service.set_congested(b, False)
+    host.drain()
+    assert host.take(b) == [chat("alice|x1"), chat("alice|x2")]
+    host.send(a, "3|bob|x3")
+    assert host.take(b) == [chat("alice|x3")]
+
+
+def test_list_in_creation_order_with_wildcards(host):
+    a = host.open(1)
+    for name in ["bob", "alice", "ashley", "carl"]:
+        c = host.open(len(host.out) + 10)
+        host.send(c, f"1|{name}")
+    host.send(a, "4|a*")
+    assert host.take(a) == [ok("\n- alice\n- ashley\n")]
+    host.send(a, "4")
+    assert host.take(a) == [ok("\n- bob\n- alice\n- ashley\n- carl\n")]
+    host.send(a, "4|?o?")
+    assert host.take(a) == [ok("\n- bob\n")]
+    host.send(a, "4|zz*")
+    assert host.take(a) == [ok("\n")]
+
+
+def test_long_list_is_split_into_frames(host):
+    state = ChatState()
+    for i in range(3000):
+        state.apply(("create", f"user{i:05d}-" + "x" * 20))
+    host = Host(state)
+    a = host.open(1)
+    host.send(a, "4")
+    frames = host.take(a)
+    assert len(frames) > 1
+    text = "".join(f[2] for f in frames)
+    assert text.count("\n- ") == 3000
+
+
+def test_delete_drops_own_mail_and_marks_sent_chat(host):
+    a, b, c = host.open(1), host.open(2), host.open(3)
+    host.send(a, "1|alice")
+    host.send(b, "1|bob")
+    host.send(c, "1|carol")
+    host.send(c, "6")
+    host.send(b, "6")
+    host.send(a, "3|carol|from alice")
+    host.send(a, "3|bob|to bob")
+    host.take(a)
+    host.send(a, "5")
+    assert host.take(a) == [ok("Account alice has been deleted. You are now logged out.")]
+    host.send(a, "5")
+    assert host.take(a) == [err(sv.T_MUST_LOGIN)]
+    d = host.open(4)
+    host.send(d, "2|carol")
+    assert host.take(d)[1] == chat("alice [deleted]|from alice")
+    # A new alice does not inherit anything, and her chat is not marked deleted.
+    host.send(a, "1|alice")
+    host.send(a, "3|carol|new alice")
+    assert host.take(d)[-1] == chat("alice|new alice")
+
+
+def test_late_delivery_mark_cannot_touch_a_new_account_of_the_same_name():
+    state = ChatState()
+    state.apply(("create", "bob"))
+    old_order = state.accounts["bob"].order
+    for i in range(3):
+        state.apply(("send", "x", "bob", f"old{i}"))
+    state.apply(("delete", "bob"))
+    state.apply(("create", "bob"))
+    state.apply(("send", "x", "bob", "new"))
+    state.apply(("delivered", "bob", old_order, 3))
+    assert [m.text for m in state.mail_after("bob", 0)] == ["new"]
+
+
+def test_bad_requests_get_error_frames_and_connection_stays(host):
+    a = host.open(1)
+    host.send(a, "9|what")
+    host.send(a, "hello")
+    host.send(a, "3|bob")
+    frames = host.take(a)
+    assert all(f[0] == 1 for f in frames) and len(frames) == 3
+    host.send(a, "1|alice")
+    assert host.take(a) == [ok("Account created! Logged in as alice.")]
+
+
+def test_waiting_connection_and_closed_waiter(host):
+    a = host.open(1)
+    host.send(a, "1|alice", commit=False)
+    assert host.service.waiting(a)
+    host.close(a)
+    host.commit()  # the account is created even though nobody hears the answer
+    assert host.service.state.exists("alice")
+
+
+def test_mail_after_uses_contiguous_seqs():
+    state = ChatState()
+    state.apply(("create", "bob"))
+    for i in range(5):
+        state.apply(("send", "a", "bob", str(i)))
+    state.apply(("delivered", "bob", 1, 2))
+    assert [m.seq for m in state.mail_after("bob", 0)] == [3, 4, 5]
+    assert [m.seq for m in state.mail_after("bob", 4)] == [5]
+    assert state.mail_after("bob", 5) == []
+    assert isinstance(state.mail_after("bob", 3)[0], Mail)
