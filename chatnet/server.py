@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LOG_RETAIN = 10_000  # log entries kept behind the applied index (catch-up source for backups)
 ACCEPT_BATCH = 64
+CLIENT_SNDBUF = 128 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds to stop accepting after EMFILE and friends
 
 
@@ -159,6 +160,9 @@ class ChatServer:
                     log.warning("accept failed: %s", exc)
                 return
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # A fixed kernel send buffer (no autotuning to megabytes) keeps kernel memory per
+            # client bounded and lets our own high-water mark see a client that does not read.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF)
             conn = ClientConnection(self, next(self._ids), sock, addr)
             self.conns[conn.id] = conn
             self.service.connection_opened(conn.id)
@@ -291,7 +295,8 @@ class ChatServer:
 
     def _drop_slow(self, conn: ClientConnection) -> None:
         if not conn.closed and conn.congested:
-            self.close_connection(conn, f"did not read for {self.slow_client_timeout:.0f}s")
+            log.info("disconnecting %r: it did not read for %.0fs; its chat stays queued", conn, self.slow_client_timeout)
+            self.close_connection(conn, "slow reader")
 
     def close_connection(self, conn: ClientConnection, reason: str) -> None:
         if conn.closed:
