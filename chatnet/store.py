@@ -172,6 +172,35 @@ class Store:
             )
             next_seqs.clear()
 
+    def install_snapshot(self, state: ChatState, index: int, meta: dict) -> None:
+        """Replace the whole chat state and the log with a snapshot taken at ``index``."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("DELETE FROM accounts")
+            db.execute("DELETE FROM mail")
+            db.execute("DELETE FROM log")
+            db.executemany(
+                "INSERT INTO accounts(name, ord, next_seq) VALUES (?, ?, ?)",
+                [(a.name, a.order, a.next_seq) for a in state.accounts.values()],
+            )
+            db.executemany(
+                "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, ?)",
+                [(name, m.seq, m.sender, m.text, int(m.sender_deleted))
+                 for name, box in state.mailboxes.items() for m in box],
+            )
+            db.executemany(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in {**meta, "applied_index": index}.items()],
+            )
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise StoreError(f"installing a snapshot into {self.path} failed: {exc}") from exc
+
     def close(self) -> None:
         try:
             self._db.close()
