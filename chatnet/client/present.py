@@ -1,0 +1,156 @@
+"""What the user sees of session events: display lines shared by the curses and plain UIs.
+
+:class:`Presenter` turns each session event into zero or more :class:`DisplayLine` s.  It is
+deliberately quiet about connection churn: during an outage it says once that the connection
+was lost and once that all servers are down, and the status bar (curses) carries the retry
+countdown; ``verbose=True`` reports every attempt.  Line kinds:
+
+==========  =====================================================================
+``chat``    chat from another user (``sender`` set)
+``own``     what this user sent
+``ok``      the server's success answers
+``note``    the server's notes (status 2)
+``error``   the server's error answers, and failures of the session
+``refused`` lines the client refused to send (checked before sending)
+``info``    connection state and other client-side remarks
+``help``    the help text
+==========  =====================================================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import session as s
+from .commands import OP_EXIT, OP_LIST, OP_SEND, Command
+
+__all__ = ["DisplayLine", "Presenter", "own_line", "format_list_answer"]
+
+
+@dataclass(frozen=True)
+class DisplayLine:
+    kind: str
+    text: str
+    sender: str | None = None
+
+
+def own_line(command: Command) -> DisplayLine:
+    """The echo of a command the user sent."""
+    if command.op == OP_SEND:
+        return DisplayLine("own", f"-> {command.params[0]}: {command.params[1]}")
+    return DisplayLine("own", f"> {command.line.strip() or command}")
+
+
+def format_list_answer(message: str, pattern: str | None) -> str:
+    """``"\\n- alice\\n- bob\\n"`` -> ``"2 accounts: alice, bob"`` (usernames have no spaces)."""
+    names = [line[2:] for line in message.split("\n") if line.startswith("- ")]
+    where = f" matching {pattern}" if pattern and pattern != "*" else ""
+    if not names:
+        return f"no accounts{where}"
+    return f"{len(names)} account{'s' if len(names) != 1 else ''}{where}: {', '.join(names)}"
+
+
+def _quote(pending: s.Pending) -> str:
+    return f'"{pending.command}"'
+
+
+class Presenter:
+    def __init__(self, verbose: bool = False) -> None:
+        self.verbose = verbose
+        self._outage = False          # between a loss/failed start and the next connection
+        self._told_down = False
+        self._last_error = ""
+        self._started = False
+
+    def lines(self, event) -> list[DisplayLine]:
+        method = getattr(self, "_" + type(event).__name__, None)
+        return method(event) if method else []
+
+    # connection life cycle -----------------------------------------------------------------
+    def _Connecting(self, e: s.Connecting) -> list[DisplayLine]:
+        first, self._started = not self._started, True
+        if first or self.verbose:
+            return [DisplayLine("info", f"connecting to {e.server}")]
+        return []
+
+    def _Connected(self, e: s.Connected) -> list[DisplayLine]:
+        self._outage = self._told_down = False
+        return [DisplayLine("info", f"connected to {e.server}")]
+
+    def _ConnectFailed(self, e: s.ConnectFailed) -> list[DisplayLine]:
+        self._last_error = e.reason
+        self._outage = True
+        if self.verbose:
+            return [DisplayLine("info", f"cannot connect to {e.server}: {e.reason}")]
+        return []
+
+    def _ConnectionLost(self, e: s.ConnectionLost) -> list[DisplayLine]:
+        self._outage = True
+        return [DisplayLine("error", f"connection to {e.server} lost ({e.reason}); reconnecting")]
+
+    def _Redirected(self, e: s.Redirected) -> list[DisplayLine]:
+        if e.primary is None:
+            text = f"{e.server} is a backup and knows no primary yet; trying the next server"
+        else:
+            text = f"{e.server} is a backup; the primary is at {e.primary}"
+        return [DisplayLine("info", text)]
+
+    def _RetryScheduled(self, e: s.RetryScheduled) -> list[DisplayLine]:
+        if self.verbose and e.delay > 0:
+            return [DisplayLine("info", f"reconnecting to {e.server} in {e.delay:.1f} s")]
+        return []
+
+    def _AllServersDown(self, e: s.AllServersDown) -> list[DisplayLine]:
+        if self._told_down and not self.verbose:
+            return []
+        self._told_down = True
+        if e.reachable:
+            text = "no primary server available yet; retrying"
+        else:
+            why = f" (last error: {self._last_error})" if self._last_error else ""
+            text = f"all servers down{why}; retrying"
+        return [DisplayLine("error", text)]
+
+    # identity ------------------------------------------------------------------------------
+    def _Reidentified(self, e: s.Reidentified) -> list[DisplayLine]:
+        return [DisplayLine("info", f"logged in again as {e.user} on {e.server}")]
+
+    def _ReidentifyFailed(self, e: s.ReidentifyFailed) -> list[DisplayLine]:
+        return [DisplayLine("error", f"could not log in again as {e.user}: {e.reason}")]
+
+    # commands ------------------------------------------------------------------------------
+    def _CommandQueued(self, e: s.CommandQueued) -> list[DisplayLine]:
+        if e.connected or not self._outage or e.pending.command.op == OP_EXIT:
+            return []                           # it goes out in a moment: nothing to say
+        return [DisplayLine("info", f"not connected: {_quote(e.pending)} will be sent once connected")]
+
+    def _CommandSent(self, e: s.CommandSent) -> list[DisplayLine]:
+        if e.pending.attempts > 1:
+            return [DisplayLine("info", f"sending {_quote(e.pending)} again")]
+        return []
+
+    def _CommandRequeued(self, e: s.CommandRequeued) -> list[DisplayLine]:
+        return [DisplayLine("info", f"no answer yet to {_quote(e.pending)}; it will be sent again after reconnecting")]
+
+    def _SessionClosed(self, e: s.SessionClosed) -> list[DisplayLine]:
+        lines = [DisplayLine("error", f"not sent: {_quote(p)}") for p in e.unsent]
+        lines += [DisplayLine("info", f"no answer received for {_quote(p)}") for p in e.unanswered]
+        return lines
+
+    # frames --------------------------------------------------------------------------------
+    def _FrameReceived(self, e: s.FrameReceived) -> list[DisplayLine]:
+        if e.kind == "chat":
+            return [DisplayLine("chat", e.text or "", e.sender)]
+        pending = e.answer_to
+        if pending is not None and pending.auto and e.kind != "note":
+            if e.kind == "ok":
+                return []                       # Reidentified says it
+            if e.message == s._ALREADY_CONNECTED:
+                return [DisplayLine("info", f"the server still sees our old connection as {pending.command.params[0]}; "
+                                            "retrying the login")]
+            return []                           # ReidentifyFailed says it
+        text = e.message
+        if e.kind == "ok" and pending is not None and pending.command.op == OP_LIST:
+            pattern = pending.command.params[0] if pending.command.params else None
+            text = format_list_answer(text, pattern)
+        return [DisplayLine(e.kind, text)]
