@@ -1,0 +1,678 @@
+"""Shared machinery of the chatnet benchmarks (scripts that print figures; not tests).
+
+* :class:`ServerProcess` starts ``bin/chatserver`` on a free loopback port with a temporary
+  data directory and always stops it by PID (SIGTERM, then SIGKILL), also on Ctrl-C, SIGTERM
+  or an exception; on Linux the server also dies if the benchmark process is killed.
+* :class:`Loop` / :class:`Conn` drive many client connections from one process with
+  ``selectors``: non-blocking connect, write and read, and incremental frame decoding.
+* :class:`FrameReader` is an allocation-light incremental decoder of response frames with
+  the semantics of ``chatnet.codec.ResponseDecoder`` (checked by ``python bench/common.py``).
+* :func:`login_many` opens connections and logs them in (op 1 create or op 2 login) with a
+  bounded number of handshakes in flight.
+* :func:`percentile`, :func:`rss_kib`, :func:`cpu_seconds`, :class:`CpuMeter` (server / load
+  generator / other processes' CPU over a window), :func:`raise_nofile`, :func:`machine_facts`.
+
+Standard library only.  All traffic stays on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import platform
+import resource
+import selectors
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+HOST = "127.0.0.1"
+READ = selectors.EVENT_READ
+WRITE = selectors.EVENT_WRITE
+now_ns = time.monotonic_ns  # CLOCK_MONOTONIC: one clock for every process of the machine
+
+
+# ------------------------------------------------------------------------- machine and OS
+
+
+def machine_facts() -> dict:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    mem_mib = None
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            mem_mib = int(f.readline().split()[1]) // 1024
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_mib": mem_mib,
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def raise_nofile(want: int | None = None) -> int:
+    """Raise this process' RLIMIT_NOFILE soft limit (to ``want`` or the hard limit); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if want is None else want
+    if hard != resource.RLIM_INFINITY:
+        target = min(target, hard)
+    if target > soft:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of ``pid`` in KiB (VmRSS from /proc), 0 if it is gone."""
+    return _status_field(pid, "VmRSS:")
+
+
+def peak_rss_kib(pid: int) -> int:
+    """High-water mark of the resident set size of ``pid`` in KiB (VmHWM)."""
+    return _status_field(pid, "VmHWM:")
+
+
+def _status_field(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time consumed so far by ``pid`` (from /proc/PID/stat)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15)
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds all processes of the machine spent busy so far (from /proc/stat), summed over CPUs."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
+
+
+class CpuMeter:
+    """CPU used during a window by the server, the load generator and everything else."""
+
+    def __init__(self, server_pid: int, loadgen_pids) -> None:
+        self.server_pid = server_pid
+        self.loadgen_pids = list(loadgen_pids) + [os.getpid()]
+
+    def sample(self) -> tuple:
+        return (time.monotonic(), cpu_seconds(self.server_pid),
+                sum(cpu_seconds(p) for p in self.loadgen_pids), system_busy_seconds())
+
+    @staticmethod
+    def percent(a: tuple, b: tuple) -> dict:
+        """Percent of one core used between samples a and b: server, loadgen, other processes."""
+        wall = max(b[0] - a[0], 1e-9)
+        server, loadgen, total = b[1] - a[1], b[2] - a[2], b[3] - a[3]
+        return {
+            "server": round(100 * server / wall, 1),
+            "loadgen": round(100 * loadgen / wall, 1),
+            "other": round(max(0.0, 100 * (total - server - loadgen) / wall), 1),
+            "capacity": 100 * (os.cpu_count() or 1),
+        }
+
+
+def percentile(sorted_values, p: float):
+    """Nearest-rank percentile (p in 0..100) of an already sorted sequence; None if empty."""
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    rank = max(1, -(-p * n // 100))  # ceil(p/100 * n), at least 1
+    return sorted_values[min(n, int(rank)) - 1]
+
+
+def summarize_us(samples) -> dict:
+    """Latency samples in microseconds -> {count, p50, p99, p999, max, mean} in milliseconds."""
+    values = sorted(samples)
+    if not values:
+        return {"count": 0, "p50": None, "p99": None, "p999": None, "max": None, "mean": None}
+    ms = lambda us: round(us / 1000.0, 3)  # noqa: E731
+    return {
+        "count": len(values),
+        "p50": ms(percentile(values, 50)),
+        "p99": ms(percentile(values, 99)),
+        "p999": ms(percentile(values, 99.9)),
+        "max": ms(values[-1]),
+        "mean": ms(sum(values) / len(values)),
+    }
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------- the server
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: ask Linux to SIGKILL the child if the benchmark process dies (best effort)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _git(*args) -> str:
+    return subprocess.run(["git", "-C", ROOT, *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def describe_rev(rev: str) -> str:
+    try:
+        return _git("rev-parse", "--short", f"{rev}^{{commit}}")
+    except (OSError, subprocess.CalledProcessError):
+        return rev
+
+
+def describe_tree() -> str:
+    """The working tree's HEAD, with '+dirty' if chatnet/ or bin/ differ from it."""
+    try:
+        head = _git("rev-parse", "--short", "HEAD")
+        dirty = _git("status", "--porcelain", "--", "chatnet", "bin")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{head}+dirty" if dirty else head
+
+
+def export_rev(rev: str, into: str) -> str:
+    """``git archive REV bin chatnet`` unpacked under ``into`` (read-only for the repository);
+    returns the directory to run ``bin/chatserver`` from."""
+    dest = os.path.join(into, "code")
+    os.makedirs(dest)
+    archive = subprocess.run(["git", "-C", ROOT, "archive", "--format=tar", rev, "bin", "chatnet"],
+                             check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    return dest
+
+
+class ServerProcess:
+    """``bin/chatserver`` on a free port of 127.0.0.1 with a temporary data directory.
+
+    Use as a context manager; :meth:`stop` is idempotent and always called on exit.  The
+    server runs in its own session, so a terminal's Ctrl-C reaches only the benchmark, which
+    then stops the server itself by PID.  ``profile`` (a path) runs the server under
+    ``python -m cProfile -o PATH``; the stats are written when it exits after SIGTERM.
+    ``rev`` runs the server code of that git revision (exported with ``git archive`` into the
+    temp dir) instead of the working tree, which other people may be editing.
+    """
+
+    def __init__(self, *, profile: str | None = None, log_level: str = "WARNING", extra_args=(), keep_dir=False,
+                 rev: str | None = None):
+        self.port = free_port()
+        self.data_dir = tempfile.mkdtemp(prefix="chatnet-bench-")
+        # The code under test: the working tree, or ``git archive REV`` exported into data_dir.
+        self.root, self.label = (export_rev(rev, self.data_dir), describe_rev(rev)) if rev else (ROOT, describe_tree())
+        self.log_path = os.path.join(self.data_dir, "server.log")
+        self.profile = profile
+        self.keep_dir = keep_dir
+        self.proc: subprocess.Popen | None = None
+        cmd = [sys.executable]
+        if profile:
+            cmd += ["-m", "cProfile", "-o", os.path.abspath(profile)]
+        cmd += [
+            os.path.join(self.root, "bin", "chatserver"),
+            "--host", HOST, "--port", str(self.port),
+            "--data-dir", os.path.join(self.data_dir, "store"),
+            "--log-level", log_level, *extra_args,
+        ]
+        self.cmd = cmd
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return (HOST, self.port)
+
+    def start(self, timeout: float = 15.0) -> "ServerProcess":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent, cwd=self.data_dir,
+        )
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"chatserver exited with {self.proc.returncode}:\n{self.log_tail()}")
+            with contextlib.suppress(OSError), socket.create_connection(self.addr, timeout=0.5):
+                return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"chatserver did not listen within {timeout}s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def log_tail(self, n: int = 20) -> str:
+        with contextlib.suppress(OSError), open(self.log_path, "rb") as f:
+            return b"\n".join(f.read().splitlines()[-n:]).decode("utf-8", "replace")
+        return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM by PID, wait, then SIGKILL; remove the temp dir.  Returns the exit code."""
+        proc, self.proc = self.proc, None
+        code = None
+        if proc is not None:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(5)
+            code = proc.returncode
+            self._log.close()
+            self.proc = None
+            self._stopped_proc = proc
+        if not self.keep_dir and os.path.isdir(self.data_dir):
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        return code
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def sigterm_as_exit():
+    """Turn SIGTERM into SystemExit in the benchmark process so its cleanup always runs."""
+    def handler(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def stop_workers(procs, timeout: float = 5.0) -> None:
+    """Stop multiprocessing workers by PID: join, then SIGTERM, then SIGKILL."""
+    for p in procs:
+        p.join(timeout if p.is_alive() else 0)
+    for p in procs:
+        if p.is_alive() and p.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGTERM)
+    for p in procs:
+        p.join(2)
+        if p.is_alive() and p.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+            p.join(2)
+
+
+# ------------------------------------------------------------------------ frame decoding
+
+
+class ProtocolError(Exception):
+    pass
+
+
+class FrameReader:
+    """Incremental decoder of response frames: ``feed(bytes)`` -> [(status, indicator, payload)].
+
+    Same format and checks as ``chatnet.codec.ResponseDecoder`` (the length is one UTF-8
+    character of 1-4 bytes, possibly split across chunks; status 0-2; indicator '0'/'1'), but
+    it returns plain tuples with the message as *bytes* and decodes a whole chunk per call,
+    so the load generator spends its CPU on sockets rather than on per-frame objects.
+    """
+
+    __slots__ = ("buf",)
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def feed(self, data: bytes) -> list:
+        buf = self.buf
+        buf += data
+        n = len(buf)
+        pos = 0
+        out = []
+        append = out.append
+        while pos < n:
+            lead = buf[pos]
+            if lead < 0x80:
+                size, length = 1, lead
+            else:
+                if 0xC2 <= lead <= 0xDF:
+                    size = 2
+                elif 0xE0 <= lead <= 0xEF:
+                    size = 3
+                elif 0xF0 <= lead <= 0xF4:
+                    size = 4
+                else:
+                    raise ProtocolError(f"invalid UTF-8 lead byte 0x{lead:02x} in frame length")
+                if n - pos < size:
+                    break
+                try:
+                    length = ord(bytes(buf[pos:pos + size]).decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise ProtocolError("frame length is not a valid UTF-8 character") from None
+            head = pos + size
+            if head < n and buf[head] > 2:
+                raise ProtocolError(f"bad status byte 0x{buf[head]:02x}")
+            if head + 1 < n and buf[head + 1] not in (0x30, 0x31):
+                raise ProtocolError(f"bad indicator byte 0x{buf[head + 1]:02x}")
+            end = head + 2 + length
+            if end > n:
+                break
+            append((buf[head], buf[head + 1] - 0x30, bytes(buf[head + 2:end])))
+            pos = end
+        if pos:
+            del buf[:pos]
+        return out
+
+
+# --------------------------------------------------------------------- many connections
+
+
+class Conn:
+    """One non-blocking client connection owned by a :class:`Loop`.
+
+    ``handler(conn, frames, t_ns)`` is called with the frames decoded from each read;
+    ``on_close(conn)`` when the peer closes or resets the connection.  ``tag`` and ``state``
+    are free for the owner.
+    """
+
+    __slots__ = ("loop", "sock", "reader", "out", "mask", "connected", "closed", "handler",
+                 "on_connect", "on_close", "tag", "state", "error")
+
+    def __init__(self, loop: "Loop", sock: socket.socket):
+        self.loop = loop
+        self.sock = sock
+        self.reader = FrameReader()
+        self.out = bytearray()
+        self.mask = 0
+        self.connected = False
+        self.closed = False
+        self.handler = None
+        self.on_connect = None
+        self.on_close = None
+        self.tag = None
+        self.state = None
+        self.error = None
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; it is sent now if the socket takes it, otherwise when writable."""
+        if self.closed:
+            return
+        if self.out or not self.connected:
+            self.out += data
+            self._interest()
+            return
+        try:
+            n = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if n < len(data):
+            self.out += data[n:]
+            self._interest()
+
+    def _interest(self) -> None:
+        mask = READ if self.connected else 0
+        if self.out or not self.connected:
+            mask |= WRITE
+        if mask != self.mask:
+            self.loop.sel.modify(self.sock, mask, self) if self.mask else self.loop.sel.register(self.sock, mask, self)
+            self.mask = mask
+
+    def _on_writable(self) -> None:
+        if not self.connected:
+            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self._fail(OSError(err, os.strerror(err)))
+                return
+            self.connected = True
+            if self.on_connect is not None:
+                self.on_connect(self)
+            if self.closed:
+                return
+        out = self.out
+        while out:
+            try:
+                n = self.sock.send(out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as exc:
+                self._fail(exc)
+                return
+            del out[:n]
+        self._interest()
+
+    def _on_readable(self, t_ns: int) -> None:
+        try:
+            data = self.sock.recv(262144)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if not data:
+            self._fail(None)
+            return
+        frames = self.reader.feed(data)
+        if frames and self.handler is not None:
+            self.handler(self, frames, t_ns)
+
+    def _fail(self, exc) -> None:
+        self.error = exc
+        self.close()
+        if self.on_close is not None:
+            self.on_close(self)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.mask:
+            with contextlib.suppress(KeyError, ValueError):
+                self.loop.sel.unregister(self.sock)
+            self.mask = 0
+        self.sock.close()
+        self.loop.open_count -= 1
+
+
+class Loop:
+    """A ``selectors`` loop over many :class:`Conn` objects (level-triggered, one thread)."""
+
+    def __init__(self) -> None:
+        self.sel = selectors.DefaultSelector()
+        self.open_count = 0
+
+    def connect(self, addr) -> Conn:
+        """Start a non-blocking connect; ``conn.on_connect`` runs once it is established."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Conn(self, sock)
+        self.open_count += 1
+        err = sock.connect_ex(addr)
+        if err in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            conn._interest()  # completion (or failure) is reported as writability
+        else:
+            conn._fail(OSError(err, os.strerror(err)))
+        return conn
+
+    def poll(self, timeout: float | None) -> int:
+        events = self.sel.select(timeout)
+        t = now_ns()
+        for key, mask in events:
+            conn = key.data
+            if mask & WRITE and not conn.closed:
+                conn._on_writable()
+            if mask & READ and not conn.closed:
+                conn._on_readable(t)
+        return len(events)
+
+    def run_until(self, done, timeout: float, step: float = 0.05) -> bool:
+        """Poll until ``done()`` is true (returns True) or ``timeout`` seconds pass (False)."""
+        deadline = time.monotonic() + timeout
+        while not done():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            self.poll(min(step, left))
+        return True
+
+    def close(self, abort: bool = True) -> None:
+        """Close every connection.  ``abort`` resets them (SO_LINGER 0) instead of a FIN, so
+        that tens of thousands of client ports are not left in TIME_WAIT for a minute, which
+        would slow down the next run's connects (the server sees ECONNRESET, i.e. end of stream)."""
+        linger = struct.pack("ii", 1, 0)
+        for key in list(self.sel.get_map().values()):
+            conn = key.data
+            if abort:
+                with contextlib.suppress(OSError):
+                    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+            conn.close()
+        self.sel.close()
+
+
+class LoginError(Exception):
+    pass
+
+
+def login_many(loop: Loop, addr, names, *, op: int = 1, concurrency: int = 256, timeout: float = 120.0,
+               progress=None) -> list[Conn]:
+    """Open one connection per name and log it in; return the connections in ``names`` order.
+
+    Each connection declares line mode (a bare newline) and sends ``op|name`` (1 = create
+    and log in, 2 = log in).  At most ``concurrency`` connections are connecting or waiting
+    for their answer at once, so the server's accept queue never overflows.  Raises
+    :class:`LoginError` on any refusal, lost connection or timeout.
+    """
+    names = list(names)
+    conns: list[Conn | None] = [None] * len(names)
+    done = 0
+    failures: list[str] = []
+    next_i = 0
+    in_flight = 0
+
+    def on_connect(conn: Conn) -> None:
+        conn.write(b"\n%d|%s\n" % (op, names[conn.tag].encode()))
+
+    def handler(conn: Conn, frames, t_ns) -> None:
+        nonlocal done, in_flight
+        for status, indicator, payload in frames:
+            if conn.state == "ok":
+                continue  # e.g. chat already arriving; the owner installs its own handler
+            if status == 1:
+                failures.append(f"{names[conn.tag]}: {payload.decode('utf-8', 'replace')}")
+                conn.state = "failed"
+                in_flight -= 1
+                return
+            if op == 1 or status == 2:  # op 1: the single answer; op 2: the closing note
+                conn.state = "ok"
+                done += 1
+                in_flight -= 1
+
+    def on_close(conn: Conn) -> None:
+        nonlocal in_flight
+        if conn.state is None:
+            in_flight -= 1
+        if conn.state != "failed":
+            failures.append(f"{names[conn.tag]}: connection lost ({conn.error})")
+        conn.state = "failed"
+
+    deadline = time.monotonic() + timeout
+    last_report = time.monotonic()
+    while done < len(names):
+        if failures:
+            raise LoginError(f"{len(failures)} logins failed, e.g. {failures[0]}")
+        while next_i < len(names) and in_flight < concurrency:
+            conn = loop.connect(addr)
+            conn.tag = next_i
+            conn.handler, conn.on_connect, conn.on_close = handler, on_connect, on_close
+            conns[next_i] = conn
+            if conn.closed:
+                raise LoginError(f"connect failed: {conn.error}")
+            next_i += 1
+            in_flight += 1
+        if time.monotonic() > deadline:
+            raise LoginError(f"only {done}/{len(names)} logged in after {timeout}s")
+        loop.poll(0.05)
+        if progress is not None and time.monotonic() - last_report > 1.0:
+            last_report = time.monotonic()
+            progress(done, len(names))
+    for conn in conns:
+        conn.handler = conn.on_connect = conn.on_close = None
+    return conns
+
+
+# --------------------------------------------------------------------------- self check
+
+
+def _selfcheck() -> None:
+    """FrameReader agrees with chatnet.codec on random frames cut at random points."""
+    import random
+
+    from chatnet.codec import decode_frames, encode_frame
+
+    rng = random.Random(262)
+    alphabet = "ab|z é€𝄞\n"
+    for _ in range(150):
+        frames = []
+        for _ in range(rng.randint(1, 20)):
+            size = rng.choice([0, 1, 5, 120, 127, 128, 600, 2100, 40000])
+            text = "".join(rng.choices(alphabet, k=size))
+            while len(text.encode()) > 0xD7FF:
+                text = text[:-100]
+            frames.append(encode_frame(rng.randint(0, 2), rng.randint(0, 1), text))
+        data = b"".join(frames)
+        expected = [(f.status, f.indicator, f.message.encode()) for f in decode_frames(data)]
+        reader, got, pos = FrameReader(), [], 0
+        while pos < len(data):
+            step = rng.choice([1, 2, 3, 7, 64, 4096, 100000])
+            got += reader.feed(data[pos:pos + step])
+            pos += step
+        assert got == expected and not reader.buf, "FrameReader disagrees with chatnet.codec"
+    print("FrameReader agrees with chatnet.codec.ResponseDecoder on 150 random frame streams")
+
+
+if __name__ == "__main__":
+    _selfcheck()
