@@ -54,6 +54,8 @@ class Reactor:
         self.stop_reason = ""
         self._masks: dict[int, int] = {}
         self._signals_installed = False
+        self.on_stall = None  # called with the lateness (s) when select() returned far too late
+        self.stall_threshold = float("inf")
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -113,7 +115,15 @@ class Reactor:
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             if max_wait is not None:
                 timeout = max_wait if timeout is None else min(timeout, max_wait)
-        for key, mask in self.selector.select(timeout):
+        expected = self.clock() + (timeout if timeout is not None else 0.0)
+        events = self.selector.select(timeout)
+        late = self.clock() - expected
+        if late > self.stall_threshold and self.on_stall is not None:
+            # Stopped (SIGSTOP, swap storm): tell the owner before acting on anything that
+            # queued up meanwhile.  An idle select (no timeout) cannot be late.
+            if timeout is not None:
+                self.on_stall(late)
+        for key, mask in events:
             handler = key.data
             if handler.closed:
                 continue

@@ -20,20 +20,28 @@ from __future__ import annotations
 
 import errno
 import itertools
+import json
 import logging
+import random
 import resource
 import socket
 
-from .codec import CLOSED, NEED_DATA, RequestDecoder
+from .codec import CLOSED, NEED_DATA, STATUS_NOTE, RequestDecoder
+from .config import Address
 from .connection import HIGH_WATER, LOW_WATER, BufferedSocket, ConnectionLost
+from .peers import PEER_PREFACE, PeerTransport
 from .reactor import READ, WRITE, Reactor
-from .service import ChatService, Close, Reply
-from .state import decode_command, encode_command
+from .replication.core import DurableState, Entry, Replica
+from .service import ChatService, Close, Reply, frame
+from .state import ChatState, decode_command, encode_command
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-LOG_RETAIN = 10_000  # log entries kept behind the applied index (catch-up source for backups)
+STATUS_PREFACE = b"CHATNET-STATUS\n"
+PREFACES = (PEER_PREFACE, STATUS_PREFACE)
+T_BACKUP_KNOWS = "This server is a backup. The primary is at {address}."
+T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again shortly."
 ACCEPT_BATCH = 64
 CLIENT_SNDBUF = 128 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds to stop accepting after EMFILE and friends
@@ -53,6 +61,7 @@ class ClientConnection:
         self.eof = False
         self.congested = False
         self.slow_timer = None
+        self.sniff: bytes | None = b""  # first bytes, until we know client from peer
 
     def handle_event(self, mask: int) -> None:
         if mask & WRITE:
@@ -78,36 +87,53 @@ class _Listener:
 
 
 class ChatServer:
+    """One replica: clients and peers on one port, the replication core, the chat service."""
+
     def __init__(
         self,
-        host: str = "127.0.0.1",
-        port: int = 1538,
-        data_dir: str = "chatnet-data/1538",
+        peers: list[Address],
+        me: int,
+        data_dir: str,
         *,
+        secret: bytes | None = None,
         reactor: Reactor | None = None,
         slow_client_timeout: float = 60.0,
+        heartbeat: float = 0.1,
+        failure_timeout: float = 1.0,
     ):
-        self.host, self.port, self.data_dir = host, port, data_dir
+        self.peers, self.me = peers, me
+        self.host, self.port = peers[me].host, peers[me].port
+        self.data_dir = data_dir
         self.reactor = reactor or Reactor()
         self.slow_client_timeout = slow_client_timeout
+        self.heartbeat = heartbeat
+        self.failure_timeout = failure_timeout
         self.store = Store(data_dir)
         loaded = self.store.load()
         self.service = ChatService(loaded.state)
+        self.replica = Replica(
+            me, range(len(peers)), _durable_state(loaded),
+            heartbeat_ticks=1, failure_ticks=max(2, round(failure_timeout / heartbeat)),
+            rng=random.Random(),
+        )
         self.applied_index = loaded.applied_index
-        # A single replica applies every entry in the transaction that appends it, so nothing
-        # can be left unapplied; replay defensively anyway, in log order.
-        changes = []
-        for idx, _view, data in loaded.log:
-            changes.extend(self.service.state.apply(decode_command(data))[1])
-            self.applied_index = idx
-        if loaded.log:
-            self.store.write_batch(changes=changes, applied_index=self.applied_index)
+        self.transport = None
+        if len(peers) > 1:
+            if not secret:
+                raise ValueError("a cluster of several replicas needs a secret")
+            self.transport = PeerTransport(
+                self.reactor, me, peers, secret, self._on_peer_message, self._on_link_change
+            )
         self.conns: dict[int, ClientConnection] = {}
         self._ids = itertools.count(1)
         self._dirty: set[ClientConnection] = set()
         self._listener_handler = _Listener(self)
         self.listener: socket.socket | None = None
+        self._was_serving = False
+        self._last_tick = self.reactor.clock()
         self.reactor.before_sleep.append(self._before_sleep)
+        self.reactor.on_stall = self._on_stall
+        self.reactor.stall_threshold = failure_timeout
 
     # -- start and stop ------------------------------------------------------------------------
     def start(self) -> None:
@@ -118,11 +144,14 @@ class ChatServer:
         sock.listen(1024)
         sock.setblocking(False)
         self.listener = sock
-        self.port = sock.getsockname()[1]
         self.reactor.set_interest(sock, READ, self._listener_handler)
+        if self.transport is not None:
+            self.transport.start()
+        self.reactor.timers.call_later(self.heartbeat, self._tick)
         log.info(
-            "chatnet serving on %s:%d, data in %s (%d accounts)",
-            self.host, self.port, self.data_dir, len(self.service.state.accounts),
+            "chatnet replica %d of %d listening on %s:%d, data in %s (%d accounts, log at %d, view %d)",
+            self.me, len(self.peers), self.host, self.port, self.data_dir,
+            len(self.service.state.accounts), self.replica.last_index, self.replica.view,
         )
 
     def serve_forever(self) -> None:
@@ -138,9 +167,11 @@ class ChatServer:
             self.reactor.forget(self.listener)
             self.listener.close()
             self.listener = None
-        self._before_sleep()  # commit what is pending and write the answers we can
+        self._before_sleep()  # persist what is pending and write the answers we can
         for conn in list(self.conns.values()):
             self.close_connection(conn, "server shutdown")
+        if self.transport is not None:
+            self.transport.stop()
         self.store.close()
         self.reactor.close()
 
@@ -181,10 +212,56 @@ class ChatServer:
             return
         if data is None:
             return
+        if conn.sniff is not None and self._sniff(conn, data):
+            return
         if not data:
             conn.eof = True
         conn.decoder.receive_data(data)
         self._feed(conn)
+
+    def _sniff(self, conn: ClientConnection, data: bytes) -> bool:
+        """Decide once, on its first bytes, whether a connection is a client, a peer or a status
+        query.  Returns True when the bytes were consumed here."""
+        head = conn.sniff + data
+        for preface in PREFACES:
+            if head.startswith(preface):
+                conn.sniff = None
+                self._hand_over(conn, preface, head[len(preface):])
+                return True
+            if data and preface.startswith(head):
+                conn.sniff = head  # a prefix of a preface: wait for the rest
+                return True
+        conn.sniff = None
+        if len(head) > len(data):  # bytes held back while sniffing belong to the client
+            conn.decoder.receive_data(head[: len(head) - len(data)])
+        return False
+
+    def _hand_over(self, conn: ClientConnection, preface: bytes, rest: bytes) -> None:
+        sock = conn.io.sock
+        self.reactor.forget(sock)
+        self.conns.pop(conn.id, None)
+        self.service.connection_closed(conn.id)
+        conn.closed = True
+        if preface == STATUS_PREFACE:
+            status = self.status()
+            try:
+                sock.setblocking(True)
+                sock.settimeout(1.0)
+                sock.sendall(json.dumps(status).encode() + b"\n")
+            except OSError:
+                pass
+            sock.close()
+        elif self.transport is None:
+            log.warning("refused peer connection from %s:%d: this replica runs alone", *conn.addr[:2])
+            sock.close()
+        else:
+            self.transport.adopt(sock, conn.addr, rest)
+
+    def status(self) -> dict:
+        status = self.replica.status()
+        status.update(address=f"{self.host}:{self.port}", clients=len(self.conns),
+                      accounts=len(self.service.state.accounts))
+        return status
 
     def _feed(self, conn: ClientConnection) -> None:
         """Hand the connection's decoded requests to the service until it must wait."""
@@ -197,10 +274,25 @@ class ChatServer:
                 conn.closing = True
                 self._dirty.add(conn)
                 break
+            if not self.replica.serving:
+                self._redirect(conn)
+                break
             service.receive(conn.id, event)
             self._apply_effects()
         if not conn.closed:
             self._update_interest(conn)
+
+    def _redirect(self, conn: ClientConnection) -> None:
+        """Only the primary serves clients: tell this one where to go, then close."""
+        conn.io.write(frame(STATUS_NOTE, self.redirect_text()))
+        conn.closing = True
+        self._dirty.add(conn)
+
+    def redirect_text(self) -> str:
+        primary = self.replica.primary
+        if self.replica.role == "backup" and primary is not None and primary != self.me:
+            return T_BACKUP_KNOWS.format(address=self.peers[primary])
+        return T_BACKUP_UNKNOWN
 
     def _update_interest(self, conn: ClientConnection) -> None:
         mask = 0
@@ -223,39 +315,110 @@ class ChatServer:
                 conn.closing = True
             self._dirty.add(conn)
 
+    # -- replication ------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        now = self.reactor.clock()
+        self._last_tick = now
+        self.replica.tick()
+        self.reactor.timers.call_later(self.heartbeat, self._tick)
+
+    def _on_stall(self, late: float) -> None:
+        log.warning("this replica's loop stalled for %.2fs (paused?); rejoining as recovering", late)
+        self.replica.stalled()
+
+    def _on_peer_message(self, peer: int, msg) -> None:
+        self.replica.step(peer, msg)
+
+    def _on_link_change(self, peer: int, up: bool) -> None:
+        if up:
+            self.replica.peer_connected(peer)
+        else:
+            self.replica.peer_disconnected(peer)
+
     # -- group commit -----------------------------------------------------------------------------
     def _before_sleep(self) -> bool:
-        """Commit this iteration's commands in one transaction, then write every answer.
+        """Propose this iteration's commands, persist what the core asks for in one transaction,
+        send, apply, and only then write the answers.
 
         Returns True when more work is already pending (the loop then polls without waiting).
         """
-        proposals = self.service.take_proposals()
-        if proposals:
-            self._commit(proposals)
+        replica = self.replica
+        for cmd, conn_id in self.service.take_proposals():
+            index = replica.propose(encode_command(cmd))
+            if index is not None:
+                self.service.bind(index, cmd, conn_id, replica.view)
+        for _ in range(16):
+            rd = replica.ready()
+            if rd is None:
+                break
+            self._handle_ready(rd)
+        self._check_serving()
+        if self.transport is not None:
+            self.transport.flush()
         self._flush_dirty()
         return bool(self.service.proposals) or self.service.has_delivery_marks()
 
-    def _commit(self, proposals: list) -> None:
-        service = self.service
-        entries, changes, answered = [], [], []
-        for cmd, conn_id in proposals:
-            self.applied_index += 1
-            index = self.applied_index
-            service.bind(index, cmd, conn_id)
-            entries.append((index, 0, encode_command(cmd)))
-            changes.extend(service.apply(index, cmd))
-            if conn_id is not None:
-                answered.append(conn_id)
-        compact = None
-        if self.applied_index % 1000 < len(proposals) and self.applied_index > LOG_RETAIN:
-            compact = self.applied_index - LOG_RETAIN
-        # Durable before any answer leaves: write_batch returns after the fsync.
-        self.store.write_batch(entries=entries, changes=changes, applied_index=self.applied_index, compact_upto=compact)
+    def _handle_ready(self, rd) -> None:
+        replica, service = self.replica, self.service
+        if rd.snapshot is not None:
+            state = ChatState.from_snapshot(rd.snapshot.data)
+            self.store.install_snapshot(state, rd.snapshot.index, {
+                "snapshot_index": rd.snapshot.index, "snapshot_view": rd.snapshot.view})
+            service.replace_state(state)
+            self.applied_index = rd.snapshot.index
+        changes = []
+        for entry in rd.committed:
+            if entry.index <= self.applied_index:
+                continue  # already in the applied state (replayed after a snapshot)
+            changes.extend(service.apply(entry.index, decode_command(entry.data), entry.view))
+            self.applied_index = entry.index
+        meta = None
+        if rd.hard_state is not None:
+            hs = rd.hard_state
+            meta = {"view": hs.view, "primary": hs.primary, "members": list(hs.members), "promised": hs.promised}
+        compact = replica.suggested_compaction()
+        if compact is not None:
+            compact = min(compact, self.applied_index)
+            view = replica.entry_view(compact)
+            meta = {**(meta or {}), "snapshot_index": compact, "snapshot_view": view or 0}
+        must_sync = bool(rd.hard_state or rd.entries or rd.truncate_after is not None)
+        self.store.write_batch(
+            entries=[(e.index, e.view, e.data) for e in rd.entries],
+            truncate_after=rd.truncate_after,
+            changes=changes,
+            applied_index=self.applied_index if rd.committed else None,
+            meta=meta,
+            compact_upto=compact,
+            sync=must_sync,
+        )
+        if self.transport is not None:
+            for peer, msg in rd.messages:
+                self.transport.send(peer, msg)
+        for peer in rd.snapshot_requests:
+            replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index),
+                                  service.state.to_snapshot())
+        replica.advance(rd)
+        if compact is not None:
+            replica.compact(compact)
         self._apply_effects()
-        for conn_id in answered:  # their next pipelined requests may go now
+        for conn_id in service.take_unblocked():  # answered: their next request may go now
             conn = self.conns.get(conn_id)
             if conn is not None and not conn.closed:
                 self._feed(conn)
+
+    def _check_serving(self) -> None:
+        serving = self.replica.serving
+        if serving == self._was_serving:
+            return
+        self._was_serving = serving
+        if serving:
+            log.info("serving clients as primary of view %d (members %s)", self.replica.view,
+                     ",".join(str(self.peers[m]) for m in self.replica.members))
+            return
+        log.warning("stopped serving clients (role %s, view %d)", self.replica.role, self.replica.view)
+        self.service.abandon_proposals()
+        for conn in list(self.conns.values()):
+            self._redirect(conn)
 
     # -- writing ----------------------------------------------------------------------------------
     def _flush_dirty(self) -> None:
@@ -321,3 +484,24 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             pass
+
+
+def _durable_state(loaded) -> DurableState:
+    """The replication core's view of what the store holds."""
+    meta = loaded.meta
+    log_entries = [Entry(idx, view, bytes(data)) for idx, view, data in loaded.log]
+    snapshot_index = meta.get("snapshot_index", 0)
+    if log_entries:
+        snapshot_index = log_entries[0].index - 1
+    else:
+        snapshot_index = max(snapshot_index, loaded.applied_index)
+    return DurableState(
+        view=meta.get("view", 0),
+        primary=meta.get("primary"),
+        members=tuple(meta.get("members", ())),
+        snapshot_index=snapshot_index,
+        snapshot_view=meta.get("snapshot_view", 0),
+        log=log_entries,
+        applied_index=loaded.applied_index,
+        promised=meta.get("promised"),
+    )

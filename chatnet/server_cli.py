@@ -1,62 +1,156 @@
-"""``chatserver``: run one chatnet replica."""
+"""``chatserver``: run one chatnet replica, a whole local cluster (``--local``), or ``status``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import socket
 import sys
 
+from .config import (
+    DEFAULT_BASE_DIR,
+    DEFAULT_PEERS,
+    DEFAULT_SECRET_FILE,
+    ConfigError,
+    find_self,
+    parse_peers,
+    read_secret,
+)
 from .store import StoreError
 
-DEFAULT_PORT = 1538
+EPILOG = """\
+examples:
+  chatserver --local                      start the seed's three replicas on this machine
+  chatserver --port 2538                  start one replica of the default three-replica cluster
+  chatserver --peers 127.0.0.1:4000 --port 4000   a single replica (no replication)
+  chatserver status                       role, view and log position of every replica
+
+Every replica of a cluster must be given the same --peers list (same order: it is the
+election tie-break priority) and the same secret file.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="chatserver",
-        description="Run a chatnet chat server (a replica with its own durable SQLite store).",
+        description="Run a chatnet chat server replica (each keeps its own durable SQLite store).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default: {DEFAULT_PORT})")
-    parser.add_argument(
-        "--data-dir",
-        help="directory of this replica's store (default: ./chatnet-data/<port>)",
-    )
-    parser.add_argument(
-        "--log-level",
-        default="INFO",
-        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
-        help="logging threshold (default: INFO)",
-    )
-    parser.add_argument(
-        "--slow-client-timeout",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="disconnect a client that reads nothing for this long while chat piles up (default: 60)",
-    )
+    parser.add_argument("--peers", default=DEFAULT_PEERS,
+                        help=f"every replica's HOST:PORT, comma separated, in priority order (default: {DEFAULT_PEERS})")
+    parser.add_argument("--host", help="this replica's address (default: the --peers entry matching --port)")
+    parser.add_argument("--port", type=int, help="this replica's port (default: the first of --peers)")
+    parser.add_argument("--data-dir",
+                        help=f"this replica's store directory (default: ./{DEFAULT_BASE_DIR}/<port>); "
+                             f"with --local, the parent of every replica's directory (default: ./{DEFAULT_BASE_DIR})")
+    parser.add_argument("--secret-file", default=None,
+                        help=f"file holding the cluster secret shared by all replicas (default: {DEFAULT_SECRET_FILE}, "
+                             "or <data-dir>/cluster.secret with --local)")
+    parser.add_argument("--local", action="store_true",
+                        help="start every replica of --peers on this machine as child processes; Ctrl-C stops all")
+    parser.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval (default: 100)")
+    parser.add_argument("--failure-timeout-ms", type=int, default=1000,
+                        help="declare a silent peer failed after this long (default: 1000)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging threshold (default: INFO)")
+    parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="disconnect a client that reads nothing for this long while chat piles up (default: 60)")
     return parser
 
 
+def status_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="chatserver status", description="Show every replica's state.")
+    parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"replicas to ask (default: {DEFAULT_PEERS})")
+    parser.add_argument("--json", action="store_true", help="one JSON object per replica")
+    args = parser.parse_args(argv)
+    try:
+        peers = parse_peers(args.peers)
+    except ConfigError as exc:
+        print(f"chatserver status: {exc}", file=sys.stderr)
+        return 2
+    answered = 0
+    if not args.json:
+        print(f"{'replica':<22} {'role':<11} {'view':>5} {'primary':<22} {'last':>7} {'commit':>7}  members")
+    for addr in peers:
+        status = query_status(addr.host, addr.port)
+        if args.json:
+            print(json.dumps({"address": str(addr), **(status or {"answered": False})}))
+        elif status is None:
+            print(f"{str(addr):<22} {'no answer':<11}")
+        else:
+            primary = status.get("primary")
+            members = ",".join(str(peers[m].port) if m < len(peers) else str(m) for m in status.get("members", []))
+            role = status["role"] + ("*" if status.get("serving") else "")
+            print(f"{str(addr):<22} {role:<11} {status['view']:>5} "
+                  f"{str(peers[primary]) if primary is not None and primary < len(peers) else '-':<22} "
+                  f"{status['last_index']:>7} {status['commit_index']:>7}  {members}")
+        answered += status is not None
+    if not args.json:
+        print("(* = serving clients)")
+    return 0 if answered else 1
+
+
+def query_status(host: str, port: int, timeout: float = 1.0) -> dict | None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(b"CHATNET-STATUS\n")
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        return json.loads(data)
+    except (OSError, ValueError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["status"]:
+        return status_main(argv[1:])
     args = build_parser().parse_args(argv)
+    try:
+        peers = parse_peers(args.peers)
+        if args.local:
+            from .launcher import run_local
+
+            base = args.data_dir or DEFAULT_BASE_DIR
+            secret_file = args.secret_file or os.path.join(base, "cluster.secret")
+            extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
+                     "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout)]
+            return run_local(peers, base, secret_file, extra)
+        me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
+        secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None
+        if args.heartbeat_ms <= 0 or args.failure_timeout_ms < 2 * args.heartbeat_ms:
+            raise ConfigError("--failure-timeout-ms must be at least twice --heartbeat-ms, both positive")
+    except ConfigError as exc:
+        print(f"chatserver: {exc}", file=sys.stderr)
+        return 2
+    port = peers[me].port
     logging.basicConfig(
         level=args.log_level,
-        format=f"%(asctime)s {args.port} %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s {port} %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    data_dir = args.data_dir or os.path.join("chatnet-data", str(args.port))
+    data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(port))
     from .server import ChatServer
 
     try:
-        server = ChatServer(args.host, args.port, data_dir, slow_client_timeout=args.slow_client_timeout)
+        server = ChatServer(
+            peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
+            heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
+        )
         server.start()
     except StoreError as exc:
         logging.getLogger("chatnet").error("%s", exc)
         return 1
     except OSError as exc:
-        logging.getLogger("chatnet").error("cannot listen on %s:%d: %s", args.host, args.port, exc)
+        logging.getLogger("chatnet").error("cannot listen on %s: %s", peers[me], exc)
         return 1
     server.serve_forever()
     return 0

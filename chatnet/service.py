@@ -120,7 +120,8 @@ class ChatService:
     online: dict[str, int] = field(default_factory=dict)  # account name -> conn
     effects: list = field(default_factory=list)
     proposals: list = field(default_factory=list)  # (command, conn or None), in order
-    _waiters: dict[int, tuple[int, tuple]] = field(default_factory=dict)  # log index -> (conn, command)
+    _waiters: dict[int, tuple[int, int]] = field(default_factory=dict)  # log index -> (conn, view)
+    _unblocked: list = field(default_factory=list)  # conns answered since take_unblocked()
     _delivered: dict[tuple, int] = field(default_factory=dict)  # (name, order) -> highest written seq
 
     # -- connection life cycle -------------------------------------------------------------
@@ -228,13 +229,22 @@ class ChatService:
         self._delivered.clear()
         return proposals
 
-    def bind(self, index: int, cmd: tuple, conn: int | None) -> None:
-        """The host appended ``cmd`` at log ``index``; its answer goes to ``conn``."""
+    def bind(self, index: int, cmd: tuple, conn: int | None, view: int = 0) -> None:
+        """The host appended ``cmd`` at log ``index`` in ``view``; its answer goes to ``conn``."""
         if conn is not None:
-            self._waiters[index] = (conn, cmd)
+            self._waiters[index] = (conn, view)
             session = self.sessions.get(conn)
             if session is not None:
                 session.waiting_for = index
+
+    def take_unblocked(self) -> list:
+        unblocked, self._unblocked = self._unblocked, []
+        return unblocked
+
+    def replace_state(self, state: sm.ChatState) -> None:
+        """A snapshot replaced the state (a backup catching up): nobody is logged in here."""
+        self.state = state
+        self.abandon_proposals()
 
     def abandon_proposals(self) -> None:
         """This replica stopped serving: nobody will get an answer for uncommitted commands."""
@@ -244,8 +254,11 @@ class ChatService:
                 session.waiting_for = None
         self._waiters.clear()
 
-    def apply(self, index: int, cmd: tuple) -> list:
-        """Apply a committed command; queue its answer and live chat; return the store's row changes."""
+    def apply(self, index: int, cmd: tuple, view: int = 0) -> list:
+        """Apply a committed command; queue its answer and live chat; return the store's row changes.
+
+        The waiter of ``index`` is answered only if the committed entry is the one it proposed
+        (same view): an entry of another primary at that index is not its command."""
         result, changes = self.state.apply(cmd)
         waiter = self._waiters.pop(index, None)
         session = None
@@ -253,6 +266,9 @@ class ChatService:
             session = self.sessions.get(waiter[0])
             if session is not None and session.waiting_for == index:
                 session.waiting_for = None
+                self._unblocked.append(session.conn)
+                if waiter[1] != view:
+                    session = None  # not our command: no answer (the client retries elsewhere)
             else:
                 session = None
         kind = cmd[0]

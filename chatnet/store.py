@@ -44,7 +44,7 @@ class Loaded:
     state: ChatState
     applied_index: int
     meta: dict = field(default_factory=dict)
-    log: list = field(default_factory=list)  # (idx, view, data) after the applied state
+    log: list = field(default_factory=list)  # (idx, view, data): the retained tail of the log
 
 
 class StoreError(Exception):
@@ -60,6 +60,7 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            self._sync = True
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
 
@@ -75,7 +76,7 @@ class Store:
             state.load_mail(recipient, Mail(seq, sender, text, bool(deleted)))
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
         applied = int(meta.get("applied_index", 0))
-        entries = list(db.execute("SELECT idx, view, data FROM log WHERE idx > ? ORDER BY idx", (applied,)))
+        entries = list(db.execute("SELECT idx, view, data FROM log ORDER BY idx"))
         return Loaded(state, applied, meta, entries)
 
     def log_entries(self, after: int, limit: int = 10_000) -> list[tuple[int, int, bytes]]:
@@ -104,13 +105,21 @@ class Store:
         meta: dict | None = None,
         truncate_after: int | None = None,
         compact_upto: int | None = None,
+        sync: bool = True,
     ) -> None:
-        """Write one loop iteration's work in one durable transaction.
+        """Write one loop iteration's work in one transaction.
 
         ``entries`` are (idx, view, data) log rows; ``changes`` are the row changes returned by
-        ``ChatState.apply``.  Returns only once the transaction is on disk (synchronous=FULL).
+        ``ChatState.apply``.  With ``sync`` (log entries or hard state inside) it returns only
+        once the transaction is on disk (synchronous=FULL).  Without it — only applying entries
+        that are already durable in the log — the commit skips the fsync: a crash can lose it,
+        but atomically (applied index and rows together), and the entries are applied again
+        from the log at restart.  WAL order keeps it before any later synced transaction.
         """
         db = self._db
+        if sync != self._sync:
+            db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+            self._sync = sync
         try:
             db.execute("BEGIN IMMEDIATE")
             if truncate_after is not None:

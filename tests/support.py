@@ -59,8 +59,9 @@ class ServerProcess:
         self.log_path = os.path.join(data_dir, f"server-{self.port}.log")
 
     def start(self, wait: bool = True) -> ServerProcess:
+        peers = [] if "--peers" in self.args else ["--peers", f"{self.host}:{self.port}"]
         cmd = [sys.executable, CHATSERVER, "--host", self.host, "--port", str(self.port),
-               "--data-dir", self.data_dir, *self.args]
+               "--data-dir", self.data_dir, *peers, *self.args]
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT)
         if wait:

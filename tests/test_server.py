@@ -338,7 +338,7 @@ def test_usage_errors_are_clear(tmp_path):
     busy.bind(("127.0.0.1", 0))
     busy.listen()
     port = busy.getsockname()[1]
-    out = subprocess.run([sys.executable, CHATSERVER, "--port", str(port), "--data-dir", str(tmp_path)],
+    out = subprocess.run([sys.executable, CHATSERVER, "--peers", f"127.0.0.1:{port}", "--data-dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=20)
     busy.close()
     assert out.returncode == 1
