@@ -221,6 +221,15 @@ def export_rev(rev: str, into: str) -> str:
     return dest
 
 
+def _takes_peers(server: str) -> bool:
+    """Whether this chatserver has the replicated CLI (``--peers``), which then must list it."""
+    try:
+        out = subprocess.run([sys.executable, server, "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return "--peers" in out
+
+
 class ServerProcess:
     """``bin/chatserver`` on a free port of 127.0.0.1 with a temporary data directory.
 
@@ -229,15 +238,21 @@ class ServerProcess:
     then stops the server itself by PID.  ``profile`` (a path) runs the server under
     ``python -m cProfile -o PATH``; the stats are written when it exits after SIGTERM.
     ``rev`` runs the server code of that git revision (exported with ``git archive`` into the
-    temp dir) instead of the working tree, which other people may be editing.
+    temp dir) instead of the working tree, which other people may be editing; ``root`` runs
+    ``ROOT/bin/chatserver`` of another directory (an experimental copy of the code).
     """
 
     def __init__(self, *, profile: str | None = None, log_level: str = "WARNING", extra_args=(), keep_dir=False,
-                 rev: str | None = None):
+                 rev: str | None = None, root: str | None = None):
         self.port = free_port()
         self.data_dir = tempfile.mkdtemp(prefix="chatnet-bench-")
         # The code under test: the working tree, or ``git archive REV`` exported into data_dir.
-        self.root, self.label = (export_rev(rev, self.data_dir), describe_rev(rev)) if rev else (ROOT, describe_tree())
+        if root:  # another copy of the code, e.g. an experiment
+            self.root, self.label = os.path.abspath(root), f"tree at {os.path.abspath(root)}"
+        elif rev:
+            self.root, self.label = export_rev(rev, self.data_dir), describe_rev(rev)
+        else:
+            self.root, self.label = ROOT, describe_tree()
         self.log_path = os.path.join(self.data_dir, "server.log")
         self.profile = profile
         self.keep_dir = keep_dir
@@ -245,9 +260,11 @@ class ServerProcess:
         cmd = [sys.executable]
         if profile:
             cmd += ["-m", "cProfile", "-o", os.path.abspath(profile)]
+        server = os.path.join(self.root, "bin", "chatserver")
+        cmd += [server, "--host", HOST, "--port", str(self.port)]
+        if _takes_peers(server):  # the replicated CLI: a one-member --peers list = a single replica
+            cmd += ["--peers", f"{HOST}:{self.port}"]
         cmd += [
-            os.path.join(self.root, "bin", "chatserver"),
-            "--host", HOST, "--port", str(self.port),
             "--data-dir", os.path.join(self.data_dir, "store"),
             "--log-level", log_level, *extra_args,
         ]

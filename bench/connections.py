@@ -188,6 +188,7 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0, help="limit for each phase in seconds (default 300)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
+    ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
     n, procs_n = args.connections, max(1, min(args.procs, args.connections))
@@ -197,7 +198,7 @@ def main(argv=None) -> int:
     opts = {"concurrency": args.concurrency, "relogin": args.relogin, "timeout": args.timeout, "quiet": args.quiet}
     ctx = multiprocessing.get_context("fork")
     workers, pipes = [], []
-    server = ServerProcess(rev=args.rev)
+    server = ServerProcess(rev=args.rev, root=args.server_root)
     info = {}
     try:
         with common.sigterm_as_exit():

@@ -223,6 +223,7 @@ def main(argv=None) -> int:
     ap.add_argument("--drain", type=float, default=5.0, help="max seconds to wait for outstanding acks/chats")
     ap.add_argument("--profile", metavar="FILE", help="run the server under cProfile, stats to FILE")
     ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
+    ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
     if args.senders < 1 or args.procs < 1 or args.window < 1 or args.duration <= 0:
@@ -231,7 +232,7 @@ def main(argv=None) -> int:
     opts = {"rate": args.rate, "window": args.window, "size": args.size, "total_senders": args.senders}
     ctx = multiprocessing.get_context("fork")
     workers, pipes = [], []
-    server = ServerProcess(profile=args.profile, rev=args.rev)
+    server = ServerProcess(profile=args.profile, rev=args.rev, root=args.server_root)
     try:
         with common.sigterm_as_exit():
             server.start()
@@ -305,6 +306,8 @@ def main(argv=None) -> int:
         "delivery_ms": deliv,
         "send_lag_ms": lag,
         "cpu_pct": common.CpuMeter.percent(cpu_a, cpu_b),
+        "server_cpu_us_per_chat": round((cpu_b[1] - cpu_a[1]) * 1e6 / total["delivered_in_window"], 1)
+        if total["delivered_in_window"] else None,
         "server_rss_mib": round(rss_loaded / 1024, 1),
         "server_peak_rss_mib": round(server_peak / 1024, 1),
         "server_rss_idle_mib": round(rss_idle / 1024, 1),
@@ -362,6 +365,8 @@ def print_table(s: dict) -> None:
     rows += [
         ("CPU in window, % of one core", f"server {c['server']:.0f} %, load generator {c['loadgen']:.0f} %, "
                                          f"other processes {c['other']:.0f} %  (machine: {c['capacity']} %)"),
+        ("server CPU per delivered chat", f"{s['server_cpu_us_per_chat']} us  (all work for one chat: request, "
+                                          "commit, ack, delivery, delivery mark)"),
         ("server RSS (idle -> loaded)", f"{s['server_rss_idle_mib']:.1f} -> {s['server_rss_mib']:.1f} MiB"),
     ]
     i = s["integrity"]
