@@ -11,6 +11,7 @@ import argparse
 import codecs
 import curses
 import locale
+import math
 import os
 import signal
 import sys
@@ -345,8 +346,8 @@ class CursesUI:
         elif s.state is State.READY:
             state = "connected"
         elif s.state is State.WAITING:
-            wait = max(0.0, (s.retry_at or now) - now)
-            state = ("all servers down, " if s.all_down else "") + f"reconnecting in {wait:.0f}s"
+            wait = math.ceil(max(0.0, (s.retry_at or now) - now))
+            state = ("all servers down, " if s.all_down else "") + f"reconnecting in {wait}s"
             bad = True
         elif s.state is State.EXITING:
             state = "leaving"
@@ -354,14 +355,18 @@ class CursesUI:
             state = "closed"
         else:
             state = "starting"
-        parts = [" chatnet", server, user, state]
+        parts = [user, state]
         if s.queued:
             parts.append(f"{len(s.queued)} queued")
         if self.scroll:
             parts.append(f"scrolled up {self.scroll} (PgDn)")
         length = request_length(self.editor.text)
         right = f"{length}/{MAX_REQUEST_CHARS}" + (" too long" if length > MAX_REQUEST_CHARS else "") + " "
-        return " | ".join(parts), right, bad
+        rest = " | " + " | ".join(parts)
+        room = self.width - len(right) - len(rest) - 2       # the server gives way on narrow screens
+        if len(server) > room:
+            server = server[:max(0, room - 1)] + "~"
+        return " " + server + rest, right, bad
 
     def _draw_status(self) -> None:
         if self.height < 2:

@@ -145,7 +145,7 @@ class Presenter:
         if pending is not None and pending.auto and e.kind != "note":
             if e.kind == "ok":
                 return []                       # Reidentified says it
-            if e.message == s._ALREADY_CONNECTED:
+            if e.message == s.ALREADY_CONNECTED_TEXT:
                 return [DisplayLine("info", f"the server still sees our old connection as {pending.command.params[0]}; "
                                             "retrying the login")]
             return []                           # ReidentifyFailed says it

@@ -17,14 +17,17 @@ Rules the session keeps:
   backup's note ``This server is a backup. The primary is at HOST:PORT.`` makes HOST:PORT the
   next attempt; ``... knows no primary yet. Try again shortly.`` moves on to the next server.
   Either way the session closes that connection itself.
-* **Backoff.**  Each attempt that does not end in a good connection counts.  After as many
+* **Backoff.**  Each attempt that does not end in a good connection counts (except a backup's
+  redirect, unless the attempt itself followed a redirect: chains of them count).  After as many
   failed attempts as there are servers (a *round*), the session waits a capped exponential
   delay with jitter (:class:`Backoff`) and reports :class:`AllServersDown`; within a round the
   next server is tried at once.  A connection is *good* once the server sent something other
   than a backup note, or stayed open ``stable_after`` seconds; that resets the count.
 * **Identity.**  The logged-in user is learnt from the server's success answers to create and
   login (and forgotten on a successful delete).  On every new connection the session first
-  re-identifies (op 2 login) and sends nothing else until that is answered.  If the server
+  re-identifies (op 2 login) and sends nothing else until that is answered.  With nobody to
+  log in, it sends a probe instead (``4||``, a list that matches no valid name), since a
+  backup only reveals itself when it receives a request.  If the server
   says the account is still connected (our own dead connection, not yet noticed), the login is
   retried with backoff a few times.
 * **Nothing typed is dropped silently.**  Commands submitted while not connected (or while
@@ -79,7 +82,7 @@ __all__ = [
     "Connecting", "Connected", "ConnectFailed", "ConnectionLost", "Redirected", "RetryScheduled",
     "AllServersDown", "FrameReceived", "UserChanged", "Reidentified", "ReidentifyFailed",
     "CommandQueued", "CommandSent", "CommandRequeued", "SessionClosed", "ClientSession",
-    "BACKUP_NOTE_RE", "NO_PRIMARY_NOTE",
+    "BACKUP_NOTE_RE", "NO_PRIMARY_NOTE", "ALREADY_CONNECTED_TEXT", "PROBE_COMMAND",
 ]
 
 
@@ -116,9 +119,11 @@ def parse_servers(text: str) -> tuple[Server, ...]:
 # The backups' notes (status 2, indicator 0), specified by the replication design.
 BACKUP_NOTE_RE = re.compile(r"This server is a backup\. The primary is at (?P<server>\S+:\d+)\.\Z")
 NO_PRIMARY_NOTE = "This server is a backup and knows no primary yet. Try again shortly."
-_ALREADY_CONNECTED = "Unable to login: This user is already connected to the server."
+ALREADY_CONNECTED_TEXT = "Unable to login: This user is already connected to the server."
 _LOGGED_IN_RE = re.compile(r"(?:Account created! )?Logged in as (?P<name>.*)\.\Z", re.S)
 _DELETED_RE = re.compile(r"Account (?P<name>.*) has been deleted\. You are now logged out\.\Z", re.S)
+# Sent when there is nobody to log in again, to find out at once whether the server is a backup.
+PROBE_COMMAND = Command(OP_LIST, ("|",), "")
 # A list line is "- " + a name of at most 32 characters of up to 4 bytes + "\n".
 _LIST_CONTINUATION_SLACK = 2 + 32 * 4 + 1
 
@@ -334,6 +339,7 @@ class ClientSession:
     stable_after: float = 2.0
     exit_grace: float = 2.0
     identify_retries: int = 5
+    probe: bool = True
 
     def __post_init__(self) -> None:
         self.servers = tuple(Server(*s) for s in self.servers)
@@ -347,6 +353,7 @@ class ClientSession:
         self.all_down = False               # the last full round failed (until a good connection)
         self._index = 0                     # position in servers of the current attempt
         self._redirect: Server | None = None
+        self._redirected_attempt = False    # the current attempt follows a backup's note
         self._failures = 0                  # attempts since the last good connection
         self._reachable = 0                 # of those, how many connected (but were backups)
         self._good = False
@@ -510,6 +517,7 @@ class ClientSession:
     def _connect(self, now: float, server: Server, redirected: bool = False) -> None:
         self.state = State.CONNECTING
         self.server = server
+        self._redirected_attempt = redirected
         self.role = None
         self.retry_at = None
         self._timers.retry = None
@@ -529,6 +537,11 @@ class ClientSession:
         self._identify_refusals = 0
         if command is None:
             self.state = State.READY
+            if self.probe:
+                # A backup says so only when it gets a request: ask something harmless now,
+                # rather than sit on a backup until the user types.  No username can contain
+                # "|", so this lists nothing.
+                self._write(Pending(PROBE_COMMAND, next(self._ids), auto=True))
             self._flush(now)
             return
         self.state = State.IDENTIFYING
@@ -616,7 +629,7 @@ class ClientSession:
             self.state = State.READY
             self._flush(now)
             return
-        if frame.message == _ALREADY_CONNECTED and self._identify_refusals < self.identify_retries:
+        if frame.message == ALREADY_CONNECTED_TEXT and self._identify_refusals < self.identify_retries:
             # Most likely our own previous connection, which that server has not noticed dead.
             self._timers.identify = now + self.backoff.delay(self._identify_refusals, self.rng)
             self._identify_refusals += 1
@@ -674,8 +687,8 @@ class ClientSession:
         if self._good:
             self._failures = 0
             self._reachable = 0
-        else:
-            self._failures += 1
+        elif self._redirect is None or self._redirected_attempt:
+            self._failures += 1     # a first redirect is a step forward; a chain of them is not
         self._good = False
         if self._redirect is None:
             self._advance()
