@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="report every connection attempt and retry, not just state changes")
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="plain mode: print only answers and chat, no connection events")
-    parser.add_argument("--max-backoff", type=float, default=10.0, metavar="SECONDS",
-                        help="longest wait between rounds of reconnection attempts (default: 10)")
+    parser.add_argument("--max-backoff", type=float, default=5.0, metavar="SECONDS",
+                        help="longest wait between rounds of reconnection attempts (default: 5)")
     parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="give up on a connection attempt after this long (default: 5)")
     parser.add_argument("--eof-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -347,7 +347,8 @@ class CursesUI:
             state = "connected"
         elif s.state is State.WAITING:
             wait = math.ceil(max(0.0, (s.retry_at or now) - now))
-            state = ("all servers down, " if s.all_down else "") + f"reconnecting in {wait}s"
+            why = "all servers down, " if s.all_down else "no primary yet, " if s.no_primary else ""
+            state = f"{why}reconnecting in {wait}s"
             bad = True
         elif s.state is State.EXITING:
             state = "leaving"

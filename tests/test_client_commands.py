@@ -210,7 +210,8 @@ def test_presenter_says_an_outage_once():
     p = Presenter()
     server = s.DEFAULT_SERVERS[0]
     assert p.lines(s.Connecting(server))            # the very first attempt is shown
-    assert p.lines(s.Connected(server))
+    assert p.lines(s.Connected(server)) == []       # said once it answers as the primary
+    assert p.lines(s.PrimaryConfirmed(server)) == [DisplayLine("info", "connected to 127.0.0.1:1538")]
     assert p.lines(s.ConnectionLost(server, "reset"))[0].kind == "error"
     assert p.lines(s.Connecting(server)) == []
     assert p.lines(s.ConnectFailed(server, "Connection refused")) == []
@@ -219,7 +220,10 @@ def test_presenter_says_an_outage_once():
     assert p.lines(s.AllServersDown(6, 0, 9.0)) == []
     queued = p.lines(s.CommandQueued(pending("send|bob|hi")))
     assert queued and "will be sent once connected" in queued[0].text
-    assert p.lines(s.Connected(server)) == [DisplayLine("info", "connected to 127.0.0.1:1538")]
+    backup = s.DEFAULT_SERVERS[1]
+    assert p.lines(s.Redirected(backup, server))
+    assert p.lines(s.Redirected(backup, server)) == []
+    assert p.lines(s.PrimaryConfirmed(server)) == [DisplayLine("info", "connected to 127.0.0.1:1538")]
 
 
 def test_format_list_answer_and_own_lines():

@@ -216,6 +216,7 @@ def test_backups_only_lead_to_backoff_not_a_busy_loop():
         h.feed(note(s.NO_PRIMARY_NOTE))
     assert h.session.state is s.State.WAITING
     assert h.of(s.AllServersDown)[-1].reachable == 3
+    assert h.session.no_primary and not h.session.all_down
 
 
 def test_with_nobody_to_log_in_a_probe_finds_out_the_role_at_once():
@@ -226,6 +227,8 @@ def test_with_nobody_to_log_in_a_probe_finds_out_the_role_at_once():
     h.feed(ok("\n"))
     assert h.session.role == "primary" and h.session.idle
     assert h.of(s.FrameReceived)[0].answer_to.auto
+    h.feed(chat("bob", "hi"))
+    assert h.of(s.PrimaryConfirmed) == [s.PrimaryConfirmed(S1)]     # once per connection
 
 
 def test_a_backup_answers_the_probe_with_its_note():

@@ -63,7 +63,8 @@ class Term:
         self.rows, self.cols = rows, cols
         self.screen = XtermScreen(cols, rows)
         self.stream = XtermStream(self.screen)
-        addresses = ",".join(f"{srv.host}:{srv.port}" for srv in servers)
+        addresses = ",".join("%s:%d" % (srv if isinstance(srv, tuple) else (srv.host, srv.port))
+                             for srv in servers)
         self.child = pexpect.spawn(sys.executable, [CHATCLIENT, "--servers", addresses, *args],
                                    dimensions=(rows, cols), env=client_env(), cwd=ROOT)
         self.eof = False
@@ -316,3 +317,39 @@ def test_server_killed_and_restarted_clients_reconnect_and_chat_goes_on(servers,
     bob.enter("send|alice|after the restart", "Message sent to alice.")
     alice.wait_text("<bob> after the restart")
     assert "queued" not in alice.status()
+
+
+def test_primary_killed_clients_follow_the_new_primary(tmp_path, term):
+    from cluster_support import Cluster
+
+    cluster = Cluster(str(tmp_path / "cluster"))
+    try:
+        cluster.start()
+        first = cluster.wait_primary()
+        cluster.wait_in_sync(range(3))
+
+        # Each client lists a backup first: it must follow the backup's note to the primary.
+        addresses = [cluster.addresses[i] for i in ((first + 1) % 3, (first + 2) % 3, first)]
+        primary = "%s:%d" % cluster.addresses[first]
+        alice = term(*addresses, args=("--max-backoff", "1"))
+        bob = term(*addresses, args=("--max-backoff", "1"))
+        for t, user in ((alice, "alice"), (bob, "bob")):
+            t.wait(lambda t=t: f"{primary} (primary)" in t.status(), "the primary found")
+            t.enter(f"create|{user}", f"Logged in as {user}.")
+        alice.enter("send|bob|before the failover", "Message sent to bob.")
+        bob.wait_text("<alice> before the failover")
+
+        cluster.kill(first)                                         # SIGKILL the primary
+        for t in (alice, bob):
+            t.wait(lambda t=t: "reconnecting in" in t.status(), "the reconnect countdown")
+        bob.enter("send|alice|sent during the failover", "will be sent")
+        second = cluster.wait_primary(exclude=(first,))
+        new = "%s:%d" % cluster.addresses[second]
+        for t, user in ((alice, "alice"), (bob, "bob")):
+            t.wait(lambda t=t, user=user: f"{new} (primary) | {user} | connected" in t.status(),
+                   "connected to the new primary", timeout=20)
+        alice.wait_text("<bob> sent during the failover")
+        alice.enter("send|bob|after the failover", "Message sent to bob.")
+        bob.wait_text("<alice> after the failover")
+    finally:
+        cluster.stop_all()

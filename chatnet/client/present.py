@@ -59,6 +59,7 @@ class Presenter:
         self.verbose = verbose
         self._outage = False          # between a loss/failed start and the next connection
         self._told_down = False
+        self._told_redirect = False
         self._last_error = ""
         self._started = False
 
@@ -74,7 +75,12 @@ class Presenter:
         return []
 
     def _Connected(self, e: s.Connected) -> list[DisplayLine]:
-        self._outage = self._told_down = False
+        if self.verbose:
+            return [DisplayLine("info", f"connected to {e.server}, waiting for its answer")]
+        return []
+
+    def _PrimaryConfirmed(self, e: s.PrimaryConfirmed) -> list[DisplayLine]:
+        self._outage = self._told_down = self._told_redirect = False
         return [DisplayLine("info", f"connected to {e.server}")]
 
     def _ConnectFailed(self, e: s.ConnectFailed) -> list[DisplayLine]:
@@ -89,6 +95,9 @@ class Presenter:
         return [DisplayLine("error", f"connection to {e.server} lost ({e.reason}); reconnecting")]
 
     def _Redirected(self, e: s.Redirected) -> list[DisplayLine]:
+        if self._told_redirect and not self.verbose:
+            return []                # backups repeat themselves during an election
+        self._told_redirect = True
         if e.primary is None:
             text = f"{e.server} is a backup and knows no primary yet; trying the next server"
         else:

@@ -79,7 +79,7 @@ from .commands import OP_CREATE, OP_DELETE, OP_EXIT, OP_LIST, OP_LOGIN, Command
 __all__ = [
     "Server", "DEFAULT_SERVERS", "parse_server", "parse_servers", "Backoff", "State", "Pending",
     "Connect", "Send", "Disconnect",
-    "Connecting", "Connected", "ConnectFailed", "ConnectionLost", "Redirected", "RetryScheduled",
+    "Connecting", "Connected", "PrimaryConfirmed", "ConnectFailed", "ConnectionLost", "Redirected", "RetryScheduled",
     "AllServersDown", "FrameReceived", "UserChanged", "Reidentified", "ReidentifyFailed",
     "CommandQueued", "CommandSent", "CommandRequeued", "SessionClosed", "ClientSession",
     "BACKUP_NOTE_RE", "NO_PRIMARY_NOTE", "ALREADY_CONNECTED_TEXT", "PROBE_COMMAND",
@@ -138,7 +138,7 @@ class Backoff:
 
     base: float = 0.5
     factor: float = 2.0
-    cap: float = 10.0
+    cap: float = 5.0
 
     def ceiling(self, n: int) -> float:
         return min(self.cap, self.base * self.factor ** min(n, 64))
@@ -205,6 +205,13 @@ class Connecting:
 
 @dataclass(frozen=True)
 class Connected:
+    server: Server
+
+
+@dataclass(frozen=True)
+class PrimaryConfirmed:
+    """``server`` answered a request, so it serves clients: it is the primary (or alone)."""
+
     server: Server
 
 
@@ -350,7 +357,8 @@ class ClientSession:
         self.role: str | None = None        # "primary" once it served us, "backup" if it said so
         self.user: str | None = None
         self.retry_at: float | None = None
-        self.all_down = False               # the last full round failed (until a good connection)
+        self.all_down = False               # the last round reached no server at all
+        self.no_primary = False             # the last round reached only backups
         self._index = 0                     # position in servers of the current attempt
         self._redirect: Server | None = None
         self._redirected_attempt = False    # the current attempt follows a backup's note
@@ -570,7 +578,7 @@ class ClientSession:
             self._good = True
             self._failures = 0
             self._reachable = 0
-            self.all_down = False
+            self.all_down = self.no_primary = False
 
     def _on_frame(self, frame: Frame, now: float) -> None:
         """Every frame of the current connection comes through here, in order."""
@@ -580,7 +588,9 @@ class ClientSession:
                 self._on_backup_note(match, now)
                 return
         self._mark_good()
-        self.role = "primary"
+        if self.role != "primary":
+            self.role = "primary"
+            self._events.append(PrimaryConfirmed(self.server))
         if frame.indicator == INDICATOR_CHAT:
             sender, _, text = frame.message.partition("|")
             self._events.append(FrameReceived(frame, "chat", None, sender, text))
@@ -704,7 +714,7 @@ class ClientSession:
         delay = 0.0
         if self._failures and self._failures % n == 0:
             delay = self.backoff.delay(self._failures // n - 1, self.rng)
-            self.all_down = True
+            self.all_down, self.no_primary = self._reachable == 0, self._reachable > 0
             self._events.append(AllServersDown(self._failures, self._reachable, now + delay))
             self._reachable = 0
         self.state = State.WAITING
