@@ -118,12 +118,25 @@ def main(argv: list[str] | None = None) -> int:
     driver = SocketDriver(session)
     presenter = Presenter(verbose=args.verbose)
     plain = args.plain or not (sys.stdin.isatty() and sys.stdout.isatty())
+    previous = signal.signal(signal.SIGTERM, _interrupt)   # leave as cleanly as on Ctrl-C
     try:
-        if plain:
-            return PlainUI(session, driver, presenter, args).run()
-        return run_curses(session, driver, presenter, args)
+        if not plain:
+            try:
+                return run_curses(session, driver, presenter, args)
+            except _NoCurses as exc:
+                print(f"chatclient: cannot use this terminal ({exc}); using plain mode", file=sys.stderr)
+        return PlainUI(session, driver, presenter, args).run()
     finally:
+        signal.signal(signal.SIGTERM, previous)
         driver.close()
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+class _NoCurses(Exception):
+    """curses could not set up the terminal (e.g. TERM=dumb); nothing was started yet."""
 
 
 # ---------------------------------------------------------------------------------- plain mode
@@ -558,6 +571,12 @@ def run_curses(session: ClientSession, driver: SocketDriver, presenter: Presente
             os.close(wake_r)
             os.close(wake_w)
 
+    try:
+        curses.setupterm()
+    except curses.error as exc:
+        raise _NoCurses(str(exc) or "unknown terminal") from None
+    if not curses.tigetstr("cup") or not curses.tigetstr("clear"):
+        raise _NoCurses(f"TERM={os.environ.get('TERM', '')} cannot move the cursor")
     try:
         status = curses.wrapper(run)
     except KeyboardInterrupt:

@@ -253,6 +253,8 @@ def test_resize_redraws_the_whole_window(server, term):
     alice.resize(24, 80)
     alice.wait(lambda: "connected" in alice.screen.display[22] and alice.input() == "> half typed",
                "back to 80x24")
+    alice.child.kill(signal.SIGTERM)                          # leaves as cleanly as Ctrl-C
+    assert alice.wait_exit() == 0
 
 
 def test_plain_mode_through_a_pipe(server):

@@ -67,7 +67,6 @@ from ..codec import (
     INDICATOR_CHAT,
     MAX_FRAME_BYTES,
     NEED_DATA,
-    STATUS_ERROR,
     STATUS_NOTE,
     STATUS_OK,
     Frame,
