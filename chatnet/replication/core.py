@@ -1,0 +1,940 @@
+"""The replication core: a pure primary-backup state machine (Viewstamped-Replication flavour).
+
+No sockets, no clock, no SQLite, no threads; randomness only through the injected
+``random.Random`` (used for nothing but the incarnation number of the failure detector).
+Everything that affects replication state lives in :class:`Replica`; the host (reactor +
+store, or the simulator in :mod:`chatnet.replication.sim`) feeds it inputs and performs
+the effects it asks for.  docs/replication.md argues the protocol; this header is the API.
+
+API
+---
+::
+
+    Replica(me, cluster, durable, *, heartbeat_ticks=1, failure_ticks=10, rng=None,
+            max_batch=256, max_inflight=4096, retain_entries=10_000)
+    # inputs
+    r.tick() -> None                       # every heartbeat_interval / heartbeat_ticks
+    r.stalled() -> None                    # host's loop stalled (see docs): act as restarted
+    r.step(sender: int, msg) -> None       # an authenticated peer message
+    r.peer_connected(peer) / r.peer_disconnected(peer) -> None   # transport hints only
+    r.propose(data: bytes) -> int | None   # serving primary: index of the new entry
+    r.send_snapshot(peer, index, view, data) -> None   # answer to Ready.snapshot_requests
+    r.compact(upto_index) -> None          # forget entries <= upto (already applied)
+    r.suggested_compaction() -> int | None # retention policy: where to compact, if anywhere
+    # outputs
+    r.ready() -> Ready | None
+    r.advance(ready) -> None
+    # read-only
+    r.role, r.view, r.promised, r.primary, r.members, r.last_index, r.commit_index,
+    r.applied_index, r.serving, r.status() -> dict, r.entry_view(index)
+
+Host contract (etcd-raft style; see docs/replication.md "Host contract")::
+
+    while (rd := r.ready()) is not None:
+        with store.transaction():              # ONE durable (fsynced) transaction:
+            if rd.hard_state: store.save_hard_state(rd.hard_state)
+            if rd.snapshot:   store.install_snapshot(rd.snapshot)   # replace state, drop log
+            if rd.truncate_after is not None: store.delete_log_after(rd.truncate_after)
+            store.append_log(rd.entries)
+        for peer, msg in rd.messages: send(peer, msg)               # only after the commit
+        for e in rd.committed:                 # apply in order; the applied index is
+            with store.transaction():          # persisted with the state changes
+                store.apply(e); store.set_applied_index(e.index)
+            answer_client_if_pending(e)        # match on (index, view) of the proposal
+        for peer in rd.snapshot_requests:
+            r.send_snapshot(peer, store.applied_index, r.entry_view(..), store.dump())
+        r.advance(rd)
+
+No other call may come between ``ready()`` and ``advance()``.
+
+Protocol summary
+----------------
+A *view* is (number, primary, members); the primary of view ``v`` is always
+``cluster[v % N]``, so two candidates never compete for the same view number.
+Each replica persists ``HardState(view, primary, members, promised)``: the last view it
+established (synced into) and the highest view number it promised.  A write commits when it
+is durable on **every** member of the primary's view (min of match indexes).  A view change
+is run by one candidate that asks every member of its view it does not suspect; each must
+promise (persist ``promised``) -- after which it refuses the older view, which is the fence
+that stops an old primary -- and the candidate must be at least as up to date as each voter
+by (established view, last entry view, last index).  Members that later suspect nothing
+stay; suspected ones are left out.  The new primary serves only after every member's log
+matches its own up to its last index at view start.  A replica that (re)starts, or was
+stalled, is *recovering*: it serves, campaigns and proposes nothing until either a primary
+of a view it belongs to has synced it, or it has heard from every member of the newest
+established view anybody it reaches knows of, and it is itself a member of that view with
+that view established.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .messages import (Append, AppendResp, Entry, Heartbeat, InstallSnapshot, ViewChange, Vote)
+
+__all__ = ["Replica", "Ready", "DurableState", "HardState", "Snapshot", "Entry",
+           "PRIMARY", "BACKUP", "ELECTING", "RECOVERING", "STATUS_CODES"]
+
+PRIMARY, BACKUP, ELECTING, RECOVERING = "primary", "backup", "electing", "recovering"
+STATUS_CODES = {PRIMARY: 0, BACKUP: 1, ELECTING: 2, RECOVERING: 3}
+_CODE_STATUS = {v: k for k, v in STATUS_CODES.items()}
+
+
+@dataclass(frozen=True)
+class HardState:
+    """What must be persisted (with the log changes of the same Ready) before any message
+    of that Ready is sent."""
+    view: int                      # last established view
+    primary: int | None            # its primary (None before the first view)
+    members: tuple[int, ...]       # its members
+    promised: int                  # highest view number promised (>= view)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Applied state up to ``index`` (entry ``index`` had view ``view``); data opaque."""
+    index: int
+    view: int
+    data: bytes
+
+
+@dataclass
+class DurableState:
+    """What the host loaded from its store at start-up."""
+    view: int = 0
+    primary: int | None = None
+    members: tuple[int, ...] = ()
+    snapshot_index: int = 0
+    snapshot_view: int = 0
+    log: list[Entry] = field(default_factory=list)
+    applied_index: int = 0
+    promised: int | None = None    # None = same as view (older stores)
+
+    @classmethod
+    def fresh(cls) -> "DurableState":
+        """A store that has never been written (first ever start)."""
+        return cls()
+
+
+@dataclass
+class Ready:
+    hard_state: HardState | None
+    snapshot: Snapshot | None
+    truncate_after: int | None
+    entries: list[Entry]
+    messages: list[tuple[int, object]]
+    committed: list[Entry]
+    snapshot_requests: list[int]
+    # internal bookkeeping for advance()
+    _last_index: int = 0
+    _applied_to: int = 0
+
+    def __bool__(self) -> bool:  # a Ready is never empty
+        return True
+
+
+@dataclass
+class _Campaign:
+    view: int
+    required: set[int]
+    granted: dict[int, tuple[int, int, int]]
+    failover: bool
+    started: int
+
+
+def _key(est: int, last_view: int, last_index: int) -> tuple[int, int, int]:
+    return (est, last_view, last_index)
+
+
+class Replica:
+    """One replica's protocol state.  See the module docstring for the API and contract."""
+
+    def __init__(self, me: int, cluster: Sequence[int], durable: DurableState, *,
+                 heartbeat_ticks: int = 1, failure_ticks: int = 10,
+                 rng: random.Random | None = None, max_batch: int = 256,
+                 max_inflight: int = 4096, retain_entries: int = 10_000) -> None:
+        cluster = tuple(cluster)
+        if me not in cluster or len(set(cluster)) != len(cluster) or not cluster:
+            raise ValueError("me must be one of the distinct ids in cluster")
+        if heartbeat_ticks < 1 or failure_ticks < 2:
+            raise ValueError("heartbeat_ticks >= 1 and failure_ticks >= 2 required")
+        self.me = me
+        self.cluster = cluster
+        self.n = len(cluster)
+        self._rank = {p: i for i, p in enumerate(cluster)}
+        self.peers = tuple(p for p in cluster if p != me)
+        self.heartbeat_ticks = heartbeat_ticks
+        self.failure_ticks = failure_ticks
+        self.max_batch = max_batch
+        self.max_inflight = max_inflight
+        self.retain_entries = retain_entries
+        self._rng = rng if rng is not None else random.Random()
+
+        # --- durable state (mirrors the host's store once advance() returned)
+        self._view = durable.view
+        self._primary = durable.primary
+        self._members = tuple(durable.members) or cluster
+        self._promised = max(durable.view, durable.promised if durable.promised is not None
+                             else durable.view)
+        self._snap_index = durable.snapshot_index
+        self._snap_view = durable.snapshot_view
+        self._log: list[Entry] = list(durable.log)
+        for i, e in enumerate(self._log):
+            if e.index != self._snap_index + 1 + i:
+                raise ValueError("durable log is not contiguous after the snapshot")
+        if durable.applied_index < self._snap_index or durable.applied_index > self.last_index:
+            raise ValueError("applied_index outside [snapshot_index, last log index]")
+        self._applied = durable.applied_index       # applied and advanced
+        self._apply_cursor = durable.applied_index  # handed to the host
+        self._commit = durable.applied_index
+        self._stable_last = self.last_index          # durable prefix of the log
+        self._unstable_from = self.last_index + 1
+        self._pending_trunc: int | None = None
+        self._pending_snapshot: Snapshot | None = None
+        self._hs_dirty = False
+        self._msgs: list[tuple[int, object]] = []
+        self._snap_requests: list[int] = []
+
+        # --- failure detector
+        self._ticks = 0
+        self._inc = 0
+        self._answered: dict[int, int] = {}
+        self._echo: dict[int, tuple[int, int]] = {}
+        self._fresh: set[int] = set()
+        self._info: dict[int, Heartbeat] = {}
+
+        # --- roles
+        self._status = RECOVERING
+        self._serving = False
+        self._following: int | None = None
+        self._campaign: _Campaign | None = None
+        self._elect_wait = 0
+        self._max_seen = self._promised
+        self._diverged = False
+        self.divergences = 0          # committed entries found divergent (split brain healed)
+        self._start = 0
+        self._next: dict[int, int] = {}
+        self._match: dict[int, int] = {}
+        self._progress: dict[int, bool] = {}
+        self._sent_commit: dict[int, int] = {}
+        self._snap_pending: dict[int, int] = {}
+        self._learners: set[int] = set()
+        self._backoff = 0
+
+        self._new_incarnation()
+        if self.n == 1:
+            self._become_sole_primary()
+
+    # ------------------------------------------------------------------ read-only API
+    @property
+    def role(self) -> str:
+        return self._status
+
+    @property
+    def view(self) -> int:
+        return self._view
+
+    @property
+    def promised(self) -> int:
+        return self._promised
+
+    @property
+    def primary(self) -> int | None:
+        return self._primary
+
+    @property
+    def members(self) -> tuple[int, ...]:
+        return self._members
+
+    @property
+    def last_index(self) -> int:
+        return self._log[-1].index if self._log else self._snap_index
+
+    @property
+    def last_view(self) -> int:
+        return self._log[-1].view if self._log else self._snap_view
+
+    @property
+    def commit_index(self) -> int:
+        return self._commit
+
+    @property
+    def applied_index(self) -> int:
+        return self._applied
+
+    @property
+    def snapshot_index(self) -> int:
+        return self._snap_index
+
+    @property
+    def serving(self) -> bool:
+        return self._serving
+
+    def entry_view(self, index: int) -> int | None:
+        """View of the entry at ``index`` (None if compacted away or absent)."""
+        if index == self._snap_index:
+            return self._snap_view
+        if index < self._snap_index or index > self.last_index:
+            return None
+        return self._log[index - self._snap_index - 1].view
+
+    def entry(self, index: int) -> Entry | None:
+        if index <= self._snap_index or index > self.last_index:
+            return None
+        return self._log[index - self._snap_index - 1]
+
+    def suspected(self, peer: int) -> bool:
+        return self._ticks - self._answered.get(peer, self._ticks) > self.failure_ticks
+
+    def status(self) -> dict:
+        return {
+            "id": self.me, "role": self._status, "serving": self._serving,
+            "view": self._view, "promised": self._promised, "primary": self._primary,
+            "members": list(self._members), "last_index": self.last_index,
+            "last_view": self.last_view, "commit_index": self._commit,
+            "applied_index": self._applied, "snapshot_index": self._snap_index,
+            "reachable": sorted(p for p in self.peers
+                                if p in self._fresh and not self.suspected(p)),
+            "suspected": sorted(p for p in self.peers if self.suspected(p)),
+            "following": self._following,
+            "campaign": None if self._campaign is None else self._campaign.view,
+            "learners": sorted(self._learners),
+            "divergences": self.divergences,
+        }
+
+    # ------------------------------------------------------------------ helpers
+    def _my_key(self) -> tuple[int, int, int]:
+        return _key(self._view, self.last_view, self.last_index)
+
+    def _send(self, peer: int, msg: object) -> None:
+        self._msgs.append((peer, msg))
+
+    def _set_hard(self, *, view: int | None = None, primary: int | None | str = "keep",
+                  members: tuple[int, ...] | None = None, promised: int | None = None) -> None:
+        if view is not None and view != self._view:
+            self._view = view
+            self._hs_dirty = True
+        if primary != "keep" and primary != self._primary:
+            self._primary = primary  # type: ignore[assignment]
+            self._hs_dirty = True
+        if members is not None and members != self._members:
+            self._members = members
+            self._hs_dirty = True
+        if promised is not None and promised > self._promised:
+            self._promised = promised
+            self._hs_dirty = True
+        if self._promised < self._view:
+            self._promised = self._view
+            self._hs_dirty = True
+        self._max_seen = max(self._max_seen, self._promised)
+
+    def _new_incarnation(self) -> None:
+        self._inc = self._rng.getrandbits(62) | 1
+        self._answered = {p: self._ticks for p in self.peers}
+        self._echo = {}
+        self._fresh = set()
+        self._info = {}
+
+    def _sorted(self, ids) -> tuple[int, ...]:
+        return tuple(sorted(set(ids), key=self._rank.__getitem__))
+
+    def _next_view_number(self) -> int:
+        base = max(self._promised, self._max_seen) + 1
+        r = self._rank[self.me]
+        return base + ((r - base) % self.n)
+
+    def _truncate(self, after: int) -> None:
+        """Drop entries with index > after (never committed ones unless diverged)."""
+        if after >= self.last_index:
+            return
+        del self._log[after - self._snap_index:]
+        self._stable_last = min(self._stable_last, after)
+        self._unstable_from = min(self._unstable_from, after + 1)
+        self._pending_trunc = after if self._pending_trunc is None else min(self._pending_trunc, after)
+
+    # ------------------------------------------------------------------ role changes
+    def _reset_primary_state(self) -> None:
+        self._next, self._match, self._progress = {}, {}, {}
+        self._sent_commit, self._snap_pending = {}, {}
+        self._probing: dict[int, int] = {}
+        self._learners = set()
+
+    def _become_sole_primary(self) -> None:
+        self._status = PRIMARY
+        self._following = None
+        self._campaign = None
+        view = self._view
+        if self._primary != self.me or self._members != (self.me,):
+            view = self._next_view_number() if self._primary is not None else self._view
+            self._set_hard(view=view, primary=self.me, members=(self.me,), promised=view)
+            self._hs_dirty = True
+        self._start = self.last_index
+        self._reset_primary_state()
+        self._update_serving()
+
+    def _become_recovering(self) -> None:
+        self._status = RECOVERING
+        self._serving = False
+        self._campaign = None
+        self._following = None
+        self._reset_primary_state()
+
+    def _become_electing(self, backoff: int = 0) -> None:
+        if self.n == 1:
+            return
+        self._status = ELECTING
+        self._serving = False
+        self._campaign = None
+        self._following = None
+        self._reset_primary_state()
+        self._elect_wait = self.failure_ticks
+        self._backoff = backoff
+
+    def _become_backup(self, primary: int) -> None:
+        if self._status != BACKUP:
+            self._reset_primary_state()
+        self._status = BACKUP
+        self._serving = False
+        self._campaign = None
+        self._following = primary
+
+    def _observe_view(self, promised: int) -> None:
+        """Somebody promised ``promised``: a serving primary of an older view steps down."""
+        if promised > self._max_seen:
+            self._max_seen = promised
+        if promised > self._promised and self._status == PRIMARY and self.n > 1:
+            self._become_electing()
+        if (self._campaign is not None and promised > self._campaign.view):
+            self._become_electing()
+
+    # ------------------------------------------------------------------ inputs
+    def tick(self) -> None:
+        self._ticks += 1
+        if self.n == 1:
+            return
+        if self._ticks % self.heartbeat_ticks == 0:
+            for p in self.peers:
+                self._send_heartbeat(p)
+        st = self._status
+        if st == PRIMARY:
+            self._tick_primary()
+        elif st == BACKUP:
+            if self._primary is None or self.suspected(self._primary):
+                self._become_electing()
+        elif st == ELECTING:
+            self._tick_electing()
+        else:
+            self._tick_recovering()
+
+    def stalled(self) -> None:
+        """The host's loop stalled longer than it may (SIGSTOP, swap): from now on behave as
+        a restarted replica.  Nobody is declared failed because of the stall itself."""
+        self._new_incarnation()
+        if self.n == 1:
+            return
+        self._become_recovering()
+
+    def peer_connected(self, peer: int) -> None:
+        if peer in self.peers:
+            self._send_heartbeat(peer)
+
+    def peer_disconnected(self, peer: int) -> None:
+        """Only a hint: failure detection rests on unanswered probes."""
+
+    def propose(self, data: bytes) -> int | None:
+        if not self._serving:
+            return None
+        e = Entry(self.last_index + 1, self._view, bytes(data))
+        self._log.append(e)
+        return e.index
+
+    def step(self, sender: int, msg: object) -> None:
+        if sender == self.me or sender not in self._rank:
+            return
+        if isinstance(msg, Heartbeat):
+            self._on_heartbeat(sender, msg)
+        elif isinstance(msg, Append):
+            self._on_append(sender, msg)
+        elif isinstance(msg, AppendResp):
+            self._on_append_resp(sender, msg)
+        elif isinstance(msg, ViewChange):
+            self._on_view_change(sender, msg)
+        elif isinstance(msg, Vote):
+            self._on_vote(sender, msg)
+        elif isinstance(msg, InstallSnapshot):
+            self._on_snapshot(sender, msg)
+        # anything else is ignored
+
+    # ------------------------------------------------------------------ heartbeats
+    def _send_heartbeat(self, p: int) -> None:
+        ei, es = self._echo.get(p, (0, 0))
+        self._send(p, Heartbeat(
+            inc=self._inc, seq=self._ticks, echo_inc=ei, echo_seq=es,
+            promised=self._promised, view=self._view, primary=self._primary,
+            members=self._members, status=STATUS_CODES[self._status], serving=self._serving,
+            last_view=self.last_view, last_index=self.last_index, commit=self._commit))
+
+    def _on_heartbeat(self, p: int, m: Heartbeat) -> None:
+        self._echo[p] = (m.inc, m.seq)
+        if m.echo_inc == self._inc and m.echo_seq <= self._ticks:
+            if m.echo_seq > self._answered.get(p, -1):
+                self._answered[p] = m.echo_seq
+            self._fresh.add(p)
+        self._info[p] = m
+        self._observe_view(m.promised)
+        status = _CODE_STATUS.get(m.status)
+        if m.view > self._view and status in (PRIMARY, BACKUP) and self.me not in m.members \
+                and self._status != RECOVERING and self.n > 1:
+            # a newer view was established without me: I was removed.
+            self._become_recovering()
+        if self._status == BACKUP and p == self._primary and status != PRIMARY \
+                and p in self._fresh:
+            # my primary restarted, stalled or is changing the view: it no longer serves.
+            self._become_electing()
+        if self._status == PRIMARY and p not in self._members and p in self._fresh \
+                and status == RECOVERING and m.promised <= self._promised:
+            if p not in self._learners:
+                self._learners.add(p)
+                self._next[p] = min(m.last_index, self.last_index) + 1
+                self._match[p] = 0
+                self._progress[p] = False
+                self._sent_commit[p] = -1
+
+    # ------------------------------------------------------------------ primary
+    def _tick_primary(self) -> None:
+        bad = [p for p in self._members if p != self.me and self.suspected(p)]
+        if bad:
+            self._start_campaign(failover=False)
+            return
+        for p in list(self._learners):
+            if self.suspected(p) or p in self._members:
+                self._learners.discard(p)
+        if self._ticks % self.heartbeat_ticks == 0:
+            for p in self._followers():
+                if not self._progress.get(p) and self._match.get(p, 0) < self.last_index:
+                    self._next[p] = self._match.get(p, 0) + 1
+                    self._probing[p] = self._next[p]
+                self._progress[p] = False
+                self._send_append(p, force=True)
+        # a learner in sync is re-added by a view change (the service pauses only for that)
+        if self._serving:
+            ready = [p for p in self._learners if self._match.get(p, 0) >= self.last_index]
+            if ready:
+                self._start_campaign(failover=False, add=set(ready))
+
+    def _followers(self) -> list[int]:
+        return [p for p in self._members if p != self.me] + sorted(self._learners)
+
+    def _send_append(self, p: int, force: bool = False) -> None:
+        nxt = self._next.get(p, self.last_index + 1)
+        if p in self._snap_pending:
+            if self._ticks - self._snap_pending[p] <= self.failure_ticks:
+                return
+            del self._snap_pending[p]
+        prev = nxt - 1
+        if prev < self._snap_index:
+            if p not in self._snap_requests:
+                self._snap_requests.append(p)
+            self._snap_pending[p] = self._ticks
+            return
+        last = self.last_index
+        if nxt > last and not force and self._sent_commit.get(p, -1) >= self._commit:
+            return
+        sent_any = False
+        while True:
+            if sent_any and (p in self._probing
+                             or nxt - self._match.get(p, 0) > self.max_inflight):
+                break
+            hi = min(last, nxt + self.max_batch - 1)
+            ents = tuple(self._log[nxt - self._snap_index - 1:hi - self._snap_index]) if hi >= nxt else ()
+            self._send(p, Append(view=self._view, prev_index=nxt - 1,
+                                 prev_view=self.entry_view(nxt - 1) or 0,
+                                 commit=self._commit, start=self._start,
+                                 members=self._members, entries=ents))
+            sent_any = True
+            nxt = hi + 1
+            if nxt > last:
+                break
+        self._next[p] = nxt
+        self._sent_commit[p] = self._commit
+
+    def _flush_appends(self) -> None:
+        if self._status != PRIMARY or self._campaign is not None:
+            return
+        for p in self._followers():
+            if p in self._probing:
+                continue
+            nxt = self._next.get(p, self.last_index + 1)
+            if nxt <= self.last_index or self._sent_commit.get(p, -1) < self._commit:
+                self._send_append(p)
+
+    def _on_append_resp(self, p: int, m: AppendResp) -> None:
+        self._observe_view(m.view)
+        if self._status != PRIMARY or m.view != self._view:
+            return
+        if p not in self._members and p not in self._learners:
+            return
+        if m.ok:
+            self._probing.pop(p, None)
+            if m.match > self._match.get(p, 0):
+                self._match[p] = min(m.match, self.last_index)
+                self._progress[p] = True
+            if self._next.get(p, 0) <= self._match[p]:
+                self._next[p] = self._match[p] + 1
+            self._snap_pending.pop(p, None)
+            self._maybe_commit()
+        elif m.need_snapshot:
+            self._next[p] = self._snap_index  # forces the snapshot path
+            self._snap_pending.pop(p, None)
+            if p not in self._snap_requests:
+                self._snap_requests.append(p)
+            self._snap_pending[p] = self._ticks
+        else:
+            # mismatch: probe backwards with one batch at a time until an ok arrives;
+            # rejects of batches sent before the probe started are ignored.
+            at = max(min(self._next.get(p, 1), m.hint + 1), self._match.get(p, 0) + 1, 1)
+            if p in self._probing and at >= self._probing[p]:
+                return
+            self._probing[p] = at
+            self._next[p] = at
+            self._send_append(p, force=True)
+
+    def _maybe_commit(self) -> None:
+        if self._status != PRIMARY or self._campaign is not None:
+            return
+        c = self._stable_last
+        for p in self._members:
+            if p != self.me:
+                c = min(c, self._match.get(p, 0))
+        if c > self._commit and self.entry_view(c) is not None:
+            self._commit = c
+        self._update_serving()
+
+    def _update_serving(self) -> None:
+        if self._status != PRIMARY or self._campaign is not None:
+            self._serving = False
+            return
+        ok = self._stable_last >= self._start and all(
+            self._match.get(p, 0) >= self._start for p in self._members if p != self.me)
+        self._serving = ok
+        if ok and self.n == 1 and self._stable_last > self._commit:
+            self._commit = self._stable_last
+
+    def send_snapshot(self, peer: int, index: int, view: int | None, data: bytes) -> None:
+        """Host's answer to ``Ready.snapshot_requests``: its applied state at ``index``."""
+        if self._status != PRIMARY or index > self._commit:
+            return
+        if view is None:
+            view = self.entry_view(index)
+            if view is None:
+                return
+        self._send(peer, InstallSnapshot(view=self._view, index=index, snap_view=view,
+                                         commit=self._commit, start=self._start,
+                                         members=self._members, data=bytes(data)))
+        self._next[peer] = index + 1
+        self._snap_pending[peer] = self._ticks
+
+    # ------------------------------------------------------------------ follower side
+    def _accept_primary_msg(self, p: int, view: int) -> bool:
+        """Common admission check for Append / InstallSnapshot.
+
+        Messages of a view older than my promise are refused (and the sender told so).
+        Otherwise I follow ``p``: as a backup if it is my established view, as an electing
+        replica still eligible if it is the view I voted for, and as a recovering replica
+        (not eligible for anything until synced) in every other case."""
+        if view < self._promised:
+            self._send(p, AppendResp(view=self._promised, ok=False, match=0, hint=0,
+                                     need_snapshot=False))
+            return False
+        if self.n == 1 or self.cluster[view % self.n] != p:
+            return False
+        if self._status == PRIMARY and view == self._view:
+            return False  # impossible unless misconfigured
+        voted = (view == self._promised and self._status == ELECTING and self._campaign is None)
+        if view > self._promised:
+            self._set_hard(promised=view)
+        if self._status == BACKUP and view == self._view:
+            pass
+        elif self._status == ELECTING and voted:
+            pass
+        elif self._status != RECOVERING:
+            self._become_recovering()
+        self._following = p
+        return True
+
+    def _after_sync(self, p: int, m_view: int, members: tuple[int, ...], start: int,
+                    match: int) -> None:
+        if self.me in members and match >= start and self.entry_view(match) is not None:
+            if self._view != m_view or self._primary != p or self._members != members:
+                self._set_hard(view=m_view, primary=p, members=tuple(members))
+            self._become_backup(p)
+
+    def _on_append(self, p: int, m: Append) -> None:
+        if not self._accept_primary_msg(p, m.view):
+            return
+        if self._diverged:
+            self._send(p, AppendResp(m.view, False, 0, self._commit, True))
+            return
+        prev = m.prev_index
+        if prev > self.last_index:
+            self._send(p, AppendResp(m.view, False, 0, self.last_index, False))
+            return
+        if prev >= self._snap_index and self.entry_view(prev) != m.prev_view:
+            if prev <= self._commit:
+                self._diverge(p, m.view)
+                return
+            # retry from before the conflicting view's entries
+            cv = self.entry_view(prev)
+            hint = prev - 1
+            while hint > max(self._commit, self._snap_index) and self.entry_view(hint) == cv:
+                hint -= 1
+            self._send(p, AppendResp(m.view, False, 0, hint, False))
+            return
+        for e in m.entries:
+            if e.index <= self._snap_index:
+                continue
+            if e.index <= self.last_index:
+                if self.entry_view(e.index) == e.view:
+                    continue
+                if e.index <= self._commit:
+                    self._diverge(p, m.view)
+                    return
+                self._truncate(e.index - 1)
+            if e.index != self.last_index + 1:  # malformed batch
+                return
+            self._log.append(e)
+        match = prev + len(m.entries)
+        if match > self.last_index:
+            return
+        newc = min(m.commit, match)
+        if newc > self._commit:
+            self._commit = newc
+        self._after_sync(p, m.view, m.members, m.start, match)
+        self._send(p, AppendResp(m.view, True, match, 0, False))
+
+    def _diverge(self, p: int, view: int) -> None:
+        """A committed entry conflicts with the primary's log: only possible after a network
+        partition let two sides form views.  Ask for a snapshot (discarding our side)."""
+        self._diverged = True
+        self.divergences += 1
+        self._send(p, AppendResp(view, False, 0, self._commit, True))
+
+    def _on_snapshot(self, p: int, m: InstallSnapshot) -> None:
+        if not self._accept_primary_msg(p, m.view):
+            return
+        if m.index > self._commit or self._diverged:
+            self._diverged = False
+            self._log = []
+            self._snap_index, self._snap_view = m.index, m.snap_view
+            self._pending_snapshot = Snapshot(m.index, m.snap_view, m.data)
+            self._pending_trunc = None
+            self._commit = m.index
+            self._apply_cursor = m.index
+            self._stable_last = min(self._stable_last, m.index)
+            self._unstable_from = m.index + 1
+            match = m.index
+        else:
+            match = m.index
+        self._after_sync(p, m.view, m.members, m.start, match)
+        self._send(p, AppendResp(m.view, True, match, 0, False))
+
+    # ------------------------------------------------------------------ elections
+    def _start_campaign(self, failover: bool, add: set[int] = frozenset()) -> None:
+        w = self._next_view_number()
+        self._set_hard(promised=w)
+        self._serving = False
+        required = {p for p in self._members if p != self.me and not self.suspected(p)}
+        required |= {p for p in add if not self.suspected(p)}
+        self._campaign = _Campaign(w, required, {}, failover, self._ticks)
+        self._status = ELECTING
+        self._following = None
+        self._reset_primary_state()
+        for p in required:
+            self._send(p, ViewChange(w, self._view, self.last_view, self.last_index, failover))
+        self._maybe_establish()
+
+    def _tick_electing(self) -> None:
+        c = self._campaign
+        if c is not None:
+            c.required = {p for p in c.required if not self.suspected(p)}
+            if self._maybe_establish():
+                return
+            if self._ticks - c.started > 3 * self.failure_ticks:
+                self._become_electing(backoff=self._rank[self.me] + 1)
+                return
+            if self._ticks % self.heartbeat_ticks == 0:
+                for p in c.required - set(c.granted):
+                    self._send(p, ViewChange(c.view, self._view, self.last_view,
+                                             self.last_index, c.failover))
+            return
+        if self._following is not None:
+            if not self.suspected(self._following):
+                self._elect_wait = self.failure_ticks
+                return      # syncing into the view I voted for
+            self._following = None
+        self._backoff -= 1
+        if self._backoff > 0:
+            return
+        # no campaign: should I run?  The best live member by (est view, last view, last
+        # index), ties by cluster order, runs at once; the others give it time.
+        live = [p for p in self._members if p != self.me and not self.suspected(p)]
+        best = self.me
+        bkey = (self._my_key(), -self._rank[self.me])
+        for p in live:
+            info = self._info.get(p)
+            if info is None or p not in self._fresh:
+                continue
+            if _CODE_STATUS.get(info.status) == RECOVERING and info.view < self._view:
+                continue
+            k = (_key(info.view, info.last_view, info.last_index), -self._rank[p])
+            if k > bkey:
+                best, bkey = p, k
+        self._elect_wait -= 1
+        if best == self.me or self._elect_wait <= 0:
+            self._start_campaign(failover=True)
+
+    def _maybe_establish(self) -> bool:
+        c = self._campaign
+        if c is None or not c.required.issubset(c.granted):
+            return False
+        members = self._sorted([self.me] + [p for p in c.required])
+        self._campaign = None
+        self._set_hard(view=c.view, primary=self.me, members=members, promised=c.view)
+        self._status = PRIMARY
+        self._following = None
+        self._start = self.last_index
+        self._reset_primary_state()
+        for p in members:
+            if p == self.me:
+                continue
+            _, lv, li = c.granted[p]
+            self._next[p] = min(li, self.last_index) + 1
+            self._match[p] = 0
+            self._progress[p] = False
+            self._sent_commit[p] = -1
+            self._send_append(p, force=True)
+        self._update_serving()
+        return True
+
+    def _on_view_change(self, p: int, m: ViewChange) -> None:
+        self._max_seen = max(self._max_seen, m.view)
+        if self.n == 1 or self.cluster[m.view % self.n] != p:
+            return
+        my = self._my_key()
+        theirs = _key(m.est_view, m.last_view, m.last_index)
+
+        def refuse() -> None:
+            self._send(p, Vote(m.view, False, self._promised, *my))
+
+        if m.view < self._promised:
+            return refuse()
+        if self._campaign is not None and m.view > self._campaign.view and theirs < my:
+            return refuse()
+        if theirs < my:
+            return refuse()
+        eligible = self._status != RECOVERING
+        if (theirs == my and m.failover and eligible and self._rank[self.me] < self._rank[p]
+                and self._primary != p):
+            return refuse()  # I am preferred with an equal log: I will run
+        if self._status == RECOVERING and self._following not in (None, p):
+            return refuse()
+        # grant: the promise is persisted before the vote leaves (Ready ordering)
+        self._set_hard(promised=m.view)
+        if self._status in (PRIMARY, BACKUP, ELECTING):
+            self._become_electing()
+        self._send(p, Vote(m.view, True, self._promised, *my))
+
+    def _on_vote(self, p: int, m: Vote) -> None:
+        self._observe_view(m.promised)
+        c = self._campaign
+        if c is None or m.view != c.view:
+            return
+        if m.granted:
+            c.granted[p] = (m.est_view, m.last_view, m.last_index)
+            self._maybe_establish()
+        elif p in c.required:
+            # refused: give way (the refuser is more up to date or preferred)
+            self._become_electing(backoff=self.failure_ticks // 2 + self._rank[self.me])
+
+    # ------------------------------------------------------------------ recovery
+    def _tick_recovering(self) -> None:
+        if self._following is not None:
+            if self.suspected(self._following):
+                self._following = None
+            else:
+                return
+        # newest established view anybody reachable knows of
+        best_view, best_members = self._view, self._members
+        infos = {p: self._info[p] for p in self._fresh if p in self._info and not self.suspected(p)}
+        for p, i in infos.items():
+            if i.view > best_view:
+                best_view, best_members = i.view, tuple(i.members)
+        active = [p for p, i in infos.items() if i.view >= best_view and (
+            _CODE_STATUS.get(i.status) == PRIMARY
+            or (_CODE_STATUS.get(i.status) == BACKUP and i.primary != self.me))]
+        if active:
+            return  # the view goes on: its primary will sync (and re-add) me
+        if not all(q == self.me or q in infos for q in best_members):
+            return  # cannot tell whether I am stale: wait
+        if best_view == self._view and self.me in self._members:
+            self._become_electing()
+
+    # ------------------------------------------------------------------ output
+    def ready(self) -> Ready | None:
+        self._flush_appends()
+        committed: list[Entry] = []
+        if self._commit > self._apply_cursor:
+            lo = self._apply_cursor - self._snap_index
+            committed = self._log[lo:self._commit - self._snap_index]
+        entries = self._log[self._unstable_from - self._snap_index - 1:] \
+            if self._unstable_from <= self.last_index else []
+        if not (self._hs_dirty or self._pending_snapshot or self._pending_trunc is not None
+                or entries or self._msgs or committed or self._snap_requests):
+            return None
+        rd = Ready(
+            hard_state=HardState(self._view, self._primary, self._members, self._promised)
+            if self._hs_dirty else None,
+            snapshot=self._pending_snapshot,
+            truncate_after=self._pending_trunc,
+            entries=list(entries),
+            messages=self._msgs,
+            committed=list(committed),
+            snapshot_requests=self._snap_requests,
+            _last_index=self.last_index,
+            _applied_to=self._commit if committed else self._apply_cursor,
+        )
+        self._hs_dirty = False
+        self._pending_snapshot = None
+        self._pending_trunc = None
+        self._msgs = []
+        self._snap_requests = []
+        self._unstable_from = self.last_index + 1
+        self._apply_cursor = rd._applied_to
+        return rd
+
+    def advance(self, rd: Ready) -> None:
+        self._stable_last = max(self._stable_last, min(rd._last_index, self.last_index))
+        if rd.snapshot is not None:
+            self._applied = max(self._applied, rd.snapshot.index)
+        self._applied = max(self._applied, rd._applied_to)
+        if self._status == PRIMARY:
+            self._maybe_commit()
+
+    # ------------------------------------------------------------------ compaction
+    def compact(self, upto: int) -> None:
+        """Forget entries <= ``upto`` (clamped to the applied index).  The host deletes the
+        same rows from its store once the applied state covering them is durable."""
+        upto = min(upto, self._applied, self._commit)
+        if upto <= self._snap_index:
+            return
+        v = self.entry_view(upto)
+        del self._log[:upto - self._snap_index]
+        self._snap_index, self._snap_view = upto, v or 0
+
+    def suggested_compaction(self) -> int | None:
+        if len(self._log) <= 2 * self.retain_entries:
+            return None
+        upto = self._applied - self.retain_entries
+        return upto if upto > self._snap_index else None
