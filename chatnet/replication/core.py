@@ -222,6 +222,7 @@ class Replica:
         self._snap_pending: dict[int, int] = {}
         self._learners: set[int] = set()
         self._backoff = 0
+        self._probing: dict[int, int] = {}
 
         self._new_incarnation()
         if self.n == 1:
