@@ -16,6 +16,7 @@ Tables:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -120,8 +121,7 @@ class Store:
         if sync != self._sync:
             db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
             self._sync = sync
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction("write"):
             if truncate_after is not None:
                 db.execute("DELETE FROM log WHERE idx > ?", (truncate_after,))
             if entries:
@@ -135,13 +135,6 @@ class Store:
                 )
             if compact_upto is not None:
                 db.execute("DELETE FROM log WHERE idx <= ?", (compact_upto,))
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise StoreError(f"write to {self.path} failed: {exc}") from exc
 
     def _apply_changes(self, changes) -> None:
         db = self._db
@@ -184,8 +177,7 @@ class Store:
     def install_snapshot(self, state: ChatState, index: int, meta: dict) -> None:
         """Replace the whole chat state and the log with a snapshot taken at ``index``."""
         db = self._db
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction("installing a snapshot"):
             db.execute("DELETE FROM accounts")
             db.execute("DELETE FROM mail")
             db.execute("DELETE FROM log")
@@ -202,13 +194,21 @@ class Store:
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
                 [(k, json.dumps(v)) for k, v in {**meta, "applied_index": index}.items()],
             )
+
+    @contextlib.contextmanager
+    def _transaction(self, what: str):
+        """BEGIN IMMEDIATE … COMMIT; on any SQLite error roll back and raise StoreError."""
+        db = self._db
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            raise StoreError(f"installing a snapshot into {self.path} failed: {exc}") from exc
+            raise StoreError(f"{what} in {self.path} failed: {exc}") from exc
 
     def close(self) -> None:
         try:

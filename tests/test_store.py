@@ -1,0 +1,69 @@
+"""The SQLite store: batches are atomic, state round-trips through tables and snapshots."""
+
+from __future__ import annotations
+
+import pytest
+
+from chatnet.state import ChatState
+from chatnet.store import Store, StoreError
+
+
+def apply_all(state, cmds):
+    changes = []
+    for cmd in cmds:
+        changes.extend(state.apply(cmd)[1])
+    return changes
+
+
+CMDS = [
+    ("create", "alice"), ("create", "bob"), ("send", "alice", "bob", "one"),
+    ("send", "alice", "bob", "two"), ("delivered", "bob", 2, 1), ("create", "carol"),
+    ("send", "bob", "carol", "hi carol"), ("delete", "bob"), ("send", "carol", "alice", "x"),
+]
+
+
+def test_batch_rows_reload_to_the_same_state(tmp_path):
+    state = ChatState()
+    store = Store(str(tmp_path))
+    changes = apply_all(state, CMDS)
+    entries = [(i + 1, 1, b"cmd") for i in range(len(CMDS))]
+    store.write_batch(entries=entries, changes=changes, applied_index=len(CMDS), meta={"view": 3})
+    store.close()
+    loaded = Store(str(tmp_path)).load()
+    assert loaded.state.to_snapshot() == state.to_snapshot()
+    assert loaded.applied_index == len(CMDS)
+    assert loaded.meta["view"] == 3
+    assert [e[0] for e in loaded.log] == list(range(1, len(CMDS) + 1))
+    assert [m.display_sender for m in loaded.state.mail_after("carol", 0)] == ["bob [deleted]"]
+
+
+def test_a_failed_batch_leaves_nothing_behind(tmp_path):
+    store = Store(str(tmp_path))
+    state = ChatState()
+    store.write_batch(changes=apply_all(state, [("create", "alice")]), applied_index=1)
+    with pytest.raises(StoreError):
+        # the same account twice violates the primary key: the whole batch must roll back
+        store.write_batch(entries=[(2, 1, b"x")], changes=[("account+", "zed", 5), ("account+", "alice", 6)],
+                          applied_index=2)
+    loaded = store.load()
+    assert list(loaded.state.accounts) == ["alice"] and loaded.applied_index == 1 and loaded.log == []
+
+
+def test_truncate_and_compact(tmp_path):
+    store = Store(str(tmp_path))
+    store.write_batch(entries=[(i, 1, b"e") for i in range(1, 11)])
+    store.write_batch(truncate_after=7, entries=[(8, 2, b"new")], compact_upto=3, sync=False)
+    assert [(e[0], e[1]) for e in store.load().log] == [(4, 1), (5, 1), (6, 1), (7, 1), (8, 2)]
+
+
+def test_install_snapshot_replaces_everything(tmp_path):
+    store = Store(str(tmp_path))
+    old = ChatState()
+    store.write_batch(entries=[(1, 1, b"e")], changes=apply_all(old, [("create", "old")]), applied_index=1)
+    new = ChatState()
+    apply_all(new, CMDS)
+    store.install_snapshot(new, 40, {"snapshot_index": 40, "snapshot_view": 2})
+    loaded = store.load()
+    assert loaded.state.to_snapshot() == new.to_snapshot()
+    assert loaded.applied_index == 40 and loaded.log == [] and loaded.meta["snapshot_view"] == 2
+    assert ChatState.from_snapshot(new.to_snapshot()).to_snapshot() == new.to_snapshot()
