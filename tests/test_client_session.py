@@ -484,3 +484,124 @@ def test_parse_servers_keeps_order():
     assert s.parse_servers("a:1,b:2") == (s.Server("a", 1), s.Server("b", 2))
     with pytest.raises(ValueError):
         s.parse_servers(" , ")
+
+
+# ------------------------------------------------------------- randomised simulation
+
+class FakeCluster:
+    """Servers that are down, backups (with a note) or the primary (answering like chatnet)."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.up = {S1, S2, S3}
+        self.primary = S1
+
+    def role(self, server):
+        if server not in self.up:
+            return "down"
+        return "primary" if server == self.primary else "backup"
+
+    def answer(self, server, line, conn):
+        """Bytes a server sends back for one request line; None means it closes."""
+        if self.role(server) == "backup":
+            if self.primary in self.up and self.rng.random() < 0.8:
+                return note(f"This server is a backup. The primary is at {self.primary}."), True
+            return note(s.NO_PRIMARY_NOTE), True
+        op, _, rest = line.partition("|")
+        if op == "1":
+            conn["user"] = rest
+            return ok(f"Account created! Logged in as {rest}."), False
+        if op == "2":
+            conn["user"] = rest
+            return ok(f"Logged in as {rest}.") + note("No new messages since you've been gone."), False
+        if op == "3":
+            return ok(f"Message sent to {rest.partition('|')[0]}."), False
+        if op == "4":
+            return ok("\n"), False
+        if op == "6":
+            return b"", True
+        return err("Invalid operation. Please input your request as [operation]|[params]."), False
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_faults_never_lose_a_command(seed):
+    """Connections break at random moments, servers go down and come back, the primary moves:
+    every command the user submitted is answered at least once in the end, timers never go
+    stale, and a Connect is never issued while a connection is open."""
+    rng = random.Random(seed)
+    cluster = FakeCluster(rng)
+    h = Harness(seed=seed, probe=rng.random() < 0.5, backoff=s.Backoff(base=0.1, cap=1))
+    session = h.session
+    conn = None                      # {"server", "user", "out": bytearray, "closing"}
+    submitted, answered = [], set()
+
+    def run_actions():
+        nonlocal conn
+        while actions := session.take_actions():
+            execute(actions)
+        for event in session.take_events():
+            h.events.append(event)
+            if isinstance(event, s.FrameReceived) and event.answer_to is not None:
+                answered.add(event.answer_to.request_id)
+
+    def execute(actions):
+        nonlocal conn
+        for action in actions:
+            if isinstance(action, s.Connect):
+                assert conn is None, "Connect while a connection is open"
+                if cluster.role(action.server) == "down":
+                    session.connect_failed(h.t, "refused")
+                else:
+                    conn = {"server": action.server, "user": None, "out": bytearray(), "closing": False}
+                    session.connection_made(h.t)
+            elif isinstance(action, s.Send):
+                if conn is None or conn["closing"]:
+                    continue
+                for line in action.data.decode().split("\n")[:-1]:
+                    if not line or conn["closing"]:
+                        continue
+                    data, close = cluster.answer(conn["server"], line, conn)
+                    conn["out"] += data
+                    conn["closing"] = conn["closing"] or close
+            elif isinstance(action, s.Disconnect):
+                conn = None
+
+    session.start(h.t)
+    run_actions()
+    words = ["create|u%d" % seed, "send|bob|hi", "list", "send|bob|there", "list|a*"]
+    for step in range(400):
+        r = rng.random()
+        calm = step >= 300                     # the end: no more faults, everything recovers
+        if calm:
+            cluster.up = {S1, S2, S3}
+        if r < 0.15 and step < 250:
+            p = session.submit(cmd(rng.choice(words)), h.t)
+            if p is not None:
+                submitted.append(p)
+        elif r < 0.55 and conn is not None and conn["out"]:
+            cut = rng.randint(1, len(conn["out"]))
+            data, conn["out"][:cut] = bytes(conn["out"][:cut]), b""
+            session.data_received(data, h.t)
+        elif r < 0.6 and conn is not None and conn["closing"] and not conn["out"]:
+            conn = None
+            session.connection_lost(h.t, "closed")
+        elif r < 0.63 and conn is not None and not calm:
+            conn = None
+            session.connection_lost(h.t, "reset")
+        elif r < 0.66 and not calm:
+            cluster.primary = rng.choice([S1, S2, S3])
+        elif r < 0.69 and not calm:
+            victim = rng.choice([S1, S2, S3])
+            cluster.up.symmetric_difference_update({victim})
+            if conn is not None and conn["server"] == victim and victim not in cluster.up:
+                conn = None
+                session.connection_lost(h.t, "killed")
+        else:
+            deadline = session.next_deadline()
+            h.t = max(h.t, deadline) if deadline is not None and rng.random() < 0.5 else h.t + 0.05
+            session.tick(h.t)
+            deadline = session.next_deadline()
+            assert deadline is None or deadline > h.t, "a stale timer"
+        run_actions()
+    assert session.idle and session.state is s.State.READY, session.state
+    assert {p.request_id for p in submitted} <= answered

@@ -445,23 +445,30 @@ class ClientSession:
 
     def tick(self, now: float) -> None:
         """Fire the timers that are due."""
-        t = self._timers
-        if t.stable is not None and now >= t.stable:
+        if self._due("stable", now):
             self._mark_good()
-        if t.connect is not None and now >= t.connect and self.state is State.CONNECTING:
+        if self._due("connect", now) and self.state is State.CONNECTING:
             self._actions.append(Disconnect())
             self.connect_failed(now, f"no answer within {self.connect_timeout:g} s")
-        if t.retry is not None and now >= t.retry and self.state is State.WAITING:
+        if self._due("retry", now) and self.state is State.WAITING:
             target = self._redirect or self.servers[self._index]
             redirected = self._redirect is not None
             self._redirect = None
             self._connect(now, target, redirected)
-        if t.identify is not None and now >= t.identify and self.state is State.IDENTIFYING:
-            t.identify = None
+        if self._due("identify", now) and self.state is State.IDENTIFYING:
             self._write(self._identify)
-        if t.exit is not None and now >= t.exit and self.state is State.EXITING:
+        if self._due("exit", now) and self.state is State.EXITING:
             self._actions.append(Disconnect())
             self._finish()
+
+    def _due(self, name: str, now: float) -> bool:
+        """Whether timer ``name`` has expired; an expired timer is cleared either way, so a
+        stale one can never keep the driver's loop spinning."""
+        deadline = getattr(self._timers, name)
+        if deadline is None or now < deadline:
+            return False
+        setattr(self._timers, name, None)
+        return True
 
     # --------------------------------------------------------------------- user interface
     @property
