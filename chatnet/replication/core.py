@@ -490,6 +490,8 @@ class Replica:
                 and self._status != RECOVERING and self.n > 1:
             # a newer view was established without me: I was removed.
             self._become_recovering()
+        if self._status == RECOVERING and p == self._following and status != PRIMARY:
+            self._following = None     # it no longer leads: stop waiting for it
         if self._status == BACKUP and p == self._primary and status != PRIMARY \
                 and p in self._fresh:
             # my primary restarted, stalled or is changing the view: it no longer serves.
@@ -521,7 +523,10 @@ class Replica:
                 self._send_append(p, force=True)
         # a learner in sync is re-added by a view change (the service pauses only for that)
         if self._serving:
-            ready = [p for p in self._learners if self._match.get(p, 0) >= self.last_index]
+            # "in sync" = within one batch of my log: under steady load a learner is never
+            # exactly level; the rest is shipped before the new view serves.
+            ready = [p for p in self._learners
+                     if self._match.get(p, 0) >= min(self._commit, self.last_index - self.max_batch)]
             if ready:
                 self._start_campaign(failover=False, add=set(ready))
 
@@ -553,7 +558,8 @@ class Replica:
             self._send(p, Append(view=self._view, prev_index=nxt - 1,
                                  prev_view=self.entry_view(nxt - 1) or 0,
                                  commit=self._commit, start=self._start,
-                                 members=self._members, entries=ents))
+                                 members=self._members, entries=ents,
+                                 echo_inc=self._echo.get(p, (0, 0))[0]))
             sent_any = True
             nxt = hi + 1
             if nxt > last:
@@ -633,7 +639,8 @@ class Replica:
                 return
         self._send(peer, InstallSnapshot(view=self._view, index=index, snap_view=view,
                                          commit=self._commit, start=self._start,
-                                         members=self._members, data=bytes(data)))
+                                         members=self._members, data=bytes(data),
+                                         echo_inc=self._echo.get(peer, (0, 0))[0]))
         self._next[peer] = index + 1
         self._snap_pending[peer] = self._ticks
 
@@ -666,7 +673,12 @@ class Replica:
         return True
 
     def _after_sync(self, p: int, m_view: int, members: tuple[int, ...], start: int,
-                    match: int) -> None:
+                    match: int, echo_inc: int) -> None:
+        if self._status == RECOVERING and echo_inc != self._inc:
+            # The primary sent this before it heard of my current incarnation: it may have
+            # moved on to a view without me since (the message was delayed while I was down
+            # or paused).  Only a sync the primary made after hearing me now counts.
+            return
         if self.me in members and match >= start and self.entry_view(match) is not None:
             if self._view != m_view or self._primary != p or self._members != members:
                 self._set_hard(view=m_view, primary=p, members=tuple(members))
@@ -695,6 +707,9 @@ class Replica:
             return
         for e in m.entries:
             if e.index <= self._snap_index:
+                if e.index == self._snap_index and e.view != self._snap_view:
+                    self._diverge(p, m.view)   # my compacted prefix is another history
+                    return
                 continue
             if e.index <= self.last_index:
                 if self.entry_view(e.index) == e.view:
@@ -712,7 +727,7 @@ class Replica:
         newc = min(m.commit, match)
         if newc > self._commit:
             self._commit = newc
-        self._after_sync(p, m.view, m.members, m.start, match)
+        self._after_sync(p, m.view, m.members, m.start, match, m.echo_inc)
         self._send(p, AppendResp(m.view, True, match, 0, False))
 
     def _diverge(self, p: int, view: int) -> None:
@@ -738,7 +753,7 @@ class Replica:
             match = m.index
         else:
             match = m.index
-        self._after_sync(p, m.view, m.members, m.start, match)
+        self._after_sync(p, m.view, m.members, m.start, match, m.echo_inc)
         self._send(p, AppendResp(m.view, True, match, 0, False))
 
     # ------------------------------------------------------------------ elections

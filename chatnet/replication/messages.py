@@ -93,6 +93,7 @@ class Append:
     start: int                 # primary's last index when the view was established
     members: tuple[int, ...]
     entries: tuple[Entry, ...]
+    echo_inc: int = 0          # addressee's incarnation as last heard by the primary
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class InstallSnapshot:
     start: int
     members: tuple[int, ...]
     data: bytes
+    echo_inc: int = 0
 
 
 @dataclass(frozen=True)
@@ -162,11 +164,11 @@ class PeerProof:
 # kind letters: u uint, o optional uint, b bool, B bytes, I ids, E entries
 _SCHEMA: dict[type, tuple[int, str]] = {
     Heartbeat: (1, "uuuuuuoIubuuu"),
-    Append: (2, "uuuuuIE"),
+    Append: (2, "uuuuuIEu"),
     AppendResp: (3, "ubuub"),
     ViewChange: (4, "uuuub"),
     Vote: (5, "ubuuuu"),
-    InstallSnapshot: (6, "uuuuuIB"),
+    InstallSnapshot: (6, "uuuuuIBu"),
     PeerHello: (16, "uuB"),
     PeerChallenge: (17, "uBB"),
     PeerProof: (18, "B"),
