@@ -89,7 +89,7 @@ class BadRequest:
 _INVALID = BadRequest(INVALID_REQUEST_TEXT)
 _TOO_LONG = BadRequest(TOO_LONG_TEXT)
 _NOT_UTF8 = BadRequest(NOT_UTF8_TEXT)
-_OPS = {str(op): op for op in range(1, 8)}  # exact ASCII digits: int() would accept "٣" or "+3"
+_OPS = {str(op): op for op in range(0, 8)}  # exact ASCII digits: int() would accept "٣" or "+3"
 
 
 def parse_request(text: str) -> Request | BadRequest:
@@ -115,19 +115,25 @@ def parse_request(text: str) -> Request | BadRequest:
         return Request(op, (rest.strip() or "*",))
     if op in (5, 6):                                   # delete / exit: params ignored
         return Request(op, ())
-    # op 7 (resume) is reserved: hand every field to the layer that implements it.
+    # op 0 (extension control) and op 7 (resume): hand every field to the layer that
+    # implements them (the chat service; see "Extension 1" in docs/protocol.md).  The text of
+    # `0|send|RID|RECIPIENT|TEXT` is, like op 3's, everything after its separator.
+    if op == 0 and rest.partition("|")[0].strip() == "send":
+        fields = rest.split("|", 3)
+        if len(fields) == 4:
+            return Request(op, tuple(field.strip() for field in fields))
     return Request(op, tuple(field.strip() for field in rest.split("|")) if sep else ())
 
 
 def encode_request(op: int, *params: str) -> bytes:
     """Client side: ``b"op|p1|p2\\n"``.  Always newline-framed (line mode).
 
-    Raises ValueError for an op outside 1..7 or a parameter containing a newline, since
+    Raises ValueError for an op outside 0..7 or a parameter containing a newline, since
     either would be misread by the server.  The 280-character limit is *not* checked
     here: the server answers TOO_LONG_TEXT, and interactive clients check
     MAX_REQUEST_CHARS themselves to refuse before sending, as the seed client did.
     """
-    if op not in range(1, 8):
+    if op not in range(0, 8):
         raise ValueError(f"unknown operation {op!r}")
     if any("\n" in p for p in params):
         raise ValueError("request parameters cannot contain a newline")

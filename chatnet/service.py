@@ -22,12 +22,15 @@ Rules the service keeps:
 from __future__ import annotations
 
 import fnmatch
+import re
+import secrets
 from dataclasses import dataclass, field
 
 from . import state as sm
 from .codec import (
     INDICATOR_CHAT,
     INDICATOR_SERVER,
+    INVALID_REQUEST_TEXT,
     STATUS_ERROR,
     STATUS_NOTE,
     STATUS_OK,
@@ -66,6 +69,15 @@ T_EMPTY_MESSAGE = "Cannot send an empty message."
 T_SENT = "Message sent to {recipient}."
 T_DELETED = "Account {name} has been deleted. You are now logged out."
 T_UNSUPPORTED = "This operation is not supported by this server."
+# Extension 1 (docs/protocol.md): sessions that survive failover.
+EXTENSION = "1"
+T_EXT = "ext|" + EXTENSION
+T_TOKEN = "token|{token}"
+T_RESUMED = "Resumed as {name}."
+T_RESUME_BAD_TOKEN = "Unable to resume: the session token is not valid. Please log in again."
+T_RESUME_UNKNOWN = "Unable to resume: This username does not exist."
+T_RESUME_LOGGED_IN = "Unable to resume: You are already logged in as {me}."
+REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
 def username_problem(name: str) -> bool:
@@ -103,19 +115,23 @@ class Session:
     sent_upto: int = 0  # highest seq already put into this connection's output
     waiting_for: int | None = None  # log index whose answer this connection waits for
     congested: bool = False
+    extended: bool = False  # negotiated extension 1: tokens, sequence numbers, acks
 
 
 def frame(status: int, message: str) -> bytes:
     return encode_frame(status, INDICATOR_SERVER, message)
 
 
-def chat_frame(mail: sm.Mail) -> bytes:
-    return encode_frame(STATUS_OK, INDICATOR_CHAT, f"{mail.display_sender}|{mail.text}")
+def chat_frame(mail: sm.Mail, extended: bool = False) -> bytes:
+    """The seed's `sender|text`, or `seq|sender|text` for an extended session."""
+    prefix = f"{mail.seq}|" if extended else ""
+    return encode_frame(STATUS_OK, INDICATOR_CHAT, f"{prefix}{mail.display_sender}|{mail.text}")
 
 
 @dataclass
 class ChatService:
     state: sm.ChatState
+    new_token: object = field(default=lambda: secrets.token_urlsafe(18))  # drawn by the primary, carried in commands
     sessions: dict[int, Session] = field(default_factory=dict)
     online: dict[str, int] = field(default_factory=dict)  # account name -> conn
     effects: list = field(default_factory=list)
@@ -163,7 +179,7 @@ class ChatService:
         elif self.state.exists(name):
             self._reply(session.conn, STATUS_ERROR, T_CREATE_TAKEN)
         else:
-            self._propose(sm.cmd_create(name), session)
+            self._propose(sm.cmd_create(name, self.new_token()), session)
 
     def _login(self, session: Session, name: str) -> None:
         if session.name is not None:
@@ -173,16 +189,25 @@ class ChatService:
         elif name in self.online:
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_CONNECTED)
         else:
-            self._log_in(session, name)
-            self._reply(session.conn, STATUS_OK, T_LOGGED_IN.format(name=name))
-            queued = self.state.mail_after(name, 0)
-            if queued:
-                self._send_chats(session, queued)
-                self._reply(session.conn, STATUS_NOTE, T_MISSED.format(n=len(queued)))
-            else:
-                self._reply(session.conn, STATUS_NOTE, T_NO_MISSED)
+            # A login is replicated: its new token supersedes every earlier session's.
+            self._propose(sm.cmd_login(name, self.new_token()), session)
 
-    def _send(self, session: Session, recipient: str, text: str) -> None:
+    def _logged_in(self, session: Session, name: str) -> None:
+        """The login committed: answer, then the queued chat, then the note."""
+        if name in self.online:  # another connection logged in meanwhile
+            self._reply(session.conn, STATUS_ERROR, T_LOGIN_CONNECTED)
+            return
+        self._log_in(session, name)
+        self._reply(session.conn, STATUS_OK, T_LOGGED_IN.format(name=name))
+        self._send_token(session)
+        queued = self.state.mail_after(name, 0)
+        if queued:
+            self._send_chats(session, queued)
+            self._reply(session.conn, STATUS_NOTE, T_MISSED.format(n=len(queued)))
+        else:
+            self._reply(session.conn, STATUS_NOTE, T_NO_MISSED)
+
+    def _send(self, session: Session, recipient: str, text: str, request_id: str | None = None) -> None:
         if session.name is None:
             self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
         elif recipient == session.name:
@@ -192,7 +217,7 @@ class ChatService:
         elif not text:
             self._reply(session.conn, STATUS_ERROR, T_EMPTY_MESSAGE)
         else:
-            self._propose(sm.cmd_send(session.name, recipient, text), session)
+            self._propose(sm.cmd_send(session.name, recipient, text, request_id), session)
 
     def _list(self, session: Session, pattern: str) -> None:
         names = [name for name in self.state.accounts if fnmatch.fnmatchcase(name, pattern)]
@@ -207,10 +232,58 @@ class ChatService:
 
     def _exit(self, session: Session) -> None:
         # The account goes offline at once; the host stops feeding this connection after Close.
+        # Exiting ends the session for good: its resume token is cleared (replicated).
+        if session.name is not None:
+            self.proposals.append((sm.cmd_logout(session.name), None))
         self._log_out(session)
         self.effects.append(Close(session.conn))
 
-    _handlers = {1: _create, 2: _login, 3: _send, 4: _list, 5: _delete, 6: _exit}
+    # -- extension 1 ------------------------------------------------------------------------
+    def _extension(self, session: Session, verb: str = "", *args: str) -> None:
+        if verb == "ext" and args == (EXTENSION,):
+            session.extended = True
+            self._reply(session.conn, STATUS_OK, T_EXT)
+        elif verb == "ack" and session.extended and len(args) == 1 and args[0].isdigit():
+            if session.name is not None:
+                seq = min(int(args[0]), session.sent_upto)
+                self._mark_delivered(session.name, session.order, seq)
+        elif verb == "send" and session.extended and len(args) == 3 and REQUEST_ID.fullmatch(args[0]):
+            self._send(session, args[1], args[2], args[0])
+        else:
+            self._reply(session.conn, STATUS_ERROR, INVALID_REQUEST_TEXT)
+
+    def _resume(self, session: Session, name: str = "", token: str = "", last_seq: str = "0", *rest: str) -> None:
+        if not token and not rest and last_seq == "0":
+            self._login(session, name)  # the seed revision's tokenless `7|name|` is a login
+            return
+        if rest or not last_seq.isdigit():
+            self._reply(session.conn, STATUS_ERROR, INVALID_REQUEST_TEXT)
+            return
+        account = self.state.accounts.get(name)
+        if session.name is not None:
+            self._reply(session.conn, STATUS_ERROR, T_RESUME_LOGGED_IN.format(me=session.name))
+        elif account is None:
+            self._reply(session.conn, STATUS_ERROR, T_RESUME_UNKNOWN)
+        elif account.token is None or not secrets.compare_digest(account.token, token):
+            self._reply(session.conn, STATUS_ERROR, T_RESUME_BAD_TOKEN)
+        else:
+            old = self.online.get(name)
+            if old is not None:  # the dead session this one replaces
+                self._log_out(self.sessions[old])
+                self.effects.append(Close(old))
+            self._log_in(session, name)
+            seen = min(int(last_seq), self.state.last_seq(name))
+            session.sent_upto = seen
+            self._mark_delivered(name, session.order, seen)
+            self._reply(session.conn, STATUS_OK, T_RESUMED.format(name=name))
+            self._send_token(session)
+            self._send_chats(session, self.state.mail_after(name, seen))
+
+    def _send_token(self, session: Session) -> None:
+        if session.extended:
+            self._reply(session.conn, STATUS_OK, T_TOKEN.format(token=self.state.accounts[session.name].token))
+
+    _handlers = {0: _extension, 1: _create, 2: _login, 3: _send, 4: _list, 5: _delete, 6: _exit, 7: _resume}
 
     # -- commands ---------------------------------------------------------------------------
     def _propose(self, cmd: tuple, session: Session | None) -> None:
@@ -287,10 +360,16 @@ class ChatService:
             if result == sm.OK:
                 self._log_in(session, cmd[1])
                 self._reply(session.conn, STATUS_OK, T_CREATED.format(name=cmd[1]))
+                self._send_token(session)
             else:
                 self._reply(session.conn, STATUS_ERROR, T_CREATE_TAKEN)
+        elif kind == "login":
+            if result == sm.OK:
+                self._logged_in(session, cmd[1])
+            else:
+                self._reply(session.conn, STATUS_ERROR, T_LOGIN_UNKNOWN)
         elif kind == "send":
-            if isinstance(result, sm.Mail):
+            if isinstance(result, sm.Mail) or result == sm.DUPLICATE:
                 self._reply(session.conn, STATUS_OK, T_SENT.format(recipient=cmd[2]))
             else:
                 self._reply(session.conn, STATUS_ERROR, T_NO_RECIPIENT)
@@ -320,17 +399,22 @@ class ChatService:
 
     def frames_written(self, delivered: tuple) -> None:
         """The host wrote all bytes of a Reply whose ``delivered`` was (name, order, seq)."""
-        name, order, seq = delivered
+        self._mark_delivered(*delivered)
+
+    def _mark_delivered(self, name: str, order: int, seq: int) -> None:
         key = (name, order)
         if seq > self._delivered.get(key, 0):
             self._delivered[key] = seq
 
     def _send_chats(self, session: Session, mails: list) -> None:
+        """Put chat on the session's connection.  A seed-style session counts it delivered once
+        written to the socket; an extended one only when the client acknowledges it."""
         if not mails:
             return
-        data = b"".join(chat_frame(mail) for mail in mails)
+        data = b"".join(chat_frame(mail, session.extended) for mail in mails)
         session.sent_upto = mails[-1].seq
-        self.effects.append(Reply(session.conn, data, (session.name, session.order, session.sent_upto)))
+        mark = None if session.extended else (session.name, session.order, session.sent_upto)
+        self.effects.append(Reply(session.conn, data, mark))
 
     # -- helpers ----------------------------------------------------------------------------
     def _log_in(self, session: Session, name: str) -> None:

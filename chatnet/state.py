@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Results of applying a command (the session layer turns them into the reference texts).
 OK = "ok"
 NAME_TAKEN = "name-taken"
 NO_SUCH_ACCOUNT = "no-such-account"
 NO_SUCH_RECIPIENT = "no-such-recipient"
+DUPLICATE = "duplicate"  # a send whose request id the sender already used: acknowledged, not delivered again
+
+RECENT_REQUEST_IDS = 1024  # per account: how far back a retried send is recognised
 
 
 @dataclass(frozen=True)
@@ -48,16 +51,28 @@ class Account:
     name: str
     order: int  # creation order, for op 4's listing
     next_seq: int = 1  # seq the next chat to this account will get
+    token: str | None = None  # resume token of the latest login; None after a logout
+    request_ids: dict = field(default_factory=dict)  # recent send request ids -> position, oldest first
+    next_rid_pos: int = 1
 
 
 # Commands.  They travel through the replicated log as bytes, so they are plain tuples with a
 # compact JSON encoding rather than objects.
-def cmd_create(name: str) -> tuple:
-    return ("create", name)
+def cmd_create(name: str, token: str | None = None) -> tuple:
+    return ("create", name, token)
 
 
-def cmd_send(sender: str, recipient: str, text: str) -> tuple:
-    return ("send", sender, recipient, text)
+def cmd_login(name: str, token: str) -> tuple:
+    """A login: the new token supersedes any earlier session's (the primary draws it)."""
+    return ("login", name, token)
+
+
+def cmd_logout(name: str) -> tuple:
+    return ("logout", name)
+
+
+def cmd_send(sender: str, recipient: str, text: str, request_id: str | None = None) -> tuple:
+    return ("send", sender, recipient, text, request_id)
 
 
 def cmd_delivered(recipient: str, order: int, upto_seq: int) -> tuple:
@@ -87,20 +102,26 @@ class ChatState:
         self._next_order = 1
 
     # -- loading (used by the store when it rebuilds the state from its tables) ------------
-    def load_account(self, name: str, order: int, next_seq: int) -> None:
-        self.accounts[name] = Account(name, order, next_seq)
+    def load_account(self, name: str, order: int, next_seq: int, token: str | None = None) -> None:
+        self.accounts[name] = Account(name, order, next_seq, token)
         self.mailboxes[name] = deque()
         self._next_order = max(self._next_order, order + 1)
 
     def load_mail(self, recipient: str, mail: Mail) -> None:
         self.mailboxes[recipient].append(mail)
 
+    def load_request_id(self, name: str, pos: int, request_id: str) -> None:
+        account = self.accounts[name]
+        account.request_ids[request_id] = pos
+        account.next_rid_pos = max(account.next_rid_pos, pos + 1)
+
     # -- snapshots (catch-up of a replica that is behind the compacted log) -----------------
     def to_snapshot(self) -> bytes:
         """The whole state as bytes: accounts in creation order, each with its mailbox."""
         accounts = [
             [a.name, a.order, a.next_seq,
-             [[m.seq, m.sender, m.text, int(m.sender_deleted)] for m in self.mailboxes[a.name]]]
+             [[m.seq, m.sender, m.text, int(m.sender_deleted)] for m in self.mailboxes[a.name]],
+             a.token, [[pos, rid] for rid, pos in a.request_ids.items()]]
             for a in self.accounts.values()
         ]
         return json.dumps({"v": 1, "next_order": self._next_order, "accounts": accounts},
@@ -112,10 +133,12 @@ class ChatState:
         if doc.get("v") != 1:
             raise ValueError(f"unknown snapshot version {doc.get('v')!r}")
         state = cls()
-        for name, order, next_seq, mails in doc["accounts"]:
-            state.load_account(name, order, next_seq)
+        for name, order, next_seq, mails, token, request_ids in doc["accounts"]:
+            state.load_account(name, order, next_seq, token)
             for seq, sender, text, deleted in mails:
                 state.load_mail(name, Mail(seq, sender, text, bool(deleted)))
+            for pos, rid in request_ids:
+                state.load_request_id(name, pos, rid)
         state._next_order = max(state._next_order, doc["next_order"])
         return state
 
@@ -143,32 +166,57 @@ class ChatState:
         """Apply one command; return (result, row changes for the store)."""
         kind = cmd[0]
         if kind == "create":
-            return self._create(cmd[1])
+            return self._create(cmd[1], cmd[2])
         if kind == "send":
-            return self._send(cmd[1], cmd[2], cmd[3])
+            return self._send(cmd[1], cmd[2], cmd[3], cmd[4])
+        if kind == "login":
+            return self._set_token(cmd[1], cmd[2])
+        if kind == "logout":
+            return self._set_token(cmd[1], None)
         if kind == "delivered":
             return self._delivered(cmd[1], cmd[2], cmd[3])
         if kind == "delete":
             return self._delete(cmd[1])
         raise ValueError(f"unknown command {kind!r}")
 
-    def _create(self, name: str):
+    def _create(self, name: str, token: str | None):
         if name in self.accounts:
             return NAME_TAKEN, []
         order = self._next_order
         self._next_order += 1
-        self.accounts[name] = Account(name, order)
+        self.accounts[name] = Account(name, order, token=token)
         self.mailboxes[name] = deque()
-        return OK, [("account+", name, order)]
+        return OK, [("account+", name, order, token)]
 
-    def _send(self, sender: str, recipient: str, text: str):
+    def _set_token(self, name: str, token: str | None):
+        account = self.accounts.get(name)
+        if account is None:
+            return NO_SUCH_ACCOUNT, []
+        account.token = token
+        return OK, [("token", name, token)]
+
+    def _send(self, sender: str, recipient: str, text: str, request_id: str | None):
+        sender_account = self.accounts.get(sender)
+        changes = []
+        if request_id is not None and sender_account is not None:
+            if request_id in sender_account.request_ids:
+                return DUPLICATE, []
+            pos = sender_account.next_rid_pos
+            sender_account.next_rid_pos += 1
+            sender_account.request_ids[request_id] = pos
+            changes.append(("rid+", sender, pos, request_id))
+            if len(sender_account.request_ids) > RECENT_REQUEST_IDS:
+                oldest = next(iter(sender_account.request_ids))
+                del sender_account.request_ids[oldest]
+                changes.append(("rid-", sender, pos - RECENT_REQUEST_IDS))
         account = self.accounts.get(recipient)
         if account is None:
-            return NO_SUCH_RECIPIENT, []
+            return NO_SUCH_RECIPIENT, changes
         mail = Mail(account.next_seq, sender, text)
         account.next_seq += 1
         self.mailboxes[recipient].append(mail)
-        return mail, [("mail+", recipient, mail.seq, sender, text), ("next_seq", recipient, account.next_seq)]
+        changes += [("mail+", recipient, mail.seq, sender, text), ("next_seq", recipient, account.next_seq)]
+        return mail, changes
 
     def _delivered(self, recipient: str, order: int, upto_seq: int):
         account = self.accounts.get(recipient)

@@ -10,7 +10,8 @@ are only deleted up to the applied index, it can never point past the log either
 Tables:
     meta(key, value)                       applied_index, view, primary, members, snapshot_*
     log(idx, view, data)                   replicated log entries (a bounded tail is kept)
-    accounts(name, ord, next_seq)          the chat state machine's accounts
+    accounts(name, ord, next_seq, token)   the chat state machine's accounts
+    request_ids(account, pos, rid)         each account's recent send request ids
     mail(recipient, seq, sender, text, sender_deleted)   acknowledged, undelivered chat
 """
 
@@ -30,7 +31,10 @@ log = logging.getLogger(__name__)
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS log(idx INTEGER PRIMARY KEY, view INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS accounts(name TEXT PRIMARY KEY, ord INTEGER NOT NULL, next_seq INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS accounts(
+    name TEXT PRIMARY KEY, ord INTEGER NOT NULL, next_seq INTEGER NOT NULL, token TEXT);
+CREATE TABLE IF NOT EXISTS request_ids(
+    account TEXT NOT NULL, pos INTEGER NOT NULL, rid TEXT NOT NULL, PRIMARY KEY(account, pos)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS mail(
     recipient TEXT NOT NULL, seq INTEGER NOT NULL, sender TEXT NOT NULL, text TEXT NOT NULL,
     sender_deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(recipient, seq)) WITHOUT ROWID;
@@ -69,8 +73,10 @@ class Store:
     def load(self) -> Loaded:
         db = self._db
         state = ChatState()
-        for name, order, next_seq in db.execute("SELECT name, ord, next_seq FROM accounts ORDER BY ord"):
-            state.load_account(name, order, next_seq)
+        for name, order, next_seq, token in db.execute("SELECT name, ord, next_seq, token FROM accounts ORDER BY ord"):
+            state.load_account(name, order, next_seq, token)
+        for account, pos, rid in db.execute("SELECT account, pos, rid FROM request_ids ORDER BY account, pos"):
+            state.load_request_id(account, pos, rid)
         for recipient, seq, sender, text, deleted in db.execute(
             "SELECT recipient, seq, sender, text, sender_deleted FROM mail ORDER BY recipient, seq"
         ):
@@ -152,10 +158,17 @@ class Store:
                 if kind == "mail-":
                     db.execute("DELETE FROM mail WHERE recipient = ? AND seq <= ?", change[1:])
                 elif kind == "account+":
-                    db.execute("INSERT INTO accounts(name, ord, next_seq) VALUES (?, ?, 1)", change[1:])
+                    db.execute("INSERT INTO accounts(name, ord, next_seq, token) VALUES (?, ?, 1, ?)", change[1:])
                 elif kind == "account-":
                     db.execute("DELETE FROM accounts WHERE name = ?", change[1:])
                     db.execute("DELETE FROM mail WHERE recipient = ?", change[1:])
+                    db.execute("DELETE FROM request_ids WHERE account = ?", change[1:])
+                elif kind == "token":
+                    db.execute("UPDATE accounts SET token = ? WHERE name = ?", (change[2], change[1]))
+                elif kind == "rid+":
+                    db.execute("INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)", change[1:])
+                elif kind == "rid-":
+                    db.execute("DELETE FROM request_ids WHERE account = ? AND pos <= ?", change[1:])
                 elif kind == "sender-deleted":
                     db.execute("UPDATE mail SET sender_deleted = 1 WHERE sender = ?", change[1:])
                 else:
@@ -180,10 +193,15 @@ class Store:
         with self._transaction("installing a snapshot"):
             db.execute("DELETE FROM accounts")
             db.execute("DELETE FROM mail")
+            db.execute("DELETE FROM request_ids")
             db.execute("DELETE FROM log")
             db.executemany(
-                "INSERT INTO accounts(name, ord, next_seq) VALUES (?, ?, ?)",
-                [(a.name, a.order, a.next_seq) for a in state.accounts.values()],
+                "INSERT INTO accounts(name, ord, next_seq, token) VALUES (?, ?, ?, ?)",
+                [(a.name, a.order, a.next_seq, a.token) for a in state.accounts.values()],
+            )
+            db.executemany(
+                "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)",
+                [(a.name, pos, rid) for a in state.accounts.values() for rid, pos in a.request_ids.items()],
             )
             db.executemany(
                 "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, ?)",

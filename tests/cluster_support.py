@@ -39,7 +39,7 @@ class Cluster:
         r = self.replicas[i]
         if r.proc is None or r.proc.poll() is not None:
             return None
-        return query_status(r.host, r.port, timeout=0.5)
+        return query_status(r.host, r.port, timeout=2.0)
 
     def primary(self) -> int | None:
         """Index of the replica serving clients, if exactly one does."""

@@ -150,11 +150,12 @@ def test_peer_with_wrong_secret_is_refused(cluster, tmp_path):
     r2 = c.replicas[2]
     r2.args[r2.args.index("--secret-file") + 1] = str(bad)
     c.start(2)
-    wait_until(lambda: 2 not in c.status(primary)["members"], timeout=10, what="2 removed from the view")
+    wait_until(lambda: (s := c.status(primary)) is not None and 2 not in s["members"], timeout=10,
+               what="2 removed from the view")
     wait_until(lambda: "refused peer" in c.replicas[primary].log(), timeout=10, what="refusal logged")
-    status = c.status(primary)
+    status = wait_until(lambda: c.status(primary), what="status of the primary")
     assert 2 not in status["members"]
-    assert c.status(2)["serving"] is False
+    assert wait_until(lambda: c.status(2), what="status of 2")["serving"] is False
     # A stranger sending the preface and garbage is refused too, and clients are unaffected.
     s = socket.create_connection(c.addresses[primary])
     s.sendall(b"CHATNET-PEER\n" + b"\x00\x00\x00\x05hello")

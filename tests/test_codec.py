@@ -52,7 +52,9 @@ PARSE_CASES = [
     ("7", Request(7, ())),
     ("7|", Request(7, ("",))),
     ("7| alice | 42 |x", Request(7, ("alice", "42", "x"))),
-    ("0|alice", INVALID),
+    ("0|ext|1", Request(0, ("ext", "1"))),
+    ("0| ack | 12 ", Request(0, ("ack", "12"))),
+    ("8|alice", INVALID),
     ("8", INVALID),
     ("12|x", INVALID),
     ("+1|x", INVALID),
@@ -294,7 +296,7 @@ def test_encode_request(args, wire):
     assert encode_request(*args) == wire
 
 
-@pytest.mark.parametrize("args", [(0,), (8, "x"), (3, "bob", "two\nlines")])
+@pytest.mark.parametrize("args", [(-1,), (8, "x"), (3, "bob", "two\nlines")])
 def test_encode_request_rejects(args):
     with pytest.raises(ValueError):
         encode_request(*args)

@@ -6,6 +6,8 @@ the server does (apply, then release answers), and records the frames each conne
 
 from __future__ import annotations
 
+from chatnet import state as sm
+
 import pytest
 
 from chatnet import service as sv
@@ -230,7 +232,7 @@ def test_list_in_creation_order_with_wildcards(host):
 def test_long_list_is_split_into_frames(host):
     state = ChatState()
     for i in range(3000):
-        state.apply(("create", f"user{i:05d}-" + "x" * 20))
+        state.apply(sm.cmd_create(f"user{i:05d}-" + "x" * 20))
     host = Host(state)
     a = host.open(1)
     host.send(a, "4")
@@ -265,14 +267,14 @@ def test_delete_drops_own_mail_and_marks_sent_chat(host):
 
 def test_late_delivery_mark_cannot_touch_a_new_account_of_the_same_name():
     state = ChatState()
-    state.apply(("create", "bob"))
+    state.apply(sm.cmd_create("bob"))
     old_order = state.accounts["bob"].order
     for i in range(3):
-        state.apply(("send", "x", "bob", f"old{i}"))
-    state.apply(("delete", "bob"))
-    state.apply(("create", "bob"))
-    state.apply(("send", "x", "bob", "new"))
-    state.apply(("delivered", "bob", old_order, 3))
+        state.apply(sm.cmd_send("x", "bob", f"old{i}"))
+    state.apply(sm.cmd_delete("bob"))
+    state.apply(sm.cmd_create("bob"))
+    state.apply(sm.cmd_send("x", "bob", "new"))
+    state.apply(sm.cmd_delivered("bob", old_order, 3))
     assert [m.text for m in state.mail_after("bob", 0)] == ["new"]
 
 
@@ -298,11 +300,120 @@ def test_waiting_connection_and_closed_waiter(host):
 
 def test_mail_after_uses_contiguous_seqs():
     state = ChatState()
-    state.apply(("create", "bob"))
+    state.apply(sm.cmd_create("bob"))
     for i in range(5):
-        state.apply(("send", "a", "bob", str(i)))
-    state.apply(("delivered", "bob", 1, 2))
+        state.apply(sm.cmd_send("a", "bob", str(i)))
+    state.apply(sm.cmd_delivered("bob", 1, 2))
     assert [m.seq for m in state.mail_after("bob", 0)] == [3, 4, 5]
     assert [m.seq for m in state.mail_after("bob", 4)] == [5]
     assert state.mail_after("bob", 5) == []
     assert isinstance(state.mail_after("bob", 3)[0], Mail)
+
+
+# -- extension 1: tokens, sequence numbers, acks, request ids, resume -----------------------
+
+def ext_client(host, conn, name, create=True):
+    host.open(conn)
+    host.send(conn, "0|ext|1")
+    assert host.take(conn) == [ok("ext|1")]
+    host.send(conn, f"{1 if create else 2}|{name}")
+    frames = host.take(conn)
+    token = next(f[2].split("|", 1)[1] for f in frames if f[2].startswith("token|"))
+    return frames, token
+
+
+def test_extended_session_gets_token_and_sequenced_chat(host):
+    frames, token = ext_client(host, 1, "alice")
+    assert frames[0] == ok("Account created! Logged in as alice.") and frames[1] == ok(f"token|{token}")
+    b = host.open(2)
+    host.send(b, "1|bob")
+    assert all(not f[2].startswith("token|") for f in host.take(b))  # seed clients never see it
+    host.send(b, "3|alice|hi")
+    host.send(b, "3|alice|again")
+    assert host.take(1) == [chat("1|bob|hi"), chat("2|bob|again")]
+    host.commit()
+    # No socket-write confirmation for extended sessions: only the client's ack removes chat.
+    assert host.service.state.pending_count("alice") == 2
+    host.send(1, "0|ack|1")
+    assert host.take(1) == []
+    host.commit()
+    assert [m.seq for m in host.service.state.mail_after("alice", 0)] == [2]
+
+
+def test_resume_delivers_after_last_seq_and_replaces_the_dead_session(host):
+    _, token = ext_client(host, 1, "alice")
+    b = host.open(2)
+    host.send(b, "1|bob")
+    for i in range(4):
+        host.send(b, f"3|alice|m{i}")
+    host.take(1)
+    # alice's client saw up to seq 2, then its primary died; it resumes on connection 3.
+    host.open(3)
+    host.send(3, "0|ext|1")
+    host.take(3)
+    host.send(3, f"7|alice|{token}|2")
+    assert host.take(3) == [ok("Resumed as alice."), ok(f"token|{token}"), chat("3|bob|m2"), chat("4|bob|m3")]
+    assert 1 in host.closed and host.service.logged_in_as(3) == "alice"
+    host.commit()
+    assert [m.seq for m in host.service.state.mail_after("alice", 0)] == [3, 4]
+
+
+def test_resume_refusals(host):
+    _, token = ext_client(host, 1, "alice")
+    host.open(2)
+    host.send(2, "7|alice|not-the-token|0")
+    assert host.take(2) == [err("Unable to resume: the session token is not valid. Please log in again.")]
+    host.send(2, f"7|nobody|{token}|0")
+    assert host.take(2) == [err("Unable to resume: This username does not exist.")]
+    host.send(1, "6")  # exit clears the token
+    host.commit()
+    host.send(2, f"7|alice|{token}|0")
+    assert host.take(2)[0] == err(sv.T_RESUME_BAD_TOKEN)
+    # a later login supersedes an earlier token too
+    _, token2 = ext_client(host, 3, "alice", create=False)
+    host.send(3, "6")
+    host.commit()
+    _, token3 = ext_client(host, 4, "alice", create=False)
+    assert len({token, token2, token3}) == 3
+    host.open(5)
+    host.send(5, f"7|alice|{token2}|0")
+    assert host.take(5)[0] == err(sv.T_RESUME_BAD_TOKEN)
+
+
+def test_tokenless_op7_is_a_plain_login_and_cannot_take_over(host):
+    a = host.open(1)
+    host.send(a, "1|alice")
+    b = host.open(2)
+    host.send(b, "7|alice|")
+    assert host.take(b) == [err(sv.T_LOGIN_CONNECTED)]
+    host.send(a, "6")
+    host.commit()
+    host.send(b, "7|alice")
+    assert host.take(b)[0] == ok("Logged in as alice.")
+
+
+def test_request_ids_make_retried_sends_idempotent(host):
+    ext_client(host, 1, "alice")
+    b = host.open(2)
+    host.send(b, "1|bob")
+    host.take(b)
+    host.send(1, "0|send|rid-1|bob|hello | world")
+    host.send(1, "0|send|rid-1|bob|hello | world")  # the retry after a failover
+    host.send(1, "0|send|rid-2|bob|second")
+    assert [f[2] for f in host.take(1)] == ["Message sent to bob."] * 3
+    assert host.take(b) == [chat("alice|hello | world"), chat("alice|second")]
+    host.send(1, "0|send|bad id!|bob|x")
+    host.send(2, "0|send|r|alice|not negotiated")
+    assert host.take(1) == [err(sv.INVALID_REQUEST_TEXT)] and host.take(2) == [err(sv.INVALID_REQUEST_TEXT)]
+
+
+def test_recent_request_ids_are_bounded_and_survive_snapshots():
+    state = ChatState()
+    state.apply(sm.cmd_create("a"))
+    state.apply(sm.cmd_create("b"))
+    for i in range(sm.RECENT_REQUEST_IDS + 10):
+        state.apply(sm.cmd_send("a", "b", "x", f"r{i}"))
+    assert len(state.accounts["a"].request_ids) == sm.RECENT_REQUEST_IDS
+    copy = ChatState.from_snapshot(state.to_snapshot())
+    assert copy.apply(sm.cmd_send("a", "b", "x", "r500"))[0] == sm.DUPLICATE
+    assert isinstance(copy.apply(sm.cmd_send("a", "b", "x", "r0"))[0], Mail)  # forgotten: too old

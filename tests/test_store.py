@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from chatnet import state as sm
+
 import pytest
 
 from chatnet.state import ChatState
@@ -16,9 +18,9 @@ def apply_all(state, cmds):
 
 
 CMDS = [
-    ("create", "alice"), ("create", "bob"), ("send", "alice", "bob", "one"),
-    ("send", "alice", "bob", "two"), ("delivered", "bob", 2, 1), ("create", "carol"),
-    ("send", "bob", "carol", "hi carol"), ("delete", "bob"), ("send", "carol", "alice", "x"),
+    sm.cmd_create("alice"), sm.cmd_create("bob"), sm.cmd_send("alice", "bob", "one"),
+    sm.cmd_send("alice", "bob", "two"), sm.cmd_delivered("bob", 2, 1), sm.cmd_create("carol"),
+    sm.cmd_send("bob", "carol", "hi carol"), sm.cmd_delete("bob"), sm.cmd_send("carol", "alice", "x"),
 ]
 
 
@@ -40,7 +42,7 @@ def test_batch_rows_reload_to_the_same_state(tmp_path):
 def test_a_failed_batch_leaves_nothing_behind(tmp_path):
     store = Store(str(tmp_path))
     state = ChatState()
-    store.write_batch(changes=apply_all(state, [("create", "alice")]), applied_index=1)
+    store.write_batch(changes=apply_all(state, [sm.cmd_create("alice")]), applied_index=1)
     with pytest.raises(StoreError):
         # the same account twice violates the primary key: the whole batch must roll back
         store.write_batch(entries=[(2, 1, b"x")], changes=[("account+", "zed", 5), ("account+", "alice", 6)],
@@ -59,7 +61,7 @@ def test_truncate_and_compact(tmp_path):
 def test_install_snapshot_replaces_everything(tmp_path):
     store = Store(str(tmp_path))
     old = ChatState()
-    store.write_batch(entries=[(1, 1, b"e")], changes=apply_all(old, [("create", "old")]), applied_index=1)
+    store.write_batch(entries=[(1, 1, b"e")], changes=apply_all(old, [sm.cmd_create("old")]), applied_index=1)
     new = ChatState()
     apply_all(new, CMDS)
     store.install_snapshot(new, 40, {"snapshot_index": 40, "snapshot_view": 2})
