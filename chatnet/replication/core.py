@@ -592,7 +592,9 @@ class Replica:
                 self._next[p] = self._match[p] + 1
             self._snap_pending.pop(p, None)
             self._maybe_commit()
-        elif m.need_snapshot:
+        elif m.need_snapshot or m.hint > self.last_index:
+            # (a hint past my log: the replica holds committed entries I do not have, which
+            # only a healed split brain produces; only a snapshot can reconcile it)
             self._next[p] = self._snap_index  # forces the snapshot path
             self._snap_pending.pop(p, None)
             if p not in self._snap_requests:
@@ -694,6 +696,11 @@ class Replica:
         if prev > self.last_index:
             self._send(p, AppendResp(m.view, False, 0, self.last_index, False))
             return
+        if prev < self._snap_index:
+            # I cannot check (prev_index, prev_view) inside my compacted prefix: ask for the
+            # entries after my snapshot point, whose view I can check.
+            self._send(p, AppendResp(m.view, False, 0, self._snap_index, False))
+            return
         if prev >= self._snap_index and self.entry_view(prev) != m.prev_view:
             if prev <= self._commit:
                 self._diverge(p, m.view)
@@ -740,7 +747,13 @@ class Replica:
     def _on_snapshot(self, p: int, m: InstallSnapshot) -> None:
         if not self._accept_primary_msg(p, m.view):
             return
-        if m.index > self._commit or self._diverged:
+        mine = self.entry_view(m.index)
+        if m.index <= self._commit and mine is not None and mine != m.snap_view:
+            self._diverged = True          # my committed history is another one (split brain)
+            self.divergences += 1
+        # Keep my state only if it provably is the same history (same view at that index);
+        # otherwise (newer, unverifiable inside my own snapshot, or divergent) install.
+        if m.index > self._commit or self._diverged or mine is None:
             self._diverged = False
             self._log = []
             self._snap_index, self._snap_view = m.index, m.snap_view
@@ -933,7 +946,7 @@ class Replica:
     def advance(self, rd: Ready) -> None:
         self._stable_last = max(self._stable_last, min(rd._last_index, self.last_index))
         if rd.snapshot is not None:
-            self._applied = max(self._applied, rd.snapshot.index)
+            self._applied = rd.snapshot.index      # the host's state was replaced
         self._applied = max(self._applied, rd._applied_to)
         if self._status == PRIMARY:
             self._maybe_commit()

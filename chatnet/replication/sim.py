@@ -406,14 +406,14 @@ class Simulation:
         if nd.up:
             self.crash(i)
 
-    def client_write(self, target: int | None = None) -> None:
+    def client_write(self, target: int | None = None, k: int | None = None) -> None:
         cands = [nd for nd in self.nodes.values()
                  if nd.up and nd.paused_until < 0 and nd.replica.serving
                  and (target is None or nd.id == target)]
         if not cands:
             return
         nd = self.rng.choice(cands)
-        for _ in range(self.rng.randint(1, 4)):
+        for _ in range(self.rng.randint(1, 4) if k is None else k):
             self.write_no += 1
             data = b"w%d" % self.write_no
             idx = nd.replica.propose(data)
@@ -445,8 +445,7 @@ class Simulation:
     def write(self, count: int = 1, ticks: int = 5) -> int:
         """Propose ``count`` writes at the serving primary, run ``ticks``; acks gained."""
         before = len(self.acked)
-        for _ in range(count):
-            self.client_write()
+        self.client_write(k=count)
         self.run_ticks(ticks)
         return len(self.acked) - before
 
