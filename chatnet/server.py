@@ -42,6 +42,7 @@ STATUS_PREFACE = b"CHATNET-STATUS\n"
 PREFACES = (PEER_PREFACE, STATUS_PREFACE)
 T_BACKUP_KNOWS = "This server is a backup. The primary is at {address}."
 T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again shortly."
+SERVING, HOLDING, AWAY = "serving", "holding", "away"
 ACCEPT_BATCH = 64
 CLIENT_SNDBUF = 128 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds to stop accepting after EMFILE and friends
@@ -100,6 +101,7 @@ class ChatServer:
         slow_client_timeout: float = 60.0,
         heartbeat: float = 0.1,
         failure_timeout: float = 1.0,
+        log_retain: int = 10_000,
     ):
         self.peers, self.me = peers, me
         self.host, self.port = peers[me].host, peers[me].port
@@ -114,7 +116,7 @@ class ChatServer:
         self.replica = Replica(
             me, range(len(peers)), _durable_state(loaded),
             heartbeat_ticks=1, failure_ticks=max(2, round(failure_timeout / heartbeat)),
-            rng=random.Random(),
+            rng=random.Random(), retain_entries=log_retain,
         )
         self.applied_index = loaded.applied_index
         self.transport = None
@@ -129,7 +131,8 @@ class ChatServer:
         self._dirty: set[ClientConnection] = set()
         self._listener_handler = _Listener(self)
         self.listener: socket.socket | None = None
-        self._was_serving = False
+        self._mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
+        self._held: list = []  # commands waiting for the view to be re-established
         self._last_tick = self.reactor.clock()
         self.reactor.before_sleep.append(self._before_sleep)
         self.reactor.on_stall = self._on_stall
@@ -274,7 +277,7 @@ class ChatServer:
                 conn.closing = True
                 self._dirty.add(conn)
                 break
-            if not self.replica.serving:
+            if self._mode == AWAY:
                 self._redirect(conn)
                 break
             service.receive(conn.id, event)
@@ -343,10 +346,14 @@ class ChatServer:
         Returns True when more work is already pending (the loop then polls without waiting).
         """
         replica = self.replica
-        for cmd, conn_id in self.service.take_proposals():
-            index = replica.propose(encode_command(cmd))
-            if index is not None:
+        self._check_serving()
+        proposals, self._held = self._held + self.service.take_proposals(), []
+        if replica.serving:
+            for cmd, conn_id in proposals:
+                index = replica.propose(encode_command(cmd))
                 self.service.bind(index, cmd, conn_id, replica.view)
+        elif self._mode == HOLDING:
+            self._held = proposals  # proposed once the view is re-established
         for _ in range(16):
             rd = replica.ready()
             if rd is None:
@@ -407,18 +414,36 @@ class ChatServer:
                 self._feed(conn)
 
     def _check_serving(self) -> None:
-        serving = self.replica.serving
-        if serving == self._was_serving:
+        """Follow the core's role: serve, hold clients through a reconfiguration, or send them away.
+
+        A primary that removes a failed member or re-adds a caught-up one runs a short view
+        change of its own; meanwhile its clients wait (their commands are held, not lost)
+        rather than being disconnected.  Any other loss of the primary role sends every
+        client to the primary (or away, when none is known) and abandons what was pending.
+        """
+        replica = self.replica
+        if replica.serving:
+            mode = SERVING
+        elif (replica.role == "electing" and replica.primary == self.me
+              and (campaign := replica.status().get("campaign")) is not None
+              and campaign % len(self.peers) == self.me):
+            mode = HOLDING
+        else:
+            mode = AWAY
+        if mode == self._mode:
             return
-        self._was_serving = serving
-        if serving:
-            log.info("serving clients as primary of view %d (members %s)", self.replica.view,
-                     ",".join(str(self.peers[m]) for m in self.replica.members))
-            return
-        log.warning("stopped serving clients (role %s, view %d)", self.replica.role, self.replica.view)
-        self.service.abandon_proposals()
-        for conn in list(self.conns.values()):
-            self._redirect(conn)
+        previous, self._mode = self._mode, mode
+        if mode == SERVING:
+            log.info("serving clients as primary of view %d (members %s)", replica.view,
+                     ",".join(str(self.peers[m]) for m in replica.members))
+        elif mode == HOLDING:
+            log.info("reconfiguring view %d; clients wait", replica.view)
+        elif previous != AWAY or self.conns:
+            log.warning("not serving clients (role %s, view %d)", replica.role, replica.view)
+            self._held = []
+            self.service.abandon_proposals()
+            for conn in list(self.conns.values()):
+                self._redirect(conn)
 
     # -- writing ----------------------------------------------------------------------------------
     def _flush_dirty(self) -> None:

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval (default: 100)")
     parser.add_argument("--failure-timeout-ms", type=int, default=1000,
                         help="declare a silent peer failed after this long (default: 1000)")
+    parser.add_argument("--log-retain", type=int, default=10_000, metavar="ENTRIES",
+                        help="log entries kept behind the applied state for catch-up; a replica further "
+                             "behind is sent a snapshot (default: 10000)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging threshold (default: INFO)")
     parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -122,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
             base = args.data_dir or DEFAULT_BASE_DIR
             secret_file = args.secret_file or os.path.join(base, "cluster.secret")
             extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
+                     "--log-retain", str(args.log_retain),
                      "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout)]
             return run_local(peers, base, secret_file, extra)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
         secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None
         if args.heartbeat_ms <= 0 or args.failure_timeout_ms < 2 * args.heartbeat_ms:
             raise ConfigError("--failure-timeout-ms must be at least twice --heartbeat-ms, both positive")
+        if args.log_retain < 1:
+            raise ConfigError("--log-retain must be at least 1")
     except ConfigError as exc:
         print(f"chatserver: {exc}", file=sys.stderr)
         return 2
@@ -144,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ChatServer(
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
+            log_retain=args.log_retain,
         )
         server.start()
     except StoreError as exc:

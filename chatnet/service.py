@@ -321,11 +321,10 @@ class ChatService:
 
     def abandon_proposals(self) -> None:
         """This replica stopped serving: nobody will get an answer for uncommitted commands."""
-        for conn, _ in self._waiters.values():
-            session = self.sessions.get(conn)
-            if session is not None:
-                session.waiting_for = None
+        for session in self.sessions.values():
+            session.waiting_for = None
         self._waiters.clear()
+        self.proposals.clear()
 
     def apply(self, index: int, cmd: tuple, view: int = 0) -> list:
         """Apply a committed command; queue its answer and live chat; return the store's row changes.

@@ -111,13 +111,21 @@ class FailoverClient:
         raise AssertionError("no primary found")
 
     def _identify(self, create: bool) -> None:
-        self.conn = self._connect()
-        f = self.conn.request(f"{1 if create else 2}|{self.name}")
-        if create and f.status == 1 and "taken" in f.message:
-            self.conn.close()
+        end = time.monotonic() + self.deadline
+        while True:
             self.conn = self._connect()
-            f = self.conn.request(f"2|{self.name}")
-        assert f.status == 0, f
+            try:
+                f = self.conn.request(f"{1 if create else 2}|{self.name}")
+                if create and f.status == 1 and "taken" in f.message:
+                    create = False  # our earlier create committed but its answer was lost
+                    f = self.conn.request(f"2|{self.name}")
+            except (OSError, EOFError, AssertionError):
+                f = None
+            if f is not None and f.status == 0:
+                break
+            # redirected (the primary stepped down meanwhile) or connection lost: try again
+            self.conn.close()
+            assert time.monotonic() < end, f"cannot identify as {self.name}: {f}"
         self.pending = []
         if not create or f.message.startswith("Logged in"):
             while True:

@@ -194,3 +194,30 @@ def test_status_command_reports_every_replica(cluster):
                          capture_output=True, text=True, timeout=30).stdout
     lines = out.splitlines()
     assert "primary*" in out and "no answer" in lines[2]
+
+
+def test_replica_far_behind_or_with_an_empty_disk_catches_up_by_snapshot(cluster):
+    c = cluster(extra_args=["--log-retain", "20"]).start()
+    primary = c.wait_primary()
+    c.wait_in_sync(range(3))
+    behind = (primary + 1) % 3
+    c.kill(behind)
+    writer = FailoverClient(c.addresses, "writer", create=True)
+    sink_account(c.addresses, "reader")
+    for i in range(200):  # ten times the retained log: the restarted replica needs a snapshot
+        assert writer.request(f"3|reader|m{i}").status == 0
+    import shutil
+
+    shutil.rmtree(c.replicas[behind].data_dir + "/chatnet.sqlite3", ignore_errors=True)
+    for suffix in ("-wal", "-shm"):
+        shutil.rmtree(c.replicas[behind].data_dir + "/chatnet.sqlite3" + suffix, ignore_errors=True)
+    c.replicas[behind].start()
+    c.wait_in_sync(range(3), timeout=30)
+    # Now only the caught-up replica and one other remain; then only the caught-up one.
+    other = 3 - primary - behind
+    c.kill(primary)
+    c.wait_primary(exclude=(primary,))
+    c.kill(other)
+    assert c.wait_primary(exclude=(primary, other)) == behind
+    texts = drain_mailbox(c.addresses, "reader")
+    assert texts == [f"m{i}" for i in range(200)]
