@@ -355,9 +355,9 @@ class CursesUI:
         if s.state is State.CONNECTING:
             state = f"connecting to {s.server}"
         elif s.state is State.IDENTIFYING:
-            state = f"connected, logging in as {s.user}"
+            state = f"connected, logging in as {s.user}" if s.user else "connected, starting"
         elif s.state is State.READY:
-            state = "connected"
+            state = "connected, resumed" if s.resumed else "connected"
         elif s.state is State.WAITING:
             wait = math.ceil(max(0.0, (s.retry_at or now) - now))
             why = "all servers down, " if s.all_down else "no primary yet, " if s.no_primary else ""

@@ -38,6 +38,7 @@ class Harness:
 
     def __init__(self, servers=s.DEFAULT_SERVERS, seed=1, **kwargs):
         kwargs.setdefault("probe", False)       # tested on its own below
+        kwargs.setdefault("extension", False)   # seed-style here; extension 1: test_client_ext.py
         self.t = 0.0
         self.session = s.ClientSession(servers, rng=random.Random(seed), **kwargs)
         self.events = []

@@ -312,9 +312,10 @@ def test_server_killed_and_restarted_clients_reconnect_and_chat_goes_on(servers,
 
     servers("main", port=server.port)                               # same port, same store
     for t, user in ((alice, "alice"), (bob, "bob")):
-        t.wait(lambda t=t, user=user: f"(primary) | {user} | connected" in t.status(),
-               "connected again, logged in", timeout=15)
-        t.wait_text(f"logged in again as {user}")
+        # The restarted server kept the resume tokens (extension 1): the sessions resume.
+        t.wait(lambda t=t, user=user: f"(primary) | {user} | connected, resumed" in t.status(),
+               "connected again, session resumed", timeout=15)
+        t.wait_text(f"resumed as {user} on 127.0.0.1:{server.port}")
     bob.wait_text("<alice> typed while the server was down")
     bob.enter("send|alice|after the restart", "Message sent to alice.")
     alice.wait_text("<bob> after the restart")

@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from ..codec import MAX_REQUEST_CHARS, encode_request
 
 __all__ = [
-    "OP_CREATE", "OP_LOGIN", "OP_SEND", "OP_LIST", "OP_DELETE", "OP_EXIT",
+    "OP_EXT", "OP_CREATE", "OP_LOGIN", "OP_SEND", "OP_LIST", "OP_DELETE", "OP_EXIT", "OP_RESUME",
     "Command", "Refusal", "Help", "parse_command", "request_length", "HELP_TEXT",
 ]
 
 OP_CREATE, OP_LOGIN, OP_SEND, OP_LIST, OP_DELETE, OP_EXIT = 1, 2, 3, 4, 5, 6
+# Extension 1 (docs/protocol.md): op 0 is the extension control op (negotiation, acks, sends
+# with a request id), op 7 resumes a session.  The session sends them itself; users never type them.
+OP_EXT, OP_RESUME = 0, 7
 
 _OP_NAMES = {OP_CREATE: "create", OP_LOGIN: "login", OP_SEND: "send", OP_LIST: "list",
-             OP_DELETE: "delete", OP_EXIT: "exit"}
+             OP_DELETE: "delete", OP_EXIT: "exit", OP_EXT: "ext", OP_RESUME: "resume"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,10 @@ class Command:
         return "|".join((str(self.op), *self.params))
 
     def encode(self) -> bytes:
+        if self.op == OP_EXT:      # older codecs refuse op 0; the framing is the same
+            if any("\n" in p for p in self.params):
+                raise ValueError("request parameters cannot contain a newline")
+            return self.wire.encode("utf-8") + b"\n"
         return encode_request(self.op, *self.params)
 
     def __str__(self) -> str:
@@ -121,7 +128,7 @@ def _build(op: int, args: list[str], line: str, check_length: bool = True) -> Co
     return command
 
 
-_SEED_WORDS = {name: op for op, name in _OP_NAMES.items()}
+_SEED_WORDS = {name: op for op, name in _OP_NAMES.items() if op not in (OP_EXT, OP_RESUME)}
 _SLASH_WORDS = {"create": OP_CREATE, "login": OP_LOGIN, "msg": OP_SEND, "m": OP_SEND,
                 "list": OP_LIST, "delete": OP_DELETE, "quit": OP_EXIT, "exit": OP_EXIT}
 

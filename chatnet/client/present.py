@@ -122,7 +122,16 @@ class Presenter:
 
     # identity ------------------------------------------------------------------------------
     def _Reidentified(self, e: s.Reidentified) -> list[DisplayLine]:
+        if e.resumed:
+            return [DisplayLine("info", f"resumed as {e.user} on {e.server}")]
+        if e.fresh:
+            return [DisplayLine("info", f"logged in again as {e.user} on {e.server} (a fresh login: "
+                                        "the session could not be resumed)")]
         return [DisplayLine("info", f"logged in again as {e.user} on {e.server}")]
+
+    def _ResumeRefused(self, e: s.ResumeRefused) -> list[DisplayLine]:
+        return [DisplayLine("error", f"could not resume the session as {e.user} ({e.reason}); "
+                                     "logging in afresh, queued commands will follow")]
 
     def _ReidentifyFailed(self, e: s.ReidentifyFailed) -> list[DisplayLine]:
         return [DisplayLine("error", f"could not log in again as {e.user}: {e.reason}")]

@@ -41,16 +41,29 @@ Rules the session keeps:
   frames starting with ``- ``).  A successful login is followed, after any queued chat, by one
   status-2 summary note.  Chat frames (indicator 1) can arrive at any time.
 
-Extension points for session resume and exactly-once chat (issue 4):
+Extension 1 — sessions that survive failover (``docs/protocol.md``, last section):
 
-* :meth:`ClientSession._identify_command` builds the request that re-identifies a session on a
-  new connection (today ``2|name``); a resume extension returns ``7|name|token|last_seq`` and
-  :meth:`ClientSession._on_identify_answer` handles its answer.
-* Every :class:`Pending` carries ``request_id``, unique per session, and ``attempts``: a retry
-  after a reconnect is the same Pending object, so a request-id extension can put the id on the
-  wire and the server can acknowledge a duplicate without executing it twice.
-* :meth:`ClientSession._on_frame` is the single entry point for frames, where sequence numbers
-  would be recorded before a chat is handed to the UI.
+* **Negotiation.**  On every new connection (``extension=True``, the default) the first request
+  is ``0|ext|1``; it doubles as the probe that makes a backup reveal itself.  The answer
+  ``ext|1`` makes the connection *extended*; any error answer (a server without the extension
+  says "Invalid operation") leaves it seed-style, and everything below is skipped.  Nothing else
+  is sent until the answer came (sends are encoded differently on extended connections).
+* **Token.**  ``token|TOKEN`` frames (after a create, login or resume) are remembered, not
+  shown.  The token is forgotten with the user (delete, a different account, a failed re-login).
+* **Resume.**  On an extended connection with a token, the session re-identifies with
+  ``7|NAME|TOKEN|LAST_SEQ`` instead of ``2|NAME``.  ``Resumed as NAME.`` gives
+  :class:`Reidentified` with ``resumed=True`` (no summary note follows).  A refused token gives
+  :class:`ResumeRefused` and an immediate fresh ``2|NAME`` login (the queue still waits for it);
+  an unknown account gives :class:`ReidentifyFailed`, as a refused login does.
+* **Exactly-once chat.**  Chat frames of an extended connection are ``SEQ|SENDER|TEXT``.  A chat
+  whose SEQ is not above :attr:`ClientSession.last_seq` is dropped (:class:`DuplicateDropped`);
+  the others become :class:`FrameReceived` with ``seq``.  After each received burst (one
+  :meth:`~ClientSession.data_received` call) one cumulative ``0|ack|LAST_SEQ`` goes out.
+* **Request ids.**  A send on an extended connection goes as ``0|send|RID|RECIPIENT|TEXT``.  The
+  RID (``Pending.rid``: a random per-session prefix plus a counter) is chosen at the first write
+  and kept for every retry, so a send the dead primary committed is acknowledged again by the
+  new one but not delivered twice.  A send whose extended form would exceed 280 characters goes
+  as plain op 3 (at-least-once), since the server would refuse it as too long.
 """
 
 from __future__ import annotations
@@ -59,6 +72,8 @@ import enum
 import itertools
 import random
 import re
+import secrets
+import string
 from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -66,6 +81,7 @@ from typing import NamedTuple
 from ..codec import (
     INDICATOR_CHAT,
     MAX_FRAME_BYTES,
+    MAX_REQUEST_CHARS,
     NEED_DATA,
     STATUS_NOTE,
     STATUS_OK,
@@ -73,15 +89,27 @@ from ..codec import (
     ProtocolError,
     ResponseDecoder,
 )
-from .commands import OP_CREATE, OP_DELETE, OP_EXIT, OP_LIST, OP_LOGIN, Command
+from .commands import (
+    OP_CREATE,
+    OP_DELETE,
+    OP_EXIT,
+    OP_EXT,
+    OP_LIST,
+    OP_LOGIN,
+    OP_RESUME,
+    OP_SEND,
+    Command,
+)
 
 __all__ = [
     "Server", "DEFAULT_SERVERS", "parse_server", "parse_servers", "Backoff", "State", "Pending",
     "Connect", "Send", "Disconnect",
     "Connecting", "Connected", "PrimaryConfirmed", "ConnectFailed", "ConnectionLost", "Redirected", "RetryScheduled",
     "AllServersDown", "FrameReceived", "UserChanged", "Reidentified", "ReidentifyFailed",
+    "Negotiated", "ResumeRefused", "DuplicateDropped",
     "CommandQueued", "CommandSent", "CommandRequeued", "SessionClosed", "ClientSession",
     "BACKUP_NOTE_RE", "NO_PRIMARY_NOTE", "ALREADY_CONNECTED_TEXT", "PROBE_COMMAND",
+    "EXT_COMMAND", "EXT_ANSWER", "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT",
 ]
 
 
@@ -123,6 +151,31 @@ _LOGGED_IN_RE = re.compile(r"(?:Account created! )?Logged in as (?P<name>.*)\.\Z
 _DELETED_RE = re.compile(r"Account (?P<name>.*) has been deleted\. You are now logged out\.\Z", re.S)
 # Sent when there is nobody to log in again, to find out at once whether the server is a backup.
 PROBE_COMMAND = Command(OP_LIST, ("|",), "")
+# Extension 1 (docs/protocol.md, "Extension 1: sessions that survive failover").
+EXT_COMMAND = Command(OP_EXT, ("ext", "1"), "")
+EXT_ANSWER = "ext|1"
+RESUME_BAD_TOKEN_TEXT = "Unable to resume: the session token is not valid. Please log in again."
+RESUME_UNKNOWN_TEXT = "Unable to resume: This username does not exist."
+_TOKEN_PREFIX = "token|"
+_RID_RE = re.compile(r"[A-Za-z0-9_-]{1,24}\Z")
+_RID_ALPHABET = string.ascii_letters + string.digits
+_BASE36 = string.digits + string.ascii_lowercase
+
+
+def _base36(n: int) -> str:
+    digits = ""
+    while True:
+        n, r = divmod(n, 36)
+        digits = _BASE36[r] + digits
+        if not n:
+            return digits
+
+
+def random_rid_prefix(length: int = 8) -> str:
+    """A request-id prefix that another session of the same account will not pick (62**8)."""
+    return "".join(secrets.choice(_RID_ALPHABET) for _ in range(length))
+
+
 # A list line is "- " + a name of at most 32 characters of up to 4 bytes + "\n".
 _LIST_CONTINUATION_SLACK = 2 + 32 * 4 + 1
 
@@ -165,9 +218,12 @@ class Pending:
     request_id: int
     auto: bool = False        # sent by the session itself (re-identification), not the user
     attempts: int = 0         # how many times it has been written to a connection
+    rid: str | None = None    # extension 1: the wire request id of a send, fixed at its first write
 
     def __repr__(self) -> str:
-        return f"Pending(#{self.request_id} {self.command}{' auto' if self.auto else ''}, attempts={self.attempts})"
+        rid = f" rid={self.rid}" if self.rid else ""
+        return (f"Pending(#{self.request_id} {self.command}{' auto' if self.auto else ''}, "
+                f"attempts={self.attempts}{rid})")
 
 
 # ------------------------------------------------------------------------------------ actions
@@ -265,6 +321,7 @@ class FrameReceived:
     answer_to: Pending | None = None
     sender: str | None = None
     text: str | None = None
+    seq: int | None = None     # extension 1: the chat's per-recipient sequence number
 
     @property
     def message(self) -> str:
@@ -278,10 +335,39 @@ class UserChanged:
 
 @dataclass(frozen=True)
 class Reidentified:
-    """The session logged ``user`` in again on a new connection to ``server``."""
+    """The session logged ``user`` in again on a new connection to ``server``: ``resumed``
+    (extension 1, op 7: same session, nothing missed or repeated) or by a plain login;
+    ``fresh`` when that login followed a refused resume."""
 
     user: str
     server: Server
+    resumed: bool = False
+    fresh: bool = False
+
+
+@dataclass(frozen=True)
+class Negotiated:
+    """The server answered ``0|ext|1``: ``extended`` tells whether it speaks extension 1."""
+
+    server: Server
+    extended: bool
+
+
+@dataclass(frozen=True)
+class ResumeRefused:
+    """The server refused to resume ``user``'s session (``reason``: its answer); the session
+    logs in afresh at once.  Chat already shown is still not shown twice (sequence numbers)."""
+
+    user: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DuplicateDropped:
+    """A chat with an already-seen sequence number arrived again and was not shown."""
+
+    seq: int
+    sender: str
 
 
 @dataclass(frozen=True)
@@ -346,6 +432,8 @@ class ClientSession:
     exit_grace: float = 2.0
     identify_retries: int = 5
     probe: bool = True
+    extension: bool = True                 # negotiate extension 1 on every connection
+    rid_prefix: str | None = None          # default: random_rid_prefix()
 
     def __post_init__(self) -> None:
         self.servers = tuple(Server(*s) for s in self.servers)
@@ -370,6 +458,21 @@ class ClientSession:
         self._identify: Pending | None = None
         self._identify_refusals = 0
         self._login_note: Pending | None = None   # a login whose summary note is still due
+        # Extension 1.
+        self.extended: bool | None = None   # the current connection speaks it (None: not known yet)
+        self.resumed = False                # the current connection resumed the session (op 7)
+        self.token: str | None = None       # the resume token of ``user``
+        self.last_seq = 0                   # highest chat sequence number received for ``user``
+        self.duplicates_dropped = 0
+        self._negotiate: Pending | None = None
+        self._fresh_login = False           # the re-login in progress follows a refused resume
+        self._ack_sent = 0                  # highest seq acknowledged on the current connection
+        self._ack_due = False
+        if self.rid_prefix is None:
+            self.rid_prefix = random_rid_prefix()
+        elif not _RID_RE.match(self.rid_prefix):
+            raise ValueError(f"bad request id prefix {self.rid_prefix!r}")
+        self._rids = itertools.count(1)
         self._list_open: Pending | None = None    # a list answer that may continue
         self._decoder: ResponseDecoder | None = None
         self._ids = itertools.count(1)
@@ -406,9 +509,20 @@ class ClientSession:
         self._timers.stable = now + self.stable_after
         self._decoder = ResponseDecoder()
         self._good = False
+        self.extended = None
+        self.resumed = False
+        self._ack_sent = 0
+        self._ack_due = False
         self._events.append(Connected(self.server))
         self._actions.append(Send(b"\n"))       # declare line mode before any request
-        self._begin_identify(now)
+        if self.extension:
+            # The first request asks for extension 1; like the probe, it makes a backup say so.
+            self.state = State.IDENTIFYING
+            self._negotiate = Pending(EXT_COMMAND, next(self._ids), auto=True)
+            self._write(self._negotiate)
+        else:
+            self.extended = False
+            self._begin_identify(now, self.probe)
 
     def connect_failed(self, now: float, reason: str) -> None:
         if self.state is not State.CONNECTING:
@@ -433,6 +547,15 @@ class ClientSession:
         except ProtocolError as exc:
             self._actions.append(Disconnect())
             self._lost(now, f"protocol error: {exc}")
+        self._send_ack()
+
+    def _send_ack(self) -> None:
+        """One cumulative acknowledgement per received burst (extension 1)."""
+        if not self._ack_due or self._decoder is None or not self.extended:
+            return
+        self._ack_due = False
+        self._ack_sent = self.last_seq
+        self._actions.append(Send(Command(OP_EXT, ("ack", str(self.last_seq))).encode()))
 
     def connection_lost(self, now: float, reason: str = "connection closed") -> None:
         """The connection broke or the server closed it (not reported after a Disconnect)."""
@@ -491,7 +614,12 @@ class ClientSession:
     def idle(self) -> bool:
         """Nothing queued, nothing unanswered: every answer the user waits for has come."""
         return (not self._queue and not self._in_flight and self._identify is None
-                and self._login_note is None and self._list_open is None)
+                and self._negotiate is None and self._login_note is None and self._list_open is None)
+
+    @property
+    def negotiating(self) -> bool:
+        """Connected, waiting for the answer to ``0|ext|1``."""
+        return self._negotiate is not None
 
     def submit(self, command: Command, now: float) -> Pending | None:
         """Send ``command`` now if connected, else queue it.  ``exit`` goes out after whatever
@@ -540,18 +668,20 @@ class ClientSession:
         self._actions.append(Connect(server))
 
     def _identify_command(self) -> Command | None:
-        """The request that re-identifies this session on a new connection, or None.
+        """The request that re-identifies this session on a new connection, or None: a resume
+        ``7|NAME|TOKEN|LAST_SEQ`` on an extended connection with a token, else ``2|NAME``."""
+        if self.user is None:
+            return None
+        if self.extended and self.token is not None:
+            return Command(OP_RESUME, (self.user, self.token, str(self.last_seq)))
+        return Command(OP_LOGIN, (self.user,))
 
-        Extension point: a session-resume extension returns op 7 with name, token and the
-        last sequence number received instead of a plain login."""
-        return Command(OP_LOGIN, (self.user,)) if self.user is not None else None
-
-    def _begin_identify(self, now: float) -> None:
+    def _begin_identify(self, now: float, probe: bool = False) -> None:
         command = self._identify_command()
         self._identify_refusals = 0
         if command is None:
             self.state = State.READY
-            if self.probe:
+            if probe:
                 # A backup says so only when it gets a request: ask something harmless now,
                 # rather than sit on a backup until the user types.  No username can contain
                 # "|", so this lists nothing.
@@ -565,9 +695,22 @@ class ClientSession:
     def _write(self, pending: Pending) -> None:
         pending.attempts += 1
         self._in_flight.append(pending)
-        self._actions.append(Send(pending.command.encode()))
+        self._actions.append(Send(self._wire(pending)))
         if not pending.auto:
             self._events.append(CommandSent(pending))
+
+    def _wire(self, pending: Pending) -> bytes:
+        """The bytes of ``pending`` on the current connection: a send with its request id on
+        an extended connection (the same id on every attempt), else the command itself."""
+        command = pending.command
+        if command.op == OP_SEND and self.extended:
+            if pending.rid is None:
+                pending.rid = self.rid_prefix + _base36(next(self._rids))
+            extended = Command(OP_EXT, ("send", pending.rid, *command.params))
+            if len(extended.wire) <= MAX_REQUEST_CHARS:
+                return extended.encode()
+            # The envelope would push it over the server's limit: plain op 3, at-least-once.
+        return command.encode()
 
     def _flush(self, now: float) -> None:
         while self._queue and self.state is State.READY:
@@ -598,8 +741,14 @@ class ClientSession:
             self.role = "primary"
             self._events.append(PrimaryConfirmed(self.server))
         if frame.indicator == INDICATOR_CHAT:
+            if self.extended:
+                self._on_sequenced_chat(frame)
+                return
             sender, _, text = frame.message.partition("|")
             self._events.append(FrameReceived(frame, "chat", None, sender, text))
+            return
+        if self.extended and frame.status == STATUS_OK and frame.message.startswith(_TOKEN_PREFIX):
+            self.token = frame.message[len(_TOKEN_PREFIX):]      # not an answer: never shown
             return
         if frame.status == STATUS_NOTE:
             answer_to, self._login_note = self._login_note, None
@@ -618,13 +767,36 @@ class ClientSession:
         if pending is not None:
             self._on_answer(pending, frame, now)
 
+    def _on_sequenced_chat(self, frame: Frame) -> None:
+        """``SEQ|SENDER|TEXT``: show it once, in order; acknowledge it after the burst."""
+        seq_text, sep, rest = frame.message.partition("|")
+        if not sep or not (seq_text.isascii() and seq_text.isdigit()):
+            sender, _, text = frame.message.partition("|")       # not numbered: show as is
+            self._events.append(FrameReceived(frame, "chat", None, sender, text))
+            return
+        seq = int(seq_text)
+        sender, _, text = rest.partition("|")
+        if seq > self._ack_sent:
+            self._ack_due = True
+        if seq <= self.last_seq:
+            self.duplicates_dropped += 1
+            self._events.append(DuplicateDropped(seq, sender))
+            return
+        self.last_seq = seq
+        self._events.append(FrameReceived(frame, "chat", None, sender, text, seq))
+
     def _check_list_continues(self, pending: Pending, frame: Frame) -> None:
         if len(frame.message.encode("utf-8")) >= MAX_FRAME_BYTES - _LIST_CONTINUATION_SLACK:
             self._list_open = pending
 
     def _on_answer(self, pending: Pending, frame: Frame, now: float) -> None:
         op = pending.command.op
-        if pending is self._identify:
+        if pending is self._negotiate:
+            self._negotiate = None
+            self.extended = frame.status == STATUS_OK and frame.message == EXT_ANSWER
+            self._events.append(Negotiated(self.server, self.extended))
+            self._begin_identify(now)      # no probe needed: this server has just answered
+        elif pending is self._identify:
             self._on_identify_answer(pending, frame, now)
         elif op in (OP_CREATE, OP_LOGIN) and frame.status == STATUS_OK:
             self._set_user(self._name_from(frame, pending))
@@ -636,14 +808,28 @@ class ClientSession:
             self._check_list_continues(pending, frame)
 
     def _on_identify_answer(self, pending: Pending, frame: Frame, now: float) -> None:
-        """The answer to :meth:`_identify_command`'s request (extension point for op 7)."""
+        """The answer to :meth:`_identify_command`'s request (a login or a resume)."""
         user = pending.command.params[0]
+        resume = pending.command.op == OP_RESUME
         if frame.status == STATUS_OK:
             self._identify = None
-            self._login_note = pending
-            self._events.append(Reidentified(user, self.server))
+            self.resumed = resume
+            if not resume:
+                self._login_note = pending        # a resume has no summary note
+            self._events.append(Reidentified(user, self.server, resumed=resume,
+                                             fresh=self._fresh_login and not resume))
+            self._fresh_login = False
             self.state = State.READY
             self._flush(now)
+            return
+        if resume and frame.message != RESUME_UNKNOWN_TEXT:
+            # The token is wrong or superseded (or the server cannot resume): log in afresh.
+            # The queue keeps waiting; chat seen before is still dropped by sequence number.
+            self.token = None
+            self._fresh_login = True
+            self._events.append(ResumeRefused(user, frame.message))
+            self._identify = Pending(Command(OP_LOGIN, (user,)), next(self._ids), auto=True)
+            self._write(self._identify)
             return
         if frame.message == ALREADY_CONNECTED_TEXT and self._identify_refusals < self.identify_retries:
             # Most likely our own previous connection, which that server has not noticed dead.
@@ -651,6 +837,7 @@ class ClientSession:
             self._identify_refusals += 1
             return
         self._identify = None
+        self._fresh_login = False
         self._events.append(ReidentifyFailed(user, frame.message))
         self._set_user(None)
         self.state = State.READY
@@ -664,6 +851,8 @@ class ClientSession:
     def _set_user(self, user: str | None) -> None:
         if user != self.user:
             self.user = user
+            self.token = None               # a token and sequence numbers belong to one account
+            self.last_seq = self._ack_sent = 0
             self._events.append(UserChanged(user))
 
     def _on_backup_note(self, match: re.Match | None, now: float) -> None:
@@ -699,7 +888,9 @@ class ClientSession:
             if not pending.auto:
                 self._events.append(CommandRequeued(pending))
         self._in_flight.clear()
-        self._identify = self._login_note = self._list_open = None
+        self._identify = self._login_note = self._list_open = self._negotiate = None
+        self._ack_due = False
+        self.resumed = False
         if self._good:
             self._failures = 0
             self._reachable = 0
