@@ -29,7 +29,7 @@ messages = st.one_of(
     st.builds(AppendResp, u, st.booleans(), u, u, st.booleans()),
     st.builds(ViewChange, u, u, u, u, st.booleans()),
     st.builds(Vote, u, st.booleans(), u, u, u, u),
-    st.builds(InstallSnapshot, u, u, u, u, u, ids, st.binary(max_size=100), u),
+    st.builds(InstallSnapshot, u, u, u, u, u, ids, st.binary(max_size=100), u, st.booleans()),
     st.builds(PeerHello, u, u, st.binary(max_size=64)),
     st.builds(PeerChallenge, u, st.binary(max_size=64), st.binary(max_size=32)),
     st.builds(PeerProof, st.binary(max_size=32)),

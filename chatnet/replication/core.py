@@ -223,6 +223,7 @@ class Replica:
         self._learners: set[int] = set()
         self._backoff = 0
         self._probing: dict[int, int] = {}
+        self._force_snap: set[int] = set()
 
         self._new_incarnation()
         if self.n == 1:
@@ -360,6 +361,7 @@ class Replica:
         self._next, self._match, self._progress = {}, {}, {}
         self._sent_commit, self._snap_pending = {}, {}
         self._probing: dict[int, int] = {}
+        self._force_snap: set[int] = set()
         self._learners = set()
 
     def _become_sole_primary(self) -> None:
@@ -595,6 +597,7 @@ class Replica:
         elif m.need_snapshot or m.hint > self.last_index:
             # (a hint past my log: the replica holds committed entries I do not have, which
             # only a healed split brain produces; only a snapshot can reconcile it)
+            self._force_snap.add(p)
             self._next[p] = self._snap_index  # forces the snapshot path
             self._snap_pending.pop(p, None)
             if p not in self._snap_requests:
@@ -642,7 +645,9 @@ class Replica:
         self._send(peer, InstallSnapshot(view=self._view, index=index, snap_view=view,
                                          commit=self._commit, start=self._start,
                                          members=self._members, data=bytes(data),
-                                         echo_inc=self._echo.get(peer, (0, 0))[0]))
+                                         echo_inc=self._echo.get(peer, (0, 0))[0],
+                                         force=peer in self._force_snap))
+        self._force_snap.discard(peer)
         self._next[peer] = index + 1
         self._snap_pending[peer] = self._ticks
 
@@ -747,14 +752,26 @@ class Replica:
     def _on_snapshot(self, p: int, m: InstallSnapshot) -> None:
         if not self._accept_primary_msg(p, m.view):
             return
-        mine = self.entry_view(m.index)
-        if m.index <= self._commit and mine is not None and mine != m.snap_view:
+        mine = self.entry_view(m.index)     # None: inside my compacted prefix, or past my log
+        if mine is not None and mine != m.snap_view and m.index <= self._commit:
             self._diverged = True          # my committed history is another one (split brain)
             self.divergences += 1
-        # Keep my state only if it provably is the same history (same view at that index);
-        # otherwise (newer, unverifiable inside my own snapshot, or divergent) install.
-        if m.index > self._commit or self._diverged or mine is None:
-            self._diverged = False
+        if mine is not None and mine == m.snap_view and not (self._diverged or m.force):
+            # Same history through m.index (log matching): keep my log -- it may hold entries
+            # after m.index that I have acknowledged -- and just learn that m.index committed.
+            if m.index > self._commit:
+                self._commit = m.index
+            match = m.index
+        elif (mine is None and m.index <= self._snap_index
+              and not (self._diverged or m.force)):
+            # A stale snapshot below my own: ask for entries from my checkable snapshot point.
+            self._send(p, AppendResp(m.view, False, 0, self._snap_index, False))
+            return
+        else:
+            # I am behind the snapshot, or my entry there is another (uncommitted, or after a
+            # split brain committed) history: replace everything.
+            if self._diverged or m.force:
+                self._diverged = False
             self._log = []
             self._snap_index, self._snap_view = m.index, m.snap_view
             self._pending_snapshot = Snapshot(m.index, m.snap_view, m.data)
@@ -763,8 +780,6 @@ class Replica:
             self._apply_cursor = m.index
             self._stable_last = min(self._stable_last, m.index)
             self._unstable_from = m.index + 1
-            match = m.index
-        else:
             match = m.index
         self._after_sync(p, m.view, m.members, m.start, match, m.echo_inc)
         self._send(p, AppendResp(m.view, True, match, 0, False))

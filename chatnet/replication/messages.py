@@ -137,6 +137,7 @@ class InstallSnapshot:
     members: tuple[int, ...]
     data: bytes
     echo_inc: int = 0
+    force: bool = False        # replace the state even if it looks like the same history
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,7 @@ _SCHEMA: dict[type, tuple[int, str]] = {
     AppendResp: (3, "ubuub"),
     ViewChange: (4, "uuuub"),
     Vote: (5, "ubuuuu"),
-    InstallSnapshot: (6, "uuuuuIBu"),
+    InstallSnapshot: (6, "uuuuuIBub"),
     PeerHello: (16, "uuB"),
     PeerChallenge: (17, "uBB"),
     PeerProof: (18, "B"),
