@@ -19,6 +19,7 @@ offline and its undelivered chat waits for its next login.
 from __future__ import annotations
 
 import errno
+import hashlib
 import itertools
 import json
 import logging
@@ -102,6 +103,7 @@ class ChatServer:
         heartbeat: float = 0.1,
         failure_timeout: float = 1.0,
         log_retain: int = 10_000,
+        naive: bool = False,
     ):
         self.peers, self.me = peers, me
         self.host, self.port = peers[me].host, peers[me].port
@@ -117,7 +119,11 @@ class ChatServer:
             me, range(len(peers)), _durable_state(loaded),
             heartbeat_ticks=1, failure_ticks=max(2, round(failure_timeout / heartbeat)),
             rng=random.Random(), retain_entries=log_retain,
+            **({"max_batch": 1, "max_inflight": 1} if naive else {}),
         )
+        # Benchmark baseline: one command per loop iteration, so one fsync per command, and
+        # one entry in flight per backup (stop-and-wait) instead of group commit + pipelining.
+        self.naive = naive
         self.applied_index = loaded.applied_index
         self.transport = None
         if len(peers) > 1:
@@ -263,7 +269,8 @@ class ChatServer:
     def status(self) -> dict:
         status = self.replica.status()
         status.update(address=f"{self.host}:{self.port}", clients=len(self.conns),
-                      accounts=len(self.service.state.accounts))
+                      accounts=len(self.service.state.accounts), applied=self.applied_index,
+                      digest=hashlib.sha256(self.service.state.to_snapshot()).hexdigest()[:16])
         return status
 
     def _feed(self, conn: ClientConnection) -> None:
@@ -348,6 +355,8 @@ class ChatServer:
         replica = self.replica
         self._check_serving()
         proposals, self._held = self._held + self.service.take_proposals(), []
+        if self.naive and len(proposals) > 1:
+            proposals, self._held = proposals[:1], proposals[1:]
         if replica.serving:
             for cmd, conn_id in proposals:
                 index = replica.propose(encode_command(cmd))
@@ -363,7 +372,7 @@ class ChatServer:
         if self.transport is not None:
             self.transport.flush()
         self._flush_dirty()
-        return bool(self.service.proposals) or self.service.has_delivery_marks()
+        return bool(self.service.proposals or self._held and self._mode == SERVING) or self.service.has_delivery_marks()
 
     def _handle_ready(self, rd) -> None:
         replica, service = self.replica, self.service

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-retain", type=int, default=10_000, metavar="ENTRIES",
                         help="log entries kept behind the applied state for catch-up; a replica further "
                              "behind is sent a snapshot (default: 10000)")
+    parser.add_argument("--naive", action="store_true",
+                        help="benchmark baseline only: one fsync per command and stop-and-wait replication "
+                             "(no group commit, no pipelining); never use it in production")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging threshold (default: INFO)")
     parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             base = args.data_dir or DEFAULT_BASE_DIR
             secret_file = args.secret_file or os.path.join(base, "cluster.secret")
             extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
-                     "--log-retain", str(args.log_retain),
+                     "--log-retain", str(args.log_retain), *(["--naive"] if args.naive else []),
                      "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout)]
             return run_local(peers, base, secret_file, extra)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
@@ -150,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ChatServer(
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
-            log_retain=args.log_retain,
+            log_retain=args.log_retain, naive=args.naive,
         )
         server.start()
     except StoreError as exc:
