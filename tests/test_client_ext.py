@@ -355,6 +355,53 @@ def test_a_send_queued_before_the_negotiation_goes_out_with_an_id():
     assert sent_text(h) == ["1|alice\n", "0|send|PFX1|bob|early\n"]
 
 
+# ------------------------------------------------------------------ retried create, login
+
+def test_a_retried_create_answered_taken_logs_in_and_holds_the_queue_until_then():
+    h = ext_harness()
+    h.start()
+    negotiate(h)
+    create = h.session.submit(cmd("create|alice"), h.t)
+    h.session.submit(cmd("send|bob|first"), h.t)
+    h.sends()
+    lose(h)                                   # the create committed, its answer was lost
+    assert negotiate(h) == [b"1|alice\n"]    # the send waits behind the retried create
+    h.feed(err(s.CREATE_TAKEN_TEXT))
+    assert h.of(s.CreateRecovered) == [s.CreateRecovered("alice")]
+    assert h.session.user == "alice" and create.attempts == 2
+    assert h.sends() == [b"2|alice\n"]
+    h.feed(ok("Logged in as alice."), ok("token|t"), note("No new messages since you've been gone."))
+    assert sent_text(h) == ["0|send|PFX1|bob|first\n"]
+    assert h.session.token == "t"
+    lines = [line for e in h.events for line in Presenter().lines(e)]
+    assert not [line for line in lines if "already taken" in line.text]
+    assert any("exists already" in line.text for line in lines)
+
+
+def test_a_create_answered_taken_the_first_time_is_just_an_error():
+    h = ext_harness()
+    h.start()
+    negotiate(h)
+    h.session.submit(cmd("create|alice"), h.t)
+    h.session.submit(cmd("list"), h.t)
+    assert h.sends() == [b"1|alice\n", b"4\n"]            # pipelined as usual
+    h.feed(err(s.CREATE_TAKEN_TEXT))
+    assert h.session.user is None and not h.of(s.CreateRecovered)
+
+
+def test_a_retried_login_holds_the_queue_until_answered():
+    h = ext_harness()
+    h.start()
+    negotiate(h)
+    h.session.submit(cmd("login|alice"), h.t)
+    h.session.submit(cmd("send|bob|x"), h.t)
+    h.sends()
+    lose(h)
+    assert negotiate(h) == [b"2|alice\n"]
+    h.feed(ok("Logged in as alice."), ok("token|t"))
+    assert sent_text(h) == ["0|send|PFX1|bob|x\n"]
+
+
 # -------------------------------------------------------------------- presentation, CLI
 
 def test_status_bar_says_resumed():
@@ -431,7 +478,8 @@ class ExtCluster:
             self.delivered_to_bob.append(rest.partition("|")[2])
             return ok("Message sent to bob."), False
         if op == "1":
-            assert not self.created, "a retried create (no kills until it is answered)"
+            if self.created:
+                return err(s.CREATE_TAKEN_TEXT), False
             self.created = True
             conn["user"] = rest
             return ok(f"Account created! Logged in as {rest}.") + ok(f"token|{self.new_token()}"), False
@@ -507,7 +555,7 @@ def test_random_failovers_deliver_every_chat_exactly_once_both_ways(seed):
             cut = rng.randint(1, len(conn["out"]))
             data, conn["out"][:cut] = bytes(conn["out"][:cut]), b""
             session.data_received(data, h.t)
-        elif r < 0.66 and conn is not None and not calm and session.user is not None:
+        elif r < 0.66 and conn is not None and not calm:
             conn = None                                      # the primary dies: output lost
             session.connection_lost(h.t, "killed")
         else:

@@ -351,6 +351,9 @@ def test_primary_killed_clients_follow_the_new_primary(tmp_path, term):
         for t, user in ((alice, "alice"), (bob, "bob")):
             t.wait(lambda t=t, user=user: f"{new} (primary) | {user} | connected" in t.status(),
                    "connected to the new primary", timeout=20)
+        for t, user in ((alice, "alice"), (bob, "bob")):
+            t.wait_text(f"resumed as {user} on {new}")              # extension 1: op 7
+            assert "logged in again" not in t.text()
         alice.wait_text("<bob> sent during the failover")
         alice.enter("send|bob|after the failover", "Message sent to bob.")
         bob.wait_text("<alice> after the failover")

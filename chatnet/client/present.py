@@ -129,6 +129,10 @@ class Presenter:
                                         "the session could not be resumed)")]
         return [DisplayLine("info", f"logged in again as {e.user} on {e.server}")]
 
+    def _CreateRecovered(self, e: s.CreateRecovered) -> list[DisplayLine]:
+        return [DisplayLine("info", f"the account {e.user} exists already, most likely created by this "
+                                    "client just before the connection broke; logging in as it")]
+
     def _ResumeRefused(self, e: s.ResumeRefused) -> list[DisplayLine]:
         return [DisplayLine("error", f"could not resume the session as {e.user} ({e.reason}); "
                                      "logging in afresh, queued commands will follow")]
@@ -160,6 +164,8 @@ class Presenter:
         if e.kind == "chat":
             return [DisplayLine("chat", e.text or "", e.sender)]
         pending = e.answer_to
+        if s.retried_create_taken(pending, e.frame):
+            return []                               # CreateRecovered says it
         if pending is not None and pending.auto and e.kind != "note":
             if e.kind == "ok":
                 return []                       # Reidentified says it

@@ -106,7 +106,7 @@ __all__ = [
     "Connect", "Send", "Disconnect",
     "Connecting", "Connected", "PrimaryConfirmed", "ConnectFailed", "ConnectionLost", "Redirected", "RetryScheduled",
     "AllServersDown", "FrameReceived", "UserChanged", "Reidentified", "ReidentifyFailed",
-    "Negotiated", "ResumeRefused", "DuplicateDropped",
+    "Negotiated", "ResumeRefused", "DuplicateDropped", "CreateRecovered", "retried_create_taken",
     "CommandQueued", "CommandSent", "CommandRequeued", "SessionClosed", "ClientSession",
     "BACKUP_NOTE_RE", "NO_PRIMARY_NOTE", "ALREADY_CONNECTED_TEXT", "PROBE_COMMAND",
     "EXT_COMMAND", "EXT_ANSWER", "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT",
@@ -147,6 +147,7 @@ def parse_servers(text: str) -> tuple[Server, ...]:
 BACKUP_NOTE_RE = re.compile(r"This server is a backup\. The primary is at (?P<server>\S+:\d+)\.\Z")
 NO_PRIMARY_NOTE = "This server is a backup and knows no primary yet. Try again shortly."
 ALREADY_CONNECTED_TEXT = "Unable to login: This user is already connected to the server."
+CREATE_TAKEN_TEXT = "Unable to create account: This username is already taken."
 _LOGGED_IN_RE = re.compile(r"(?:Account created! )?Logged in as (?P<name>.*)\.\Z", re.S)
 _DELETED_RE = re.compile(r"Account (?P<name>.*) has been deleted\. You are now logged out\.\Z", re.S)
 # Sent when there is nobody to log in again, to find out at once whether the server is a backup.
@@ -363,6 +364,22 @@ class ResumeRefused:
 
 
 @dataclass(frozen=True)
+class CreateRecovered:
+    """A create sent again after a reconnect was answered "already taken": most likely the
+    first attempt was committed just before the connection broke, so the session logs in."""
+
+    user: str
+
+
+def retried_create_taken(pending: Pending | None, frame: Frame) -> bool:
+    """Whether ``frame`` refuses a create that was sent more than once because the name is
+    taken (the session then logs in instead: see :class:`CreateRecovered`)."""
+    return (pending is not None and not pending.auto and pending.command.op == OP_CREATE
+            and pending.attempts > 1 and frame.status != STATUS_OK
+            and frame.message == CREATE_TAKEN_TEXT)
+
+
+@dataclass(frozen=True)
 class DuplicateDropped:
     """A chat with an already-seen sequence number arrived again and was not shown."""
 
@@ -465,6 +482,7 @@ class ClientSession:
         self.last_seq = 0                   # highest chat sequence number received for ``user``
         self.duplicates_dropped = 0
         self._negotiate: Pending | None = None
+        self._barrier: Pending | None = None      # a retried create/login the queue waits for
         self._fresh_login = False           # the re-login in progress follows a refused resume
         self._ack_sent = 0                  # highest seq acknowledged on the current connection
         self._ack_due = False
@@ -713,13 +731,17 @@ class ClientSession:
         return command.encode()
 
     def _flush(self, now: float) -> None:
-        while self._queue and self.state is State.READY:
+        while self._queue and self.state is State.READY and self._barrier is None:
             pending = self._queue.popleft()
             self._write(pending)
             if pending.command.op == OP_EXIT:
                 self._in_flight.remove(pending)   # op 6 has no answer: the server closes
                 self.state = State.EXITING
                 self._timers.exit = now + self.exit_grace
+            elif pending.command.op in (OP_CREATE, OP_LOGIN) and pending.attempts > 1:
+                # A retried create/login: who we are afterwards depends on its answer (a create
+                # the dead primary committed is answered "taken"), so the rest waits for it.
+                self._barrier = pending
 
     def _mark_good(self) -> None:
         self._timers.stable = None
@@ -791,6 +813,19 @@ class ClientSession:
 
     def _on_answer(self, pending: Pending, frame: Frame, now: float) -> None:
         op = pending.command.op
+        barrier = pending is self._barrier
+        if barrier:
+            self._barrier = None
+        if retried_create_taken(pending, frame):
+            # Most likely our own create, committed just before the connection broke: log in.
+            name = pending.command.params[0]
+            self._events.append(CreateRecovered(name))
+            self._set_user(name)
+            self.state = State.IDENTIFYING
+            self._identify_refusals = 0
+            self._identify = Pending(Command(OP_LOGIN, (name,)), next(self._ids), auto=True)
+            self._write(self._identify)
+            return
         if pending is self._negotiate:
             self._negotiate = None
             self.extended = frame.status == STATUS_OK and frame.message == EXT_ANSWER
@@ -806,6 +841,8 @@ class ClientSession:
             self._set_user(None)
         elif op == OP_LIST and frame.status == STATUS_OK:
             self._check_list_continues(pending, frame)
+        if barrier:
+            self._flush(now)
 
     def _on_identify_answer(self, pending: Pending, frame: Frame, now: float) -> None:
         """The answer to :meth:`_identify_command`'s request (a login or a resume)."""
@@ -888,7 +925,7 @@ class ClientSession:
             if not pending.auto:
                 self._events.append(CommandRequeued(pending))
         self._in_flight.clear()
-        self._identify = self._login_note = self._list_open = self._negotiate = None
+        self._identify = self._login_note = self._list_open = self._negotiate = self._barrier = None
         self._ack_due = False
         self.resumed = False
         if self._good:
