@@ -295,11 +295,11 @@ def _run(args):
 
 
 SWEEP = (
-    [(s, 3, 150, False, 2.0) for s in range(1, 201)]
-    + [(s, 5, 150, False, 2.0) for s in range(1, 41)]
-    + [(s, 2, 150, False, 2.0) for s in range(1, 41)]
+    [(s, 3, 150, False, 2.0) for s in range(1, 161)]
+    + [(s, 5, 150, False, 2.0) for s in range(1, 31)]
+    + [(s, 2, 150, False, 2.0) for s in range(1, 31)]
     + [(s, 1, 100, False, 1.0) for s in range(1, 6)]
-    + [(s, 3, 150, True, 2.0) for s in range(1, 41)]
+    + [(s, 3, 150, True, 2.0) for s in range(1, 31)]
 )
 
 
