@@ -64,7 +64,10 @@ keys (curses mode):
 
 reconnecting: when the connection breaks, the client tries the servers of --servers in
 order (following a backup's note to the primary), then waits with capped exponential
-backoff; it logs you in again by itself, and commands typed meanwhile are sent afterwards.
+backoff; it resumes your session by itself ("resumed as NAME"), and commands typed
+meanwhile are sent afterwards.  With a chatnet server (protocol extension 1) no chat is lost
+or shown twice and a send retried after a failover is delivered once; with other servers
+(or --no-extension) it logs in again and delivery is at-least-once.
 
 plain mode prints "ok: ...", "error: ...", "note: ...", "<sender> text" for chat,
 "refused: ..." for lines not sent, and "* ..." for connection events; at the end of
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="longest wait between rounds of reconnection attempts (default: 5)")
     parser.add_argument("--connect-timeout", type=float, default=5.0, metavar="SECONDS",
                         help="give up on a connection attempt after this long (default: 5)")
+    parser.add_argument("--no-extension", action="store_true",
+                        help="speak only the seed protocol: no session resume, sequence numbers or "
+                             "request ids (delivery is then at-least-once)")
     parser.add_argument("--eof-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="plain mode: at the end of input, wait at most this long for pending "
                              "answers (default: 30)")
@@ -114,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         servers,
         backoff=Backoff(base=min(0.5, args.max_backoff), cap=args.max_backoff),
         connect_timeout=args.connect_timeout,
+        extension=not args.no_extension,
     )
     driver = SocketDriver(session)
     presenter = Presenter(verbose=args.verbose)

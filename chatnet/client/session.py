@@ -25,17 +25,20 @@ Rules the session keeps:
   than a backup note, or stayed open ``stable_after`` seconds; that resets the count.
 * **Identity.**  The logged-in user is learnt from the server's success answers to create and
   login (and forgotten on a successful delete).  On every new connection the session first
-  re-identifies (op 2 login) and sends nothing else until that is answered.  With nobody to
-  log in, it sends a probe instead (``4||``, a list that matches no valid name), since a
-  backup only reveals itself when it receives a request.  If the server
-  says the account is still connected (our own dead connection, not yet noticed), the login is
-  retried with backoff a few times.
+  negotiates extension 1 (below), then re-identifies (op 7 resume, or op 2 login) and sends
+  nothing else until that is answered.  With nobody to log in and the extension off, it sends
+  a probe instead (``4||``, a list that matches no valid name), since a backup only reveals
+  itself when it receives a request.  If the server says the account is still connected (our
+  own dead connection, not yet noticed), the login is retried with backoff a few times.
 * **Nothing typed is dropped silently.**  Commands submitted while not connected (or while
   re-identifying) wait in a queue, in order, and are sent after the re-login.  Commands that
   were sent but not answered when a connection broke go back to the front of that queue and
-  are sent again (at-least-once: the seed protocol has no request ids, so a command the old
-  server executed just before dying may run twice — see "Extension points").  Commands still
-  queued when the session is closed are reported in :class:`SessionClosed`.
+  are sent again: at-least-once on a seed-style connection (a command the old server executed
+  just before dying may run twice); on an extended one a send carries the same request id on
+  every attempt, so it is delivered once.  A retried create or login holds back the commands
+  behind it until it is answered; a retried create answered "already taken" (our own first
+  attempt, most likely) logs in instead (:class:`CreateRecovered`).  Commands still queued
+  when the session is closed are reported in :class:`SessionClosed`.
 * **Answers are matched in order.**  The server answers each request with exactly one frame of
   status 0 or 1 and indicator 0, in request order (a long list answer may continue in further
   frames starting with ``- ``).  A successful login is followed, after any queued chat, by one
