@@ -53,13 +53,19 @@ class Cluster:
         return wait_until(found, timeout=timeout, what="a serving primary")[0]
 
     def wait_in_sync(self, which, timeout: float = 20.0) -> None:
+        """Wait until the replicas ``which`` form one view with one primary (a replica is only
+        re-added to the view once it has caught up with the primary's log)."""
+        which = list(which)
+
         def synced():
             statuses = [self.status(i) for i in which]
             if any(s is None for s in statuses):
                 return False
-            return len({(s["commit_index"], s["last_index"]) for s in statuses}) == 1 and all(
-                s["role"] in ("primary", "backup") for s in statuses)
-        wait_until(synced, timeout=timeout, what=f"replicas {list(which)} in sync")
+            views = {(s["view"], tuple(s["members"]), s["primary"]) for s in statuses}
+            roles = sorted(s["role"] for s in statuses)
+            return (len(views) == 1 and set(next(iter(views))[1]) == set(which)
+                    and roles == ["backup"] * (len(which) - 1) + ["primary"])
+        wait_until(synced, timeout=timeout, what=f"replicas {which} in one view")
 
     def kill(self, i: int) -> None:
         self.replicas[i].kill()
