@@ -138,6 +138,7 @@ class ChatService:
     proposals: list = field(default_factory=list)  # (command, conn or None), in order
     _waiters: dict[int, tuple[int, int]] = field(default_factory=dict)  # log index -> (conn, view)
     _unblocked: list = field(default_factory=list)  # conns answered since take_unblocked()
+    _logging_in: set = field(default_factory=set)  # accounts with a login proposed, not yet applied
     _delivered: dict[tuple, int] = field(default_factory=dict)  # (name, order) -> highest written seq
 
     # -- connection life cycle -------------------------------------------------------------
@@ -186,10 +187,12 @@ class ChatService:
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_LOGGED_IN.format(me=session.name))
         elif username_problem(name) or not self.state.exists(name):
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_UNKNOWN)
-        elif name in self.online:
+        elif name in self.online or name in self._logging_in:
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_CONNECTED)
         else:
-            # A login is replicated: its new token supersedes every earlier session's.
+            # A login is replicated: its new token supersedes every earlier session's.  Only one
+            # login of an account may be in flight, or a loser's token would replace the winner's.
+            self._logging_in.add(name)
             self._propose(sm.cmd_login(name, self.new_token()), session)
 
     def _logged_in(self, session: Session, name: str) -> None:
@@ -325,6 +328,7 @@ class ChatService:
             session.waiting_for = None
         self._waiters.clear()
         self.proposals.clear()
+        self._logging_in.clear()
 
     def apply(self, index: int, cmd: tuple, view: int = 0) -> list:
         """Apply a committed command; queue its answer and live chat; return the store's row changes.
@@ -332,6 +336,8 @@ class ChatService:
         The waiter of ``index`` is answered only if the committed entry is the one it proposed
         (same view): an entry of another primary at that index is not its command."""
         result, changes = self.state.apply(cmd)
+        if cmd[0] == "login":
+            self._logging_in.discard(cmd[1])
         waiter = self._waiters.pop(index, None)
         session = None
         if waiter is not None:

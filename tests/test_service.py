@@ -417,3 +417,23 @@ def test_recent_request_ids_are_bounded_and_survive_snapshots():
     copy = ChatState.from_snapshot(state.to_snapshot())
     assert copy.apply(sm.cmd_send("a", "b", "x", "r500"))[0] == sm.DUPLICATE
     assert isinstance(copy.apply(sm.cmd_send("a", "b", "x", "r0"))[0], Mail)  # forgotten: too old
+
+
+def test_only_one_login_of_an_account_is_in_flight(host):
+    """Two logins raced in one batch: the loser is refused before proposing, so the winner's
+    token is never superseded by a login that was answered 'already connected'."""
+    a = host.open(1)
+    host.send(a, "1|alice")
+    host.send(a, "6")
+    host.commit()
+    _, b, c = None, host.open(2), host.open(3)
+    for conn in (b, c):
+        host.send(conn, "0|ext|1")
+        host.take(conn)
+    host.send(b, "2|alice", commit=False)
+    host.send(c, "2|alice", commit=False)
+    host.commit()
+    assert host.take(c) == [err(sv.T_LOGIN_CONNECTED)]
+    frames = host.take(b)
+    token = next(f[2].split("|", 1)[1] for f in frames if f[2].startswith("token|"))
+    assert host.service.state.accounts["alice"].token == token
