@@ -142,7 +142,7 @@ class ChatServer:
         self._last_tick = self.reactor.clock()
         self.reactor.before_sleep.append(self._before_sleep)
         self.reactor.on_stall = self._on_stall
-        self.reactor.stall_threshold = failure_timeout
+        self.reactor.stall_threshold = failure_timeout / 2  # peers may replace us after one timeout
 
     # -- start and stop ------------------------------------------------------------------------
     def start(self) -> None:
