@@ -357,5 +357,20 @@ def test_primary_killed_clients_follow_the_new_primary(tmp_path, term):
         alice.wait_text("<bob> sent during the failover")
         alice.enter("send|bob|after the failover", "Message sent to bob.")
         bob.wait_text("<alice> after the failover")
+
+        cluster.kill(second)                                        # and the next primary
+        alice.enter("send|bob|during the second failover")
+        third = cluster.wait_primary(exclude=(first, second))
+        last = "%s:%d" % cluster.addresses[third]
+        for t, user in ((alice, "alice"), (bob, "bob")):
+            t.wait(lambda t=t, user=user: f"{last} (primary) | {user} | connected, resumed" in t.status(),
+                   "resumed on the last replica", timeout=20)
+            t.wait_text(f"resumed as {user} on {last}")
+        bob.wait_text("<alice> during the second failover")
+        bob.enter("send|alice|on the last replica", "Message sent to alice.")
+        alice.wait_text("<bob> on the last replica")
+        for t, fragment in ((alice, "<bob> sent during the failover"), (bob, "<alice> after the failover"),
+                            (bob, "<alice> during the second failover")):
+            assert t.text().count(fragment) == 1, t.text()           # never shown twice
     finally:
         cluster.stop_all()
