@@ -56,6 +56,7 @@ class Reactor:
         self._signals_installed = False
         self.on_stall = None  # called with the lateness (s) when select() returned far too late
         self.stall_threshold = float("inf")
+        self._last_wake = clock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -115,14 +116,18 @@ class Reactor:
             timeout = None if deadline is None else max(0.0, deadline - self.clock())
             if max_wait is not None:
                 timeout = max_wait if timeout is None else min(timeout, max_wait)
-        expected = self.clock() + (timeout if timeout is not None else 0.0)
+        before = self.clock()
         events = self.selector.select(timeout)
-        late = self.clock() - expected
+        after = self.clock()
+        # A stall is time the loop did not run when it should have: select() returning far past
+        # its timeout (SIGSTOP while idle), or the previous iteration's work taking that long
+        # (SIGSTOP mid-iteration, swapping).  Peers stop hearing from us either way, so the
+        # owner must learn of it before acting on anything that queued up meanwhile.
+        late = max(after - before - (timeout if timeout is not None else after - before),
+                   before - self._last_wake)
+        self._last_wake = after
         if late > self.stall_threshold and self.on_stall is not None:
-            # Stopped (SIGSTOP, swap storm): tell the owner before acting on anything that
-            # queued up meanwhile.  An idle select (no timeout) cannot be late.
-            if timeout is not None:
-                self.on_stall(late)
+            self.on_stall(late)
         for key, mask in events:
             handler = key.data
             if handler.closed:
@@ -140,6 +145,7 @@ class Reactor:
             log.exception("timer callback failed")
 
     def run(self) -> None:
+        self._last_wake = self.clock()  # start-up work before the loop is not a stall
         while not self.stopping:
             self.run_once()
 
