@@ -414,12 +414,13 @@ def test_seed_style_client_keeps_working_across_a_failover(cluster, users):
     assert list(dict.fromkeys(got)) == texts                  # at-least-once from a seed sender
 
 
-@pytest.mark.xfail(reason="server: a login refused as 'already connected' at apply time has "
-                          "already replaced the account's token (service._logged_in)", strict=False)
-def test_a_refused_concurrent_login_does_not_supersede_the_winners_token(server):
-    """Two logins of one account race (both proposed before either commits): one wins, the
-    other is refused "already connected" — but if the loser's login was committed, it replaced
-    the token, and the winner can no longer resume after a failover.  Raced 20 times."""
+def test_a_refused_concurrent_login_does_not_supersede_the_winners_token(cluster):
+    """Two logins of one account race: one wins, the other is refused "already connected", and
+    the refused one must not replace the winner's token, or the winner could not resume after
+    a failover (it did before d41f757: the loser's login was committed anyway).  Raced 20 times."""
+    c = cluster()
+    server = RawClient.__new__(RawClient)                 # just a host/port holder
+    server.host, server.port = c.addresses[c.primary()]
     results = []
     for i in range(20):
         name = f"racer{i}"
