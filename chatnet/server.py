@@ -426,16 +426,18 @@ class ChatServer:
         """Follow the core's role: serve, hold clients through a reconfiguration, or send them away.
 
         A primary that removes a failed member or re-adds a caught-up one runs a short view
-        change of its own; meanwhile its clients wait (their commands are held, not lost)
+        change of its own, and a new primary syncs its members before it serves; meanwhile
+        clients wait (their commands are held, not lost)
         rather than being disconnected.  Any other loss of the primary role sends every
         client to the primary (or away, when none is known) and abandons what was pending.
         """
         replica = self.replica
         if replica.serving:
             mode = SERVING
-        elif (replica.role == "electing" and replica.primary == self.me
-              and (campaign := replica.status().get("campaign")) is not None
-              and campaign % len(self.peers) == self.me):
+        elif replica.role == "primary" or (  # established, syncing its members before serving
+                replica.role == "electing" and replica.primary == self.me
+                and (campaign := replica.status().get("campaign")) is not None
+                and campaign % len(self.peers) == self.me):
             mode = HOLDING
         else:
             mode = AWAY
@@ -446,7 +448,7 @@ class ChatServer:
             log.info("serving clients as primary of view %d (members %s)", replica.view,
                      ",".join(str(self.peers[m]) for m in replica.members))
         elif mode == HOLDING:
-            log.info("reconfiguring view %d; clients wait", replica.view)
+            log.info("view change in progress (from view %d); clients wait", replica.view)
         elif previous != AWAY or self.conns:
             log.warning("not serving clients (role %s, view %d)", replica.role, replica.view)
             self._held = []
