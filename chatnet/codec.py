@@ -154,7 +154,8 @@ class RequestDecoder:
     * blank lines (and blank seed chunks) are ignored, so a client can declare line mode
       by sending a bare ``\\n``.
 
-    Memory is bounded: a partial line may hold at most ``max_chars * 4 + 2`` bytes (280
+    Memory is bounded: a partial line may hold at most ``max_chars * 4 + 2`` bytes, plus
+    ``ENVELOPE_ALLOWANCE`` for an extension send (280
     characters of up to 4 UTF-8 bytes each, plus ``\\r``, plus slack).  Beyond that the
     line is reported once as too long and the rest of it is discarded as it arrives.
     The same byte bound is applied to complete lines first, so the events of a line mode
@@ -166,7 +167,8 @@ class RequestDecoder:
 
     def __init__(self, max_chars: int = MAX_REQUEST_CHARS) -> None:
         self._max_chars = max_chars
-        self._max_bytes = max_chars * 4 + 2
+        # + room for an extension envelope (`0|send|RID|` instead of `3|`), see _envelope()
+        self._max_bytes = max_chars * 4 + 2 + ENVELOPE_ALLOWANCE
         self._line_mode = False
         self._partial = bytearray()   # line mode: bytes of the current unterminated line
         self._discarding = False      # line mode: skipping the tail of an over-long line
@@ -179,7 +181,7 @@ class RequestDecoder:
         return self._line_mode
 
     def buffered_bytes(self) -> int:
-        """Size of the pending partial line; never exceeds ``max_chars * 4 + 2``."""
+        """Size of the pending partial line; never exceeds ``max_chars * 4 + 2 + ENVELOPE_ALLOWANCE``."""
         return len(self._partial)
 
     def receive_data(self, data: bytes) -> None:
@@ -247,10 +249,25 @@ class RequestDecoder:
             return
         if not text.strip():
             return
-        if len(text) > self._max_chars:
+        if len(text) - _envelope(text) > self._max_chars:
             self._events.append(_TOO_LONG)
             return
         self._events.append(parse_request(text))
+
+
+ENVELOPE_ALLOWANCE = 64  # bytes: "0|send|" + a 32-character request id + "|" - "3|", with slack
+
+
+def _envelope(text: str) -> int:
+    """Characters of an extension send's envelope beyond op 3's: the 280-character limit
+    applies to the equivalent `3|RECIPIENT|TEXT`, so a request id never makes a chat that
+    the seed would accept too long."""
+    if not text.startswith("0|send|"):
+        return 0
+    fields = text.split("|", 3)
+    if len(fields) < 4 or len(fields[2]) > 32:
+        return 0
+    return len("0|send|") + len(fields[2]) + 1 - len("3|")
 
 
 # -------------------------------------------------------------------------- responses

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnet.codec import (
+    ENVELOPE_ALLOWANCE,
     CLOSED, INDICATOR_CHAT, INDICATOR_SERVER, INVALID_REQUEST_TEXT, MAX_FRAME_BYTES,
     MAX_REQUEST_CHARS, NEED_DATA, NOT_UTF8_TEXT, STATUS_ERROR, STATUS_NOTE, STATUS_OK,
     TOO_LONG_TEXT, BadRequest, Frame, ProtocolError, Request, RequestDecoder,
@@ -20,7 +21,7 @@ from chatnet.codec import (
 INVALID = BadRequest(INVALID_REQUEST_TEXT)
 TOO_LONG = BadRequest(TOO_LONG_TEXT)
 NOT_UTF8 = BadRequest(NOT_UTF8_TEXT)
-BOUND = MAX_REQUEST_CHARS * 4 + 2
+BOUND = MAX_REQUEST_CHARS * 4 + 2 + ENVELOPE_ALLOWANCE
 
 # (request text, expected event)
 PARSE_CASES = [
@@ -256,11 +257,13 @@ def test_custom_max_chars():
     assert events == [Request(4, ("abc",)), TOO_LONG, TOO_LONG, Request(6, ())]
 
 
-@pytest.mark.parametrize("cut", range(1, 9))
+@pytest.mark.parametrize("cut", [1, 2, 3, 4, 5, 6, ENVELOPE_ALLOWANCE + 6, ENVELOPE_ALLOWANCE + 7,
+                                 ENVELOPE_ALLOWANCE + 8])
 def test_byte_bound_counts_the_cr_whatever_the_chunking(cut):
-    # max_chars=1: bound 6 bytes.  7 bytes before the newline (6 invalid + CR) are too
-    # long whether the partial-line check or the complete-line check sees them first.
-    data = b"\xff" * 6 + b"\r\n5\n"
+    # max_chars=1: bound 6 bytes + the envelope allowance.  One byte more before the newline
+    # (invalid bytes + CR) is too long whether the partial-line check or the complete-line
+    # check sees it first.
+    data = b"\xff" * (6 + ENVELOPE_ALLOWANCE) + b"\r\n5\n"
     _, events = feed([b"\n", data[:cut], data[cut:]], max_chars=1)
     assert events == [TOO_LONG, Request(5, ())]
 
@@ -470,7 +473,7 @@ def test_request_decoder_never_raises(data, cuts, max_chars, eof):
     errors = {INVALID_REQUEST_TEXT, TOO_LONG_TEXT, NOT_UTF8_TEXT}
     for chunk in split_at(data, cuts) + ([b""] if eof else []):
         decoder.receive_data(chunk)
-        assert decoder.buffered_bytes() <= max_chars * 4 + 2
+        assert decoder.buffered_bytes() <= max_chars * 4 + 2 + ENVELOPE_ALLOWANCE
         while True:
             event = decoder.next_event()
             if event is NEED_DATA or event is CLOSED:
@@ -513,3 +516,14 @@ def test_encode_request_round_trip(case):
     if len(wire.decode()) - 1 > MAX_REQUEST_CHARS:
         expected = TOO_LONG
     assert events == [expected]
+
+
+def test_the_limit_applies_to_the_op3_equivalent_of_an_extension_send():
+    text = "x" * (280 - len("3|bob|"))
+    assert isinstance(parse_request(f"3|bob|{text}"), Request)
+    decoder = RequestDecoder()
+    decoder.receive_data(f"\n0|send|rid-0123456789|bob|{text}\n3|bob|{text}y\n".encode())
+    assert decoder.next_event() == Request(0, ("send", "rid-0123456789", "bob", text))
+    assert decoder.next_event() == BadRequest(TOO_LONG_TEXT)
+    decoder.receive_data(f"0|send|rid|bob|{text}y\n".encode())
+    assert decoder.next_event() == BadRequest(TOO_LONG_TEXT)
