@@ -180,6 +180,10 @@ class RequestDecoder:
         """True once a newline has been seen on this connection (it never goes back)."""
         return self._line_mode
 
+    def pending_events(self) -> int:
+        """Decoded requests not yet taken by ``next_event``."""
+        return len(self._events)
+
     def buffered_bytes(self) -> int:
         """Size of the pending partial line; never exceeds ``max_chars * 4 + 2 + ENVELOPE_ALLOWANCE``."""
         return len(self._partial)

@@ -45,6 +45,7 @@ T_BACKUP_KNOWS = "This server is a backup. The primary is at {address}."
 T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again shortly."
 SERVING, HOLDING, AWAY = "serving", "holding", "away"
 ACCEPT_BATCH = 64
+MAX_PIPELINED = 16  # decoded requests a connection may have queued behind an unanswered one
 CLIENT_SNDBUF = 128 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds to stop accepting after EMFILE and friends
 
@@ -305,11 +306,16 @@ class ChatServer:
         return T_BACKUP_UNKNOWN
 
     def _update_interest(self, conn: ClientConnection) -> None:
+        # A connection waiting for an answer stays registered (no epoll_ctl per request) until
+        # it has pipelined MAX_PIPELINED requests ahead; then TCP holds the rest back.
         mask = 0
-        reading = not (conn.closing or conn.eof or conn.congested or self.service.waiting(conn.id))
+        reading = not (conn.closing or conn.eof or conn.congested) and (
+            conn.decoder.pending_events() < MAX_PIPELINED or not self.service.waiting(conn.id))
         if reading:
             mask |= READ
-        if conn.io.pending:
+        if conn.io.pending and conn not in self._dirty:
+            # Output that a flush of this iteration will try first needs no EVENT_WRITE yet:
+            # it is registered only for bytes a send() could not take.
             mask |= WRITE
         self.reactor.set_interest(conn.io.sock, mask, conn)
 

@@ -300,9 +300,9 @@ class ChatService:
     def take_proposals(self) -> list:
         """Commands to append to the log, in order, with the connection waiting for each."""
         proposals, self.proposals = self.proposals, []
-        for (name, order), seq in self._delivered.items():
-            proposals.append((sm.cmd_delivered(name, order, seq), None))
-        self._delivered.clear()
+        if self._delivered:
+            proposals.append((sm.cmd_delivered_many((name, order, seq) for (name, order), seq in self._delivered.items()), None))
+            self._delivered.clear()
         return proposals
 
     def bind(self, index: int, cmd: tuple, conn: int | None, view: int = 0) -> None:

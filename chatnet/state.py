@@ -78,7 +78,12 @@ def cmd_send(sender: str, recipient: str, text: str, request_id: str | None = No
 def cmd_delivered(recipient: str, order: int, upto_seq: int) -> tuple:
     """Chat up to ``upto_seq`` reached ``recipient``.  ``order`` names the account incarnation,
     so a late confirmation can never remove chat of a new account that reuses the name."""
-    return ("delivered", recipient, order, upto_seq)
+    return cmd_delivered_many([(recipient, order, upto_seq)])
+
+
+def cmd_delivered_many(marks) -> tuple:
+    """Every delivery confirmed in one loop iteration, as one log entry: (recipient, order, seq)."""
+    return ("delivered", [list(mark) for mark in marks])
 
 
 def cmd_delete(name: str) -> tuple:
@@ -174,7 +179,10 @@ class ChatState:
         if kind == "logout":
             return self._set_token(cmd[1], None)
         if kind == "delivered":
-            return self._delivered(cmd[1], cmd[2], cmd[3])
+            changes = []
+            for recipient, order, upto_seq in cmd[1]:
+                changes += self._delivered(recipient, order, upto_seq)[1]
+            return OK, changes
         if kind == "delete":
             return self._delete(cmd[1])
         raise ValueError(f"unknown command {kind!r}")

@@ -142,50 +142,50 @@ class Store:
             if compact_upto is not None:
                 db.execute("DELETE FROM log WHERE idx <= ?", (compact_upto,))
 
+    # Row changes that commute with each other between two barriers: within a run they are
+    # written table by table with executemany (inserts before deletes: a delivered mark never
+    # covers chat inserted after it, and chat is only ever inserted above every delivered seq).
+    _RUN_SQL = (
+        ("mail+", "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, 0)"),
+        ("rid+", "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)"),
+        ("next_seq", "UPDATE accounts SET next_seq = ? WHERE name = ?"),
+        ("token", "UPDATE accounts SET token = ? WHERE name = ?"),
+        ("mail-", "DELETE FROM mail WHERE recipient = ? AND seq <= ?"),
+        ("rid-", "DELETE FROM request_ids WHERE account = ? AND pos <= ?"),
+    )
+    _LAST_WINS = {"next_seq", "token"}  # per account, only the last value of a run matters
+
     def _apply_changes(self, changes) -> None:
         db = self._db
-        mail_rows = []
-        next_seqs = {}
+        run: dict[str, list] = {}
         for change in changes:
             kind = change[0]
-            if kind == "mail+":
-                mail_rows.append(change[1:])
-            elif kind == "next_seq":
-                next_seqs[change[1]] = change[2]  # only the last value per account matters
-            else:
-                # Order matters between the rarer changes (a delete after a send), so flush first.
-                self._flush_mail(mail_rows, next_seqs)
-                if kind == "mail-":
-                    db.execute("DELETE FROM mail WHERE recipient = ? AND seq <= ?", change[1:])
-                elif kind == "account+":
+            if kind in ("mail+", "rid+", "mail-", "rid-"):
+                run.setdefault(kind, []).append(change[1:])
+            elif kind in self._LAST_WINS:
+                run.setdefault(kind, {})[change[1]] = change[2]
+            else:  # a barrier: account created or deleted, a sender's chat marked deleted
+                self._flush_run(run)
+                if kind == "account+":
                     db.execute("INSERT INTO accounts(name, ord, next_seq, token) VALUES (?, ?, 1, ?)", change[1:])
                 elif kind == "account-":
                     db.execute("DELETE FROM accounts WHERE name = ?", change[1:])
                     db.execute("DELETE FROM mail WHERE recipient = ?", change[1:])
                     db.execute("DELETE FROM request_ids WHERE account = ?", change[1:])
-                elif kind == "token":
-                    db.execute("UPDATE accounts SET token = ? WHERE name = ?", (change[2], change[1]))
-                elif kind == "rid+":
-                    db.execute("INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)", change[1:])
-                elif kind == "rid-":
-                    db.execute("DELETE FROM request_ids WHERE account = ? AND pos <= ?", change[1:])
                 elif kind == "sender-deleted":
                     db.execute("UPDATE mail SET sender_deleted = 1 WHERE sender = ?", change[1:])
                 else:
                     raise ValueError(f"unknown change {kind!r}")
-        self._flush_mail(mail_rows, next_seqs)
+        self._flush_run(run)
 
-    def _flush_mail(self, mail_rows: list, next_seqs: dict) -> None:
-        if mail_rows:
-            self._db.executemany(
-                "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, 0)", mail_rows
-            )
-            mail_rows.clear()
-        if next_seqs:
-            self._db.executemany(
-                "UPDATE accounts SET next_seq = ? WHERE name = ?", [(s, n) for n, s in next_seqs.items()]
-            )
-            next_seqs.clear()
+    def _flush_run(self, run: dict) -> None:
+        for kind, sql in self._RUN_SQL:
+            rows = run.get(kind)
+            if rows:
+                if kind in self._LAST_WINS:
+                    rows = [(value, name) for name, value in rows.items()]
+                self._db.executemany(sql, rows)
+        run.clear()
 
     def install_snapshot(self, state: ChatState, index: int, meta: dict) -> None:
         """Replace the whole chat state and the log with a snapshot taken at ``index``."""
