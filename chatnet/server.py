@@ -1,14 +1,22 @@
-"""A chatnet replica: the reactor wired to the codec, the chat service and the store.
+"""A chatnet replica: the reactor wired to the codec, the chat service, the replication core,
+the peer transport and the store.
 
 This is the only place where the pure parts meet I/O.  Per loop iteration:
 
-1. socket events: requests are decoded and handed to the service; a connection waiting for
-   the answer of a state-changing request is not read further (its requests stay in order,
-   and TCP pushes back on a client that pipelines without bound);
-2. before sleeping (``_before_sleep``): every command proposed this iteration is appended to
-   the log and applied, and all of it is written in **one** SQLite transaction (group commit);
-   only then are the answers and live chat put on the wire;
-3. writes go straight to the sockets; EVENT_WRITE is registered only while bytes remain.
+1. socket events: a new connection is classified once by its first bytes (client, peer, status
+   query); client requests are decoded and handed to the service.  A connection waiting for
+   the answer of a state-changing request gets no further request handled (answers stay in
+   order); after ``MAX_PIPELINED`` decoded requests it is not read either, so TCP pushes back
+   on a client that pipelines without bound.  Peer messages go to the replication core.
+2. before sleeping (``_before_sleep``): the commands proposed this iteration go to the core;
+   every ``Ready`` it returns is persisted in **one** SQLite transaction (group commit: log
+   entries, view, and the state changes of newly committed entries), its messages are sent
+   only after that, and the answers and live chat of committed commands are written last.
+3. writes go straight to the sockets; EVENT_WRITE is registered only for bytes a send() could
+   not take.
+
+Only a serving primary answers clients; a backup answers with a redirect note and closes.  A
+primary that reconfigures its view keeps its clients waiting (``HOLDING``) instead.
 
 Flow control: a connection whose output exceeds the high-water mark stops receiving live chat
 (it stays queued in the store) and is not read until it drains below the low-water mark; one
@@ -253,11 +261,8 @@ class ChatServer:
         self.service.connection_closed(conn.id)
         conn.closed = True
         if preface == STATUS_PREFACE:
-            status = self.status()
-            try:
-                sock.setblocking(True)
-                sock.settimeout(1.0)
-                sock.sendall(json.dumps(status).encode() + b"\n")
+            try:  # one small line into a fresh socket's buffer: never blocks the loop
+                sock.send(json.dumps(self.status()).encode() + b"\n")
             except OSError:
                 pass
             sock.close()
