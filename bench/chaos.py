@@ -1,0 +1,880 @@
+#!/usr/bin/env python3
+"""Chaos runner and history checker for chatnet (Jepsen-style; see docs/chaos.md).
+
+    python3 bench/chaos.py --seed 7 --duration 60 --replicas 3 --clients 8 [--netns] [--history out.jsonl]
+    python3 bench/chaos.py --check out.jsonl
+
+A run starts N replicas as processes (with ``--netns``, each in a network namespace of its own,
+joined by veth pairs to a bridge that the runner creates and always removes; on loopback
+addresses 127.0.0.x otherwise, or when namespaces cannot be made), runs a bounded workload of K
+clients — our client library (extension 1) and seed-style raw-socket clients mixed: creates,
+logins, logouts, sends and lists — while a nemesis driven by one ``random.Random(seed)``
+kills -9, restarts, SIGSTOPs and SIGCONTs replicas at random moments, never more than N−1
+down at once and each for a bounded time.  Then it heals everything, waits for a primary and
+for every replica to be in its view, lets every account log in once more to drain its mailbox,
+waits until all replicas have applied the same log index, and records their state digests.
+
+Every request (``invoke``), its outcome (``ok`` / ``fail`` / ``unknown``) and every chat
+delivery is recorded, time-stamped, in a JSON-lines history.  The checker reads it and reports
+acknowledged-but-lost sends, duplicated deliveries for our client, delivered-but-never-sent
+chats, per sender→recipient reorders, lost accounts, and whether the healed replicas hold
+identical state.  The last line is a one-line summary; the exit status is 1 on any violation
+(the replay command is printed), 2 when the run could not be made at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench.workload import ExtWorker, History, Registry, SeedWorker  # noqa: E402
+from chatnet.server_cli import query_status  # noqa: E402
+
+CHATSERVER = os.path.join(ROOT, "bin", "chatserver")
+NO_RECIPIENT = "Recipient username cannot be found."
+LOGIN_UNKNOWN_PREFIX = "Unable to login: This username does not exist."
+
+# Runs in the child before the server: die with the runner (even on SIGKILL), then exec.
+_LAUNCHER = (
+    "import ctypes, os, signal, sys\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
+    "except Exception:\n"
+    "    pass\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "    sys.exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def log(message: str) -> None:
+    print(f"chaos: {message}", file=sys.stderr, flush=True)
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------ network namespaces
+
+
+class NetnsError(Exception):
+    pass
+
+
+class Netns:
+    """N network namespaces ``chaos-PID-rI``, each with a veth pair whose other end is on a
+    bridge ``czPIDbr`` in the runner's namespace (addresses 10.213.X.I+1/24, the bridge .254):
+    the replicas are separate hosts, reachable from the runner and from each other."""
+
+    PREFIX = "chaos-"
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        pid = os.getpid()
+        self.tag = f"cz{pid}"
+        self.bridge = f"{self.tag}br"
+        self.names = [f"{self.PREFIX}{pid}-r{i}" for i in range(n)]
+        self.host_ends = [f"{self.tag}h{i}" for i in range(n)]
+        self.ns_ends = [f"{self.tag}n{i}" for i in range(n)]
+        self.subnet: str | None = None
+        self.made_ns: list[str] = []
+        self.made_links: list[str] = []
+
+    @staticmethod
+    def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+        proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
+        if check and proc.returncode != 0:
+            raise NetnsError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip() or proc.returncode}")
+        return proc
+
+    def _pick_subnet(self) -> str:
+        used = self._ip("-o", "-4", "addr", "show", check=False).stdout
+        start = os.getpid() % 250
+        for k in range(250):
+            third = (start + k) % 250 + 1
+            subnet = f"10.213.{third}"
+            if f" {subnet}." not in used:
+                return subnet
+        raise NetnsError("no free 10.213.X.0/24 subnet")
+
+    def setup(self) -> list[str]:
+        """Create everything; return the replicas' addresses.  On failure remove what was made
+        and raise NetnsError saying why."""
+        if shutil.which("ip") is None:
+            raise NetnsError("the `ip` command (iproute2) is not installed")
+        if os.geteuid() != 0:
+            raise NetnsError("creating network namespaces needs root")
+        try:
+            self.sweep_stale()
+            self.subnet = self._pick_subnet()
+            self._ip("link", "add", self.bridge, "type", "bridge")
+            self.made_links.append(self.bridge)
+            self._ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
+            self._ip("link", "set", self.bridge, "up")
+            hosts = []
+            for i, ns in enumerate(self.names):
+                self._ip("netns", "add", ns)
+                self.made_ns.append(ns)
+                self._ip("-n", ns, "link", "set", "lo", "up")
+                self._ip("link", "add", self.host_ends[i], "type", "veth", "peer", "name", self.ns_ends[i])
+                self.made_links.append(self.host_ends[i])
+                self._ip("link", "set", self.ns_ends[i], "netns", ns)
+                self._ip("link", "set", self.host_ends[i], "master", self.bridge)
+                self._ip("link", "set", self.host_ends[i], "up")
+                address = f"{self.subnet}.{i + 1}"
+                self._ip("-n", ns, "addr", "add", f"{address}/24", "dev", self.ns_ends[i])
+                self._ip("-n", ns, "link", "set", self.ns_ends[i], "up")
+                hosts.append(address)
+            self._check_reachable(hosts)
+            return hosts
+        except (NetnsError, OSError, subprocess.SubprocessError) as exc:
+            self.cleanup()
+            raise NetnsError(str(exc)) from None
+
+    def _check_reachable(self, hosts: list[str]) -> None:
+        """A listener in the first namespace must be reachable from the runner (bridge up,
+        nothing filtering bridged traffic)."""
+        probe = subprocess.Popen(
+            ["ip", "netns", "exec", self.names[0], sys.executable, "-c",
+             "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
+             f"s.bind(({hosts[0]!r}, 1537)); s.listen(); s.settimeout(10); c,_=s.accept(); c.sendall(b'ok')"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    with socket.create_connection((hosts[0], 1537), timeout=1) as c:
+                        if c.recv(2) == b"ok":
+                            return
+                except OSError:
+                    time.sleep(0.1)
+            raise NetnsError(f"{hosts[0]} is not reachable through the bridge")
+        finally:
+            if probe.poll() is None:
+                probe.kill()
+            probe.wait(timeout=5)
+
+    def prefix(self, i: int) -> list[str]:
+        return ["ip", "netns", "exec", self.names[i]]
+
+    def cleanup(self) -> None:
+        for link in reversed(self.made_links):
+            self._ip("link", "del", link, check=False)
+        for ns in reversed(self.made_ns):
+            self._ip("netns", "del", ns, check=False)
+        self.made_links.clear()
+        self.made_ns.clear()
+
+    @classmethod
+    def sweep_stale(cls) -> None:
+        """Remove namespaces and links left by runners that died without cleaning up."""
+        listing = cls._ip("netns", "list", check=False).stdout
+        for line in listing.splitlines():
+            m = re.match(rf"({re.escape(cls.PREFIX)}(\d+)-r\d+)\b", line.strip())
+            if m and not os.path.exists(f"/proc/{m.group(2)}"):
+                cls._ip("netns", "del", m.group(1), check=False)
+        links = cls._ip("-o", "link", "show", check=False).stdout
+        for line in links.splitlines():
+            m = re.match(r"\d+:\s+(cz(\d+)(?:br|h\d+))[@:]", line)
+            if m and not os.path.exists(f"/proc/{m.group(2)}"):
+                cls._ip("link", "del", m.group(1), check=False)
+
+
+# ---------------------------------------------------------------------------------- cluster
+
+
+class Replica:
+    """One ``bin/chatserver`` process (optionally inside a network namespace)."""
+
+    def __init__(self, index: int, host: str, port: int, data_dir: str, peers: str, secret_file: str,
+                 prefix: list[str], extra_args: list[str]) -> None:
+        self.index = index
+        self.host = host
+        self.port = port
+        self.data_dir = data_dir
+        self.peers = peers
+        self.secret_file = secret_file
+        self.prefix = prefix
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+        self.state = "down"          # up / stopped / killed (or down before the first start)
+        os.makedirs(data_dir, exist_ok=True)
+        self.log_path = os.path.join(data_dir, "server.log")
+
+    def start(self) -> None:
+        cmd = [*self.prefix, sys.executable, CHATSERVER, "--host", self.host, "--port", str(self.port),
+               "--data-dir", self.data_dir, "--peers", self.peers, "--secret-file", self.secret_file,
+               *self.extra_args]
+        with open(self.log_path, "ab") as out:
+            out.write(f"--- start {time.strftime('%H:%M:%S')} ---\n".encode())
+            out.flush()
+            self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd],
+                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         cwd=ROOT, start_new_session=True)
+        self.state = "up"
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                try:
+                    os.kill(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.state = "killed"
+
+    def pause(self) -> None:
+        if self.running():
+            os.kill(self.proc.pid, signal.SIGSTOP)
+        self.state = "stopped"
+
+    def resume(self) -> None:
+        if self.running():
+            os.kill(self.proc.pid, signal.SIGCONT)
+        self.state = "up"
+
+    def status(self, timeout: float = 1.0) -> dict | None:
+        if self.state != "up" or not self.running():
+            return None
+        return query_status(self.host, self.port, timeout=timeout)
+
+
+class ChaosCluster:
+    def __init__(self, base_dir: str, hosts: list[str], netns: Netns | None, extra_args: list[str]) -> None:
+        self.secret_file = os.path.join(base_dir, "cluster.secret")
+        with open(self.secret_file, "w") as f:
+            f.write(os.urandom(32).hex())
+        os.chmod(self.secret_file, 0o600)
+        ports = [1538 if netns else free_port(h) for h in hosts]
+        self.addresses = list(zip(hosts, ports))
+        peers = ",".join(f"{h}:{p}" for h, p in self.addresses)
+        self.replicas = [Replica(i, h, p, os.path.join(base_dir, f"r{i}"), peers, self.secret_file,
+                                 netns.prefix(i) if netns else [], extra_args)
+                         for i, (h, p) in enumerate(self.addresses)]
+
+    def start(self) -> None:
+        for r in self.replicas:
+            r.start()
+        deadline = time.monotonic() + 20
+        for r in self.replicas:
+            while not port_open(r.host, r.port):
+                if not r.running():
+                    raise RuntimeError(f"replica {r.index} exited at start: see {r.log_path}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replica {r.index} does not listen on {r.host}:{r.port}")
+                time.sleep(0.05)
+
+    def statuses(self, timeout: float = 1.0) -> list[dict | None]:
+        return [r.status(timeout) for r in self.replicas]
+
+    def primary(self) -> int | None:
+        serving = [i for i, s in enumerate(self.statuses(0.5)) if s and s.get("serving")]
+        return serving[0] if len(serving) == 1 else None
+
+    def in_sync(self) -> bool:
+        """One view with every replica a member, one serving primary, the rest backups."""
+        statuses = self.statuses()
+        if any(s is None for s in statuses):
+            return False
+        views = {(s["view"], tuple(sorted(s["members"])), s["primary"]) for s in statuses}
+        roles = sorted(s["role"] for s in statuses)
+        return (len(views) == 1 and len(next(iter(views))[1]) == len(statuses)
+                and roles == ["backup"] * (len(statuses) - 1) + ["primary"]
+                and sum(1 for s in statuses if s.get("serving")) == 1)
+
+    def kill_all(self) -> None:
+        for r in self.replicas:
+            if r.proc is not None and r.proc.poll() is None:
+                r.kill()
+
+
+# ---------------------------------------------------------------------------------- nemesis
+
+
+class Nemesis:
+    """Faults at random moments, all decided by one ``random.Random``: every injection draws
+    the same four numbers (kind, target, duration, prefer-the-primary) whatever happens, so a
+    seed gives the same schedule of decisions (the cluster's timing still varies a little)."""
+
+    def __init__(self, cluster: ChaosCluster, rng: random.Random, history: History, *,
+                 mean_gap: float = 1.5, max_down: int | None = None, max_kill: float = 6.0,
+                 max_stop: float = 5.0) -> None:
+        self.cluster = cluster
+        self.rng = rng
+        self.history = history
+        self.mean_gap = mean_gap
+        n = len(cluster.replicas)
+        self.max_down = n - 1 if max_down is None else min(max_down, n - 1)
+        self.max_kill = max_kill
+        self.max_stop = max_stop
+        self.recover_at: dict[int, float] = {}
+        self.faults = 0
+        self.max_seen_down = 0
+
+    def run(self, until: float) -> None:
+        next_fault = time.monotonic() + self.rng.expovariate(1 / self.mean_gap)
+        while True:
+            now = time.monotonic()
+            for i, when in sorted(self.recover_at.items(), key=lambda kv: kv[1]):
+                if when <= now:
+                    self.recover(i)
+            if now >= until:
+                return
+            if now >= next_fault:
+                self.inject()
+                next_fault = time.monotonic() + self.rng.expovariate(1 / self.mean_gap)
+            wake = min([next_fault, until, *self.recover_at.values()])
+            time.sleep(max(0.0, min(wake - time.monotonic(), 0.25)))
+
+    def down(self) -> list[int]:
+        return [r.index for r in self.cluster.replicas if r.state != "up"]
+
+    def inject(self) -> None:
+        r_kind, r_target, r_duration, r_primary = (self.rng.random() for _ in range(4))
+        up = [r.index for r in self.cluster.replicas if r.state == "up"]
+        if len(self.down()) >= self.max_down or not up:
+            return
+        target, role = None, "any"
+        if r_primary < 0.5:
+            primary = self.cluster.primary()
+            if primary in up:
+                target, role = primary, "primary"
+        if target is None:
+            target = up[min(int(r_target * len(up)), len(up) - 1)]
+        replica = self.cluster.replicas[target]
+        pid = replica.pid
+        if r_kind < 0.55:
+            duration = 0.3 + r_duration * (self.max_kill - 0.3)
+            replica.kill()
+            action = "kill"
+        else:
+            # Short pauses (below half the failure timeout) and long ones (the others replace it).
+            if r_duration < 0.35:
+                duration = 0.1 + r_duration / 0.35 * 0.4
+            else:
+                duration = 1.2 + (r_duration - 0.35) / 0.65 * (self.max_stop - 1.2)
+            replica.pause()
+            action = "stop"
+        self.faults += 1
+        self.recover_at[target] = time.monotonic() + duration
+        self.max_seen_down = max(self.max_seen_down, len(self.down()))
+        self.history.write("nemesis", action=action, replica=target, pid=pid, role=role,
+                           duration=round(duration, 3), down=self.down())
+
+    def recover(self, i: int) -> None:
+        self.recover_at.pop(i, None)
+        replica = self.cluster.replicas[i]
+        if replica.state == "stopped":
+            replica.resume()
+            self.history.write("nemesis", action="cont", replica=i, pid=replica.pid, down=self.down())
+        elif replica.state == "killed":
+            replica.start()
+            self.history.write("nemesis", action="restart", replica=i, pid=replica.pid, down=self.down())
+
+    def heal(self) -> None:
+        for r in self.cluster.replicas:
+            if r.state != "up" or not r.running():
+                if r.state == "up":
+                    r.state = "killed"     # died by itself: restart it, and say so
+                    self.history.write("nemesis", action="found-dead", replica=r.index)
+                self.recover(r.index)
+        self.recover_at.clear()
+
+
+# ---------------------------------------------------------------------------------- checker
+
+
+@dataclass
+class Report:
+    meta: dict = field(default_factory=dict)
+    ops: int = 0
+    auto: int = 0
+    acked: int = 0
+    unknown: int = 0
+    failed: int = 0
+    sends: int = 0
+    acked_sends: int = 0
+    delivered: int = 0
+    lost: list = field(default_factory=list)
+    dup: list = field(default_factory=list)
+    phantom: list = field(default_factory=list)
+    reorder: list = field(default_factory=list)
+    lost_accounts: list = field(default_factory=list)
+    seed_dup: int = 0
+    reshown: int = 0
+    undrained: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+    digests: str = "unchecked"
+    digest_detail: str = ""
+    faults: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.dup or self.phantom or self.reorder or self.lost_accounts
+                    or self.undrained or self.errors) and self.digests in ("equal", "unchecked")
+
+    def summary(self) -> str:
+        m = self.meta
+        return (f"chaos: seed={m.get('seed', '?')} replicas={m.get('replicas', '?')} clients={m.get('clients', '?')} "
+                f"ops={self.ops} acked={self.acked} unknown={self.unknown} sends={self.sends} "
+                f"delivered={self.delivered} lost={len(self.lost)} dup={len(self.dup)} phantom={len(self.phantom)} "
+                f"reorder={len(self.reorder)} lostacct={len(self.lost_accounts)} seed_dup={self.seed_dup} "
+                f"reshown={self.reshown} digests={self.digests} faults={self.faults} "
+                f"{'OK' if self.ok else 'FAIL'}")
+
+
+def check(records: list[dict]) -> Report:
+    """Read a history (see :class:`bench.workload.History`) and report every violation."""
+    report = Report()
+    invokes: dict[int, tuple[int, dict]] = {}          # op -> (position, record)
+    results: dict[int, tuple[int, dict]] = {}
+    send_of_msg: dict[str, tuple[int, dict]] = {}
+    deliveries: list[tuple[int, dict]] = []
+    final = None
+    for pos, r in enumerate(records):
+        kind = r.get("type")
+        if kind == "meta":
+            report.meta = r
+        elif kind == "invoke":
+            invokes[r["op"]] = (pos, r)
+            if r.get("f") == "send":
+                if r["msg"] in send_of_msg:
+                    report.errors.append(f"workload bug: message id {r['msg']!r} sent twice (ops "
+                                         f"{send_of_msg[r['msg']][1]['op']} and {r['op']})")
+                send_of_msg[r["msg"]] = (pos, r)
+        elif kind in ("ok", "fail", "unknown"):
+            results[r["op"]] = (pos, r)
+        elif kind == "deliver":
+            deliveries.append((pos, r))
+        elif kind == "nemesis" and r.get("action") in ("kill", "stop"):
+            report.faults += 1
+        elif kind == "final":
+            final = r
+        elif kind == "drain" and not r.get("ok"):
+            report.undrained.append(r)
+        elif kind == "client" and r.get("event") == "worker-crashed":
+            report.errors.append(f"client {r.get('client')} crashed: {r.get('error')}")
+        elif kind == "error":
+            report.errors.append(r.get("message", "error"))
+
+    def outcome(op: int) -> str:
+        return results[op][1]["type"] if op in results else "unknown"
+
+    # A seed-style client's automatic re-login on each new connection is part of finding the
+    # primary (many of them meet a backup's note): not counted as an operation of its own.
+    user_ops = [op for op, (_, r) in invokes.items() if not r.get("auto")]
+    report.auto = len(invokes) - len(user_ops)
+    report.ops = len(user_ops)
+    report.acked = sum(1 for op in user_ops if outcome(op) == "ok")
+    report.unknown = sum(1 for op in user_ops if outcome(op) == "unknown")
+    report.failed = sum(1 for op in user_ops if outcome(op) == "fail")
+    sends = [(pos, r) for pos, r in invokes.values() if r.get("f") == "send"]
+    sends.sort(key=lambda pr: pr[0])
+    report.sends = len(sends)
+    acked_sends = [(pos, r) for pos, r in sends if outcome(r["op"]) == "ok"]
+    report.acked_sends = len(acked_sends)
+    report.delivered = len(deliveries)
+
+    # delivered-but-never-sent (or delivered to someone else, or from someone else, or refused)
+    for pos, d in deliveries:
+        sent = send_of_msg.get(d["msg"])
+        if sent is None:
+            report.phantom.append((d, "never sent"))
+            continue
+        s = sent[1]
+        if s["user"] != d["from"] or s["to"] != d["user"]:
+            report.phantom.append((d, f"sent by {s['user']} to {s['to']}"))
+        elif pos < sent[0]:
+            report.phantom.append((d, "delivered before it was sent"))
+        elif outcome(s["op"]) == "fail" and results[s["op"]][1].get("attempts", 1) <= 1:
+            report.phantom.append((d, f"refused: {results[s['op']][1].get('answer')}"))
+
+    # acknowledged but lost
+    delivered_keys = {(d["user"], d["msg"]) for _, d in deliveries}
+    for pos, s in acked_sends:
+        if (s["to"], s["msg"]) not in delivered_keys:
+            report.lost.append(s)
+
+    # duplicates
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    for _, d in deliveries:
+        by_key[(d["user"], d["msg"])].append(d)
+    for (user, msg), ds in by_key.items():
+        if len(ds) < 2:
+            continue
+        sent = send_of_msg.get(msg)
+        sender_kind = sent[1].get("kind") if sent else None
+        ext = [d for d in ds if d.get("kind") == "ext"]
+        if not ext:                      # a seed-style recipient: at-least-once, just counted
+            report.seed_dup += len(ds) - 1
+            continue
+        seqs = {d.get("seq") for d in ext}
+        shown = defaultdict(int)
+        for d in ext:
+            shown[(d["run"], d.get("seq"))] += 1
+        twice_in_run = [key for key, n in shown.items() if n > 1]
+        if twice_in_run:
+            report.dup.append((user, msg, f"shown twice by one client run {twice_in_run}", ds))
+        elif len(seqs) > 1 and sender_kind == "ext":
+            report.dup.append((user, msg, f"queued {len(seqs)} times (seqs {sorted(seqs)}) "
+                                          "although our client sent it with a request id", ds))
+        else:
+            report.seed_dup += len(seqs) - 1          # a seed-style sender's retry, queued twice
+            report.reshown += len(ext) - len(seqs)    # the same chat again after a fresh login
+
+    # per sender->recipient order of first delivery
+    first: dict[tuple, int] = {}
+    for pos, d in deliveries:
+        first.setdefault((d["user"], d["msg"]), pos)
+    pairs: dict[tuple, list[dict]] = defaultdict(list)
+    for _, s in acked_sends:
+        pairs[(s["user"], s["to"])].append(s)
+    for (sender, to), msgs in pairs.items():
+        latest, latest_msg = -1, None
+        for s in msgs:
+            p = first.get((to, s["msg"]))
+            if p is None:
+                continue
+            if p < latest:
+                report.reorder.append((sender, to, s["msg"], latest_msg))
+            else:
+                latest, latest_msg = p, s["msg"]
+
+    # lost accounts: an acknowledged create (or login) and later "no such user"
+    known_at: dict[str, int] = {}
+    for op, (pos, r) in sorted(results.items(), key=lambda kv: kv[1][0]):
+        inv = invokes.get(op, (0, {}))[1]
+        if r["type"] == "ok" and inv.get("f") in ("create", "login"):
+            known_at.setdefault(inv["user"], pos)
+    for op, (pos, r) in results.items():
+        inv_pos, inv = invokes.get(op, (0, {}))
+        answer = r.get("answer") or ""
+        if r["type"] != "fail":
+            continue
+        if inv.get("f") == "send" and answer == NO_RECIPIENT and known_at.get(inv["to"], 1 << 62) < inv_pos:
+            report.lost_accounts.append((inv["to"], inv, r))
+        elif inv.get("f") == "login" and answer.startswith(LOGIN_UNKNOWN_PREFIX) \
+                and known_at.get(inv["user"], 1 << 62) < inv_pos:
+            report.lost_accounts.append((inv["user"], inv, r))
+
+    # identical state after healing
+    if final is not None:
+        statuses = final.get("statuses") or []
+        if not final.get("ok", True) or not statuses or any(s is None for s in statuses):
+            report.digests = "unavailable"
+            report.digest_detail = final.get("why", "") or "a replica did not answer"
+        else:
+            applied = {s.get("applied") for s in statuses}
+            digests = {s.get("digest") for s in statuses}
+            if len(applied) != 1:
+                report.digests = "unequal-applied"
+            elif len(digests) != 1:
+                report.digests = "unequal"
+            else:
+                report.digests = "equal"
+            report.digest_detail = ", ".join(f"r{i}: applied={s.get('applied')} digest={s.get('digest')}"
+                                             for i, s in enumerate(statuses))
+    return report
+
+
+def read_history(path: str) -> list[dict]:
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                records.append({"type": "error", "message": f"{path}:{n}: not JSON (truncated history?)"})
+    return records
+
+
+def excerpt(records: list[dict], predicate, limit: int = 12) -> list[str]:
+    return [json.dumps(r, ensure_ascii=False) for r in records if predicate(r)][:limit]
+
+
+def print_report(report: Report, records: list[dict], out=sys.stdout, examples: int = 5) -> None:
+    def p(line=""):
+        print(line, file=out)
+
+    def about(msg, user=None):
+        return excerpt(records, lambda r: r.get("msg") == msg
+                       or (r.get("type") in ("ok", "fail", "unknown") and r.get("op") in ops_of(msg)))
+
+    ops_of_cache: dict[str, set] = {}
+
+    def ops_of(msg):
+        if msg not in ops_of_cache:
+            ops_of_cache[msg] = {r["op"] for r in records if r.get("type") == "invoke" and r.get("msg") == msg}
+        return ops_of_cache[msg]
+
+    if report.lost:
+        p(f"LOST: {len(report.lost)} acknowledged send(s) never delivered:")
+        for s in report.lost[:examples]:
+            p(f"  {s['user']} -> {s['to']}: {s['msg']!r} (op {s['op']})")
+            for line in about(s["msg"]):
+                p(f"    {line}")
+    if report.dup:
+        p(f"DUPLICATED (our client): {len(report.dup)}:")
+        for user, msg, why, ds in report.dup[:examples]:
+            p(f"  {msg!r} to {user}: {why}")
+            for line in about(msg):
+                p(f"    {line}")
+    if report.phantom:
+        p(f"PHANTOM (delivered but never sent as such): {len(report.phantom)}:")
+        for d, why in report.phantom[:examples]:
+            p(f"  {json.dumps(d, ensure_ascii=False)}: {why}")
+    if report.reorder:
+        p(f"REORDERED: {len(report.reorder)} acknowledged send(s) first delivered before an earlier one:")
+        for sender, to, msg, before in report.reorder[:examples]:
+            p(f"  {sender} -> {to}: {msg!r} was first delivered before {before!r}, which was sent before it")
+            for line in excerpt(records, lambda r: r.get("msg") in (msg, before)
+                                and r.get("type") in ("invoke", "deliver")):
+                p(f"    {line}")
+    if report.lost_accounts:
+        p(f"LOST ACCOUNTS: {len(report.lost_accounts)} refusal(s) of an account known to exist:")
+        for name, inv, r in report.lost_accounts[:examples]:
+            p(f"  {name}: {json.dumps(inv, ensure_ascii=False)} -> {json.dumps(r, ensure_ascii=False)}")
+    if report.undrained:
+        p(f"UNDRAINED: {len(report.undrained)} account(s) could not log in for the final drain: "
+          + ", ".join(r.get("user", "?") for r in report.undrained[:20]))
+    for e in report.errors[:examples]:
+        p(f"ERROR: {e}")
+    if report.digests not in ("equal", "unchecked"):
+        p(f"STATE: replicas do not hold identical state after healing ({report.digests}): {report.digest_detail}")
+    elif report.digest_detail:
+        p(f"state after healing: {report.digest_detail}")
+    p(f"ops: {report.ops} ({report.acked} ok, {report.failed} refused, {report.unknown} unknown; "
+      f"plus {report.auto} automatic re-logins of seed-style clients); "
+      f"sends: {report.sends} ({report.acked_sends} acknowledged); deliveries: {report.delivered} "
+      f"(seed-style duplicates {report.seed_dup}, re-shown after a fresh login {report.reshown})")
+    if not report.ok and report.meta.get("replay"):
+        p(f"replay: {report.meta['replay']}")
+    p(report.summary())
+
+
+# ------------------------------------------------------------------------------------- runner
+
+
+def replay_command(args) -> str:
+    parts = ["python3", "bench/chaos.py", "--seed", str(args.seed), "--duration", f"{args.duration:g}",
+             "--replicas", str(args.replicas), "--clients", str(args.clients)]
+    if args.netns:
+        parts.append("--netns")
+    for flag, value, default in (("--accounts", args.accounts, 2), ("--mean-gap", args.mean_gap, 1.5),
+                                 ("--log-retain", args.log_retain, None)):
+        if value != default and value is not None:
+            parts += [flag, f"{value:g}" if isinstance(value, float) else str(value)]
+    if args.history:
+        parts += ["--history", args.history]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def make_workers(args, addresses, history, registry) -> list:
+    workers = []
+    for i in range(args.clients):
+        rng = random.Random(f"{args.seed}-client-{i}")
+        cls = ExtWorker if i % 2 == 0 else SeedWorker
+        prefix = "x" if cls is ExtWorker else "s"
+        accounts = [f"c{i}{prefix}{j}" for j in range(args.accounts)]
+        workers.append(cls(i, addresses, history, registry, rng, accounts))
+    return workers
+
+
+def wait(predicate, timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run(args) -> int:
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix=f"chatnet-chaos-{args.seed}-")
+    history_path = args.history or os.path.join(workdir, "history.jsonl")
+    history = History(history_path)
+    netns = None
+    hosts = [f"127.0.0.{i + 1}" for i in range(args.replicas)]
+    if args.netns:
+        candidate = Netns(args.replicas)
+        try:
+            hosts = candidate.setup()
+            netns = candidate
+            log(f"replicas in network namespaces {', '.join(candidate.names)} on bridge {candidate.bridge}")
+        except NetnsError as exc:
+            log(f"network namespaces unavailable ({exc}); falling back to loopback addresses 127.0.0.x")
+    cluster = None
+    workers: list = []
+    nemesis = None
+    interrupted = False
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        extra = ["--log-level", "INFO"]
+        if args.log_retain is not None:
+            extra += ["--log-retain", str(args.log_retain)]
+        cluster = ChaosCluster(workdir, hosts, netns, extra)
+        history.write("meta", seed=args.seed, replicas=args.replicas, clients=args.clients, duration=args.duration,
+                      netns=netns is not None, addresses=[f"{h}:{p}" for h, p in cluster.addresses],
+                      replay=replay_command(args), workdir=workdir)
+        cluster.start()
+        if not wait(cluster.in_sync, 30):
+            raise RuntimeError("the cluster did not elect a primary at start")
+        history.write("phase", name="workload")
+        log(f"seed {args.seed}: {args.replicas} replicas up ({', '.join(f'{h}:{p}' for h, p in cluster.addresses)}), "
+            f"{args.clients} clients, {args.duration:g} s of faults; history {history_path}")
+        registry = Registry()
+        workers = make_workers(args, cluster.addresses, history, registry)
+        for w in workers:
+            w.start()
+        nemesis = Nemesis(cluster, random.Random(args.seed), history, mean_gap=args.mean_gap)
+        nemesis.run(until=time.monotonic() + args.duration)
+
+        history.write("phase", name="heal")
+        for w in workers:
+            w.stop()
+        nemesis.heal()
+        healed = wait(cluster.in_sync, args.heal_timeout)
+        if not healed:
+            history.write("error", message=f"no primary with every replica in its view {args.heal_timeout:g} s "
+                                           f"after healing: {cluster.statuses()}")
+        log(f"healed after {nemesis.faults} faults ({'in sync' if healed else 'NOT in sync'}); stopping clients")
+        for w in workers:
+            if not w.join(60):
+                history.write("error", message=f"client {w.client} did not stop within 60 s")
+
+        history.write("phase", name="drain")
+        drains = [threading.Thread(target=w.drain, daemon=True) for w in workers]
+        for t in drains:
+            t.start()
+        for t in drains:
+            t.join(90)
+            if t.is_alive():
+                history.write("error", message="a drain did not finish within 90 s")
+
+        history.write("phase", name="converge")
+
+        def converged():
+            statuses = cluster.statuses(2.0)
+            if any(s is None for s in statuses):
+                return False
+            return len({s["applied"] for s in statuses}) == 1 and cluster.in_sync()
+        same = wait(converged, args.heal_timeout, interval=0.2)
+        statuses = cluster.statuses(2.0)
+        history.write("final", ok=same, statuses=statuses,
+                      why="" if same else "replicas did not reach the same applied index")
+    except KeyboardInterrupt:
+        interrupted = True
+        history.write("error", message="interrupted")
+    except Exception as exc:   # noqa: BLE001 - reported, cleaned up
+        history.write("error", message=f"runner failed: {exc!r}")
+        log(f"runner failed: {exc!r}")
+    finally:
+        for w in workers:
+            w.stop()
+        if cluster is not None:
+            cluster.kill_all()
+        if netns is not None:
+            netns.cleanup()
+        history.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+    report = check(history.records)
+    print_report(report, history.records)
+    log(f"wall clock {time.monotonic() - started:.1f} s")
+    if report.ok and not args.keep and not interrupted:
+        shutil.rmtree(workdir, ignore_errors=True)
+    else:
+        log(f"kept the replicas' data and logs in {workdir}; history in {history_path}")
+    if interrupted:
+        return 130
+    return 0 if report.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=1, help="seed of the nemesis and the workload (default 1)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of workload under faults (default 60)")
+    p.add_argument("--replicas", type=int, default=3, help="number of replicas N (default 3)")
+    p.add_argument("--clients", type=int, default=8,
+                   help="workload clients K, our client and seed-style alternating (default 8)")
+    p.add_argument("--accounts", type=int, default=2, help="accounts per client (default 2)")
+    p.add_argument("--mean-gap", type=float, default=1.5, help="mean seconds between faults (default 1.5)")
+    p.add_argument("--log-retain", type=int, default=None, metavar="ENTRIES",
+                   help="replicas' --log-retain (small values make restarted replicas catch up by snapshot)")
+    p.add_argument("--heal-timeout", type=float, default=30.0,
+                   help="seconds to wait for a primary / for convergence after healing (default 30)")
+    p.add_argument("--netns", action="store_true",
+                   help="run each replica in a network namespace of its own (root; falls back to 127.0.0.x)")
+    p.add_argument("--history", metavar="FILE", help="write the history here (default: in the run's temp dir)")
+    p.add_argument("--keep", action="store_true", help="keep the replicas' data and logs even when the run passes")
+    p.add_argument("--check", metavar="FILE", help="only check an existing history file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.check:
+        records = read_history(args.check)
+        report = check(records)
+        print_report(report, records)
+        return 0 if report.ok else 1
+    if args.replicas < 1 or args.clients < 1 or args.duration <= 0:
+        print("chaos: --replicas, --clients and --duration must be positive", file=sys.stderr)
+        return 2
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
