@@ -3,21 +3,20 @@ with SIGKILL.  Sessions resume on the new primary, chat arrives exactly once and
 retried send is never delivered twice, wrong tokens are refused, and seed-style clients (raw
 socket, no terminator, no extension) keep the seed's at-least-once semantics.
 
-Each simulated user is a ``ClientSession`` + ``SocketDriver`` run by its own thread; the test
-thread talks to it only through :meth:`SimUser.call` (the session is not thread-safe).  Every
-wait is a condition with a deadline; every process and thread is stopped in fixture finalizers.
+Each simulated user (``bench.workload.SimUser``, shared with the chaos runner) is a
+``ClientSession`` + ``SocketDriver`` run by its own thread; the test thread talks to it only
+through :meth:`SimUser.call` (the session is not thread-safe).  Every wait is a condition
+with a deadline; every process and thread is stopped in fixture finalizers.
 """
 
 from __future__ import annotations
 
-import queue
-import random
-import threading
 import time
 
 import pytest
 
-from chatnet.client import Backoff, ClientSession, SocketDriver, parse_command
+from bench.workload import SimUser
+from chatnet.client import parse_command
 from chatnet.client import session as s
 from cluster_support import Cluster
 from support import RawClient, wait_until
@@ -57,126 +56,6 @@ def users():
     yield make
     for u in made:
         u.stop()
-
-
-class SimUser:
-    """One person using our client library, driven by a thread of its own.
-
-    With ``chatting`` set it sends ``NAME#i`` to its ``peers`` in turn, keeping at most
-    ``window`` commands unanswered (queued or in flight), until ``limit`` sends."""
-
-    def __init__(self, name, addresses, peers=(), window=3, limit=10_000):
-        self.name = name
-        self.peers = list(peers)
-        self.window = window
-        self.limit = limit
-        self.session = ClientSession(tuple(addresses), rng=random.Random(),
-                                     backoff=Backoff(base=0.05, cap=0.5), connect_timeout=2.0)
-        self.driver = SocketDriver(self.session)
-        self.lock = threading.Lock()
-        self.chatting = threading.Event()
-        self.held = threading.Event()        # set: the client's network I/O is frozen
-        self._stop = threading.Event()
-        self._calls: queue.SimpleQueue = queue.SimpleQueue()
-        self._sends: dict[int, tuple[str, str]] = {}      # id(Pending) -> (recipient, text)
-        self.sent = 0
-        self.received: list[tuple[str, str, int | None]] = []   # (sender, text, seq)
-        self.acked: list[tuple[str, str, float]] = []             # (recipient, text, when)
-        self.errors: list[str] = []                                # error answers to our sends
-        self.events: list = []
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"user-{name}", daemon=True)
-        self.thread.start()
-
-    # test thread side ----------------------------------------------------------------------
-    def call(self, fn, timeout=10.0):
-        """Run ``fn(session, now)`` in the user's thread; return its result."""
-        done = queue.SimpleQueue()
-        self._calls.put((fn, done))
-        ok, value = done.get(timeout=timeout)
-        if not ok:
-            raise value
-        return value
-
-    def submit(self, line):
-        command = parse_command(line)
-        return self.call(lambda session, now: session.submit(command, now))
-
-    def snapshot(self, attr):
-        with self.lock:
-            return list(getattr(self, attr))
-
-    def of(self, kind):
-        with self.lock:
-            return [e for e in self.events if isinstance(e, kind)]
-
-    def idle(self):
-        return self.call(lambda session, now: session.idle and session.state is s.State.READY)
-
-    def wait_logged_in(self, timeout=15.0):
-        wait_until(lambda: self.call(lambda session, now: session.user == self.name
-                                     and session.idle and session.state is s.State.READY),
-                   timeout=timeout, interval=0.02, what=f"{self.name} logged in")
-
-    def stop(self):
-        self.chatting.clear()
-        self._stop.set()
-        self.thread.join(timeout=10)
-        self.driver.close()
-
-    # user thread side ----------------------------------------------------------------------
-    def _run(self):
-        try:
-            self._record(self.driver.start())
-            while not self._stop.is_set():
-                while True:
-                    try:
-                        fn, done = self._calls.get_nowait()
-                    except queue.Empty:
-                        break
-                    try:
-                        result = fn(self.session, self.driver.clock())
-                        self.driver.pump()
-                        self._record(self.driver.take_events())
-                        done.put((True, result))
-                    except BaseException as exc:   # noqa: BLE001 - handed to the test thread
-                        done.put((False, exc))
-                if self.held.is_set():
-                    self._stop.wait(0.01)
-                    continue
-                if self.chatting.is_set():
-                    self._chat()
-                self._record(self.driver.step(0.01))
-        except BaseException as exc:   # noqa: BLE001
-            self.error = exc
-            raise
-
-    def _chat(self):
-        session = self.session
-        while (self.sent < self.limit and len(session.queued) + len(session.in_flight) < self.window
-               and session.state is not s.State.CLOSED):
-            recipient = self.peers[self.sent % len(self.peers)]
-            text = f"{self.name}#{self.sent}"
-            pending = session.submit(parse_command(f"send|{recipient}|{text}"), self.driver.clock())
-            self._sends[id(pending)] = (recipient, text)
-            self.sent += 1
-        self.driver.pump()
-
-    def _record(self, events):
-        now = time.monotonic()
-        with self.lock:
-            for e in events:
-                self.events.append(e)
-                if not isinstance(e, s.FrameReceived):
-                    continue
-                if e.kind == "chat":
-                    self.received.append((e.sender, e.text, e.seq))
-                elif e.answer_to is not None and id(e.answer_to) in self._sends:
-                    recipient, text = self._sends.pop(id(e.answer_to))
-                    if e.kind == "ok" and e.message == f"Message sent to {recipient}.":
-                        self.acked.append((recipient, text, now))
-                    else:
-                        self.errors.append(f"{text}: {e.message}")
 
 
 def create_users(users, cluster, names, peers_of=lambda name: (), **kwargs):
