@@ -242,6 +242,27 @@ class Replica:
                                          cwd=ROOT, start_new_session=True)
         self.state = "up"
 
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                return "".join(f.readlines()[-lines:])
+        except OSError:
+            return ""
+
+    def log_problems(self, limit: int = 5) -> list[str]:
+        """ERROR/CRITICAL lines and tracebacks in the replica's log (a handler that failed)."""
+        found = []
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
+                        found.append(line.rstrip()[:300])
+                        if len(found) >= limit:
+                            break
+        except OSError:
+            pass
+        return found
+
     @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
@@ -353,6 +374,7 @@ class Nemesis:
     def run(self, until: float) -> None:
         next_fault = time.monotonic() + self.rng.expovariate(1 / self.mean_gap)
         while True:
+            self.check_alive()
             now = time.monotonic()
             for i, when in sorted(self.recover_at.items(), key=lambda kv: kv[1]):
                 if when <= now:
@@ -364,6 +386,16 @@ class Nemesis:
                 next_fault = time.monotonic() + self.rng.expovariate(1 / self.mean_gap)
             wake = min([next_fault, until, *self.recover_at.values()])
             time.sleep(max(0.0, min(wake - time.monotonic(), 0.25)))
+
+    def check_alive(self) -> None:
+        """A replica that exited without being killed is a crash bug: record it (an error for
+        the checker) and count it as killed, so it is restarted like one."""
+        for r in self.cluster.replicas:
+            if r.state in ("up", "stopped") and r.proc is not None and r.proc.poll() is not None:
+                self.history.write("error", message=f"replica {r.index} (pid {r.pid}) exited by itself with "
+                                                    f"status {r.proc.returncode}; log tail: {r.log_tail()!r}")
+                r.state = "killed"
+                self.recover_at.setdefault(r.index, time.monotonic() + 1.0)
 
     def down(self) -> list[int]:
         return [r.index for r in self.cluster.replicas if r.state != "up"]
@@ -411,11 +443,9 @@ class Nemesis:
             self.history.write("nemesis", action="restart", replica=i, pid=replica.pid, down=self.down())
 
     def heal(self) -> None:
+        self.check_alive()
         for r in self.cluster.replicas:
-            if r.state != "up" or not r.running():
-                if r.state == "up":
-                    r.state = "killed"     # died by itself: restart it, and say so
-                    self.history.write("nemesis", action="found-dead", replica=r.index)
+            if r.state != "up":
                 self.recover(r.index)
         self.recover_at.clear()
 
@@ -444,13 +474,15 @@ class Report:
     undrained: list = field(default_factory=list)
     errors: list = field(default_factory=list)
     digests: str = "unchecked"
+    divergences: int = 0      # snapshots forced over applied state: only a partition may cause one
     digest_detail: str = ""
     faults: int = 0
 
     @property
     def ok(self) -> bool:
         return not (self.lost or self.dup or self.phantom or self.reorder or self.lost_accounts
-                    or self.undrained or self.errors) and self.digests in ("equal", "unchecked")
+                    or self.undrained or self.errors or self.divergences) \
+            and self.digests in ("equal", "unchecked")
 
     def summary(self) -> str:
         m = self.meta
@@ -458,7 +490,8 @@ class Report:
                 f"ops={self.ops} acked={self.acked} unknown={self.unknown} sends={self.sends} "
                 f"delivered={self.delivered} lost={len(self.lost)} dup={len(self.dup)} phantom={len(self.phantom)} "
                 f"reorder={len(self.reorder)} lostacct={len(self.lost_accounts)} seed_dup={self.seed_dup} "
-                f"reshown={self.reshown} digests={self.digests} faults={self.faults} "
+                f"reshown={self.reshown} digests={self.digests}"
+                f"{f' divergences={self.divergences}' if self.divergences else ''} faults={self.faults} "
                 f"{'OK' if self.ok else 'FAIL'}")
 
 
@@ -611,7 +644,9 @@ def check(records: list[dict]) -> Report:
                 report.digests = "unequal"
             else:
                 report.digests = "equal"
+            report.divergences = sum(s.get("divergences") or 0 for s in statuses)
             report.digest_detail = ", ".join(f"r{i}: applied={s.get('applied')} digest={s.get('digest')}"
+                                             + (f" divergences={s['divergences']}" if s.get("divergences") else "")
                                              for i, s in enumerate(statuses))
     return report
 
@@ -681,6 +716,9 @@ def print_report(report: Report, records: list[dict], out=sys.stdout, examples: 
           + ", ".join(r.get("user", "?") for r in report.undrained[:20]))
     for e in report.errors[:examples]:
         p(f"ERROR: {e}")
+    if report.divergences:
+        p(f"DIVERGENCES: {report.divergences} replica(s) had to replace applied state by a forced snapshot, "
+          "which only a partition (not injected) may cause")
     if report.digests not in ("equal", "unchecked"):
         p(f"STATE: replicas do not hold identical state after healing ({report.digests}): {report.digest_detail}")
     elif report.digest_detail:
@@ -823,6 +861,9 @@ def run(args) -> int:
             w.stop()
         if cluster is not None:
             cluster.kill_all()
+            for r in cluster.replicas:
+                for line in r.log_problems():
+                    history.write("error", message=f"replica {r.index} logged: {line}")
         if netns is not None:
             netns.cleanup()
         history.close()
