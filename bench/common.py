@@ -243,8 +243,9 @@ class ServerProcess:
     """
 
     def __init__(self, *, profile: str | None = None, log_level: str = "WARNING", extra_args=(), keep_dir=False,
-                 rev: str | None = None, root: str | None = None):
-        self.port = free_port()
+                 rev: str | None = None, root: str | None = None, port: int | None = None,
+                 peers: str | None = None):
+        self.port = port or free_port()
         self.data_dir = tempfile.mkdtemp(prefix="chatnet-bench-")
         # The code under test: the working tree, or ``git archive REV`` exported into data_dir.
         if root:  # another copy of the code, e.g. an experiment
@@ -262,7 +263,9 @@ class ServerProcess:
             cmd += ["-m", "cProfile", "-o", os.path.abspath(profile)]
         server = os.path.join(self.root, "bin", "chatserver")
         cmd += [server, "--host", HOST, "--port", str(self.port)]
-        if _takes_peers(server):  # the replicated CLI: a one-member --peers list = a single replica
+        if peers:  # one replica of a cluster (see ClusterProcess)
+            cmd += ["--peers", peers]
+        elif _takes_peers(server):  # the replicated CLI: a one-member --peers list = a single replica
             cmd += ["--peers", f"{HOST}:{self.port}"]
         cmd += [
             "--data-dir", os.path.join(self.data_dir, "store"),
@@ -325,6 +328,77 @@ class ServerProcess:
         return code
 
     def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class ClusterProcess:
+    """``n`` replicas on free loopback ports, with a shared secret; quacks like ServerProcess
+    (``pid``, ``addr`` and ``port`` are the primary's once :meth:`start` has found it)."""
+
+    def __init__(self, n: int = 3, **kwargs):
+        ports = [free_port() for _ in range(n)]
+        peers = ",".join(f"{HOST}:{p}" for p in ports)
+        self.secret_dir = tempfile.mkdtemp(prefix="chatnet-bench-secret-")
+        self.secret_file = os.path.join(self.secret_dir, "cluster.secret")
+        with open(self.secret_file, "w") as f:
+            f.write(os.urandom(32).hex())
+        extra = [*kwargs.pop("extra_args", ()), "--secret-file", self.secret_file]
+        self.replicas = [ServerProcess(port=p, peers=peers, extra_args=extra, **kwargs) for p in ports]
+        self.label = self.replicas[0].label + f", {n} replicas"
+        self.primary = 0
+
+    def start(self, timeout: float = 30.0) -> "ClusterProcess":
+        for r in self.replicas:
+            r.start()
+        self.primary = self.wait_primary(timeout)
+        return self
+
+    def wait_primary(self, timeout: float = 30.0, exclude=()) -> int:
+        from chatnet.server_cli import query_status
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for i, r in enumerate(self.replicas):
+                if i in exclude or not r.alive():
+                    continue
+                status = query_status(HOST, r.port, timeout=0.5)
+                if status and status.get("serving") and len(status.get("members", ())) == len(
+                        [x for x in self.replicas if x.alive()]):
+                    return i
+            time.sleep(0.02)
+        raise RuntimeError(f"no primary serving every live replica within {timeout}s")
+
+    @property
+    def pid(self) -> int:
+        return self.replicas[self.primary].pid
+
+    @property
+    def port(self) -> int:
+        return self.replicas[self.primary].port
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        return self.replicas[self.primary].addr
+
+    @property
+    def proc(self):
+        return self.replicas[self.primary].proc
+
+    def pids(self) -> list[int]:
+        return [r.pid for r in self.replicas if r.alive()]
+
+    def log_tail(self, n: int = 20) -> str:
+        return "\n".join(f"[{r.port}] {r.log_tail(n)}" for r in self.replicas)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for r in self.replicas:
+            r.stop(timeout)
+        shutil.rmtree(self.secret_dir, ignore_errors=True)
+
+    def __enter__(self) -> "ClusterProcess":
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -224,6 +224,10 @@ def main(argv=None) -> int:
     ap.add_argument("--profile", metavar="FILE", help="run the server under cProfile, stats to FILE")
     ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
     ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="run a cluster of this many replicas on this machine and load its primary (default 1)")
+    ap.add_argument("--naive", action="store_true",
+                    help="run the server's --naive baseline (one fsync per command, stop-and-wait replication)")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
     if args.senders < 1 or args.procs < 1 or args.window < 1 or args.duration <= 0:
@@ -232,7 +236,11 @@ def main(argv=None) -> int:
     opts = {"rate": args.rate, "window": args.window, "size": args.size, "total_senders": args.senders}
     ctx = multiprocessing.get_context("fork")
     workers, pipes = [], []
-    server = ServerProcess(profile=args.profile, rev=args.rev, root=args.server_root)
+    extra = ["--naive"] if args.naive else []
+    if args.replicas > 1:
+        server = common.ClusterProcess(args.replicas, rev=args.rev, root=args.server_root, extra_args=extra)
+    else:
+        server = ServerProcess(profile=args.profile, rev=args.rev, root=args.server_root, extra_args=extra)
     try:
         with common.sigterm_as_exit():
             server.start()
@@ -256,6 +264,7 @@ def main(argv=None) -> int:
             m_end = m_start + int(args.duration * 1e9)
             for pipe in pipes:
                 pipe.send(("go", t0, m_start, m_end, args.drain))
+            # "server" CPU is the primary's; in a cluster the backups' CPU shows under "other".
             meter = common.CpuMeter(server.pid, [p.pid for p in workers])
             time.sleep(max(0.0, (m_start - now_ns()) / 1e9))
             cpu_a = meter.sample()
@@ -300,6 +309,8 @@ def main(argv=None) -> int:
         "text_bytes": args.size,
         "duration_s": args.duration,
         "loadgen_procs": procs_n,
+        "replicas": args.replicas,
+        "naive": args.naive,
         "delivered_per_s": round(total["delivered_in_window"] / window_s, 1),
         "acks_per_s": round(total["acks_in_window"] / window_s, 1),
         "ack_ms": ack,
