@@ -124,25 +124,31 @@ def system_busy_seconds() -> float:
 
 
 class CpuMeter:
-    """CPU used during a window by the server, the load generator and everything else."""
+    """CPU used during a window by the server, the load generator, the server's backups (in a
+    cluster) and everything else."""
 
-    def __init__(self, server_pid: int, loadgen_pids) -> None:
+    def __init__(self, server_pid: int, loadgen_pids, backup_pids=()) -> None:
         self.server_pid = server_pid
         self.loadgen_pids = list(loadgen_pids) + [os.getpid()]
+        self.backup_pids = list(backup_pids)
 
     def sample(self) -> tuple:
         return (time.monotonic(), cpu_seconds(self.server_pid),
-                sum(cpu_seconds(p) for p in self.loadgen_pids), system_busy_seconds())
+                sum(cpu_seconds(p) for p in self.loadgen_pids), system_busy_seconds(),
+                sum(cpu_seconds(p) for p in self.backup_pids))
 
     @staticmethod
     def percent(a: tuple, b: tuple) -> dict:
-        """Percent of one core used between samples a and b: server, loadgen, other processes."""
+        """Percent of one core used between samples a and b: server, loadgen, backups (all of
+        them together; 0 for a single replica) and other processes."""
         wall = max(b[0] - a[0], 1e-9)
         server, loadgen, total = b[1] - a[1], b[2] - a[2], b[3] - a[3]
+        backups = (b[4] - a[4]) if len(a) > 4 and len(b) > 4 else 0.0
         return {
             "server": round(100 * server / wall, 1),
             "loadgen": round(100 * loadgen / wall, 1),
-            "other": round(max(0.0, 100 * (total - server - loadgen) / wall), 1),
+            "backups": round(100 * backups / wall, 1),
+            "other": round(max(0.0, 100 * (total - server - loadgen - backups) / wall), 1),
             "capacity": 100 * (os.cpu_count() or 1),
         }
 

@@ -264,8 +264,9 @@ def main(argv=None) -> int:
             m_end = m_start + int(args.duration * 1e9)
             for pipe in pipes:
                 pipe.send(("go", t0, m_start, m_end, args.drain))
-            # "server" CPU is the primary's; in a cluster the backups' CPU shows under "other".
-            meter = common.CpuMeter(server.pid, [p.pid for p in workers])
+            # "server" CPU is the primary's; in a cluster the backups' CPU is counted apart.
+            backups = [r.pid for r in server.replicas if r.pid != server.pid] if args.replicas > 1 else []
+            meter = common.CpuMeter(server.pid, [p.pid for p in workers], backups)
             time.sleep(max(0.0, (m_start - now_ns()) / 1e9))
             cpu_a = meter.sample()
             time.sleep(max(0.0, (m_end - now_ns()) / 1e9))
@@ -375,7 +376,8 @@ def print_table(s: dict) -> None:
         rows.append(("client send lag p50 / p99 / p99.9", fmt_lat(s["send_lag_ms"])))
     rows += [
         ("CPU in window, % of one core", f"server {c['server']:.0f} %, load generator {c['loadgen']:.0f} %, "
-                                         f"other processes {c['other']:.0f} %  (machine: {c['capacity']} %)"),
+                                         + (f"backups {c.get('backups', 0):.0f} %, " if s.get("replicas", 1) > 1 else "")
+                                         + f"other processes {c['other']:.0f} %  (machine: {c['capacity']} %)"),
         ("server CPU per delivered chat", f"{s['server_cpu_us_per_chat']} us  (all work for one chat: request, "
                                           "commit, ack, delivery, delivery mark)"),
         ("server RSS (idle -> loaded)", f"{s['server_rss_idle_mib']:.1f} -> {s['server_rss_mib']:.1f} MiB"),
