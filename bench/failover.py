@@ -55,6 +55,8 @@ class Sender(threading.Thread):
         self.addresses = addresses
         self.name_, self.sink = name, sink
         self.acks: list[float] = []
+        self.peer = None  # (host, port) of the replica that acknowledged the last send
+        self.connected_at = 0.0  # when the current connection was logged in
         self.points: list[tuple[float, float]] = []  # (first attempt, ack), monotonic seconds
         self.stop = threading.Event()
         self.lock = threading.Lock()
@@ -113,6 +115,7 @@ class Sender(threading.Thread):
                 sock, decoder = self._connect(self.name_, True)
                 if sock is None:
                     return
+                self.connected_at = time.monotonic()
             try:
                 if first_try is None:
                     first_try = time.monotonic()
@@ -123,6 +126,7 @@ class Sender(threading.Thread):
                         break
                 if frame.status == 0:
                     t = time.monotonic()
+                    self.peer = sock.getpeername()[:2]
                     with self.lock:
                         self.acks.append(t)
                         self.points.append((first_try, t))
@@ -166,11 +170,16 @@ def trials(args) -> int:
             sender = Sender([r.addr for r in cluster.replicas])
             sender.start()
             for trial in range(1, args.trials + 1):
-                primary = cluster.wait_primary(60)
+                # Kill the replica that is acknowledging the sender's chats right now, once the
+                # status answers agree it is the primary of a full view.
                 start = time.monotonic()
-                while sender.first_ack_after(start) is None:  # the load is flowing
-                    if time.monotonic() - start > 30:
-                        raise RuntimeError("no acknowledgements before the kill")
+                while True:
+                    primary = cluster.wait_primary(60)
+                    t = time.monotonic()
+                    if sender.first_ack_after(t) is not None and sender.peer == cluster.replicas[primary].addr:
+                        break
+                    if t - start > 30:
+                        raise RuntimeError(f"the sender's acks ({sender.peer}) do not come from the primary")
                     time.sleep(0.01)
                 victim = cluster.replicas[primary]
                 meter = OtherCpu([r.pid for r in cluster.replicas if r is not victim and r.alive()])
@@ -313,27 +322,36 @@ def plot(path: str, pts, summary, n_senders: int) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.8), dpi=110)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i in range(n_senders):
-        xs = [t for t, _, s in pts if s == i]
-        ys = [lat for _, lat, s in pts if s == i]
+        xs = [t for t, lat, s in pts if s == i and lat <= 100]
+        ys = [lat for _, lat, s in pts if s == i and lat <= 100]
         ax.scatter(xs, ys, s=4, color=colors[i % len(colors)], alpha=0.6, linewidths=0, label=f"sender {i + 1}")
+    slow = [(t, lat) for t, lat, _ in pts if lat > 100]
+    if slow:  # the sends caught by the kill: few, so drawn large
+        ax.scatter([t for t, _ in slow], [lat for _, lat in slow], s=60, marker="X", color="black", zorder=5,
+                   label=f"{len(slow)} sends > 100 ms")
+        t_s, lat_s = max(slow, key=lambda p: p[1])
+        ax.annotate(f"{len(slow)} sends in flight at the kill:\nacked after {lat_s / 1000:.2f} s on the new primary",
+                    xy=(t_s, lat_s), xytext=(t_s - 0.15, lat_s * 0.55), ha="right", va="top", fontsize=9,
+                    arrowprops={"arrowstyle": "->", "lw": 0.8})
     ax.set_yscale("log")
+    ax.set_ylim(bottom=min(p[1] for p in pts) / 4, top=max(p[1] for p in pts) * 2.5)
     ax.set_xlabel("time of the send's first attempt, s (0 = kill -9 of the primary)")
     ax.set_ylabel("ack latency, ms (log scale)")
     ax.axvline(0, color="red", lw=1.5)
-    ax.text(0, 1.01, " kill -9 primary", color="red", transform=ax.get_xaxis_transform(), ha="left", va="bottom")
+    ax.text(0, 0.985, " kill -9 primary", color="red", transform=ax.get_xaxis_transform(), ha="left", va="top")
     fa = summary["kill_to_first_ack_s"]
     ax.axvline(fa, color="green", lw=1, ls="--")
-    ax.text(fa, 0.93, f" first ack on new primary (+{fa:.2f} s)", color="green",
+    ax.text(fa, 0.80, f" first ack on new primary (+{fa:.2f} s)", color="green",
             transform=ax.get_xaxis_transform(), ha="left", va="top")
     rs = summary["restart_s"]
     ax.axvline(rs, color="gray", lw=1, ls=":")
-    ax.text(rs, 0.80, f" old primary restarted (+{rs:.1f} s),\n back in view at +{summary['rejoined_s']:.1f} s",
+    ax.text(rs, 0.985, f" old primary restarted (+{rs:.1f} s),\n back in view at +{summary['rejoined_s']:.1f} s",
             color="gray", transform=ax.get_xaxis_transform(), ha="left", va="top")
     ax.set_title(f"chatnet, 3 replicas on one 2-CPU machine: ack latency of every send around a primary kill\n"
                  f"({n_senders} closed-loop senders, code {summary['server_code'].split(',')[0]}; "
                  f"worst send waited {summary['max_latency_ms'] / 1000:.2f} s)", fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(loc="upper left", markerscale=3, fontsize=8)
+    ax.legend(loc="lower left", markerscale=1.5, fontsize=8, ncol=5)
     fig.tight_layout()
     fig.savefig(path)
     print(f"plot written to {path}")
@@ -351,7 +369,14 @@ def main(argv=None) -> int:
                     help="--timeline: restart the killed replica this long after every sender acks again")
     ap.add_argument("--after", type=float, default=3.0, help="--timeline: seconds of load after it rejoined")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
+    ap.add_argument("--replot", metavar="JSON", help="redraw --timeline PNG from the JSON points a run wrote")
     args = ap.parse_args(argv)
+    if args.replot:
+        with open(args.replot) as f:
+            data = json.load(f)
+        plot(args.timeline or os.path.splitext(args.replot)[0] + ".png", data.pop("points_t_s_latency_ms_sender"),
+             data, data["senders"])
+        return 0
     return timeline(args) if args.timeline else trials(args)
 
 
