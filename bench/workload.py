@@ -153,6 +153,7 @@ class SimUser:
         self._sends: dict[int, tuple[str, str]] = {}      # id(Pending) -> (recipient, text)
         self._ops: dict = {}                               # Pending -> (op id, function)
         self.outcomes: dict[int, str] = {}                 # op id -> ok / fail / unknown
+        self.answers: dict[int, str] = {}                  # op id -> the answer's text
         self.noted: set[int] = set()                       # login op ids whose summary note came
         self.sent = 0
         self.received: list[tuple[str, str, int | None]] = []   # (sender, text, seq)
@@ -324,6 +325,7 @@ class SimUser:
             else:
                 outcome = "ok" if e.kind == "ok" else "fail"
             self.outcomes[op] = outcome
+            self.answers[op] = e.message
             history.result(op, outcome, answer=e.message[:200], attempts=e.answer_to.attempts)
         elif isinstance(e, s.SessionClosed):
             for pending in e.unsent:
@@ -382,12 +384,14 @@ class SeedClient:
         self._redirect: tuple[str, int] | None = None
         self._failures = 0
         self.received: list[tuple[str, str]] = []
+        self.last_answer: str | None = None   # the text of the last answer to call()
 
     # -------------------------------------------------------------------------- public
     def call(self, text: str, f: str, **fields):
         """Execute request ``text`` (recorded as function ``f``); return its answer frame, or
         None when no answer came in ``op_timeout`` seconds (outcome unknown)."""
         op = self.history.invoke(client=self.client, run=self.run, kind="seed", user=self.name, f=f, **fields)
+        self.last_answer = None
         deadline = time.monotonic() + self.op_timeout
         attempts = 0
         needs_login = f not in ("create", "login")
@@ -401,6 +405,7 @@ class SeedClient:
             except _Lost:
                 self._drop()
                 continue
+            self.last_answer = frame.message
             outcome = "ok" if frame.status == 0 else "fail"
             if f == "create" and frame.message == CREATE_TAKEN and attempts > 1:
                 outcome = "ok"                                   # our first attempt created it
@@ -521,12 +526,11 @@ class SeedClient:
             self.history.result(op, "ok", answer=frame.message[:200])
             self._read_summary()
             return self.sock is not None
+        # "Already connected" (our own dead connection, not noticed yet by that server), or
+        # the account is unknown (the checker reports that if its create was acknowledged).
         self.history.result(op, "fail", answer=frame.message[:200])
         self._drop()
-        if frame.message.startswith(LOGIN_UNKNOWN_PREFIX):
-            time.sleep(0.2)          # the account is gone?! the checker will say so; keep trying
-        else:
-            time.sleep(0.2)          # "already connected": our dead connection, not noticed yet
+        time.sleep(0.2)
         return False
 
     def _read_summary(self) -> None:
@@ -723,6 +727,14 @@ class Worker:
         self.created.add(name)
         self.registry.add(name)
 
+    def _never_created(self, name: str, answer: str | None) -> bool:
+        """A login refused as unknown for an account whose create was never acknowledged: the
+        create (its answer lost) did not happen after all, so the next session creates it."""
+        if name not in self.created and (answer or "").startswith(LOGIN_UNKNOWN_PREFIX):
+            self.attempted.discard(name)
+            return True
+        return False
+
 
 class ExtWorker(Worker):
     """A workload client using our client library (one :class:`SimUser` per session)."""
@@ -738,12 +750,16 @@ class ExtWorker(Worker):
                        client=self.client)
 
     def _identify(self, user: SimUser, name: str, create: bool, timeout: float = 30.0) -> int | None:
+        """Create or log in; the op id if that succeeded, else None (``last_never_created``
+        tells whether a login was refused because the account was never created)."""
+        self.last_never_created = False
         if create:
             self.attempted.add(name)
         op = user.request(f"{'create' if create else 'login'}|{name}", "create" if create else "login")
         if not wait_for(lambda: user.outcome(op) is not None, timeout):
             return None
         if user.outcome(op) != "ok":
+            self.last_never_created = not create and self._never_created(name, user.answers.get(op))
             return None
         if create:
             self._mark_created(name)
@@ -782,6 +798,9 @@ class ExtWorker(Worker):
             user = self._user(name)
             try:
                 op = self._identify(user, name, create=False)
+                if op is None and self.last_never_created:
+                    self.history.write("drain", user=name, kind="ext", ok=True, note="never created")
+                    continue
                 ok = op is not None and wait_for(lambda: op in user.noted, 20.0, interval=0.05)
                 ok = ok and wait_for(user.idle, 20.0, interval=0.05)
                 self.history.write("drain", user=name, kind="ext", ok=bool(ok))
@@ -803,6 +822,8 @@ class SeedWorker(Worker):
             if create:
                 self.attempted.add(name)
             if not client.login(name, create):
+                if not create:
+                    self._never_created(name, client.last_answer)
                 return
             if create:
                 self._mark_created(name)
@@ -827,12 +848,15 @@ class SeedWorker(Worker):
         for name in sorted(self.attempted | self.created):
             client = SeedClient(name, self.addresses, self.history, self.new_run(), self.client)
             try:
-                ok = False
+                ok, note = False, ""
                 for _ in range(5):
                     if client.login(name, create=False):
                         ok = True
                         break
-                self.history.write("drain", user=name, kind="seed", ok=ok)
+                    if self._never_created(name, client.last_answer):
+                        ok, note = True, "never created"
+                        break
+                self.history.write("drain", user=name, kind="seed", ok=ok, **({"note": note} if note else {}))
                 client.exit()
             finally:
                 client.close()
