@@ -223,7 +223,10 @@ class ChatService:
             self._propose(sm.cmd_send(session.name, recipient, text, request_id), session)
 
     def _list(self, session: Session, pattern: str) -> None:
-        names = [name for name in self.state.accounts if fnmatch.fnmatchcase(name, pattern)]
+        if any(c in pattern for c in "*?["):
+            names = [name for name in self.state.accounts if fnmatch.fnmatchcase(name, pattern)]
+        else:  # an exact name: a lookup, not a scan of every account
+            names = [pattern] if pattern in self.state.accounts else []
         text = "\n" + "".join(f"- {name}\n" for name in names)
         self.effects.append(Reply(session.conn, encode_response(STATUS_OK, INDICATOR_SERVER, text)))
 
