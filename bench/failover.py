@@ -14,7 +14,7 @@ primary, restarts the killed replica and waits until it is back in the view.
 records every acknowledged send (time of its first attempt, ack latency measured from that
 first attempt, so a chat retried after the kill counts the whole wait) and plots latency vs
 time with the kill, the first ack on the new primary and the old primary's restart marked.
-The points are also written next to the PNG as JSON.  Plotting needs matplotlib
+``--points FILE`` also writes the points as JSON (``--replot FILE --timeline PNG`` redraws).  Plotting needs matplotlib
 (``pip install matplotlib``); without it the figures are still printed.
 
 Each trial also prints the CPU that other processes of the machine used between the kill and
@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
 from chatnet.codec import NEED_DATA, ResponseDecoder  # noqa: E402
+from chatnet.server_cli import query_status  # noqa: E402
 
 REDIRECT = re.compile(r"The primary is at ([^\s]+):(\d+)\.$")
 TARGET_MEDIAN_S, TARGET_WORST_S = 1.5, 3.0
@@ -55,6 +56,7 @@ class Sender(threading.Thread):
         self.addresses = addresses
         self.name_, self.sink = name, sink
         self.acks: list[float] = []
+        self.ack_conns: list[float] = []  # per ack: when its connection was logged in
         self.peer = None  # (host, port) of the replica that acknowledged the last send
         self.connected_at = 0.0  # when the current connection was logged in
         self.points: list[tuple[float, float]] = []  # (first attempt, ack), monotonic seconds
@@ -129,6 +131,7 @@ class Sender(threading.Thread):
                     self.peer = sock.getpeername()[:2]
                     with self.lock:
                         self.acks.append(t)
+                        self.ack_conns.append(self.connected_at)
                         self.points.append((first_try, t))
                     n += 1
                     first_try = None
@@ -138,9 +141,12 @@ class Sender(threading.Thread):
                 sock.close()
                 sock = None
 
-    def first_ack_after(self, t: float) -> float | None:
+    def first_ack_after(self, t: float, new_conn: bool = False) -> float | None:
+        """First ack after ``t``; with ``new_conn`` only on a connection logged in after ``t``
+        (an ack the old primary wrote just before the kill can still be read after it)."""
         with self.lock:
-            later = [a for a in self.acks[-1000:] if a > t]
+            later = [a for a, c in zip(self.acks[-1000:], self.ack_conns[-1000:])
+                     if a > t and (not new_conn or c > t)]
         return later[0] if later else None
 
 
@@ -170,24 +176,32 @@ def trials(args) -> int:
             sender = Sender([r.addr for r in cluster.replicas])
             sender.start()
             for trial in range(1, args.trials + 1):
-                # Kill the replica that is acknowledging the sender's chats right now, once the
-                # status answers agree it is the primary of a full view.
+                # Kill the replica that is acknowledging the sender's chats right now (it must
+                # report itself serving); note when the status answers name another primary.
+                cluster.wait_primary(60)
                 start = time.monotonic()
                 while True:
-                    primary = cluster.wait_primary(60)
                     t = time.monotonic()
-                    if sender.first_ack_after(t) is not None and sender.peer == cluster.replicas[primary].addr:
-                        break
+                    by_port = {r.port: i for i, r in enumerate(cluster.replicas)}
+                    if sender.first_ack_after(start) is not None and sender.peer and sender.peer[1] in by_port:
+                        primary = by_port[sender.peer[1]]
+                        st = query_status(common.HOST, cluster.replicas[primary].port, timeout=0.5)
+                        if st and st.get("serving"):
+                            break
                     if t - start > 30:
-                        raise RuntimeError(f"the sender's acks ({sender.peer}) do not come from the primary")
+                        raise RuntimeError(f"the sender's acks ({sender.peer}) do not come from a serving replica")
                     time.sleep(0.01)
+                others_serving = [i for i, r in enumerate(cluster.replicas) if i != primary and r.alive()
+                                  and (query_status(common.HOST, r.port, timeout=0.5) or {}).get("serving")]
+                if others_serving:
+                    print(f"note: replicas {others_serving} also report serving", flush=True)
                 victim = cluster.replicas[primary]
                 meter = OtherCpu([r.pid for r in cluster.replicas if r is not victim and r.alive()])
                 cpu_a = meter.sample()
                 killed_at = time.monotonic()
                 os.kill(victim.pid, signal.SIGKILL)
                 victim.proc.wait()
-                while (ack := sender.first_ack_after(killed_at)) is None:
+                while (ack := sender.first_ack_after(killed_at, new_conn=True)) is None:
                     if time.monotonic() - killed_at > 30:
                         raise RuntimeError("no acknowledgement within 30 s of the kill")
                     time.sleep(0.005)
@@ -250,12 +264,13 @@ def timeline(args) -> int:
             marks["kill"] = time.monotonic()
             os.kill(victim.pid, signal.SIGKILL)
             victim.proc.wait()
-            while (ack := min((a for s in senders if (a := s.first_ack_after(marks["kill"]))), default=None)) is None:
+            while (ack := min((a for s in senders if (a := s.first_ack_after(marks["kill"], True))),
+                              default=None)) is None:
                 if time.monotonic() - marks["kill"] > 30:
                     raise RuntimeError("no acknowledgement within 30 s of the kill")
                 time.sleep(0.005)
             marks["first_ack"] = ack
-            while not all(s.first_ack_after(marks["kill"]) for s in senders):
+            while not all(s.first_ack_after(marks["kill"], True) for s in senders):
                 if time.monotonic() - marks["kill"] > 30:
                     raise RuntimeError("a sender got no acknowledgement within 30 s of the kill")
                 time.sleep(0.005)
@@ -299,10 +314,10 @@ def timeline(args) -> int:
           f"{len(stalled)} sends over 100 ms; ack latency p50/p99 before {before and summary['before_p50_p99_ms']} ms, "
           f"after {after and summary['after_p50_p99_ms']} ms; old primary restarted at +{summary['restart_s']:.1f} s, "
           f"back in the view at +{summary['rejoined_s']:.1f} s; other processes {other:.0f} % of a core")
-    data_path = os.path.splitext(args.timeline)[0] + ".json"
-    with open(data_path, "w") as f:
-        json.dump({**summary, "points_t_s_latency_ms_sender": pts}, f, separators=(",", ":"))
-    print(f"points written to {data_path}")
+    if args.points:
+        with open(args.points, "w") as f:
+            json.dump({**summary, "points_t_s_latency_ms_sender": pts}, f, separators=(",", ":"))
+        print(f"points written to {args.points} (redraw with --replot {args.points} --timeline PNG)")
     plot(args.timeline, pts, summary, args.senders)
     if args.json:
         print(json.dumps(summary, separators=(",", ":")))
@@ -369,6 +384,7 @@ def main(argv=None) -> int:
                     help="--timeline: restart the killed replica this long after every sender acks again")
     ap.add_argument("--after", type=float, default=3.0, help="--timeline: seconds of load after it rejoined")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
+    ap.add_argument("--points", metavar="JSON", help="--timeline: also write every point to this JSON file")
     ap.add_argument("--replot", metavar="JSON", help="redraw --timeline PNG from the JSON points a run wrote")
     args = ap.parse_args(argv)
     if args.replot:
