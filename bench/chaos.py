@@ -841,13 +841,18 @@ def run(args) -> int:
 
         history.write("phase", name="converge")
 
+        last: list = []
+
         def converged():
-            statuses = cluster.statuses(2.0)
-            if any(s is None for s in statuses):
+            """Every replica in one view at the same applied index (one round of queries, whose
+            digests are the ones compared)."""
+            if not cluster.in_sync():
                 return False
-            return len({s["applied"] for s in statuses}) == 1 and cluster.in_sync()
+            last[:] = [cluster.statuses(2.0)]
+            statuses = last[0]
+            return all(s is not None for s in statuses) and len({s["applied"] for s in statuses}) == 1
         same = wait(converged, args.heal_timeout, interval=0.2)
-        statuses = cluster.statuses(2.0)
+        statuses = last[0] if last else cluster.statuses(2.0)
         history.write("final", ok=same, statuses=statuses,
                       why="" if same else "replicas did not reach the same applied index")
     except KeyboardInterrupt:

@@ -446,7 +446,7 @@ class SeedClient:
             if remaining <= 0:
                 return
             try:
-                frame = self._frame(remaining, idle=True)
+                frame = self._frame(remaining)
             except _Lost:
                 self._drop()
                 return
@@ -575,7 +575,7 @@ class SeedClient:
                 raise _Lost(frame.message, note=True)
             return frame
 
-    def _frame(self, timeout: float, idle: bool = False):
+    def _frame(self, timeout: float):
         """The next frame that is not a chat (chats are recorded), or None after ``timeout``."""
         end = time.monotonic() + timeout
         while True:
