@@ -257,6 +257,18 @@ def test_chats_are_acknowledged_once_per_burst_and_duplicates_dropped():
     assert [e.seq for e in h.of(s.FrameReceived) if e.kind == "chat"] == [1, 2, 3, 4]
 
 
+def test_chat_arriving_after_our_exit_is_left_for_the_next_login():
+    """The server logs us out on exit and ignores later acks, so a chat it wrote just before
+    reading our exit stays in the mailbox: showing it now would show it twice (found by the
+    chaos runner, seed 5)."""
+    h = ext_logged_in()
+    h.session.submit(cmd("exit"), h.t)
+    assert sent_text(h) == ["6\n"]
+    h.feed(schat(1, "bob", "just before the exit"))
+    assert [e for e in h.of(s.FrameReceived) if e.kind == "chat"] == []
+    assert h.sends() == []                                  # no ack the server would ignore
+
+
 def test_a_burst_cut_in_pieces_is_acknowledged_per_piece_received():
     h = ext_logged_in()
     data = schat(1, "bob", "héllo") + schat(2, "bob", "x")

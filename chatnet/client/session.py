@@ -800,6 +800,11 @@ class ClientSession:
             return
         seq = int(seq_text)
         sender, _, text = rest.partition("|")
+        if self.state is State.EXITING:
+            # Our exit is on its way: the server has logged us out and will ignore an ack, so
+            # this chat stays in the mailbox and comes at the next login.  Showing it now too
+            # would show it twice.
+            return
         if seq > self._ack_sent:
             self._ack_due = True
         if seq <= self.last_seq:
