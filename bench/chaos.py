@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from bench.workload import ExtWorker, History, Registry, SeedWorker  # noqa: E402
+from bench.workload import ExtWorker, History, Registry, SeedWorker, wait_for  # noqa: E402
 from chatnet.server_cli import query_status  # noqa: E402
 
 CHATSERVER = os.path.join(ROOT, "bin", "chatserver")
@@ -760,16 +760,6 @@ def make_workers(args, addresses, history, registry) -> list:
     return workers
 
 
-def wait(predicate, timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-
-
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -805,7 +795,7 @@ def run(args) -> int:
                       netns=netns is not None, addresses=[f"{h}:{p}" for h, p in cluster.addresses],
                       replay=replay_command(args), workdir=workdir)
         cluster.start()
-        if not wait(cluster.in_sync, 30):
+        if not wait_for(cluster.in_sync, 30, interval=0.1):
             raise RuntimeError("the cluster did not elect a primary at start")
         history.write("phase", name="workload")
         log(f"seed {args.seed}: {args.replicas} replicas up ({', '.join(f'{h}:{p}' for h, p in cluster.addresses)}), "
@@ -821,7 +811,7 @@ def run(args) -> int:
         for w in workers:
             w.stop()
         nemesis.heal()
-        healed = wait(cluster.in_sync, args.heal_timeout)
+        healed = wait_for(cluster.in_sync, args.heal_timeout, interval=0.1)
         if not healed:
             history.write("error", message=f"no primary with every replica in its view {args.heal_timeout:g} s "
                                            f"after healing: {cluster.statuses()}")
@@ -851,7 +841,7 @@ def run(args) -> int:
             last[:] = [cluster.statuses(2.0)]
             statuses = last[0]
             return all(s is not None for s in statuses) and len({s["applied"] for s in statuses}) == 1
-        same = wait(converged, args.heal_timeout, interval=0.2)
+        same = wait_for(converged, args.heal_timeout, interval=0.2)
         statuses = last[0] if last else cluster.statuses(2.0)
         history.write("final", ok=same, statuses=statuses,
                       why="" if same else "replicas did not reach the same applied index")
