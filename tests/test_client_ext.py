@@ -269,6 +269,21 @@ def test_chat_arriving_after_our_exit_is_left_for_the_next_login():
     assert h.sends() == []                                  # no ack the server would ignore
 
 
+def test_exit_at_eof_after_a_login_waits_for_its_chat_and_acknowledges_it_first():
+    """`printf 'login|bob\\n' | chatclient`: the queued chat of the login is shown and
+    acknowledged before the exit leaves, so it is delivered once, now."""
+    h = ext_harness()
+    h.start()
+    negotiate(h)
+    h.session.submit(cmd("login|bob"), h.t)
+    h.session.submit(cmd("exit"), h.t)
+    assert sent_text(h) == ["2|bob\n"]
+    h.feed(ok("Logged in as bob."), ok("token|t"), schat(7, "alice", "hello bob"),
+           note("You have 1 missed messages above."))
+    assert sent_text(h) == ["0|ack|7\n", "6\n"]
+    assert [e.text for e in h.of(s.FrameReceived) if e.kind == "chat"] == ["hello bob"]
+
+
 def test_a_burst_cut_in_pieces_is_acknowledged_per_piece_received():
     h = ext_logged_in()
     data = schat(1, "bob", "héllo") + schat(2, "bob", "x")

@@ -404,14 +404,17 @@ def test_a_garbled_stream_drops_the_connection_and_requeues():
 
 # ------------------------------------------------------------------------------------ exit
 
-def test_exit_goes_out_after_the_queue_and_ends_when_the_server_closes():
+def test_exit_goes_out_after_the_answers_and_ends_when_the_server_closes():
+    """exit waits for every answer, so chat arriving with them is acknowledged before the
+    server logs the session out (else it could be neither acknowledged nor shown once)."""
     h = logged_in()
     h.session.submit(cmd("send|bob|bye"), h.t)
     h.session.submit(cmd("exit"), h.t)
-    assert h.sends() == [b"3|bob|bye\n", b"6\n"]
+    assert h.sends() == [b"3|bob|bye\n"]
+    h.feed(ok("Message sent to bob."))
+    assert h.sends() == [b"6\n"]
     assert h.session.state is s.State.EXITING
     assert h.session.submit(cmd("list"), h.t) is None
-    h.feed(ok("Message sent to bob."))
     h.session.connection_lost(h.t, "server closed the connection")
     assert h.session.closed and h.take() == []
     assert h.of(s.SessionClosed) == [s.SessionClosed()]
@@ -444,7 +447,9 @@ def test_exit_while_disconnected_waits_behind_queued_commands():
     h.session.submit(cmd("exit"), h.t)
     assert not h.session.closed
     assert h.wait_for_connect() == S1
-    assert h.connect_ok() == [b"\n", b"1|alice\n", b"6\n"]
+    assert h.connect_ok() == [b"\n", b"1|alice\n"]
+    h.feed(ok("Account created! Logged in as alice."))
+    assert h.sends() == [b"6\n"]
 
 
 def test_close_reports_what_was_never_sent_or_answered():

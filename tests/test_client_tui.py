@@ -308,7 +308,7 @@ def test_server_killed_and_restarted_clients_reconnect_and_chat_goes_on(servers,
         t.wait(lambda t=t: "reconnecting in" in t.status(), "the reconnect countdown")
         t.wait_text("connection to")
     alice.enter("send|bob|typed while the server was down", "will be sent")
-    assert "1 queued" in alice.status()
+    alice.wait(lambda: "1 queued" in alice.status(), "1 queued in the status bar")
 
     servers("main", port=server.port)                               # same port, same store
     for t, user in ((alice, "alice"), (bob, "bob")):

@@ -569,6 +569,8 @@ class ClientSession:
             self._actions.append(Disconnect())
             self._lost(now, f"protocol error: {exc}")
         self._send_ack()
+        if self.state is State.READY:
+            self._flush(now)  # an exit waiting for these answers goes out after their ack
 
     def _send_ack(self) -> None:
         """One cumulative acknowledgement per received burst (extension 1)."""
@@ -634,8 +636,11 @@ class ClientSession:
     @property
     def idle(self) -> bool:
         """Nothing queued, nothing unanswered: every answer the user waits for has come."""
-        return (not self._queue and not self._in_flight and self._identify is None
-                and self._negotiate is None and self._login_note is None and self._list_open is None)
+        return not self._queue and self._answers_complete()
+
+    def _answers_complete(self) -> bool:
+        return (not self._in_flight and self._identify is None and self._negotiate is None
+                and self._login_note is None and self._list_open is None)
 
     @property
     def negotiating(self) -> bool:
@@ -734,6 +739,11 @@ class ClientSession:
 
     def _flush(self, now: float) -> None:
         while self._queue and self.state is State.READY and self._barrier is None:
+            if self._queue[0].command.op == OP_EXIT and not self._answers_complete():
+                # ``exit`` waits for every answer (and a login's queued chat and note), so the
+                # chat they bring is acknowledged before the server logs us out: chat that
+                # arrived after our exit could be neither acknowledged nor shown once.
+                break
             pending = self._queue.popleft()
             self._write(pending)
             if pending.command.op == OP_EXIT:
