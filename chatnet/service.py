@@ -7,14 +7,19 @@ commands to propose to the log — which the host carries out.  It never sees a 
 or the database, so every reference text and every ordering rule is testable in memory.
 
 Rules the service keeps:
-* A request that changes replicated state (create, send, delete) becomes a command; its answer
+* A request that changes replicated state (create, login, send, delete, exit) becomes a
+  command; its answer
   is decided by the command's result at apply time and released only after the command is
   durable, so an acknowledgement always means "committed".  While a connection waits for such
   an answer, the host feeds it nothing more (``waiting``), which keeps answers in order.
-* Sessions (which connection is logged in as whom) are local to the serving replica.
-* Chat is removed from a mailbox only by a ``delivered`` command, proposed after the host
-  reports the chat's frame fully written to the recipient's socket.  Chat that was never
-  written completely stays queued for the next login: at-least-once, never lost.
+* Sessions (which connection is logged in as whom) are local to the serving replica; what a
+  session needs to survive a failover — its resume token, the per-recipient sequence numbers,
+  the recent request ids — is replicated state (extension 1, docs/protocol.md).
+* Chat is removed from a mailbox only by a ``delivered`` command: for a seed-style session,
+  proposed after the host reports the chat's frame fully written to the socket (at-least-once:
+  never-written chat stays queued for the next login); for an extended session, proposed when
+  the client acknowledges the sequence number (exactly once for a client that drops seqs it
+  has seen).
 * A congested recipient (its output over the high-water mark) gets no live chat; it stays in
   the mailbox and is pumped again when the host reports the output drained.
 """
