@@ -411,6 +411,21 @@ class ClusterProcess:
         self.stop()
 
 
+def run_worker(target, wid: int, pipe, *args) -> None:
+    """Body of a load-generator process: run ``target(wid, pipe, *args)``; an error is sent to
+    the parent as ("error", text) before the process dies, Ctrl-C ends it quietly."""
+    try:
+        target(wid, pipe, *args)
+    except KeyboardInterrupt:
+        pass
+    except BaseException as exc:  # report, then die
+        try:
+            pipe.send(("error", f"worker {wid}: {type(exc).__name__}: {exc}"))
+        except Exception:
+            pass
+        raise
+
+
 @contextlib.contextmanager
 def sigterm_as_exit():
     """Turn SIGTERM into SystemExit in the benchmark process so its cleanup always runs."""

@@ -51,16 +51,7 @@ def tcp_kernel_mem_kib() -> int | None:
 
 
 def worker(wid: int, pipe, addr, count: int, opts: dict) -> None:
-    try:
-        _worker(wid, pipe, addr, count, opts)
-    except KeyboardInterrupt:
-        pass
-    except BaseException as exc:
-        try:
-            pipe.send(("error", f"worker {wid}: {type(exc).__name__}: {exc}"))
-        except Exception:
-            pass
-        raise
+    common.run_worker(_worker, wid, pipe, addr, count, opts)
 
 
 def _worker(wid, pipe, addr, count, opts) -> None:

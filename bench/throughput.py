@@ -76,16 +76,7 @@ class Receiver:
 
 
 def worker(wid: int, pipe, addr, pairs: list[int], opts: dict) -> None:
-    try:
-        _worker(wid, pipe, addr, pairs, opts)
-    except KeyboardInterrupt:
-        pass
-    except BaseException as exc:  # report, then die
-        try:
-            pipe.send(("error", f"worker {wid}: {type(exc).__name__}: {exc}"))
-        except Exception:
-            pass
-        raise
+    common.run_worker(_worker, wid, pipe, addr, pairs, opts)
 
 
 def _worker(wid, pipe, addr, pairs, opts) -> None:
