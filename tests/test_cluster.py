@@ -221,3 +221,14 @@ def test_replica_far_behind_or_with_an_empty_disk_catches_up_by_snapshot(cluster
     assert c.wait_primary(exclude=(primary, other)) == behind
     texts = drain_mailbox(c.addresses, "reader")
     assert texts == [f"m{i}" for i in range(200)]
+
+
+def test_brand_new_cluster_starts_with_a_majority_and_the_latecomer_joins(cluster):
+    c = cluster()
+    c.start(0, 1)
+    c.wait_primary()
+    writer = FailoverClient(c.addresses[:2], "early", create=True)
+    assert writer.request("4|early").message == "\n- early\n"
+    c.start(2)
+    c.wait_in_sync(range(3), timeout=30)
+    assert wait_until(lambda: c.status(2), what="status of 2")["accounts"] == 1

@@ -226,9 +226,33 @@ def test_last_survivor_restarts_alone_and_serves():
     sim.heal_and_check()
 
 
-def test_first_start_waits_for_everyone():
+def test_first_start_needs_a_majority_and_a_latecomer_joins():
+    """A brand-new cluster forms its first view with a majority (no view can exist elsewhere:
+    a view needs a majority of fresh replicas first); a fresh minority waits."""
     sim = Simulation(1, 3, steps=0)
+    sim.crash(2)
     sim.crash(3)
+    sim.run_ticks(10 * FT)
+    assert sim.serving() == []                    # one fresh replica of three: waits
+    sim.restart(2)
+    p = sim.wait_serving(6 * FT)
+    assert p in (1, 2)
+    assert sim.write(5) == 5
+    sim.crash(1)
+    sim.crash(2)
+    sim.restart(3)                                # the fresh latecomer alone must not serve
+    sim.run_ticks(10 * FT)
+    assert sim.serving() == []
+    sim.restart(1)
+    sim.restart(2)
+    assert sim.wait_serving(8 * FT) is not None
+    sim.heal_and_check()
+
+
+def test_five_fresh_replicas_need_three():
+    sim = Simulation(1, 5, steps=0)
+    for i in (3, 4, 5):
+        sim.crash(i)
     sim.run_ticks(10 * FT)
     assert sim.serving() == []
     sim.restart(3)

@@ -63,7 +63,8 @@ matches its own up to its last index at view start.  A replica that (re)starts, 
 stalled, is *recovering*: it serves, campaigns and proposes nothing until either a primary
 of a view it belongs to has synced it, or it has heard from every member of the newest
 established view anybody it reaches knows of, and it is itself a member of that view with
-that view established.
+that view established, or -- brand-new (never promised, no entry) -- it reaches a majority of
+brand-new replicas while every other replica stays silent for a failure timeout.
 """
 
 from __future__ import annotations
@@ -142,6 +143,11 @@ class _Campaign:
     granted: dict[int, tuple[int, int, int]]
     failover: bool
     started: int
+
+
+def _fresh_info(info: Heartbeat) -> bool:
+    """A peer that, by its heartbeat, has never promised a view nor held an entry."""
+    return info.view == 0 and info.promised == 0 and info.last_index == 0
 
 
 def _key(est: int, last_view: int, last_index: int) -> tuple[int, int, int]:
@@ -920,10 +926,23 @@ class Replica:
             or (_CODE_STATUS.get(i.status) == BACKUP and i.primary != self.me))]
         if active:
             return  # the view goes on: its primary will sync (and re-add) me
+        if self._brand_new() and best_view == 0 and all(_fresh_info(i) for i in infos.values()) \
+                and 2 * (1 + len(infos)) > self.n \
+                and all(self.suspected(q) for q in self.peers if q not in infos):
+            # A brand-new cluster: nobody reachable ever promised a view or held an entry, we
+            # are a majority, and the others have stayed silent for a failure timeout.  The
+            # first view needs a majority, so no view can exist among the silent ones, and none
+            # can ever be formed by a fresh minority: there is nothing to be stale of.
+            self._become_electing()
+            return
         if not all(q == self.me or q in infos for q in best_members):
             return  # cannot tell whether I am stale: wait
         if best_view == self._view and self.me in self._members:
             self._become_electing()
+
+    def _brand_new(self) -> bool:
+        """Never promised a view, never held an entry: the state of a first start."""
+        return self._view == 0 and self._promised == 0 and self.last_index == 0
 
     # ------------------------------------------------------------------ output
     def ready(self) -> Ready | None:
