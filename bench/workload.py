@@ -482,7 +482,6 @@ class SeedClient:
     # ------------------------------------------------------------------------ internals
     def _open(self, deadline: float, relogin: bool) -> bool:
         """Connect to the primary (and log in again as ``user`` if ``relogin``)."""
-        n = len(self.addresses)
         while time.monotonic() < deadline:
             target = self._redirect or self.addresses[self._index]
             self._redirect = None

@@ -29,7 +29,6 @@ from .replication.messages import (
     MAX_PAYLOAD,
     DecodeError,
     FrameError,
-    PeerChallenge,
     PeerFramer,
     PeerHello,
     PeerProof,

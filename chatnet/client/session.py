@@ -84,7 +84,6 @@ from typing import NamedTuple
 from ..codec import (
     INDICATOR_CHAT,
     MAX_FRAME_BYTES,
-    MAX_REQUEST_CHARS,
     NEED_DATA,
     STATUS_NOTE,
     STATUS_OK,

@@ -36,7 +36,7 @@ import random
 import sys
 from dataclasses import dataclass, field
 
-from .core import PRIMARY, RECOVERING, DurableState, Entry, HardState, Ready, Replica
+from .core import PRIMARY, DurableState, Entry, HardState, Ready, Replica
 from .messages import decode_message, encode_message
 
 TICK = 10   # time units per replica tick
