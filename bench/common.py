@@ -411,6 +411,18 @@ class ClusterProcess:
         self.stop()
 
 
+def tear_down(pipes, workers, server) -> None:
+    """End of a benchmark, whatever happened: close the pipes, stop the load-generator
+    processes, then the server (all by PID)."""
+    for pipe in pipes:
+        try:
+            pipe.close()
+        except OSError:
+            pass
+    stop_workers(workers)
+    server.stop()
+
+
 def run_worker(target, wid: int, pipe, *args) -> None:
     """Body of a load-generator process: run ``target(wid, pipe, *args)``; an error is sent to
     the parent as ("error", text) before the process dies, Ctrl-C ends it quietly."""

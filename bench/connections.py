@@ -238,13 +238,7 @@ def main(argv=None) -> int:
         print(f"login failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        for pipe in pipes:
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        common.stop_workers(workers)
-        server.stop()
+        common.tear_down(pipes, workers, server)
 
     ping_ok = sum(p[1]["ok"] for p in pings)
     ping_bad = sum(p[1]["bad"] for p in pings)

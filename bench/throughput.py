@@ -277,13 +277,7 @@ def main(argv=None) -> int:
             print(f"server log tail:\n{server.log_tail()}", file=sys.stderr)
         raise
     finally:
-        for pipe in pipes:
-            try:
-                pipe.close()
-            except OSError:
-                pass
-        common.stop_workers(workers)
-        server.stop()
+        common.tear_down(pipes, workers, server)
 
     window_s = args.duration
     total = {key: sum(r[key] for r in results) for key in (
