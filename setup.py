@@ -15,8 +15,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "chatserver=chatnet.server_cli:main",
-            "chatclient=chatnet.client_cli:main",
+            "chatserver=chatnet.server.cli:main",
+            "chatclient=chatnet.client.cli:main",
         ],
     },
 )

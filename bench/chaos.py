@@ -46,7 +46,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.workload import ExtWorker, History, Registry, SeedWorker, wait_for  # noqa: E402
-from chatnet.server_cli import query_status  # noqa: E402
+from chatnet.server.cli import query_status  # noqa: E402
 
 CHATSERVER = os.path.join(ROOT, "bin", "chatserver")
 NO_RECIPIENT = "Recipient username cannot be found."

@@ -6,7 +6,7 @@
 * :class:`Loop` / :class:`Conn` drive many client connections from one process with
   ``selectors``: non-blocking connect, write and read, and incremental frame decoding.
 * :class:`FrameReader` is an allocation-light incremental decoder of response frames with
-  the semantics of ``chatnet.codec.ResponseDecoder`` (checked by ``python bench/common.py``).
+  the semantics of ``chatnet.protocol.codec.ResponseDecoder`` (checked by ``python bench/common.py``).
 * :func:`login_many` opens connections and logs them in (op 1 create or op 2 login) with a
   bounded number of handshakes in flight.
 * :func:`percentile`, :func:`rss_kib`, :func:`cpu_seconds`, :class:`CpuMeter` (server / load
@@ -363,7 +363,7 @@ class ClusterProcess:
         return self
 
     def wait_primary(self, timeout: float = 30.0, exclude=()) -> int:
-        from chatnet.server_cli import query_status
+        from chatnet.server.cli import query_status
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -477,7 +477,7 @@ class ProtocolError(Exception):
 class FrameReader:
     """Incremental decoder of response frames: ``feed(bytes)`` -> [(status, indicator, payload)].
 
-    Same format and checks as ``chatnet.codec.ResponseDecoder`` (the length is one UTF-8
+    Same format and checks as ``chatnet.protocol.codec.ResponseDecoder`` (the length is one UTF-8
     character of 1-4 bytes, possibly split across chunks; status 0-2; indicator '0'/'1'), but
     it returns plain tuples with the message as *bytes* and decodes a whole chunk per call,
     so the load generator spends its CPU on sockets rather than on per-frame objects.
@@ -772,10 +772,10 @@ def login_many(loop: Loop, addr, names, *, op: int = 1, concurrency: int = 256, 
 
 
 def _selfcheck() -> None:
-    """FrameReader agrees with chatnet.codec on random frames cut at random points."""
+    """FrameReader agrees with chatnet.protocol.codec on random frames cut at random points."""
     import random
 
-    from chatnet.codec import decode_frames, encode_frame
+    from chatnet.protocol.codec import decode_frames, encode_frame
 
     rng = random.Random(262)
     alphabet = "ab|z é€𝄞\n"
@@ -794,8 +794,8 @@ def _selfcheck() -> None:
             step = rng.choice([1, 2, 3, 7, 64, 4096, 100000])
             got += reader.feed(data[pos:pos + step])
             pos += step
-        assert got == expected and not reader.buf, "FrameReader disagrees with chatnet.codec"
-    print("FrameReader agrees with chatnet.codec.ResponseDecoder on 150 random frame streams")
+        assert got == expected and not reader.buf, "FrameReader disagrees with chatnet.protocol.codec"
+    print("FrameReader agrees with chatnet.protocol.codec.ResponseDecoder on 150 random frame streams")
 
 
 if __name__ == "__main__":

@@ -39,8 +39,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from chatnet.codec import NEED_DATA, ResponseDecoder  # noqa: E402
-from chatnet.server_cli import query_status  # noqa: E402
+from chatnet.protocol.codec import NEED_DATA, ResponseDecoder  # noqa: E402
+from chatnet.server.cli import query_status  # noqa: E402
 
 REDIRECT = re.compile(r"The primary is at ([^\s]+):(\d+)\.$")
 TARGET_MEDIAN_S, TARGET_WORST_S = 1.5, 3.0

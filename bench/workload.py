@@ -34,7 +34,7 @@ import time
 
 from chatnet.client import Backoff, ClientSession, SocketDriver, parse_command
 from chatnet.client import session as s
-from chatnet.codec import NEED_DATA, ProtocolError, ResponseDecoder
+from chatnet.protocol.codec import NEED_DATA, ProtocolError, ResponseDecoder
 
 __all__ = ["History", "SimUser", "SeedClient", "Worker", "ExtWorker", "SeedWorker", "Registry",
            "wait_for", "REDIRECT_RE", "NO_PRIMARY_TEXT"]

@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 
-from chatnet.server_cli import query_status
+from chatnet.server.cli import query_status
 from support import RawClient, ServerProcess, free_port, wait_until
 
 REDIRECT = re.compile(r"The primary is at ([^\s]+):(\d+)\.$")

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import time
 
-from chatnet.codec import NEED_DATA, ResponseDecoder
+from chatnet.protocol.codec import NEED_DATA, ResponseDecoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHATSERVER = os.path.join(ROOT, "bin", "chatserver")

@@ -6,7 +6,7 @@ from chatnet.client import commands as c
 from chatnet.client import session as s
 from chatnet.client.editor import LineEditor, sanitize, text_width, wrap
 from chatnet.client.present import DisplayLine, Presenter, format_list_answer, own_line
-from chatnet.codec import Frame, parse_request
+from chatnet.protocol.codec import Frame, parse_request
 
 
 @pytest.mark.parametrize("line, op, params", [

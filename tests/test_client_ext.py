@@ -8,7 +8,7 @@ import pytest
 from chatnet.client import commands as c
 from chatnet.client import session as s
 from chatnet.client.present import Presenter
-from chatnet.codec import encode_frame
+from chatnet.protocol.codec import encode_frame
 from test_client_session import Harness, cmd, err, note, ok
 
 S1, S2, S3 = s.DEFAULT_SERVERS
@@ -432,7 +432,7 @@ def test_a_retried_login_holds_the_queue_until_answered():
 # -------------------------------------------------------------------- presentation, CLI
 
 def test_status_bar_says_resumed():
-    from chatnet.client_cli import CursesUI
+    from chatnet.client.cli import CursesUI
 
     h = ext_logged_in(token="t")
     lose(h)

@@ -6,7 +6,7 @@ import pytest
 
 from chatnet.client import commands as c
 from chatnet.client import session as s
-from chatnet.codec import encode_frame, encode_response
+from chatnet.protocol.codec import encode_frame, encode_response
 
 S1, S2, S3 = s.DEFAULT_SERVERS
 

@@ -1,4 +1,4 @@
-"""Tests for chatnet.codec: table-driven cases shared by both directions, plus properties.
+"""Tests for chatnet.protocol.codec: table-driven cases shared by both directions, plus properties.
 
 The tables at the top are the single source of truth for what the protocol means; the
 tests below replay them through parse_request, through RequestDecoder in both framing
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatnet.codec import (
+from chatnet.protocol.codec import (
     ENVELOPE_ALLOWANCE,
     CLOSED, INDICATOR_CHAT, INDICATOR_SERVER, INVALID_REQUEST_TEXT, MAX_FRAME_BYTES,
     MAX_REQUEST_CHARS, NEED_DATA, NOT_UTF8_TEXT, STATUS_ERROR, STATUS_NOTE, STATUS_OK,

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from chatnet.codec import NEED_DATA, ResponseDecoder
+from chatnet.protocol.codec import NEED_DATA, ResponseDecoder
 from support import RawClient, wait_until
 
 

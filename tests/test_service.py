@@ -6,13 +6,13 @@ the server does (apply, then release answers), and records the frames each conne
 
 from __future__ import annotations
 
-from chatnet import state as sm
+from chatnet.server import state as sm
 
 import pytest
 
-from chatnet import service as sv
-from chatnet.codec import RequestDecoder, decode_frames
-from chatnet.state import ChatState, Mail, decode_command, encode_command
+from chatnet.server import service as sv
+from chatnet.protocol.codec import RequestDecoder, decode_frames
+from chatnet.server.state import ChatState, Mail, decode_command, encode_command
 
 
 class Host:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from chatnet import state as sm
+from chatnet.server import state as sm
 
 import pytest
 
-from chatnet.state import ChatState
-from chatnet.store import Store, StoreError
+from chatnet.server.state import ChatState
+from chatnet.server.store import Store, StoreError
 
 
 def apply_all(state, cmds):

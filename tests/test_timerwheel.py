@@ -1,4 +1,4 @@
-"""Tests for chatnet.timerwheel: exactness, ordering, rounds, cancellation, re-entrancy, big
+"""Tests for chatnet.loop.timerwheel: exactness, ordering, rounds, cancellation, re-entrancy, big
 jumps, next_deadline/len, and a hypothesis comparison against a plain heapq model."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatnet.timerwheel import Timer, TimerWheel
+from chatnet.loop.timerwheel import Timer, TimerWheel
 
 
 def recorder():

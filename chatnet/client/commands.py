@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..codec import MAX_REQUEST_CHARS, encode_request
+from ..protocol.codec import MAX_REQUEST_CHARS, encode_request
 
 __all__ = [
     "OP_EXT", "OP_CREATE", "OP_LOGIN", "OP_SEND", "OP_LIST", "OP_DELETE", "OP_EXIT", "OP_RESUME",

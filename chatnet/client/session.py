@@ -81,7 +81,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from ..codec import (
+from ..protocol import texts
+from ..protocol.codec import (
     INDICATOR_CHAT,
     MAX_FRAME_BYTES,
     NEED_DATA,
@@ -147,18 +148,18 @@ def parse_servers(text: str) -> tuple[Server, ...]:
 
 # The backups' notes (status 2, indicator 0), specified by the replication design.
 BACKUP_NOTE_RE = re.compile(r"This server is a backup\. The primary is at (?P<server>\S+:\d+)\.\Z")
-NO_PRIMARY_NOTE = "This server is a backup and knows no primary yet. Try again shortly."
-ALREADY_CONNECTED_TEXT = "Unable to login: This user is already connected to the server."
-CREATE_TAKEN_TEXT = "Unable to create account: This username is already taken."
+NO_PRIMARY_NOTE = texts.T_BACKUP_UNKNOWN
+ALREADY_CONNECTED_TEXT = texts.T_LOGIN_CONNECTED
+CREATE_TAKEN_TEXT = texts.T_CREATE_TAKEN
 _LOGGED_IN_RE = re.compile(r"(?:Account created! )?Logged in as (?P<name>.*)\.\Z", re.S)
 _DELETED_RE = re.compile(r"Account (?P<name>.*) has been deleted\. You are now logged out\.\Z", re.S)
 # Sent when there is nobody to log in again, to find out at once whether the server is a backup.
 PROBE_COMMAND = Command(OP_LIST, ("|",), "")
 # Extension 1 (docs/protocol.md, "Extension 1: sessions that survive failover").
 EXT_COMMAND = Command(OP_EXT, ("ext", "1"), "")
-EXT_ANSWER = "ext|1"
-RESUME_BAD_TOKEN_TEXT = "Unable to resume: the session token is not valid. Please log in again."
-RESUME_UNKNOWN_TEXT = "Unable to resume: This username does not exist."
+EXT_ANSWER = texts.T_EXT
+RESUME_BAD_TOKEN_TEXT = texts.T_RESUME_BAD_TOKEN
+RESUME_UNKNOWN_TEXT = texts.T_RESUME_UNKNOWN
 _TOKEN_PREFIX = "token|"
 _RID_RE = re.compile(r"[A-Za-z0-9_-]{1,24}\Z")
 _RID_ALPHABET = string.ascii_letters + string.digits

@@ -21,11 +21,12 @@ import logging
 import os
 import socket
 
-from .config import Address
-from .connection import BufferedSocket, ConnectionLost
-from .reactor import READ, WRITE, Reactor
-from .replication.handshake import HandshakeError, Initiator, Responder
-from .replication.messages import (
+from ..server.config import Address
+from ..loop.connection import BufferedSocket, ConnectionLost
+from ..loop.reactor import READ, WRITE, Reactor
+from ..protocol.texts import PEER_PREFACE
+from .handshake import HandshakeError, Initiator, Responder
+from .messages import (
     MAX_PAYLOAD,
     DecodeError,
     FrameError,
@@ -39,7 +40,6 @@ from .replication.messages import (
 
 log = logging.getLogger(__name__)
 
-PEER_PREFACE = b"CHATNET-PEER\n"
 HANDSHAKE_MAX_PAYLOAD = 4096
 HANDSHAKE_TIMEOUT = 5.0
 REDIAL_MIN, REDIAL_MAX = 0.05, 1.0

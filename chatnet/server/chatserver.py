@@ -35,22 +35,19 @@ import random
 import resource
 import socket
 
-from .codec import CLOSED, NEED_DATA, STATUS_NOTE, RequestDecoder
+from ..protocol.codec import CLOSED, NEED_DATA, STATUS_NOTE, RequestDecoder
 from .config import Address
-from .connection import HIGH_WATER, LOW_WATER, BufferedSocket, ConnectionLost
-from .peers import PEER_PREFACE, PeerTransport
-from .reactor import READ, WRITE, Reactor
-from .replication.core import DurableState, Entry, Replica
+from ..loop.connection import HIGH_WATER, LOW_WATER, BufferedSocket, ConnectionLost
+from ..protocol.texts import PREFACES, STATUS_PREFACE, T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
+from ..replication.transport import PeerTransport
+from ..loop.reactor import READ, WRITE, Reactor
+from ..replication.core import DurableState, Entry, Replica
 from .service import ChatService, Close, Reply, frame
 from .state import ChatState, decode_command, encode_command
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-STATUS_PREFACE = b"CHATNET-STATUS\n"
-PREFACES = (PEER_PREFACE, STATUS_PREFACE)
-T_BACKUP_KNOWS = "This server is a backup. The primary is at {address}."
-T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again shortly."
 SERVING, HOLDING, AWAY = "serving", "holding", "away"
 ACCEPT_BATCH = 64
 MAX_PIPELINED = 16  # decoded requests a connection may have queued behind an unanswered one

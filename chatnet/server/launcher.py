@@ -33,7 +33,7 @@ def ensure_secret(path: str) -> bool:
 
 def child_command(peers: list[Address], me: Address, base_dir: str, secret_file: str, extra: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "chatnet.server_cli",
+        sys.executable, "-m", "chatnet.server.cli",
         "--peers", format_peers(peers),
         "--host", me.host, "--port", str(me.port),
         "--data-dir", os.path.join(base_dir, str(me.port)),

@@ -17,7 +17,7 @@ import signal
 import sys
 import time
 
-from .client import (
+from . import (
     DEFAULT_SERVERS,
     HELP_TEXT,
     Backoff,
@@ -31,11 +31,11 @@ from .client import (
     parse_servers,
     request_length,
 )
-from .client.commands import OP_EXIT
-from .client.editor import LineEditor, clip, sanitize, text_width, wrap
-from .client.present import DisplayLine, Presenter, own_line
-from .client.session import SessionClosed
-from .codec import MAX_REQUEST_CHARS
+from .commands import OP_EXIT
+from .editor import LineEditor, clip, sanitize, text_width, wrap
+from .present import DisplayLine, Presenter, own_line
+from .session import SessionClosed
+from ..protocol.codec import MAX_REQUEST_CHARS
 
 DESCRIPTION = """\
 Chat with a chatnet server (the CS262 wire protocol).  In a terminal this opens a split-pane

@@ -43,11 +43,7 @@ MAX_FRAME_BYTES = 0xD7FF
 STATUS_OK, STATUS_ERROR, STATUS_NOTE = 0, 1, 2
 INDICATOR_SERVER, INDICATOR_CHAT = 0, 1
 
-# Texts the server answers (status 1, indicator 0) for requests it cannot parse.  The
-# first one is the seed reference server's exact text; clients compare it literally.
-INVALID_REQUEST_TEXT = "Invalid operation. Please input your request as [operation]|[params]."
-TOO_LONG_TEXT = "Request too long: a request may have at most 280 characters."
-NOT_UTF8_TEXT = "Invalid request: requests must be UTF-8 text."
+from .texts import INVALID_REQUEST_TEXT, NOT_UTF8_TEXT, TOO_LONG_TEXT  # noqa: F401 (re-exported)
 
 
 class _Sentinel:

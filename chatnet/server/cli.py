@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(port))
-    from .server import ChatServer
+    from .chatserver import ChatServer
 
     try:
         server = ChatServer(

@@ -32,7 +32,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from . import state as sm
-from .codec import (
+from ..protocol.codec import (
     INDICATOR_CHAT,
     INDICATOR_SERVER,
     INVALID_REQUEST_TEXT,
@@ -45,43 +45,35 @@ from .codec import (
     encode_response,
 )
 
-MAX_USERNAME_CHARS = 32
+from ..protocol.texts import (
+    MAX_USERNAME_CHARS,
+    USERNAME_RULE,
+    T_CREATED,
+    T_CREATE_LOGGED_IN,
+    T_CREATE_TAKEN,
+    T_CREATE_BAD_NAME,
+    T_LOGGED_IN,
+    T_LOGIN_LOGGED_IN,
+    T_LOGIN_UNKNOWN,
+    T_LOGIN_CONNECTED,
+    T_MISSED,
+    T_NO_MISSED,
+    T_MUST_LOGIN,
+    T_NO_RECIPIENT,
+    T_TO_SELF,
+    T_EMPTY_MESSAGE,
+    T_SENT,
+    T_DELETED,
+    T_UNSUPPORTED,
+    EXTENSION,
+    T_EXT,
+    T_TOKEN,
+    T_RESUMED,
+    T_RESUME_BAD_TOKEN,
+    T_RESUME_UNKNOWN,
+    T_RESUME_LOGGED_IN,
+)
 
-# The reference server's texts (shared/seed/reference-behaviour.md), compared literally by clients.
-USERNAME_RULE = f"Usernames are 1 to {MAX_USERNAME_CHARS} characters with no spaces, control characters or '|'."
-T_CREATED = "Account created! Logged in as {name}."
-T_CREATE_LOGGED_IN = (
-    "Unable to create account: You are already logged in as {me}. "
-    "Please exit and start a new client to log into a different account."
-)
-T_CREATE_TAKEN = "Unable to create account: This username is already taken."
-T_CREATE_BAD_NAME = "Unable to create account: " + USERNAME_RULE
-T_LOGGED_IN = "Logged in as {name}."
-T_LOGIN_LOGGED_IN = (
-    "Unable to login: You are already logged in as {me}. "
-    "Please exit and start a new client to log into a different account."
-)
-T_LOGIN_UNKNOWN = (
-    "Unable to login: This username does not exist. If you would like to use this username, please create a new account."
-)
-T_LOGIN_CONNECTED = "Unable to login: This user is already connected to the server."
-T_MISSED = "You have {n} missed messages above."
-T_NO_MISSED = "No new messages since you've been gone."
-T_MUST_LOGIN = "Must be logged in to perform this operation. Please login or create an account."
-T_NO_RECIPIENT = "Recipient username cannot be found."
-T_TO_SELF = "Cannot send messages to yourself."
-T_EMPTY_MESSAGE = "Cannot send an empty message."
-T_SENT = "Message sent to {recipient}."
-T_DELETED = "Account {name} has been deleted. You are now logged out."
-T_UNSUPPORTED = "This operation is not supported by this server."
-# Extension 1 (docs/protocol.md): sessions that survive failover.
-EXTENSION = "1"
-T_EXT = "ext|" + EXTENSION
-T_TOKEN = "token|{token}"
-T_RESUMED = "Resumed as {name}."
-T_RESUME_BAD_TOKEN = "Unable to resume: the session token is not valid. Please log in again."
-T_RESUME_UNKNOWN = "Unable to resume: This username does not exist."
-T_RESUME_LOGGED_IN = "Unable to resume: You are already logged in as {me}."
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 

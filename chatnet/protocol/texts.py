@@ -1,0 +1,58 @@
+"""Every text chatnet puts on the wire, in one place: the seed reference server's answers
+(compared literally by clients, so never reworded), the extension texts, the backups' redirect
+notes, and the prefaces that tell a peer or status connection from a client.
+
+Server and client both import these, so the two can never disagree on a string.
+"""
+
+# Texts the server answers (status 1, indicator 0) for requests it cannot parse.  The
+# first one is the seed reference server's exact text; clients compare it literally.
+INVALID_REQUEST_TEXT = "Invalid operation. Please input your request as [operation]|[params]."
+TOO_LONG_TEXT = "Request too long: a request may have at most 280 characters."
+NOT_UTF8_TEXT = "Invalid request: requests must be UTF-8 text."
+
+MAX_USERNAME_CHARS = 32
+
+# The reference server's texts (shared/seed/reference-behaviour.md), compared literally by clients.
+USERNAME_RULE = f"Usernames are 1 to {MAX_USERNAME_CHARS} characters with no spaces, control characters or '|'."
+T_CREATED = "Account created! Logged in as {name}."
+T_CREATE_LOGGED_IN = (
+    "Unable to create account: You are already logged in as {me}. "
+    "Please exit and start a new client to log into a different account."
+)
+T_CREATE_TAKEN = "Unable to create account: This username is already taken."
+T_CREATE_BAD_NAME = "Unable to create account: " + USERNAME_RULE
+T_LOGGED_IN = "Logged in as {name}."
+T_LOGIN_LOGGED_IN = (
+    "Unable to login: You are already logged in as {me}. "
+    "Please exit and start a new client to log into a different account."
+)
+T_LOGIN_UNKNOWN = (
+    "Unable to login: This username does not exist. If you would like to use this username, please create a new account."
+)
+T_LOGIN_CONNECTED = "Unable to login: This user is already connected to the server."
+T_MISSED = "You have {n} missed messages above."
+T_NO_MISSED = "No new messages since you've been gone."
+T_MUST_LOGIN = "Must be logged in to perform this operation. Please login or create an account."
+T_NO_RECIPIENT = "Recipient username cannot be found."
+T_TO_SELF = "Cannot send messages to yourself."
+T_EMPTY_MESSAGE = "Cannot send an empty message."
+T_SENT = "Message sent to {recipient}."
+T_DELETED = "Account {name} has been deleted. You are now logged out."
+T_UNSUPPORTED = "This operation is not supported by this server."
+# Extension 1 (docs/protocol.md): sessions that survive failover.
+EXTENSION = "1"
+T_EXT = "ext|" + EXTENSION
+T_TOKEN = "token|{token}"
+T_RESUMED = "Resumed as {name}."
+T_RESUME_BAD_TOKEN = "Unable to resume: the session token is not valid. Please log in again."
+T_RESUME_UNKNOWN = "Unable to resume: This username does not exist."
+T_RESUME_LOGGED_IN = "Unable to resume: You are already logged in as {me}."
+# The backups' notes (status 2, indicator 0), specified by the replication design.
+T_BACKUP_KNOWS = "This server is a backup. The primary is at {address}."
+T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again shortly."
+
+# First bytes of a connection that is not a client: a replica dialling a peer, or a status query.
+PEER_PREFACE = b"CHATNET-PEER\n"
+STATUS_PREFACE = b"CHATNET-STATUS\n"
+PREFACES = (PEER_PREFACE, STATUS_PREFACE)
