@@ -36,7 +36,7 @@ import resource
 import socket
 
 from ..protocol.codec import CLOSED, NEED_DATA, STATUS_NOTE, RequestDecoder
-from .config import Address
+from .config import Address, Limits
 from ..loop.connection import HIGH_WATER, LOW_WATER, BufferedSocket, ConnectionLost
 from ..protocol.texts import PREFACES, STATUS_PREFACE, T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
 from ..replication.transport import PeerTransport
@@ -110,6 +110,7 @@ class ChatServer:
         failure_timeout: float = 1.0,
         log_retain: int = 10_000,
         naive: bool = False,
+        limits: Limits | None = None,
     ):
         self.peers, self.me = peers, me
         self.host, self.port = peers[me].host, peers[me].port
@@ -120,7 +121,8 @@ class ChatServer:
         self.failure_timeout = failure_timeout
         self.store = Store(data_dir)
         loaded = self.store.load()
-        self.service = ChatService(loaded.state)
+        self.limits = limits or Limits()
+        self.service = ChatService(loaded.state, limits=self.limits)
         self.replica = Replica(
             me, range(len(peers)), _durable_state(loaded),
             heartbeat_ticks=1, failure_ticks=max(2, round(failure_timeout / heartbeat)),

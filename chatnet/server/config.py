@@ -78,3 +78,11 @@ def read_secret(path: str) -> bytes:
     if len(secret) < 16:
         raise ConfigError(f"secret file {path} holds fewer than 16 bytes; use a long random secret")
     return secret
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one replica lets its clients use.  Each field has a ``chatserver`` flag of the same
+    name and is listed with its default in docs/operations.md.  The chat service reads them on
+    the replica that receives a request (before proposing), never while applying a committed
+    command, so replicas started with different limits still apply the same log identically."""

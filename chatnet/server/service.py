@@ -32,6 +32,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from . import state as sm
+from .config import Limits
 from ..protocol.codec import (
     INDICATOR_CHAT,
     INDICATOR_SERVER,
@@ -130,6 +131,7 @@ class ChatService:
     state: sm.ChatState
     new_token: object = field(default=lambda: secrets.token_urlsafe(18))  # drawn by the primary, carried in commands
     sessions: dict[int, Session] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
     online: dict[str, int] = field(default_factory=dict)  # account name -> conn
     effects: list = field(default_factory=list)
     proposals: list = field(default_factory=list)  # (command, conn or None), in order
