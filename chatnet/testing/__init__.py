@@ -1,0 +1,39 @@
+"""The one harness of chatnet's tests and benchmarks (standard library only).
+
+* :func:`free_port`, :func:`port_open`, :func:`wait_until` (raises :class:`WaitTimeout` naming
+  what it waited for) — ``chatnet.testing.waiting``;
+* :class:`ServerProcess` — one ``chatserver`` process on a free port with a data dir and a log,
+  stopped and reaped by PID — ``chatnet.testing.process``;
+* :class:`Cluster` — N replicas sharing a 0600 secret file: start/kill/restart one, status,
+  ``wait_primary``, ``wait_in_sync`` — ``chatnet.testing.cluster``;
+* :class:`RawClient` — the seed protocol on a blocking socket, frames decoded by the codec;
+  :class:`FailoverClient` — finds the primary and retries across failovers —
+  ``chatnet.testing.rawclient``.
+
+It ships in the package so ``tests/`` and ``bench/`` import it the same way after
+``pip install -e .``; it is not used by the product itself.
+"""
+
+from chatnet.testing.cluster import Cluster, write_secret
+from chatnet.testing.process import (
+    CHATCLIENT,
+    CHATSERVER,
+    ROOT,
+    ServerProcess,
+    server_command,
+)
+from chatnet.testing.rawclient import (
+    REDIRECT,
+    FailoverClient,
+    FrameTimeout,
+    NoPrimary,
+    RawClient,
+    redirect_target,
+)
+from chatnet.testing.waiting import WaitTimeout, free_port, port_open, wait_until
+
+__all__ = [
+    "CHATCLIENT", "CHATSERVER", "ROOT", "REDIRECT", "Cluster", "FailoverClient", "FrameTimeout", "NoPrimary",
+    "RawClient", "ServerProcess", "WaitTimeout", "free_port", "port_open", "redirect_target", "server_command",
+    "wait_until", "write_secret",
+]
