@@ -451,10 +451,314 @@ class Nemesis:
 
 
 # ---------------------------------------------------------------------------------- checker
+#
+# The checker reads only the history, so it can be run again on a saved file (``--check``).
+# ``Facts.of`` indexes the records once; each ``check_*`` function then verifies one property
+# and returns its violations; ``check`` runs them all (``PROPERTIES``) and adds the counts of
+# the summary line.  A new property (say, for a partition nemesis) is one more function and
+# one more line in ``PROPERTIES``.
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken property, with what it takes to debug it: what it concerns (a chat's text
+    or an account), why it is a violation, and the history records that show it."""
+
+    prop: str
+    subject: str
+    why: str
+    records: tuple = ()
+
+
+@dataclass
+class Facts:
+    """A history indexed once, for every property: requests by op, outcomes by op, sends by
+    their unique text, deliveries, and the runner's records.  Positions (the index in the
+    history, which is written in the order things happened) order events across threads."""
+
+    meta: dict = field(default_factory=dict)
+    invokes: dict = field(default_factory=dict)       # op -> (position, invoke record)
+    results: dict = field(default_factory=dict)       # op -> (position, ok/fail/unknown record)
+    sends: dict = field(default_factory=dict)         # msg -> (position, first invoke record)
+    resent: list = field(default_factory=list)        # (earlier, later) invokes of one message id
+    deliveries: list = field(default_factory=list)    # (position, deliver record)
+    by_msg: dict = field(default_factory=lambda: defaultdict(list))   # msg -> [(position, record)]
+    final: dict | None = None
+    faults: int = 0
+    drains_failed: list = field(default_factory=list)
+    errors: list = field(default_factory=list)        # (message, record)
+
+    @classmethod
+    def of(cls, records: list[dict]) -> Facts:
+        facts = cls()
+        for pos, r in enumerate(records):
+            facts._add(pos, r)
+        return facts
+
+    def _add(self, pos: int, r: dict) -> None:
+        kind = r.get("type")
+        if kind == "meta":
+            self.meta = r
+        elif kind == "invoke":
+            self.invokes[r["op"]] = (pos, r)
+            if r.get("f") == "send":
+                if r["msg"] in self.sends:      # a workload bug; the first send is the one checked
+                    self.resent.append((self.sends[r["msg"]][1], r))
+                else:
+                    self.sends[r["msg"]] = (pos, r)
+                self.by_msg[r["msg"]].append((pos, r))
+        elif kind in ("ok", "fail", "unknown"):
+            self.results[r["op"]] = (pos, r)
+            invoked = self.invokes.get(r["op"], (0, {}))[1]
+            if invoked.get("f") == "send":
+                self.by_msg[invoked["msg"]].append((pos, r))
+        elif kind == "deliver":
+            self.deliveries.append((pos, r))
+            self.by_msg[r["msg"]].append((pos, r))
+        elif kind == "nemesis" and r.get("action") in ("kill", "stop"):
+            self.faults += 1
+        elif kind == "final":
+            self.final = r
+        elif kind == "drain" and not r.get("ok"):
+            self.drains_failed.append(r)
+        elif kind == "client" and r.get("event") == "worker-crashed":
+            self.errors.append((f"client {r.get('client')} crashed: {r.get('error')}", r))
+        elif kind == "error":
+            self.errors.append((r.get("message", "error"), r))
+
+    def outcome(self, op: int) -> str:
+        """``ok``, ``fail`` or ``unknown`` (no answer recorded counts as unknown)."""
+        return self.results[op][1]["type"] if op in self.results else "unknown"
+
+    def acked_sends(self) -> list[dict]:
+        """Sends answered ``Message sent``, in the order they were invoked."""
+        return [r for _, r in sorted(self.sends.values(), key=lambda pr: pr[0]) if self.outcome(r["op"]) == "ok"]
+
+    def trail(self, *msgs: str, limit: int = 12) -> tuple:
+        """Every record about these chats (send, outcome, deliveries), in history order."""
+        found = sorted((pr for m in msgs for pr in self.by_msg.get(m, ())), key=lambda pr: pr[0])
+        return tuple(r for _, r in found[:limit])
+
+
+def check_lost(facts: Facts) -> list[Violation]:
+    """An acknowledged send must reach its recipient (in any session, the drain included)."""
+    delivered = {(d["user"], d["msg"]) for _, d in facts.deliveries}
+    return [Violation("lost", s["msg"], f"{s['user']} -> {s['to']} acknowledged (op {s['op']}), never delivered",
+                      facts.trail(s["msg"]))
+            for s in facts.acked_sends() if (s["to"], s["msg"]) not in delivered]
+
+
+@dataclass(frozen=True)
+class Repeat:
+    """A chat shown more than once to its recipient, classified.  Only ``dup`` is a violation;
+    the other classes are what the clients' semantics allow, and are counted:
+    ``seed_redelivery`` (a seed-style recipient: at-least-once), ``seed_retry`` (a seed-style
+    sender's retry queued the chat twice) and ``reshown`` (a new run of our client showed a
+    chat again whose ack never took effect; see docs/chaos.md)."""
+
+    cls: str
+    user: str
+    msg: str
+    extra: int                 # copies beyond the first
+    why: str = ""
+    records: tuple = ()
+
+
+def classify_repeats(facts: Facts) -> list[Repeat]:
+    """Every (recipient, chat) delivered more than once, with the class of each repeat."""
+    by_key: dict[tuple, list[dict]] = defaultdict(list)
+    for _, d in facts.deliveries:
+        by_key[(d["user"], d["msg"])].append(d)
+    repeats = []
+    for (user, msg), ds in by_key.items():
+        if len(ds) < 2:
+            continue
+        ext = [d for d in ds if d.get("kind") == "ext"]
+        if not ext:
+            repeats.append(Repeat("seed_redelivery", user, msg, len(ds) - 1))
+            continue
+        sent = facts.sends.get(msg)
+        seqs = {d.get("seq") for d in ext}
+        shown: dict[tuple, int] = defaultdict(int)
+        for d in ext:
+            shown[(d["run"], d.get("seq"))] += 1
+        twice_in_run = [key for key, n in shown.items() if n > 1]
+        if twice_in_run:
+            repeats.append(Repeat("dup", user, msg, len(ext) - 1, f"shown twice by one client run {twice_in_run}"))
+        elif len(seqs) > 1 and sent and sent[1].get("kind") == "ext":
+            repeats.append(Repeat("dup", user, msg, len(seqs) - 1, f"queued {len(seqs)} times (seqs {sorted(seqs)}) "
+                                                                   "although our client sent it with a request id"))
+        else:
+            if len(seqs) > 1:
+                repeats.append(Repeat("seed_retry", user, msg, len(seqs) - 1))
+            if len(ext) > len(seqs):
+                repeats.append(Repeat("reshown", user, msg, len(ext) - len(seqs)))
+    return repeats
+
+
+def check_duplicated(facts: Facts) -> list[Violation]:
+    """Our client shows each chat once per client run, and a chat it sent (with a request id)
+    is queued once.  Seed-style repeats are allowed (see :func:`classify_repeats`)."""
+    return [Violation("dup", r.msg, f"to {r.user}: {r.why}", facts.trail(r.msg))
+            for r in classify_repeats(facts) if r.cls == "dup"]
+
+
+def check_phantom(facts: Facts) -> list[Violation]:
+    """Every delivered chat was sent, by that sender to that recipient, before it was
+    delivered, and not refused.  A send with an unknown outcome may be delivered or not; a
+    refusal after a retry does not count (the first attempt may have taken effect)."""
+    found = []
+    for pos, d in facts.deliveries:
+        sent = facts.sends.get(d["msg"])
+        why = None
+        if sent is None:
+            why = "never sent"
+        elif sent[1]["user"] != d["from"] or sent[1]["to"] != d["user"]:
+            why = f"sent by {sent[1]['user']} to {sent[1]['to']}, delivered to {d['user']} from {d['from']}"
+        elif pos < sent[0]:
+            why = "delivered before it was sent"
+        elif facts.outcome(sent[1]["op"]) == "fail" and facts.results[sent[1]["op"]][1].get("attempts", 1) <= 1:
+            why = f"refused: {facts.results[sent[1]['op']][1].get('answer')}"
+        if why:
+            found.append(Violation("phantom", d["msg"], why, facts.trail(d["msg"])))
+    return found
+
+
+def check_reordered(facts: Facts) -> list[Violation]:
+    """For each sender -> recipient pair, the first deliveries of acknowledged sends come in
+    send order (a later repeat of an earlier chat is not a reorder)."""
+    first: dict[tuple, int] = {}
+    for pos, d in facts.deliveries:
+        first.setdefault((d["user"], d["msg"]), pos)
+    pairs: dict[tuple, list[dict]] = defaultdict(list)
+    for s in facts.acked_sends():
+        pairs[(s["user"], s["to"])].append(s)
+    found = []
+    for (sender, to), sends in pairs.items():
+        latest, latest_msg = -1, None
+        for s in sends:
+            p = first.get((to, s["msg"]))
+            if p is None:
+                continue
+            if p < latest:
+                found.append(Violation("reorder", s["msg"], f"{sender} -> {to}: first delivered before "
+                                       f"{latest_msg!r}, which was sent before it", facts.trail(s["msg"], latest_msg)))
+            else:
+                latest, latest_msg = p, s["msg"]
+    return found
+
+
+def check_lost_accounts(facts: Facts) -> list[Violation]:
+    """An account whose create or login was acknowledged is never refused as unknown later:
+    neither as a send's recipient nor at login.  No account is ever deleted by the workload."""
+    known_at: dict[str, int] = {}
+    for op, (pos, r) in sorted(facts.results.items(), key=lambda kv: kv[1][0]):
+        inv = facts.invokes.get(op, (0, {}))[1]
+        if r["type"] == "ok" and inv.get("f") in ("create", "login"):
+            known_at.setdefault(inv["user"], pos)
+    found = []
+    for op, (_, r) in facts.results.items():
+        inv_pos, inv = facts.invokes.get(op, (0, {}))
+        answer = r.get("answer") or ""
+        if r["type"] != "fail":
+            continue
+        if inv.get("f") == "send" and answer == NO_RECIPIENT:
+            name = inv["to"]
+        elif inv.get("f") == "login" and answer.startswith(LOGIN_UNKNOWN_PREFIX):
+            name = inv["user"]
+        else:
+            continue
+        if known_at.get(name, 1 << 62) < inv_pos:
+            found.append(Violation("lostacct", name, f"{inv['f']} (op {op}) refused: {answer!r}", (inv, r)))
+    return found
+
+
+@dataclass(frozen=True)
+class FinalState:
+    """The replicas' state after healing: ``status`` is ``equal``, ``unequal`` (digests differ
+    at equal applied), ``unequal-applied``, ``unavailable`` (a replica did not answer) or
+    ``unchecked`` (the run never got that far: no ``final`` record)."""
+
+    status: str = "unchecked"
+    detail: str = ""
+    divergences: int = 0
+
+
+def final_state(facts: Facts) -> FinalState:
+    final = facts.final
+    if final is None:
+        return FinalState()
+    statuses = final.get("statuses") or []
+    divergences = sum((s or {}).get("divergences") or 0 for s in statuses)
+    if not final.get("ok", True) or not statuses or any(s is None for s in statuses):
+        return FinalState("unavailable", final.get("why", "") or "a replica did not answer", divergences)
+    if len({s.get("applied") for s in statuses}) != 1:
+        status = "unequal-applied"
+    elif len({s.get("digest") for s in statuses}) != 1:
+        status = "unequal"
+    else:
+        status = "equal"
+    detail = ", ".join(f"r{i}: applied={s.get('applied')} digest={s.get('digest')}"
+                       + (f" divergences={s['divergences']}" if s.get("divergences") else "")
+                       for i, s in enumerate(statuses))
+    return FinalState(status, detail, divergences)
+
+
+def check_digests(facts: Facts) -> list[Violation]:
+    """After healing, every replica holds the same state: the same digest at one applied index."""
+    state = final_state(facts)
+    if state.status in ("equal", "unchecked"):
+        return []
+    return [Violation("digests", state.status, f"replicas do not hold identical state after healing: {state.detail}",
+                      (facts.final,))]
+
+
+def check_divergences(facts: Facts) -> list[Violation]:
+    """No replica replaced applied state by a forced snapshot: only a partition may cause
+    that, and partitions are not injected."""
+    statuses = (facts.final or {}).get("statuses") or []
+    return [Violation("divergences", f"r{i}", f"{s['divergences']} forced snapshot(s) over applied state",
+                      (facts.final,))
+            for i, s in enumerate(statuses) if s and s.get("divergences")]
+
+
+def check_drained(facts: Facts) -> list[Violation]:
+    """Every account that was ever created could log in for the final drain."""
+    return [Violation("undrained", r.get("user", "?"), f"{r.get('kind', '?')} drain login failed"
+                      + (f" ({r['note']})" if r.get("note") else ""), (r,))
+            for r in facts.drains_failed]
+
+
+def check_errors(facts: Facts) -> list[Violation]:
+    """Nothing went wrong around the workload: no client crashed, no replica exited by itself
+    or logged an error, the cluster healed, the runner did not fail, and the workload never
+    reused a chat's unique text (which would make every other check unreliable)."""
+    found = [Violation("errors", "runner", message, (r,)) for message, r in facts.errors]
+    found += [Violation("errors", "workload", f"workload bug: message id {later['msg']!r} sent twice "
+                        f"(ops {earlier['op']} and {later['op']})", (earlier, later))
+              for earlier, later in facts.resent]
+    return found
+
+
+# Every property, in report order: (name in the report, check, heading for its violations).
+PROPERTIES = (
+    ("lost", check_lost, "LOST: {n} acknowledged send(s) never delivered"),
+    ("dup", check_duplicated, "DUPLICATED (our client): {n}"),
+    ("phantom", check_phantom, "PHANTOM (delivered but never sent as such): {n}"),
+    ("reorder", check_reordered, "REORDERED: {n} acknowledged send(s) first delivered before an earlier one"),
+    ("lostacct", check_lost_accounts, "LOST ACCOUNTS: {n} refusal(s) of an account known to exist"),
+    ("undrained", check_drained, "UNDRAINED: {n} account(s) could not log in for the final drain"),
+    ("errors", check_errors, "ERRORS: {n}"),
+    ("divergences", check_divergences, "DIVERGENCES: {n} replica(s) had to replace applied state by a forced "
+                                       "snapshot, which only a partition (not injected) may cause"),
+    ("digests", check_digests, "STATE: replicas do not hold identical state after healing"),
+)
 
 
 @dataclass
 class Report:
+    """Counts for the summary line, the allowed repeats, and every property's violations."""
+
     meta: dict = field(default_factory=dict)
     ops: int = 0
     auto: int = 0
@@ -464,190 +768,59 @@ class Report:
     sends: int = 0
     acked_sends: int = 0
     delivered: int = 0
-    lost: list = field(default_factory=list)
-    dup: list = field(default_factory=list)
-    phantom: list = field(default_factory=list)
-    reorder: list = field(default_factory=list)
-    lost_accounts: list = field(default_factory=list)
-    seed_dup: int = 0
-    reshown: int = 0
-    undrained: list = field(default_factory=list)
-    errors: list = field(default_factory=list)
-    digests: str = "unchecked"
-    divergences: int = 0      # snapshots forced over applied state: only a partition may cause one
-    digest_detail: str = ""
     faults: int = 0
+    violations: dict = field(default_factory=dict)     # property -> [Violation]
+    repeats: dict = field(default_factory=dict)        # allowed repeat class -> extra copies
+    state: FinalState = field(default_factory=FinalState)
+
+    def of(self, prop: str) -> list[Violation]:
+        return self.violations.get(prop, [])
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.dup or self.phantom or self.reorder or self.lost_accounts
-                    or self.undrained or self.errors or self.divergences) \
-            and self.digests in ("equal", "unchecked")
+        return not any(self.violations.values())
+
+    @property
+    def seed_dup(self) -> int:
+        """Extra copies seed-style semantics allow: redeliveries to a seed-style recipient and
+        a seed-style sender's retries queued twice."""
+        return self.repeats.get("seed_redelivery", 0) + self.repeats.get("seed_retry", 0)
+
+    @property
+    def reshown(self) -> int:
+        return self.repeats.get("reshown", 0)
 
     def summary(self) -> str:
-        m = self.meta
+        m, n = self.meta, (lambda prop: len(self.of(prop)))
+        divergences = f" divergences={self.state.divergences}" if self.state.divergences else ""
         return (f"chaos: seed={m.get('seed', '?')} replicas={m.get('replicas', '?')} clients={m.get('clients', '?')} "
                 f"ops={self.ops} acked={self.acked} unknown={self.unknown} sends={self.sends} "
-                f"delivered={self.delivered} lost={len(self.lost)} dup={len(self.dup)} phantom={len(self.phantom)} "
-                f"reorder={len(self.reorder)} lostacct={len(self.lost_accounts)} seed_dup={self.seed_dup} "
-                f"reshown={self.reshown} digests={self.digests}"
-                f"{f' divergences={self.divergences}' if self.divergences else ''} faults={self.faults} "
+                f"delivered={self.delivered} lost={n('lost')} dup={n('dup')} phantom={n('phantom')} "
+                f"reorder={n('reorder')} lostacct={n('lostacct')} seed_dup={self.seed_dup} "
+                f"reshown={self.reshown} digests={self.state.status}{divergences} faults={self.faults} "
                 f"{'OK' if self.ok else 'FAIL'}")
 
 
 def check(records: list[dict]) -> Report:
-    """Read a history (see :class:`bench.workload.History`) and report every violation."""
-    report = Report()
-    invokes: dict[int, tuple[int, dict]] = {}          # op -> (position, record)
-    results: dict[int, tuple[int, dict]] = {}
-    send_of_msg: dict[str, tuple[int, dict]] = {}
-    deliveries: list[tuple[int, dict]] = []
-    final = None
-    for pos, r in enumerate(records):
-        kind = r.get("type")
-        if kind == "meta":
-            report.meta = r
-        elif kind == "invoke":
-            invokes[r["op"]] = (pos, r)
-            if r.get("f") == "send":
-                if r["msg"] in send_of_msg:
-                    report.errors.append(f"workload bug: message id {r['msg']!r} sent twice (ops "
-                                         f"{send_of_msg[r['msg']][1]['op']} and {r['op']})")
-                send_of_msg[r["msg"]] = (pos, r)
-        elif kind in ("ok", "fail", "unknown"):
-            results[r["op"]] = (pos, r)
-        elif kind == "deliver":
-            deliveries.append((pos, r))
-        elif kind == "nemesis" and r.get("action") in ("kill", "stop"):
-            report.faults += 1
-        elif kind == "final":
-            final = r
-        elif kind == "drain" and not r.get("ok"):
-            report.undrained.append(r)
-        elif kind == "client" and r.get("event") == "worker-crashed":
-            report.errors.append(f"client {r.get('client')} crashed: {r.get('error')}")
-        elif kind == "error":
-            report.errors.append(r.get("message", "error"))
-
-    def outcome(op: int) -> str:
-        return results[op][1]["type"] if op in results else "unknown"
-
+    """Read a history (see :class:`bench.workload.History`), run every property of
+    ``PROPERTIES`` on it and count what the summary line shows."""
+    facts = Facts.of(records)
+    report = Report(meta=facts.meta, faults=facts.faults, state=final_state(facts))
     # A seed-style client's automatic re-login on each new connection is part of finding the
     # primary (many of them meet a backup's note): not counted as an operation of its own.
-    user_ops = [op for op, (_, r) in invokes.items() if not r.get("auto")]
-    report.auto = len(invokes) - len(user_ops)
+    user_ops = [op for op, (_, r) in facts.invokes.items() if not r.get("auto")]
+    outcomes = [facts.outcome(op) for op in user_ops]
+    report.auto = len(facts.invokes) - len(user_ops)
     report.ops = len(user_ops)
-    report.acked = sum(1 for op in user_ops if outcome(op) == "ok")
-    report.unknown = sum(1 for op in user_ops if outcome(op) == "unknown")
-    report.failed = sum(1 for op in user_ops if outcome(op) == "fail")
-    sends = [(pos, r) for pos, r in invokes.values() if r.get("f") == "send"]
-    sends.sort(key=lambda pr: pr[0])
-    report.sends = len(sends)
-    acked_sends = [(pos, r) for pos, r in sends if outcome(r["op"]) == "ok"]
-    report.acked_sends = len(acked_sends)
-    report.delivered = len(deliveries)
-
-    # delivered-but-never-sent (or delivered to someone else, or from someone else, or refused)
-    for pos, d in deliveries:
-        sent = send_of_msg.get(d["msg"])
-        if sent is None:
-            report.phantom.append((d, "never sent"))
-            continue
-        s = sent[1]
-        if s["user"] != d["from"] or s["to"] != d["user"]:
-            report.phantom.append((d, f"sent by {s['user']} to {s['to']}"))
-        elif pos < sent[0]:
-            report.phantom.append((d, "delivered before it was sent"))
-        elif outcome(s["op"]) == "fail" and results[s["op"]][1].get("attempts", 1) <= 1:
-            report.phantom.append((d, f"refused: {results[s['op']][1].get('answer')}"))
-
-    # acknowledged but lost
-    delivered_keys = {(d["user"], d["msg"]) for _, d in deliveries}
-    for pos, s in acked_sends:
-        if (s["to"], s["msg"]) not in delivered_keys:
-            report.lost.append(s)
-
-    # duplicates
-    by_key: dict[tuple, list[dict]] = defaultdict(list)
-    for _, d in deliveries:
-        by_key[(d["user"], d["msg"])].append(d)
-    for (user, msg), ds in by_key.items():
-        if len(ds) < 2:
-            continue
-        sent = send_of_msg.get(msg)
-        sender_kind = sent[1].get("kind") if sent else None
-        ext = [d for d in ds if d.get("kind") == "ext"]
-        if not ext:                      # a seed-style recipient: at-least-once, just counted
-            report.seed_dup += len(ds) - 1
-            continue
-        seqs = {d.get("seq") for d in ext}
-        shown = defaultdict(int)
-        for d in ext:
-            shown[(d["run"], d.get("seq"))] += 1
-        twice_in_run = [key for key, n in shown.items() if n > 1]
-        if twice_in_run:
-            report.dup.append((user, msg, f"shown twice by one client run {twice_in_run}", ds))
-        elif len(seqs) > 1 and sender_kind == "ext":
-            report.dup.append((user, msg, f"queued {len(seqs)} times (seqs {sorted(seqs)}) "
-                                          "although our client sent it with a request id", ds))
-        else:
-            report.seed_dup += len(seqs) - 1          # a seed-style sender's retry, queued twice
-            report.reshown += len(ext) - len(seqs)    # the same chat again after a fresh login
-
-    # per sender->recipient order of first delivery
-    first: dict[tuple, int] = {}
-    for pos, d in deliveries:
-        first.setdefault((d["user"], d["msg"]), pos)
-    pairs: dict[tuple, list[dict]] = defaultdict(list)
-    for _, s in acked_sends:
-        pairs[(s["user"], s["to"])].append(s)
-    for (sender, to), msgs in pairs.items():
-        latest, latest_msg = -1, None
-        for s in msgs:
-            p = first.get((to, s["msg"]))
-            if p is None:
-                continue
-            if p < latest:
-                report.reorder.append((sender, to, s["msg"], latest_msg))
-            else:
-                latest, latest_msg = p, s["msg"]
-
-    # lost accounts: an acknowledged create (or login) and later "no such user"
-    known_at: dict[str, int] = {}
-    for op, (pos, r) in sorted(results.items(), key=lambda kv: kv[1][0]):
-        inv = invokes.get(op, (0, {}))[1]
-        if r["type"] == "ok" and inv.get("f") in ("create", "login"):
-            known_at.setdefault(inv["user"], pos)
-    for op, (pos, r) in results.items():
-        inv_pos, inv = invokes.get(op, (0, {}))
-        answer = r.get("answer") or ""
-        if r["type"] != "fail":
-            continue
-        if inv.get("f") == "send" and answer == NO_RECIPIENT and known_at.get(inv["to"], 1 << 62) < inv_pos:
-            report.lost_accounts.append((inv["to"], inv, r))
-        elif inv.get("f") == "login" and answer.startswith(LOGIN_UNKNOWN_PREFIX) \
-                and known_at.get(inv["user"], 1 << 62) < inv_pos:
-            report.lost_accounts.append((inv["user"], inv, r))
-
-    # identical state after healing
-    if final is not None:
-        statuses = final.get("statuses") or []
-        if not final.get("ok", True) or not statuses or any(s is None for s in statuses):
-            report.digests = "unavailable"
-            report.digest_detail = final.get("why", "") or "a replica did not answer"
-        else:
-            applied = {s.get("applied") for s in statuses}
-            digests = {s.get("digest") for s in statuses}
-            if len(applied) != 1:
-                report.digests = "unequal-applied"
-            elif len(digests) != 1:
-                report.digests = "unequal"
-            else:
-                report.digests = "equal"
-            report.divergences = sum(s.get("divergences") or 0 for s in statuses)
-            report.digest_detail = ", ".join(f"r{i}: applied={s.get('applied')} digest={s.get('digest')}"
-                                             + (f" divergences={s['divergences']}" if s.get("divergences") else "")
-                                             for i, s in enumerate(statuses))
+    report.acked, report.failed, report.unknown = (outcomes.count(o) for o in ("ok", "fail", "unknown"))
+    report.sends = len(facts.sends) + len(facts.resent)
+    report.acked_sends = len(facts.acked_sends())
+    report.delivered = len(facts.deliveries)
+    for prop, fn, _ in PROPERTIES:
+        report.violations[prop] = fn(facts)
+    for r in classify_repeats(facts):
+        if r.cls != "dup":
+            report.repeats[r.cls] = report.repeats.get(r.cls, 0) + r.extra
     return report
 
 
@@ -665,74 +838,44 @@ def read_history(path: str) -> list[dict]:
     return records
 
 
-def excerpt(records: list[dict], predicate, limit: int = 12) -> list[str]:
-    return [json.dumps(r, ensure_ascii=False) for r in records if predicate(r)][:limit]
+def print_report(report: Report, out=None, examples: int = 5) -> None:
+    """Each property's violations (up to ``examples`` of each, with their history records),
+    the final state, a detail line, the replay command on failure, and the summary line last."""
+    out = out or sys.stdout
 
-
-def print_report(report: Report, records: list[dict], out=sys.stdout, examples: int = 5) -> None:
-    def p(line=""):
+    def p(line: str = "") -> None:
         print(line, file=out)
 
-    def about(msg, user=None):
-        return excerpt(records, lambda r: r.get("msg") == msg
-                       or (r.get("type") in ("ok", "fail", "unknown") and r.get("op") in ops_of(msg)))
-
-    ops_of_cache: dict[str, set] = {}
-
-    def ops_of(msg):
-        if msg not in ops_of_cache:
-            ops_of_cache[msg] = {r["op"] for r in records if r.get("type") == "invoke" and r.get("msg") == msg}
-        return ops_of_cache[msg]
-
-    if report.lost:
-        p(f"LOST: {len(report.lost)} acknowledged send(s) never delivered:")
-        for s in report.lost[:examples]:
-            p(f"  {s['user']} -> {s['to']}: {s['msg']!r} (op {s['op']})")
-            for line in about(s["msg"]):
-                p(f"    {line}")
-    if report.dup:
-        p(f"DUPLICATED (our client): {len(report.dup)}:")
-        for user, msg, why, ds in report.dup[:examples]:
-            p(f"  {msg!r} to {user}: {why}")
-            for line in about(msg):
-                p(f"    {line}")
-    if report.phantom:
-        p(f"PHANTOM (delivered but never sent as such): {len(report.phantom)}:")
-        for d, why in report.phantom[:examples]:
-            p(f"  {json.dumps(d, ensure_ascii=False)}: {why}")
-    if report.reorder:
-        p(f"REORDERED: {len(report.reorder)} acknowledged send(s) first delivered before an earlier one:")
-        for sender, to, msg, before in report.reorder[:examples]:
-            p(f"  {sender} -> {to}: {msg!r} was first delivered before {before!r}, which was sent before it")
-            for line in excerpt(records, lambda r: r.get("msg") in (msg, before)
-                                and r.get("type") in ("invoke", "deliver")):
-                p(f"    {line}")
-    if report.lost_accounts:
-        p(f"LOST ACCOUNTS: {len(report.lost_accounts)} refusal(s) of an account known to exist:")
-        for name, inv, r in report.lost_accounts[:examples]:
-            p(f"  {name}: {json.dumps(inv, ensure_ascii=False)} -> {json.dumps(r, ensure_ascii=False)}")
-    if report.undrained:
-        p(f"UNDRAINED: {len(report.undrained)} account(s) could not log in for the final drain: "
-          + ", ".join(r.get("user", "?") for r in report.undrained[:20]))
-    for e in report.errors[:examples]:
-        p(f"ERROR: {e}")
-    if report.divergences:
-        p(f"DIVERGENCES: {report.divergences} replica(s) had to replace applied state by a forced snapshot, "
-          "which only a partition (not injected) may cause")
-    if report.digests not in ("equal", "unchecked"):
-        p(f"STATE: replicas do not hold identical state after healing ({report.digests}): {report.digest_detail}")
-    elif report.digest_detail:
-        p(f"state after healing: {report.digest_detail}")
+    for prop, _, heading in PROPERTIES:
+        found = report.of(prop)
+        if not found:
+            continue
+        p(heading.format(n=len(found)) + ":")
+        for v in found[:examples]:
+            p(f"  {v.subject}: {v.why}")
+            for r in v.records:
+                p(f"    {json.dumps(r, ensure_ascii=False)}")
+        if len(found) > examples:
+            p(f"  ... and {len(found) - examples} more")
+    if report.state.detail and not report.of("digests"):
+        p(f"state after healing: {report.state.detail}")
+    rep = report.repeats
     p(f"ops: {report.ops} ({report.acked} ok, {report.failed} refused, {report.unknown} unknown; "
       f"plus {report.auto} automatic re-logins of seed-style clients); "
       f"sends: {report.sends} ({report.acked_sends} acknowledged); deliveries: {report.delivered} "
-      f"(seed-style duplicates {report.seed_dup}, re-shown after a fresh login {report.reshown})")
+      f"(seed-style duplicates {report.seed_dup}: {rep.get('seed_redelivery', 0)} redelivered to a seed-style "
+      f"recipient, {rep.get('seed_retry', 0)} a seed-style sender's retry; "
+      f"re-shown after a fresh login {report.reshown})")
     if not report.ok and report.meta.get("replay"):
         p(f"replay: {report.meta['replay']}")
     p(report.summary())
 
 
 # ------------------------------------------------------------------------------------- runner
+#
+# ``main`` is parse (``parse_args``) -> run (``run``: the cluster, workload and nemesis, which
+# produce a history) -> measure (``check``) -> print (``print_report``) -> ``finish`` (exit
+# status, keep or remove the run's directory).  ``--check FILE`` skips the run.
 
 
 def replay_command(args) -> str:
@@ -764,115 +907,158 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run(args) -> int:
-    started = time.monotonic()
-    workdir = tempfile.mkdtemp(prefix=f"chatnet-chaos-{args.seed}-")
-    history_path = args.history or os.path.join(workdir, "history.jsonl")
-    history = History(history_path)
-    netns = None
+def make_network(args) -> tuple[list[str], Netns | None]:
+    """The replicas' hosts: namespaces with ``--netns`` when they can be made, else loopback."""
     hosts = [f"127.0.0.{i + 1}" for i in range(args.replicas)]
-    if args.netns:
-        candidate = Netns(args.replicas)
-        try:
-            hosts = candidate.setup()
-            netns = candidate
-            log(f"replicas in network namespaces {', '.join(candidate.names)} on bridge {candidate.bridge}")
-        except NetnsError as exc:
-            log(f"network namespaces unavailable ({exc}); falling back to loopback addresses 127.0.0.x")
-    cluster = None
-    workers: list = []
-    nemesis = None
-    interrupted = False
-    previous = None
+    if not args.netns:
+        return hosts, None
+    candidate = Netns(args.replicas)
+    try:
+        hosts = candidate.setup()
+    except NetnsError as exc:
+        log(f"network namespaces unavailable ({exc}); falling back to loopback addresses 127.0.0.x")
+        return hosts, None
+    log(f"replicas in network namespaces {', '.join(candidate.names)} on bridge {candidate.bridge}")
+    return hosts, candidate
+
+
+def replica_args(args) -> list[str]:
+    extra = ["--log-level", "INFO"]
+    if args.log_retain is not None:
+        extra += ["--log-retain", str(args.log_retain)]
+    return extra
+
+
+def workload_phase(args, cluster: ChaosCluster, history: History, workers: list) -> Nemesis:
+    """Start the cluster and the clients (appended to ``workers`` at once, so the caller can
+    stop them whatever happens), then inject faults for ``--duration`` seconds."""
+    cluster.start()
+    if not wait_for(cluster.in_sync, 30, interval=0.1):
+        raise RuntimeError("the cluster did not elect a primary at start")
+    history.write("phase", name="workload")
+    log(f"seed {args.seed}: {args.replicas} replicas up ({', '.join(f'{h}:{p}' for h, p in cluster.addresses)}), "
+        f"{args.clients} clients, {args.duration:g} s of faults; history {history.path}")
+    workers.extend(make_workers(args, cluster.addresses, history, Registry()))
+    for w in workers:
+        w.start()
+    nemesis = Nemesis(cluster, random.Random(args.seed), history, mean_gap=args.mean_gap)
+    nemesis.run(until=time.monotonic() + args.duration)
+    return nemesis
+
+
+def heal_phase(args, cluster: ChaosCluster, history: History, workers: list, nemesis: Nemesis) -> None:
+    """Stop the clients, undo every fault, wait for one primary with every replica in its
+    view (a liveness check: an error if not), and let each client finish its session."""
+    history.write("phase", name="heal")
+    for w in workers:
+        w.stop()
+    nemesis.heal()
+    healed = wait_for(cluster.in_sync, args.heal_timeout, interval=0.1)
+    if not healed:
+        history.write("error", message=f"no primary with every replica in its view {args.heal_timeout:g} s "
+                                       f"after healing: {cluster.statuses()}")
+    log(f"healed after {nemesis.faults} faults ({'in sync' if healed else 'NOT in sync'}); stopping clients")
+    for w in workers:
+        if not w.join(60):
+            history.write("error", message=f"client {w.client} did not stop within 60 s")
+
+
+def drain_phase(history: History, workers: list) -> None:
+    """Every account ever created logs in once more and reads its mailbox, in parallel."""
+    history.write("phase", name="drain")
+    drains = [threading.Thread(target=w.drain, daemon=True) for w in workers]
+    for t in drains:
+        t.start()
+    for t in drains:
+        t.join(90)
+        if t.is_alive():
+            history.write("error", message="a drain did not finish within 90 s")
+
+
+def converge_phase(args, cluster: ChaosCluster, history: History) -> None:
+    """Wait until every replica is in one view at one applied index, and record the statuses
+    of the round of queries that showed it (those digests are the ones compared)."""
+    history.write("phase", name="converge")
+    last: list = []
+
+    def converged() -> bool:
+        if not cluster.in_sync():
+            return False
+        last[:] = [cluster.statuses(2.0)]
+        return all(s is not None for s in last[0]) and len({s["applied"] for s in last[0]}) == 1
+
+    same = wait_for(converged, args.heal_timeout, interval=0.2)
+    statuses = last[0] if last else cluster.statuses(2.0)
+    history.write("final", ok=same, statuses=statuses, why="" if same else "replicas did not reach the same applied index")
+
+
+@dataclass
+class RunResult:
+    """What ``run`` leaves for measuring and for ``finish``."""
+
+    records: list
+    workdir: str
+    history_path: str
+    started: float
+    interrupted: bool = False
+
+
+def tear_down(workers: list, cluster: ChaosCluster | None, netns: Netns | None, history: History) -> None:
+    """Stop the clients, kill every replica by PID (recording what their logs say went wrong)
+    and remove the namespaces: whatever happened before."""
+    for w in workers:
+        w.stop()
+    if cluster is not None:
+        cluster.kill_all()
+        for r in cluster.replicas:
+            for line in r.log_problems():
+                history.write("error", message=f"replica {r.index} logged: {line}")
+    if netns is not None:
+        netns.cleanup()
+    history.close()
+
+
+def run(args) -> RunResult:
+    """One chaos run: cluster, workload under faults, heal, drain, converge.  Whatever fails
+    or interrupts it is written to the history as an error, and everything is torn down."""
+    result = RunResult([], tempfile.mkdtemp(prefix=f"chatnet-chaos-{args.seed}-"), "", time.monotonic())
+    result.history_path = args.history or os.path.join(result.workdir, "history.jsonl")
+    history = History(result.history_path)
+    hosts, netns = make_network(args)
+    cluster, workers, previous = None, [], None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        extra = ["--log-level", "INFO"]
-        if args.log_retain is not None:
-            extra += ["--log-retain", str(args.log_retain)]
-        cluster = ChaosCluster(workdir, hosts, netns, extra)
+        cluster = ChaosCluster(result.workdir, hosts, netns, replica_args(args))
         history.write("meta", seed=args.seed, replicas=args.replicas, clients=args.clients, duration=args.duration,
                       netns=netns is not None, addresses=[f"{h}:{p}" for h, p in cluster.addresses],
-                      replay=replay_command(args), workdir=workdir)
-        cluster.start()
-        if not wait_for(cluster.in_sync, 30, interval=0.1):
-            raise RuntimeError("the cluster did not elect a primary at start")
-        history.write("phase", name="workload")
-        log(f"seed {args.seed}: {args.replicas} replicas up ({', '.join(f'{h}:{p}' for h, p in cluster.addresses)}), "
-            f"{args.clients} clients, {args.duration:g} s of faults; history {history_path}")
-        registry = Registry()
-        workers = make_workers(args, cluster.addresses, history, registry)
-        for w in workers:
-            w.start()
-        nemesis = Nemesis(cluster, random.Random(args.seed), history, mean_gap=args.mean_gap)
-        nemesis.run(until=time.monotonic() + args.duration)
-
-        history.write("phase", name="heal")
-        for w in workers:
-            w.stop()
-        nemesis.heal()
-        healed = wait_for(cluster.in_sync, args.heal_timeout, interval=0.1)
-        if not healed:
-            history.write("error", message=f"no primary with every replica in its view {args.heal_timeout:g} s "
-                                           f"after healing: {cluster.statuses()}")
-        log(f"healed after {nemesis.faults} faults ({'in sync' if healed else 'NOT in sync'}); stopping clients")
-        for w in workers:
-            if not w.join(60):
-                history.write("error", message=f"client {w.client} did not stop within 60 s")
-
-        history.write("phase", name="drain")
-        drains = [threading.Thread(target=w.drain, daemon=True) for w in workers]
-        for t in drains:
-            t.start()
-        for t in drains:
-            t.join(90)
-            if t.is_alive():
-                history.write("error", message="a drain did not finish within 90 s")
-
-        history.write("phase", name="converge")
-
-        last: list = []
-
-        def converged():
-            """Every replica in one view at the same applied index (one round of queries, whose
-            digests are the ones compared)."""
-            if not cluster.in_sync():
-                return False
-            last[:] = [cluster.statuses(2.0)]
-            statuses = last[0]
-            return all(s is not None for s in statuses) and len({s["applied"] for s in statuses}) == 1
-        same = wait_for(converged, args.heal_timeout, interval=0.2)
-        statuses = last[0] if last else cluster.statuses(2.0)
-        history.write("final", ok=same, statuses=statuses,
-                      why="" if same else "replicas did not reach the same applied index")
+                      replay=replay_command(args), workdir=result.workdir)
+        nemesis = workload_phase(args, cluster, history, workers)
+        heal_phase(args, cluster, history, workers, nemesis)
+        drain_phase(history, workers)
+        converge_phase(args, cluster, history)
     except KeyboardInterrupt:
-        interrupted = True
+        result.interrupted = True
         history.write("error", message="interrupted")
     except Exception as exc:   # noqa: BLE001 - reported, cleaned up
         history.write("error", message=f"runner failed: {exc!r}")
         log(f"runner failed: {exc!r}")
     finally:
-        for w in workers:
-            w.stop()
-        if cluster is not None:
-            cluster.kill_all()
-            for r in cluster.replicas:
-                for line in r.log_problems():
-                    history.write("error", message=f"replica {r.index} logged: {line}")
-        if netns is not None:
-            netns.cleanup()
-        history.close()
+        tear_down(workers, cluster, netns, history)
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    result.records = history.records
+    return result
 
-    report = check(history.records)
-    print_report(report, history.records)
-    log(f"wall clock {time.monotonic() - started:.1f} s")
-    if report.ok and not args.keep and not interrupted:
-        shutil.rmtree(workdir, ignore_errors=True)
+
+def finish(args, result: RunResult, report: Report) -> int:
+    """Remove the run's directory if it passed (unless ``--keep``); the exit status."""
+    log(f"wall clock {time.monotonic() - result.started:.1f} s")
+    if report.ok and not args.keep and not result.interrupted:
+        shutil.rmtree(result.workdir, ignore_errors=True)
     else:
-        log(f"kept the replicas' data and logs in {workdir}; history in {history_path}")
-    if interrupted:
+        log(f"kept the replicas' data and logs in {result.workdir}; history in {result.history_path}")
+    if result.interrupted:
         return 130
     return 0 if report.ok else 1
 
@@ -899,17 +1085,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line; bad arguments exit with status 2 (argparse's own rule)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.check and (args.replicas < 1 or args.clients < 1 or args.duration <= 0):
+        parser.error("--replicas, --clients and --duration must be positive")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.check:
         records = read_history(args.check)
         report = check(records)
-        print_report(report, records)
+        print_report(report)
         return 0 if report.ok else 1
-    if args.replicas < 1 or args.clients < 1 or args.duration <= 0:
-        print("chaos: --replicas, --clients and --duration must be positive", file=sys.stderr)
-        return 2
-    return run(args)
+    result = run(args)
+    report = check(result.records)
+    print_report(report)
+    return finish(args, result, report)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ run under faults in the default suite, and a 10-minute run marked ``slow``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -52,6 +54,9 @@ class H:
     def final(self, *pairs, ok=True):
         self.add("final", ok=ok, statuses=[{"applied": a, "digest": d} for a, d in pairs])
 
+    def facts(self):
+        return chaos.Facts.of(self.records)
+
     def check(self):
         return chaos.check(self.records)
 
@@ -84,102 +89,232 @@ def clean():
     return h
 
 
-def test_checker_passes_a_clean_history():
+PROPERTY = {prop: fn for prop, fn, _ in chaos.PROPERTIES}
+
+
+def only(h, prop):
+    """The violations of ``prop`` in ``h``, after asserting that no other property has any
+    (each hand-made history exhibits exactly one fault) and that ``check`` fails on them."""
+    facts = h.facts()
+    others = {other: fn(facts) for other, fn in PROPERTY.items() if other != prop}
+    assert not any(others.values()), others
+    found = PROPERTY[prop](facts)
+    assert found and all(v.prop == prop and v.why for v in found), found
+    report = h.check()
+    assert not report.ok and report.of(prop) == found and report.summary().endswith(" FAIL")
+    return found
+
+
+def test_clean_history_passes_every_property():
+    facts = clean().facts()
+    assert {prop: fn(facts) for prop, fn in PROPERTY.items()} == {prop: [] for prop in PROPERTY}
     report = clean().check()
     assert report.ok, report.summary()
     assert (report.sends, report.acked_sends, report.delivered, report.faults) == (6, 4, 5, 1)
     line = report.summary()
     assert line.startswith("chaos: seed=0 replicas=3 clients=2 ") and line.endswith(" digests=equal faults=1 OK")
-    assert " lost=0 dup=0 phantom=0 reorder=0 " in line
+    assert " lost=0 dup=0 phantom=0 reorder=0 lostacct=0 seed_dup=0 reshown=0 " in line
 
 
-def test_checker_detects_an_acknowledged_send_that_was_lost():
+def test_every_property_is_checked_and_reported():
+    assert list(PROPERTY) == ["lost", "dup", "phantom", "reorder", "lostacct", "undrained", "errors",
+                              "divergences", "digests"]
+    assert set(clean().check().violations) == set(PROPERTY)
+
+
+def test_lost_an_acknowledged_send_never_delivered():
     h = clean()
-    h.send("alice", "bob", "alice#9")                       # acknowledged, never delivered
-    report = h.check()
-    assert not report.ok and [s["msg"] for s in report.lost] == ["alice#9"]
-    assert " lost=1 " in report.summary() and report.summary().endswith("FAIL")
-
-
-def test_checker_detects_a_duplicate_for_our_client():
-    # shown twice by one run of our client (same sequence number)
+    op = h.send("alice", "bob", "alice#9")
+    [v] = only(h, "lost")
+    assert v.subject == "alice#9" and "alice -> bob" in v.why and f"op {op}" in v.why
+    assert [r["type"] for r in v.records] == ["invoke", "ok"]           # the send and its answer
+    assert " lost=1 " in h.check().summary()
+    # delivered to someone else is still lost for its recipient (and a phantom there)
     h = clean()
-    h.deliver("bob", "alice", "alice#0", seq=1)
-    report = h.check()
-    assert not report.ok and len(report.dup) == 1 and "one client run" in report.dup[0][2]
-    # queued twice although our client sent it with a request id (two sequence numbers)
-    h = clean()
-    h.deliver("bob", "alice", "alice#1", seq=4, run="bob.2")
-    report = h.check()
-    assert not report.ok and len(report.dup) == 1 and "request id" in report.dup[0][2]
+    h.send("alice", "bob", "alice#9")
+    h.deliver("carol", "alice", "alice#9", kind="seed")
+    assert [v.subject for v in chaos.check_lost(h.facts())] == ["alice#9"]
 
 
-def test_checker_allows_and_counts_at_least_once_duplicates():
+def test_duplicated_shown_twice_by_one_run_of_our_client():
     h = clean()
-    h.deliver("carol", "bob", "bob#0", kind="seed")         # seed-style recipient: at-least-once
-    h.deliver("bob", "carol", "carol#0", seq=4)            # seed-style sender retried: queued twice
-    h.deliver("bob", "alice", "alice#1", seq=2, run="bob.2")   # a fresh login shows it again
+    h.deliver("bob", "alice", "alice#0", seq=1)                         # same run, same seq
+    [v] = only(h, "dup")
+    assert v.subject == "alice#0" and "one client run" in v.why and "bob" in v.why
+    assert sum(r["type"] == "deliver" for r in v.records) == 2
+
+
+def test_duplicated_queued_twice_although_sent_with_a_request_id():
+    h = clean()
+    h.deliver("bob", "alice", "alice#1", seq=4, run="bob.2")            # a second sequence number
+    [v] = only(h, "dup")
+    assert "request id" in v.why and "[2, 4]" in v.why
+
+
+def test_allowed_repeats_are_classified_and_counted_not_violations():
+    h = clean()
+    h.deliver("carol", "bob", "bob#0", kind="seed")                     # seed-style recipient: at-least-once
+    h.deliver("bob", "carol", "carol#0", seq=4)                         # seed-style sender retried: queued twice
+    h.deliver("bob", "alice", "alice#1", seq=2, run="bob.2")            # a fresh login shows it again
+    assert sorted((r.cls, r.msg, r.extra) for r in chaos.classify_repeats(h.facts())) == [
+        ("reshown", "alice#1", 1), ("seed_redelivery", "bob#0", 1), ("seed_retry", "carol#0", 1)]
     report = h.check()
     assert report.ok, report.summary()
     assert (report.seed_dup, report.reshown) == (2, 1)
+    assert " seed_dup=2 reshown=1 " in report.summary()
 
 
-def test_checker_detects_phantom_deliveries():
-    for forge in (lambda h: h.deliver("bob", "alice", "alice#77", seq=9),      # never sent
-                  lambda h: h.deliver("alice", "carol", "carol#0", seq=1),     # sent to bob, not alice
-                  lambda h: h.deliver("bob", "carol", "alice#1", seq=9)):      # sent by alice, not carol
-        h = clean()
-        forge(h)
-        report = h.check()
-        assert not report.ok and len(report.phantom) == 1, report.summary()
-    h = clean()                                                # refused, yet delivered
-    h.send("alice", "bob", "alice#5", outcome="fail", answer="Recipient username cannot be found.")
-    h.deliver("bob", "alice", "alice#5", seq=4)
-    report = h.check()
-    assert not report.ok and len(report.phantom) == 1 and "refused" in report.phantom[0][1]
+def test_phantom_never_sent():
+    h = clean()
+    h.deliver("bob", "alice", "alice#77", seq=9)
+    [v] = only(h, "phantom")
+    assert (v.subject, v.why) == ("alice#77", "never sent")
 
 
-def test_checker_detects_per_sender_reorder():
+def test_phantom_sent_to_or_by_someone_else():
+    h = clean()
+    h.deliver("alice", "carol", "carol#0", seq=1)                       # sent to bob, not alice
+    [v] = only(h, "phantom")
+    assert "sent by carol to bob" in v.why
+    h = clean()
+    h.deliver("bob", "carol", "alice#2", seq=9)                         # sent by alice, not carol
+    [v] = only(h, "phantom")
+    assert "sent by alice to bob" in v.why
+
+
+def test_phantom_delivered_before_it_was_sent():
+    h = clean()
+    h.deliver("bob", "alice", "alice#30", seq=4)
+    h.send("alice", "bob", "alice#30")
+    [v] = only(h, "phantom")
+    assert v.why == "delivered before it was sent"
+
+
+def test_phantom_refused_yet_delivered_unless_retried():
+    h = clean()
+    h.send("alice", "dave", "alice#5", outcome="fail", answer=chaos.NO_RECIPIENT)
+    h.deliver("dave", "alice", "alice#5", seq=1)
+    [v] = only(h, "phantom")
+    assert "refused" in v.why and chaos.NO_RECIPIENT in v.why
+    h = clean()                                    # a retry's refusal: the first attempt may have worked
+    h.send("carol", "dave", "carol#5", kind="seed", outcome="fail", answer=chaos.NO_RECIPIENT, attempts=2)
+    h.deliver("dave", "carol", "carol#5", seq=1)
+    assert h.check().ok
+
+
+def test_reordered_first_deliveries_of_one_sender():
     h = clean()
     h.send("alice", "bob", "alice#10")
     h.send("alice", "bob", "alice#11")
     h.send("carol", "bob", "carol#1", kind="seed")
-    h.deliver("bob", "carol", "carol#1", seq=4)            # other senders may interleave
+    h.deliver("bob", "carol", "carol#1", seq=4)                         # other senders may interleave
     h.deliver("bob", "alice", "alice#11", seq=5)
     h.deliver("bob", "alice", "alice#10", seq=6)
-    report = h.check()
-    assert not report.ok and report.reorder == [("alice", "bob", "alice#11", "alice#10")]
-    # only the first delivery counts: a later repeat of an earlier chat is not a reorder
+    [v] = only(h, "reorder")
+    assert v.subject == "alice#11" and "alice -> bob" in v.why and "'alice#10'" in v.why
+    assert {r.get("msg") for r in v.records if r["type"] != "ok"} == {"alice#10", "alice#11"}
+
+
+def test_reordered_ignores_a_later_repeat():
     h = clean()
     h.deliver("carol", "bob", "bob#0", kind="seed")
     h.send("bob", "carol", "bob#1")
     h.deliver("carol", "bob", "bob#1", kind="seed")
-    h.deliver("carol", "bob", "bob#0", kind="seed")
-    report = h.check()
-    assert report.ok and not report.reorder, report.summary()
+    h.deliver("carol", "bob", "bob#0", kind="seed")                     # a repeat, not a first delivery
+    assert chaos.check_reordered(h.facts()) == [] and h.check().ok
 
 
-def test_checker_detects_lost_accounts_and_divergent_replicas():
+def test_lost_accounts_as_recipient_and_at_login():
     h = clean()
-    h.send("alice", "bob", "alice#20", outcome="fail", answer="Recipient username cannot be found.")
-    report = h.check()
-    assert not report.ok and [name for name, _, _ in report.lost_accounts] == ["bob"]
+    h.send("alice", "bob", "alice#20", outcome="fail", answer=chaos.NO_RECIPIENT)
+    [v] = only(h, "lostacct")
+    assert v.subject == "bob" and "send" in v.why and [r["type"] for r in v.records] == ["invoke", "fail"]
     h = clean()
     op = h.invoke("carol", "login", kind="seed")
     h.add("fail", op=op, answer="Unable to login: This username does not exist. If you would like to "
                                 "use this username, please create a new account.")
-    assert [name for name, _, _ in h.check().lost_accounts] == ["carol"]
+    [v] = only(h, "lostacct")
+    assert v.subject == "carol" and "login" in v.why
+    h = clean()                                    # never created: a correct refusal
+    op = h.invoke("dave", "login", kind="seed")
+    h.add("fail", op=op, answer="Unable to login: This username does not exist.")
+    assert h.check().ok
 
+
+@pytest.mark.parametrize("pairs, ok, status", [
+    (((10, "abc"), (10, "abd"), (10, "abc")), True, "unequal"),
+    (((10, "abc"), (9, "abc"), (10, "abc")), True, "unequal-applied"),
+    (((10, "abc"), (9, "xyz"), (10, "abc")), False, "unavailable"),
+])
+def test_digests_must_be_equal_after_healing(pairs, ok, status):
     h = clean()
-    h.final((10, "abc"), (10, "abd"), (10, "abc"))
+    h.final(*pairs, ok=ok)
+    [v] = only(h, "digests")
+    assert v.subject == status and h.check().state.status == status
+    assert f" digests={status} " in h.check().summary()
+
+
+def test_digests_unchecked_without_a_final_record():
+    h = clean()
+    h.records = [r for r in h.records if r["type"] != "final"]
     report = h.check()
-    assert not report.ok and report.digests == "unequal" and "digests=unequal" in report.summary()
+    assert report.ok and report.state.status == "unchecked"
+
+
+def test_divergences_a_forced_snapshot_over_applied_state():
     h = clean()
-    h.final((10, "abc"), (9, "xyz"), (10, "abc"), ok=False)
-    assert h.check().digests == "unavailable" and not h.check().ok
+    h.add("final", ok=True, statuses=[{"applied": 10, "digest": "abc"}, {"applied": 10, "digest": "abc",
+                                                                          "divergences": 2},
+                                      {"applied": 10, "digest": "abc"}])
+    [v] = only(h, "divergences")
+    assert v.subject == "r1" and " divergences=2 " in h.check().summary()
+
+
+def test_undrained_an_account_that_could_not_log_in_for_the_drain():
     h = clean()
-    h.add("drain", user="bob", kind="ext", ok=False)
-    assert not h.check().ok
+    h.add("drain", user="bob", kind="ext", ok=False, note="timed out")
+    [v] = only(h, "undrained")
+    assert v.subject == "bob" and "timed out" in v.why
+
+
+def test_errors_from_the_runner_clients_and_workload():
+    h = clean()
+    h.add("error", message="replica 1 logged: Traceback")
+    [v] = only(h, "errors")
+    assert "Traceback" in v.why
+    h = clean()
+    h.add("client", client=3, event="worker-crashed", error="ValueError()")
+    [v] = only(h, "errors")
+    assert "client 3 crashed" in v.why
+    h = clean()
+    h.send("alice", "bob", "alice#0")                                   # the workload reused a message id
+    [v] = only(h, "errors")
+    assert "sent twice" in v.why
+
+
+def test_report_prints_each_violation_with_its_records():
+    h = clean()
+    h.send("alice", "bob", "alice#9")
+    h.deliver("bob", "alice", "alice#0", seq=1)
+    out = io.StringIO()
+    chaos.print_report(h.check(), out)
+    text = out.getvalue()
+    assert "LOST: 1 acknowledged send(s) never delivered:\n  alice#9: alice -> bob" in text
+    assert "DUPLICATED (our client): 1:\n  alice#0: to bob: shown twice" in text
+    assert '"msg": "alice#9"' in text and "replay: python3 bench/chaos.py --seed 0" in text
+    assert text.splitlines()[-1] == h.check().summary()
+
+
+def test_parse_args_round_trips_the_replay_command_and_refuses_bad_values():
+    argv = ["--seed", "9", "--duration", "2.5", "--replicas", "5", "--clients", "3", "--netns",
+            "--mean-gap", "0.7", "--log-retain", "200", "--history", "h.jsonl"]
+    args = chaos.parse_args(argv)
+    assert shlex.split(chaos.replay_command(args))[2:] == argv
+    for bad in (["--replicas", "0"], ["--clients", "0"], ["--duration", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            chaos.parse_args(bad)
+        assert exc.value.code == 2
+    assert chaos.parse_args(["--check", "h.jsonl"]).check == "h.jsonl"
 
 
 def test_check_command_reads_a_history_file_and_exits_non_zero_on_violations(tmp_path):
