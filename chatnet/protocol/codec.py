@@ -25,12 +25,14 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 
+from .texts import INVALID_REQUEST_TEXT, NOT_UTF8_TEXT, TOO_LONG_TEXT  # noqa: F401 (re-exported)
+
 __all__ = [
     "MAX_REQUEST_CHARS", "MAX_FRAME_BYTES",
     "STATUS_OK", "STATUS_ERROR", "STATUS_NOTE", "INDICATOR_SERVER", "INDICATOR_CHAT",
     "INVALID_REQUEST_TEXT", "TOO_LONG_TEXT", "NOT_UTF8_TEXT",
     "NEED_DATA", "CLOSED", "Request", "BadRequest", "RequestDecoder",
-    "parse_request", "encode_request",
+    "parse_request", "parse_number", "encode_request",
     "Frame", "encode_frame", "encode_response", "ProtocolError", "ResponseDecoder",
     "decode_frames",
 ]
@@ -42,8 +44,6 @@ MAX_FRAME_BYTES = 0xD7FF
 
 STATUS_OK, STATUS_ERROR, STATUS_NOTE = 0, 1, 2
 INDICATOR_SERVER, INDICATOR_CHAT = 0, 1
-
-from .texts import INVALID_REQUEST_TEXT, NOT_UTF8_TEXT, TOO_LONG_TEXT  # noqa: F401 (re-exported)
 
 
 class _Sentinel:
@@ -119,6 +119,19 @@ def parse_request(text: str) -> Request | BadRequest:
         if len(fields) == 4:
             return Request(op, tuple(field.strip() for field in fields))
     return Request(op, tuple(field.strip() for field in rest.split("|")) if sep else ())
+
+
+def parse_number(text: str) -> int | None:
+    """A numeric field of a request (a sequence number, a list cursor): ASCII digits only.
+
+    ``str.isdigit()`` is also true for "²" or "٣", which ``int()`` rejects or reads as a digit
+    of another script, so a client could crash or confuse the server with them; and ``int()``
+    alone accepts "+3", " 3" and "3_0".  A request is at most 280 characters, far below
+    Python's 4,300-digit conversion limit, so ``int()`` of what passes cannot raise.
+    """
+    if text.isascii() and text.isdigit():
+        return int(text)
+    return None
 
 
 def encode_request(op: int, *params: str) -> bytes:

@@ -40,6 +40,11 @@ T_EMPTY_MESSAGE = "Cannot send an empty message."
 T_SENT = "Message sent to {recipient}."
 T_DELETED = "Account {name} has been deleted. You are now logged out."
 T_UNSUPPORTED = "This operation is not supported by this server."
+# Quotas and paging (chatnet additions; config.Limits, docs/protocol.md "Limits of the chat layer").
+T_CREATE_FULL = "Unable to create account: this server has reached its maximum number of accounts."
+T_MAILBOX_FULL = "Unable to send: {recipient} has too many undelivered messages. Please try again later."
+# Last line of a `list` answer that was cut at the page size: the request that lists the rest.
+T_LIST_MORE = "More accounts: request 4|{pattern}|{after} for the next page."
 # Extension 1 (docs/protocol.md): sessions that survive failover.
 EXTENSION = "1"
 T_EXT = "ext|" + EXTENSION
@@ -48,6 +53,7 @@ T_RESUMED = "Resumed as {name}."
 T_RESUME_BAD_TOKEN = "Unable to resume: the session token is not valid. Please log in again."
 T_RESUME_UNKNOWN = "Unable to resume: This username does not exist."
 T_RESUME_LOGGED_IN = "Unable to resume: You are already logged in as {me}."
+T_RESUME_TOKEN_NOT_ASCII = "Unable to resume: a session token is ASCII text. Please log in again."
 # The backups' notes (status 2, indicator 0), specified by the replication design.
 T_BACKUP_KNOWS = "This server is a backup. The primary is at {address}."
 T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again shortly."

@@ -14,6 +14,7 @@ from .config import (
     DEFAULT_PEERS,
     DEFAULT_SECRET_FILE,
     ConfigError,
+    Limits,
     find_self,
     parse_peers,
     read_secret,
@@ -64,7 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging threshold (default: INFO)")
     parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="disconnect a client that reads nothing for this long while chat piles up (default: 60)")
+    limits = Limits()
+    parser.add_argument("--max-queued-chats", type=int, default=limits.max_queued_chats, metavar="N",
+                        help="refuse a send to a recipient with N chats already waiting for it "
+                             f"(default: {limits.max_queued_chats})")
+    parser.add_argument("--max-accounts", type=int, default=limits.max_accounts, metavar="N",
+                        help=f"refuse to create accounts beyond N (default: {limits.max_accounts})")
+    parser.add_argument("--max-list-names", type=int, default=limits.max_list_names, metavar="N",
+                        help=f"names in one list answer; more are paged, 1 to {Limits.MAX_LIST_NAMES} "
+                             f"(default: {limits.max_list_names})")
     return parser
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The Limits of the parsed flags (ConfigError names the bad flag)."""
+    return Limits(max_queued_chats=args.max_queued_chats, max_accounts=args.max_accounts,
+                  max_list_names=args.max_list_names)
 
 
 def status_main(argv: list[str]) -> int:
@@ -122,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         peers = parse_peers(args.peers)
+        limits = limits_from(args)
         if args.local:
             from .launcher import run_local
 
@@ -129,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             secret_file = args.secret_file or os.path.join(base, "cluster.secret")
             extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
                      "--log-retain", str(args.log_retain), *(["--naive"] if args.naive else []),
-                     "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout)]
+                     "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout),
+                     "--max-queued-chats", str(limits.max_queued_chats), "--max-accounts", str(limits.max_accounts),
+                     "--max-list-names", str(limits.max_list_names)]
             return run_local(peers, base, secret_file, extra)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
         secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None
@@ -153,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         server = ChatServer(
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
-            log_retain=args.log_retain, naive=args.naive,
+            log_retain=args.log_retain, naive=args.naive, limits=limits,
         )
         server.start()
     except StoreError as exc:

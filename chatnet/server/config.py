@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import ClassVar
 
 DEFAULT_PEERS = "127.0.0.1:1538,127.0.0.1:2538,127.0.0.1:3538"  # the seed's three servers
 DEFAULT_BASE_DIR = "chatnet-data"
@@ -85,4 +86,28 @@ class Limits:
     """What one replica lets its clients use.  Each field has a ``chatserver`` flag of the same
     name and is listed with its default in docs/operations.md.  The chat service reads them on
     the replica that receives a request (before proposing), never while applying a committed
-    command, so replicas started with different limits still apply the same log identically."""
+    command, so replicas started with different limits still apply the same log identically.
+
+    A limit is checked against the applied state, so requests proposed but not yet applied are
+    not counted: it can be overshot by at most one per client connection with such a request
+    in flight (a connection waits for its answer before its next request is handled)."""
+
+    # Chats queued (sent, not yet delivered/acknowledged) for one recipient; a send beyond it is
+    # refused with T_MAILBOX_FULL.  Bounds what one sender can pile onto someone who is away.
+    max_queued_chats: int = 10_000
+    # Accounts on the whole service; a create beyond it is refused with T_CREATE_FULL.
+    max_accounts: int = 100_000
+    # Names in one `list` answer; more matches end the answer with a continuation line
+    # (T_LIST_MORE).  At most MAX_LIST_NAMES so a page always fits in one response frame.
+    max_list_names: int = 100
+    # A list line is "- " + a name of at most 32 characters of up to 4 bytes + "\n" (131 bytes):
+    # 400 of them, plus the continuation line, stay under one frame's 55,295 bytes.
+    MAX_LIST_NAMES: ClassVar[int] = 400
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued_chats", "max_accounts", "max_list_names"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_list_names > self.MAX_LIST_NAMES:
+            raise ConfigError(f"--max-list-names must be at most {self.MAX_LIST_NAMES} (one response frame)")
+

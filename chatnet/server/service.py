@@ -26,13 +26,14 @@ Rules the service keeps:
 
 from __future__ import annotations
 
+import bisect
 import fnmatch
+import hmac
+import itertools
 import re
 import secrets
 from dataclasses import dataclass, field
 
-from . import state as sm
-from .config import Limits
 from ..protocol.codec import (
     INDICATOR_CHAT,
     INDICATOR_SERVER,
@@ -44,38 +45,57 @@ from ..protocol.codec import (
     Request,
     encode_frame,
     encode_response,
+    parse_number,
 )
-
 from ..protocol.texts import (
+    EXTENSION,
     MAX_USERNAME_CHARS,
-    USERNAME_RULE,
-    T_CREATED,
+    T_CREATE_BAD_NAME,
+    T_CREATE_FULL,
     T_CREATE_LOGGED_IN,
     T_CREATE_TAKEN,
-    T_CREATE_BAD_NAME,
+    T_CREATED,
+    T_DELETED,
+    T_EMPTY_MESSAGE,
+    T_EXT,
+    T_LIST_MORE,
     T_LOGGED_IN,
+    T_LOGIN_CONNECTED,
     T_LOGIN_LOGGED_IN,
     T_LOGIN_UNKNOWN,
-    T_LOGIN_CONNECTED,
+    T_MAILBOX_FULL,
     T_MISSED,
-    T_NO_MISSED,
     T_MUST_LOGIN,
+    T_NO_MISSED,
     T_NO_RECIPIENT,
-    T_TO_SELF,
-    T_EMPTY_MESSAGE,
-    T_SENT,
-    T_DELETED,
-    T_UNSUPPORTED,
-    EXTENSION,
-    T_EXT,
-    T_TOKEN,
-    T_RESUMED,
     T_RESUME_BAD_TOKEN,
-    T_RESUME_UNKNOWN,
     T_RESUME_LOGGED_IN,
+    T_RESUME_TOKEN_NOT_ASCII,
+    T_RESUME_UNKNOWN,
+    T_RESUMED,
+    T_SENT,
+    T_TO_SELF,
+    T_TOKEN,
+    T_UNSUPPORTED,
 )
+from . import state as sm
+from .config import Limits
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+# Accounts one `list` answer examines at most (besides its page-size limit), so that a pattern
+# matching few names does not walk every account: about a millisecond of work per answer.
+LIST_SCAN_LIMIT = 10_000
+
+
+def _list_cursor(pattern: str) -> tuple[str, int]:
+    """Split op 4's argument into (pattern, after): ``a*|17`` is the page of ``a*`` after the
+    account created 17th.  Anything else is a plain pattern, as in the seed (a pattern with a
+    ``|`` matches no valid name, so ``4||``, our client's probe, still lists nothing)."""
+    head, sep, tail = pattern.rpartition("|")
+    after = parse_number(tail) if sep and "|" not in head else None
+    if after is None:
+        return pattern, 0
+    return head.strip() or "*", after
 
 
 def username_problem(name: str) -> bool:
@@ -139,6 +159,8 @@ class ChatService:
     _unblocked: list = field(default_factory=list)  # conns answered since take_unblocked()
     _logging_in: set = field(default_factory=set)  # accounts with a login proposed, not yet applied
     _delivered: dict[tuple, int] = field(default_factory=dict)  # (name, order) -> highest written seq
+    _list_cache: list = field(default_factory=list)  # accounts in creation order, see _accounts_in_order
+    _list_cache_key: tuple | None = None
 
     # -- connection life cycle -------------------------------------------------------------
     def connection_opened(self, conn: int) -> None:
@@ -178,6 +200,8 @@ class ChatService:
             self._reply(session.conn, STATUS_ERROR, T_CREATE_BAD_NAME)
         elif self.state.exists(name):
             self._reply(session.conn, STATUS_ERROR, T_CREATE_TAKEN)
+        elif len(self.state.accounts) >= self.limits.max_accounts:
+            self._reply(session.conn, STATUS_ERROR, T_CREATE_FULL)
         else:
             self._propose(sm.cmd_create(name, self.new_token()), session)
 
@@ -218,16 +242,72 @@ class ChatService:
             self._reply(session.conn, STATUS_ERROR, T_NO_RECIPIENT)
         elif not text:
             self._reply(session.conn, STATUS_ERROR, T_EMPTY_MESSAGE)
+        elif self._mailbox_full(recipient) and not self._retried(session.name, request_id):
+            self._reply(session.conn, STATUS_ERROR, T_MAILBOX_FULL.format(recipient=recipient))
         else:
             self._propose(sm.cmd_send(session.name, recipient, text, request_id), session)
 
+    def _mailbox_full(self, recipient: str) -> bool:
+        """Checked here, on the replica that received the send, never in ``apply``: replicas
+        with different limits must still apply the same log identically."""
+        return self.state.pending_count(recipient) >= self.limits.max_queued_chats
+
+    def _retried(self, sender: str, request_id: str | None) -> bool:
+        """A send whose request id already committed is answered "sent" again, even when the
+        mailbox has filled since: the chat is in it, and refusing would contradict that."""
+        account = self.state.accounts.get(sender)
+        return request_id is not None and account is not None and request_id in account.request_ids
+
     def _list(self, session: Session, pattern: str) -> None:
-        if any(c in pattern for c in "*?["):
-            names = [name for name in self.state.accounts if fnmatch.fnmatchcase(name, pattern)]
-        else:  # an exact name: a lookup, not a scan of every account
-            names = [pattern] if pattern in self.state.accounts else []
+        """The seed's answer, ``\n- alice\n- bob\n``, bounded in size and work.
+
+        At most ``limits.max_list_names`` names, and at most LIST_SCAN_LIMIT accounts examined
+        per answer, so a request costs about the same on a server of any size.  An answer cut
+        short ends with T_LIST_MORE naming the request for the rest: ``4|PATTERN|AFTER``, AFTER
+        being the creation number of the last account examined (stable while accounts come
+        and go, unlike a position)."""
+        pattern, after = _list_cursor(pattern)
+        names, resume_after = self._list_page(pattern, after)
         text = "\n" + "".join(f"- {name}\n" for name in names)
+        if resume_after is not None:
+            text += T_LIST_MORE.format(pattern=pattern, after=resume_after) + "\n"
         self.effects.append(Reply(session.conn, encode_response(STATUS_OK, INDICATOR_SERVER, text)))
+
+    def _list_page(self, pattern: str, after: int) -> tuple[list[str], int | None]:
+        """Names matching ``pattern`` created after ``after``, and where the next page starts
+        (None when there is nothing left)."""
+        if not any(c in pattern for c in "*?["):  # an exact name: a lookup, not a scan
+            account = self.state.accounts.get(pattern)
+            return ([pattern] if account is not None and account.order > after else []), None
+        # Compiled here, not by fnmatch.fnmatchcase, whose cache keeps up to 32,768 compiled
+        # patterns: a client sending distinct patterns would grow the server's memory.
+        match = re.compile(fnmatch.translate(pattern)).match
+        accounts = self._accounts_in_order()
+        start = bisect.bisect_right(accounts, after, key=lambda account: account.order)
+        names: list[str] = []
+        last = after
+        for account in itertools.islice(accounts, start, start + LIST_SCAN_LIMIT):
+            if match(account.name):
+                if len(names) == self.limits.max_list_names:
+                    return names, last
+                names.append(account.name)
+            last = account.order
+        if start + LIST_SCAN_LIMIT < len(accounts):
+            return names, accounts[start + LIST_SCAN_LIMIT - 1].order
+        return names, None
+
+    def _accounts_in_order(self) -> list:
+        """The accounts as a list in creation order (orders increase along it), rebuilt only
+        when accounts were created or deleted since the last list, so a page is found by
+        bisection instead of a walk over every earlier account."""
+        accounts = self.state.accounts
+        newest = next(reversed(accounts.values())).order if accounts else 0
+        key = (self.state, len(accounts), newest)
+        cached = self._list_cache_key
+        if cached is None or cached[0] is not key[0] or cached[1:] != key[1:]:
+            self._list_cache = list(accounts.values())
+            self._list_cache_key = key
+        return self._list_cache
 
     def _delete(self, session: Session) -> None:
         if session.name is None:
@@ -248,9 +328,9 @@ class ChatService:
         if verb == "ext" and args == (EXTENSION,):
             session.extended = True
             self._reply(session.conn, STATUS_OK, T_EXT)
-        elif verb == "ack" and session.extended and len(args) == 1 and args[0].isdigit():
+        elif verb == "ack" and session.extended and len(args) == 1 and parse_number(args[0]) is not None:
             if session.name is not None:
-                seq = min(int(args[0]), session.sent_upto)
+                seq = min(parse_number(args[0]), session.sent_upto)
                 self._mark_delivered(session.name, session.order, seq)
         elif verb == "send" and session.extended and len(args) == 3 and REQUEST_ID.fullmatch(args[0]):
             self._send(session, args[1], args[2], args[0])
@@ -261,7 +341,8 @@ class ChatService:
         if not token and not rest and last_seq == "0":
             self._login(session, name)  # the seed revision's tokenless `7|name|` is a login
             return
-        if rest or not last_seq.isdigit():
+        seen = parse_number(last_seq)
+        if rest or seen is None:
             self._reply(session.conn, STATUS_ERROR, INVALID_REQUEST_TEXT)
             return
         account = self.state.accounts.get(name)
@@ -269,7 +350,9 @@ class ChatService:
             self._reply(session.conn, STATUS_ERROR, T_RESUME_LOGGED_IN.format(me=session.name))
         elif account is None:
             self._reply(session.conn, STATUS_ERROR, T_RESUME_UNKNOWN)
-        elif account.token is None or not secrets.compare_digest(account.token, token):
+        elif not token.isascii():  # compare_digest cannot compare it; no token we draw has it
+            self._reply(session.conn, STATUS_ERROR, T_RESUME_TOKEN_NOT_ASCII)
+        elif account.token is None or not hmac.compare_digest(account.token.encode(), token.encode("ascii")):
             self._reply(session.conn, STATUS_ERROR, T_RESUME_BAD_TOKEN)
         else:
             old = self.online.get(name)
@@ -277,7 +360,7 @@ class ChatService:
                 self._log_out(self.sessions[old])
                 self.effects.append(Close(old))
             self._log_in(session, name)
-            seen = min(int(last_seq), self.state.last_seq(name))
+            seen = min(seen, self.state.last_seq(name))
             session.sent_upto = seen
             self._mark_delivered(name, session.order, seen)
             self._reply(session.conn, STATUS_OK, T_RESUMED.format(name=name))
