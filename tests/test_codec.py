@@ -10,11 +10,30 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from chatnet.protocol.codec import (
+    CLOSED,
     ENVELOPE_ALLOWANCE,
-    CLOSED, INDICATOR_CHAT, INDICATOR_SERVER, INVALID_REQUEST_TEXT, MAX_FRAME_BYTES,
-    MAX_REQUEST_CHARS, NEED_DATA, NOT_UTF8_TEXT, STATUS_ERROR, STATUS_NOTE, STATUS_OK,
-    TOO_LONG_TEXT, BadRequest, Frame, ProtocolError, Request, RequestDecoder,
-    ResponseDecoder, decode_frames, encode_frame, encode_request, encode_response,
+    INDICATOR_CHAT,
+    INDICATOR_SERVER,
+    INVALID_REQUEST_TEXT,
+    MAX_FRAME_BYTES,
+    MAX_REQUEST_CHARS,
+    NEED_DATA,
+    NOT_UTF8_TEXT,
+    STATUS_ERROR,
+    STATUS_NOTE,
+    STATUS_OK,
+    TOO_LONG_TEXT,
+    BadRequest,
+    Frame,
+    ProtocolError,
+    Request,
+    RequestDecoder,
+    ResponseDecoder,
+    decode_frames,
+    encode_frame,
+    encode_request,
+    encode_response,
+    parse_number,
     parse_request,
 )
 
@@ -527,3 +546,25 @@ def test_the_limit_applies_to_the_op3_equivalent_of_an_extension_send():
     assert decoder.next_event() == BadRequest(TOO_LONG_TEXT)
     decoder.receive_data(f"0|send|rid|bob|{text}y\n".encode())
     assert decoder.next_event() == BadRequest(TOO_LONG_TEXT)
+
+
+# ------------------------------------------------------------------ numeric fields (issue 10)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("0", 0), ("42", 42), ("007", 7), ("9" * 270, int("9" * 270)),
+    ("²", None), ("٣", None), ("１", None), ("+3", None), ("-1", None), (" 3", None),
+    ("3_0", None), ("", None), ("0x1", None), ("1.0", None), ("³³", None),
+])
+def test_numeric_fields_are_ascii_digits_only(text, expected):
+    """``"²".isdigit()`` is true and ``int("²")`` raises: a client once crashed a replica with it."""
+    assert parse_number(text) == expected
+
+
+@given(st.text(max_size=MAX_REQUEST_CHARS))
+def test_parse_number_never_raises(text):
+    value = parse_number(text)
+    if value is None:
+        assert not (text.isascii() and text.isdigit())
+    else:
+        assert text.isascii() and text.isdigit() and value == int(text)

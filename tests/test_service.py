@@ -6,18 +6,19 @@ the server does (apply, then release answers), and records the frames each conne
 
 from __future__ import annotations
 
-from chatnet.server import state as sm
-
 import pytest
 
-from chatnet.server import service as sv
+from chatnet.protocol import texts
 from chatnet.protocol.codec import RequestDecoder, decode_frames
+from chatnet.server import service as sv
+from chatnet.server import state as sm
+from chatnet.server.config import ConfigError, Limits
 from chatnet.server.state import ChatState, Mail, decode_command, encode_command
 
 
 class Host:
-    def __init__(self, state: ChatState | None = None):
-        self.service = sv.ChatService(state or ChatState())
+    def __init__(self, state: ChatState | None = None, limits: Limits | None = None):
+        self.service = sv.ChatService(state or ChatState(), limits=limits or Limits())
         self.index = 0
         self.out: dict[int, list] = {}
         self.closed: set[int] = set()
@@ -229,17 +230,93 @@ def test_list_in_creation_order_with_wildcards(host):
     assert host.take(a) == [ok("\n")]
 
 
-def test_long_list_is_split_into_frames(host):
+def _list_pages(host, conn, request):
+    """Follow a list answer's continuation lines; return every page's (names, more-request)."""
+    pages = []
+    while request is not None:
+        host.send(conn, request)
+        (frame,) = host.take(conn)  # a page is always one frame
+        assert frame[:2] == (0, 0) and frame[2].startswith("\n")
+        lines = frame[2][1:].split("\n")
+        assert lines[-1] == ""
+        names = [line[2:] for line in lines[:-1] if line.startswith("- ")]
+        rest = [line for line in lines[:-1] if not line.startswith("- ")]
+        request = None
+        if rest:
+            (more,) = rest
+            assert more == lines[-2], "the continuation is the last line"
+            prefix, suffix = "More accounts: request ", " for the next page."
+            assert more.startswith(prefix) and more.endswith(suffix)
+            request = more[len(prefix):-len(suffix)]
+        pages.append((names, request))
+    return pages
+
+
+def test_long_list_is_paged_and_every_name_is_reached():
     state = ChatState()
     for i in range(3000):
         state.apply(sm.cmd_create(f"user{i:05d}-" + "x" * 20))
     host = Host(state)
     a = host.open(1)
-    host.send(a, "4")
-    frames = host.take(a)
-    assert len(frames) > 1
-    text = "".join(f[2] for f in frames)
-    assert text.count("\n- ") == 3000
+    pages = _list_pages(host, a, "4")
+    assert len(pages) == 30 and all(len(names) == 100 for names, _ in pages)
+    assert pages[0][1] == "4|*|100" and pages[-1][1] is None
+    assert [n for names, _ in pages for n in names] == list(state.accounts)
+
+
+def test_list_page_size_continuation_and_churn():
+    host = Host(limits=Limits(max_list_names=2))
+    for i, name in enumerate(["ann", "bob", "amy", "abe", "al"]):
+        host.send(host.open(100 + i), f"1|{name}")
+    a = host.open(1)
+    host.send(a, "4|b*")
+    assert host.take(a) == [ok("\n- bob\n")]  # a small list keeps the seed's answer exactly
+    host.send(a, "4|a*")
+    assert host.take(a) == [ok("\n- ann\n- amy\n" + texts.T_LIST_MORE.format(pattern="a*", after=3) + "\n")]
+    host.send(104, "5")  # "al" deleted, then a new account: the cursor is a creation number, not a position
+    host.send(host.open(200), "1|ava")
+    host.send(a, "4|a*|3")
+    assert host.take(a) == [ok("\n- abe\n- ava\n")]
+    host.send(a, "4 | a* | 4 ")
+    assert host.take(a) == [ok("\n- ava\n")]
+    host.send(a, "4|ann|0")  # an exact name with a cursor
+    assert host.take(a) == [ok("\n- ann\n")]
+
+
+@pytest.mark.parametrize("request_text", ["4||", "4|a*|²", "4|a*|٣", "4|a*|-1", "4|a|b|1", "4|a*|", "4|*|+1"])
+def test_list_requests_that_are_not_continuations_list_nothing(request_text):
+    """A pattern with a `|` matches no valid name, as in the seed; `4||` is our client's probe."""
+    host = Host(limits=Limits(max_list_names=1))
+    for name in ["ann", "amy"]:
+        host.send(host.open(len(host.out) + 10), f"1|{name}")
+    a = host.open(1)
+    host.send(a, request_text)
+    assert host.take(a) == [ok("\n")]
+
+
+def test_list_work_per_answer_is_bounded(monkeypatch):
+    """A pattern matching few names does not walk every account: the answer stops after
+    LIST_SCAN_LIMIT accounts and says where to go on, even with no name found yet."""
+    monkeypatch.setattr(sv, "LIST_SCAN_LIMIT", 10)
+    state = ChatState()
+    for i in range(25):
+        state.apply(sm.cmd_create(f"u{i}"))
+    state.apply(sm.cmd_create("zed"))
+    host = Host(state)
+    pages = _list_pages(host, host.open(1), "4|z*")
+    assert pages == [([], "4|z*|10"), ([], "4|z*|20"), (["zed"], None)]
+
+
+def test_list_patterns_are_not_cached_without_bound():
+    """fnmatch.fnmatchcase caches 32,768 compiled patterns; the service must not feed it."""
+    import fnmatch
+    host = Host()
+    host.send(host.open(2), "1|alice")
+    a = host.open(1)
+    fnmatch._compile_pattern.cache_clear()
+    for i in range(50):
+        host.send(a, f"4|*{i}*")
+    assert fnmatch._compile_pattern.cache_info().currsize == 0
 
 
 def test_delete_drops_own_mail_and_marks_sent_chat(host):
@@ -437,3 +514,130 @@ def test_only_one_login_of_an_account_is_in_flight(host):
     frames = host.take(b)
     token = next(f[2].split("|", 1)[1] for f in frames if f[2].startswith("token|"))
     assert host.service.state.accounts["alice"].token == token
+
+
+# ------------------------------------------------------------------- hostile input (issue 10)
+
+
+@pytest.mark.parametrize("seq", ["²", "٣", "１", "+1", "-1", " ", "1.0", "0x1"])
+def test_ack_with_a_non_ascii_or_signed_number_is_refused_not_a_crash(host, seq):
+    ext_client(host, 1, "mallory")
+    host.send(1, f"0|ack|{seq}")
+    assert host.take(1) == [err(sv.INVALID_REQUEST_TEXT)]
+    host.send(1, "4|mallory")  # the connection still works
+    assert host.take(1) == [ok("\n- mallory\n")]
+
+
+@pytest.mark.parametrize("seq", ["²", "٣", "+1", "1 2", ""])
+def test_resume_with_a_bad_last_seq_is_invalid(host, seq):
+    _, token = ext_client(host, 1, "alice")
+    host.open(2)
+    host.send(2, f"7|alice|{token}|{seq}")
+    assert host.take(2) == [err(sv.INVALID_REQUEST_TEXT)]
+    assert host.service.logged_in_as(1) == "alice"
+
+
+@pytest.mark.parametrize("token", ["é", "tokén", "😀", "Ａ"])
+def test_non_ascii_token_is_refused_clearly(host, token):
+    """`7|alice|é|0` raised TypeError in secrets.compare_digest (str with non-ASCII)."""
+    ext_client(host, 1, "alice")
+    host.open(2)
+    host.send(2, f"7|alice|{token}|0")
+    assert host.take(2) == [err(texts.T_RESUME_TOKEN_NOT_ASCII)]
+    assert host.service.logged_in_as(1) == "alice" and 1 not in host.closed
+
+
+def test_resume_still_works_with_the_right_token(host):
+    _, token = ext_client(host, 1, "alice")
+    host.open(2)
+    host.send(2, "0|ext|1")
+    host.take(2)
+    host.send(2, f"7|alice|{token}|0")
+    assert host.take(2)[:2] == [ok("Resumed as alice."), ok(f"token|{token}")]
+
+
+# ------------------------------------------------------------------------- quotas (issue 10)
+
+
+def test_account_quota_refuses_creates_and_frees_on_delete():
+    host = Host(limits=Limits(max_accounts=2))
+    a, b, c = host.open(1), host.open(2), host.open(3)
+    host.send(a, "1|alice")
+    host.send(b, "1|bob")
+    host.send(c, "1|carol")
+    assert host.take(c) == [err(texts.T_CREATE_FULL)]
+    assert host.log[-1] == sm.cmd_create("bob", host.log[-1][2])  # refused before proposing
+    host.send(c, "1|alice")  # a taken name is still said to be taken
+    assert host.take(c) == [err(sv.T_CREATE_TAKEN)]
+    host.send(a, "5")
+    host.send(c, "1|carol")
+    assert host.take(c) == [ok("Account created! Logged in as carol.")]
+
+
+def test_mailbox_quota_refuses_sends_until_chat_is_delivered():
+    host = Host(limits=Limits(max_queued_chats=2))
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|alice")
+    host.send(b, "1|bob")
+    host.send(b, "6")
+    host.take(a)
+    for i in range(3):
+        host.send(a, f"3|bob|m{i}")
+    assert host.take(a) == [ok("Message sent to bob."), ok("Message sent to bob."),
+                            err("Unable to send: bob has too many undelivered messages. Please try again later.")]
+    assert host.service.state.pending_count("bob") == 2
+    c = host.open(3)
+    host.send(c, "2|bob")
+    assert [f[2] for f in host.take(c)][1:3] == ["alice|m0", "alice|m1"]
+    host.commit()  # the written chat is confirmed delivered
+    host.send(a, "3|bob|m3")
+    assert host.take(a) == [ok("Message sent to bob.")]
+    assert host.take(c) == [chat("alice|m3")]
+
+
+def test_a_retried_send_is_acknowledged_even_when_the_mailbox_filled_since():
+    host = Host(limits=Limits(max_queued_chats=1))
+    ext_client(host, 1, "alice")
+    b = host.open(2)
+    host.send(b, "1|bob")
+    host.send(b, "6")
+    host.send(1, "0|send|r1|bob|once")
+    host.send(1, "0|send|r1|bob|once")  # retried after a failover: the chat is already queued
+    host.send(1, "0|send|r2|bob|twice")
+    assert [f[2] for f in host.take(1)] == ["Message sent to bob.", "Message sent to bob.",
+                                            "Unable to send: bob has too many undelivered messages. Please try again later."]
+    assert host.service.state.pending_count("bob") == 1
+
+
+def test_limits_never_change_what_a_committed_command_does():
+    """A replica applies the log whatever its own limits: a backup with smaller limits than the
+    primary that proposed the commands reaches the same state (determinism)."""
+    primary, backup = Host(), Host(limits=Limits(max_accounts=1, max_queued_chats=1))
+    a, b = primary.open(1), primary.open(2)
+    primary.send(a, "1|alice")
+    primary.send(b, "1|bob")
+    primary.send(b, "6")
+    for i in range(3):
+        primary.send(a, f"3|bob|m{i}")
+    for index, cmd in enumerate(primary.log, 1):
+        backup.service.apply(index, cmd)
+    assert backup.service.state.to_snapshot() == primary.service.state.to_snapshot()
+    assert backup.service.state.pending_count("bob") == 3
+
+
+@pytest.mark.parametrize("kwargs", [{"max_accounts": 0}, {"max_queued_chats": -1}, {"max_list_names": 0},
+                                    {"max_list_names": Limits.MAX_LIST_NAMES + 1}])
+def test_limits_are_validated(kwargs):
+    with pytest.raises(ConfigError):
+        Limits(**kwargs)
+
+
+def test_a_full_page_of_the_longest_names_fits_one_frame():
+    state = ChatState()
+    for i in range(Limits.MAX_LIST_NAMES + 1):
+        state.apply(sm.cmd_create(f"{i:04d}" + "😀" * 28))
+    host = Host(state, Limits(max_list_names=Limits.MAX_LIST_NAMES))
+    a = host.open(1)
+    host.send(a, "4|" + "*" * 270)
+    (frame,) = host.take(a)
+    assert frame[2].count("\n- ") == Limits.MAX_LIST_NAMES and frame[2].endswith(" for the next page.\n")

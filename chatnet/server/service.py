@@ -92,7 +92,7 @@ def _list_cursor(pattern: str) -> tuple[str, int]:
     account created 17th.  Anything else is a plain pattern, as in the seed (a pattern with a
     ``|`` matches no valid name, so ``4||``, our client's probe, still lists nothing)."""
     head, sep, tail = pattern.rpartition("|")
-    after = parse_number(tail) if sep and "|" not in head else None
+    after = parse_number(tail.strip()) if sep and "|" not in head else None
     if after is None:
         return pattern, 0
     return head.strip() or "*", after
