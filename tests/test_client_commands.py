@@ -95,11 +95,15 @@ def typed(text, **kwargs):
 def test_editor_moves_inserts_and_deletes():
     e = typed("helo wrld")
     e.home()
-    e.right(); e.right(); e.right()
+    e.right()
+    e.right()
+    e.right()
     e.insert("l")
     assert (e.text, e.cursor) == ("hello wrld", 4)
     e.end()
-    e.left(); e.left(); e.left()
+    e.left()
+    e.left()
+    e.left()
     e.insert("o")
     assert e.text == "hello world"
     e.backspace()
@@ -113,7 +117,8 @@ def test_editor_moves_inserts_and_deletes():
     e.kill_to_start()
     assert (e.text, e.cursor) == (" ", 0)
     e.backspace()                       # nothing before the cursor: nothing happens
-    e.end(); e.delete()
+    e.end()
+    e.delete()
     assert e.text == " "
 
 
@@ -126,7 +131,8 @@ def test_editor_history_keeps_the_draft():
     e.insert("draft")
     e.history_prev()
     assert e.text == "second"
-    e.history_prev(); e.history_prev()
+    e.history_prev()
+    e.history_prev()
     assert e.text == "first"
     e.history_next()
     assert e.text == "second"

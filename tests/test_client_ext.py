@@ -4,12 +4,12 @@ failover"), without sockets: negotiation, tokens, resume, sequence numbers, acks
 import random
 
 import pytest
+from test_client_session import Harness, cmd, err, note, ok
 
 from chatnet.client import commands as c
 from chatnet.client import session as s
 from chatnet.client.present import Presenter
 from chatnet.protocol.codec import encode_frame
-from test_client_session import Harness, cmd, err, note, ok
 
 S1, S2, S3 = s.DEFAULT_SERVERS
 INVALID = "Invalid operation. Please input your request as [operation]|[params]."

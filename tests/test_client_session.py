@@ -169,7 +169,7 @@ def test_a_connection_that_stays_open_counts_as_good_without_any_frame():
     h.advance(2.5)
     h.session.connection_lost(h.t, "reset")
     assert h.take() == [s.Connect(S2)]
-    assert h.session._failures == 0
+    assert h.session._chooser.failures == 0
 
 
 def test_connect_timeout_moves_on():
