@@ -31,7 +31,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import Loop, LoginError, ServerProcess, login_many  # noqa: E402
+from common import LoginError, Loop, login_many  # noqa: E402
 
 TARGET_CONNECTIONS = 10_000
 TARGET_RSS_MIB = 300
@@ -168,7 +168,7 @@ def _verify(loop, conns, names, pairs: int, timeout) -> dict:
     return {"pairs": len(expect), "ok": ok, "problems": problems[:3], "seconds": round(time.monotonic() - t0, 3)}
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-n", "--connections", type=int, default=TARGET_CONNECTIONS, help="connections to hold (default 10000)")
     ap.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")
@@ -182,101 +182,136 @@ def main(argv=None) -> int:
     ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
-    n, procs_n = args.connections, max(1, min(args.procs, args.connections))
-    if n < 2:
+    if args.connections < 2:
         ap.error("-n must be >= 2")
+    args.procs = max(1, min(args.procs, args.connections))
+    return args
+
+
+def start_workers(args, addr) -> tuple[list, list]:
+    """Fork the load-generator processes, each opening its share of the connections."""
+    n, procs_n = args.connections, args.procs
     shares = [n // procs_n + (1 if w < n % procs_n else 0) for w in range(procs_n)]
     opts = {"concurrency": args.concurrency, "relogin": args.relogin, "timeout": args.timeout, "quiet": args.quiet}
     ctx = multiprocessing.get_context("fork")
     workers, pipes = [], []
-    server = ServerProcess(rev=args.rev, root=args.server_root)
-    info = {}
+    for w in range(procs_n):
+        parent, child = ctx.Pipe()
+        p = ctx.Process(target=worker, args=(w, child, addr, shares[w], opts), daemon=True)
+        p.start()
+        workers.append(p)
+        pipes.append(parent)
+    return workers, pipes
+
+
+def measure_setup(args, pid: int, workers, pipes, info: dict, t0: float) -> None:
+    """Wait until every connection is logged in: time taken since ``t0`` (just before the
+    load generators started) and CPU used meanwhile."""
+    meter = common.CpuMeter(pid, [p.pid for p in workers])
+    cpu_a = meter.sample()
+    ready = []
+    for pipe in pipes:
+        if not pipe.poll(args.timeout * 2 + 30):
+            raise RuntimeError("a worker did not finish logging in")
+        msg = pipe.recv()
+        if msg[0] != "ready":
+            raise RuntimeError(msg[1])
+        ready.append(msg[1])
+    info["cpu_pct"] = common.CpuMeter.percent(cpu_a, meter.sample())
+    info["setup_s"] = round(time.monotonic() - t0, 2)
+    info["create_s"] = round(max(r["create_s"] for r in ready), 2)
+    info["login_s"] = round(max(r["login_s"] for r in ready), 2)
+
+
+def measure_held(args, pid: int, pipes, info: dict) -> None:
+    """With every connection held: memory, fds, the probe of each and the chat check."""
+    time.sleep(args.hold)  # a fixed hold is the point: memory after the connections settle
+    info["rss_held_kib"] = common.rss_kib(pid)
+    info["tcp_kib"] = tcp_kernel_mem_kib()
+    info["server_fds"] = len(os.listdir(f"/proc/{pid}/fd"))
+    for pipe in pipes:
+        pipe.send(("ping",))
+    pings = [pipe.recv() for pipe in pipes]
+    pipes[0].send(("verify", args.verify))
+    verify = pipes[0].recv()
+    if verify[0] != "verify" or any(p[0] != "ping" for p in pings):
+        raise RuntimeError(f"worker error: {verify} {pings}")
+    info["rss_after_kib"] = common.rss_kib(pid)
+    info["rss_peak_kib"] = common.peak_rss_kib(pid)
+    info["pings"] = [p[1] for p in pings]
+    info["verify"] = verify[1]
+    info["lost"] = max(v[2] for v in pings + [verify])
+    for pipe in pipes:
+        pipe.send(("stop",))
+
+
+def run(args) -> dict:
+    """Start the server and the load generators, hold the connections and measure; stop
+    everything by PID whatever happens."""
+    target = common.Target(rev=args.rev, root=args.server_root)
+    workers, pipes = [], []
+    info = {"label": target.label}
     try:
         with common.sigterm_as_exit():
-            server.start()
-            print(f"server pid {server.pid} on {server.addr[0]}:{server.port}, code {server.label}", file=sys.stderr, flush=True)
-            time.sleep(0.5)
-            info["rss_base_kib"] = common.rss_kib(server.pid)
+            target.start()
+            print(f"server pid {target.pid} on {target.addr[0]}:{target.addr[1]}, code {target.label}",
+                  file=sys.stderr, flush=True)
+            time.sleep(0.5)  # let the fresh server settle before its baseline RSS
+            info["rss_base_kib"] = common.rss_kib(target.pid)
             t0 = time.monotonic()
-            for w in range(procs_n):
-                parent, child = ctx.Pipe()
-                p = ctx.Process(target=worker, args=(w, child, server.addr, shares[w], opts), daemon=True)
-                p.start()
-                workers.append(p)
-                pipes.append(parent)
-            meter = common.CpuMeter(server.pid, [p.pid for p in workers])
-            cpu_a = meter.sample()
-            ready = []
-            for pipe in pipes:
-                if not pipe.poll(args.timeout * 2 + 30):
-                    raise RuntimeError("a worker did not finish logging in")
-                msg = pipe.recv()
-                if msg[0] != "ready":
-                    raise RuntimeError(msg[1])
-                ready.append(msg[1])
-            info["cpu_pct"] = common.CpuMeter.percent(cpu_a, meter.sample())
-            info["setup_s"] = round(time.monotonic() - t0, 2)
-            info["create_s"] = round(max(r["create_s"] for r in ready), 2)
-            info["login_s"] = round(max(r["login_s"] for r in ready), 2)
-            time.sleep(args.hold)
-            info["rss_held_kib"] = common.rss_kib(server.pid)
-            tcp1 = tcp_kernel_mem_kib()
-            info["server_fds"] = len(os.listdir(f"/proc/{server.pid}/fd"))
-            for pipe in pipes:
-                pipe.send(("ping",))
-            pings = [pipe.recv() for pipe in pipes]
-            pipes[0].send(("verify", args.verify))
-            verify = pipes[0].recv()
-            if verify[0] != "verify" or any(p[0] != "ping" for p in pings):
-                raise RuntimeError(f"worker error: {verify} {pings}")
-            info["rss_after_kib"] = common.rss_kib(server.pid)
-            info["rss_peak_kib"] = common.peak_rss_kib(server.pid)
-            lost = max(v[2] for v in pings + [verify])
-            for pipe in pipes:
-                pipe.send(("stop",))
-    except LoginError as exc:
-        print(f"login failed: {exc}", file=sys.stderr)
-        return 1
+            workers, pipes = start_workers(args, target.addr)
+            measure_setup(args, target.pid, workers, pipes, info, t0)
+            measure_held(args, target.pid, pipes, info)
     finally:
-        common.tear_down(pipes, workers, server)
+        common.tear_down(pipes, workers, target)
+    return info
 
-    ping_ok = sum(p[1]["ok"] for p in pings)
-    ping_bad = sum(p[1]["bad"] for p in pings)
-    v = verify[1]
+
+def summarize(args, info: dict) -> dict:
+    """The run's figures and the target judged (10,000 connections under 300 MB RSS)."""
+    n = args.connections
+    ping_ok = sum(p["ok"] for p in info["pings"])
     held_mib = info["rss_held_kib"] / 1024
-    per_conn = (info["rss_held_kib"] - info["rss_base_kib"]) * 1024 / n
+    tcp = info["tcp_kib"]
     summary = {
-        "bench": "connections",
-        "connections": n,
+        "bench": "connections", "connections": n,
         "mode": "create+exit, then login (op 2)" if args.relogin else "create (op 1, logs in)",
-        "loadgen_procs": procs_n,
-        "setup_s": info["setup_s"],
+        "loadgen_procs": args.procs, "setup_s": info["setup_s"],
         "logins_per_s": round(n / info["login_s"], 1) if info["login_s"] else None,
-        "server_fds": info["server_fds"],
-        "setup_cpu_pct": info["cpu_pct"],
+        "server_fds": info["server_fds"], "setup_cpu_pct": info["cpu_pct"],
         "rss_base_mib": round(info["rss_base_kib"] / 1024, 1),
         "rss_held_mib": round(held_mib, 1),
         "rss_after_checks_mib": round(info["rss_after_kib"] / 1024, 1),
         "rss_peak_mib": round(info["rss_peak_kib"] / 1024, 1),
-        "bytes_per_connection": round(per_conn),
-        "kernel_tcp_mem_mib": round(tcp1 / 1024, 1) if tcp1 is not None else None,
-        "alive_and_answering": ping_ok,
-        "bad_answers": ping_bad,
-        "probe_s": max(p[1]["seconds"] for p in pings),
-        "verify": v,
-        "lost_connections": lost,
-        "server_code": server.label,
-        "machine": common.machine_facts(),
+        "bytes_per_connection": round((info["rss_held_kib"] - info["rss_base_kib"]) * 1024 / n),
+        "kernel_tcp_mem_mib": round(tcp / 1024, 1) if tcp is not None else None,
+        "alive_and_answering": ping_ok, "bad_answers": sum(p["bad"] for p in info["pings"]),
+        "probe_s": max(p["seconds"] for p in info["pings"]),
+        "verify": info["verify"], "lost_connections": info["lost"],
+        "server_code": info["label"], "machine": common.machine_facts(),
     }
-    met = ping_ok == n and n >= TARGET_CONNECTIONS and held_mib < TARGET_RSS_MIB and summary["rss_peak_mib"] < TARGET_RSS_MIB
+    met = (ping_ok == n and n >= TARGET_CONNECTIONS and held_mib < TARGET_RSS_MIB
+           and summary["rss_peak_mib"] < TARGET_RSS_MIB)
     summary["target"] = {
         "connections": TARGET_CONNECTIONS, "rss_mib_below": TARGET_RSS_MIB,
         "status": "met" if met else ("MISSED" if n >= TARGET_CONNECTIONS else f"not tested (only {n:,} connections)"),
     }
+    return summary
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        info = run(args)
+    except LoginError as exc:
+        print(f"login failed: {exc}", file=sys.stderr)
+        return 1
+    summary = summarize(args, info)
     print_table(summary)
     if args.json:
         print(json.dumps(summary, separators=(",", ":")))
-    ok = ping_ok == n and v["ok"] == v["pairs"] and not lost
+    v = summary["verify"]
+    ok = summary["alive_and_answering"] == args.connections and v["ok"] == v["pairs"] and not summary["lost_connections"]
     return 0 if ok else 1
 
 

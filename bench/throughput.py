@@ -35,7 +35,7 @@ from collections import deque
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
-from common import Loop, ServerProcess, login_many, now_ns  # noqa: E402
+from common import Loop, login_many, now_ns  # noqa: E402
 
 TARGET_CHATS_PER_S = 20_000
 TARGET_RATE = 2_000
@@ -202,7 +202,7 @@ def _worker(wid, pipe, addr, pairs, opts) -> None:
     loop.close()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=10.0, help="measured window in seconds (default 10)")
     ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window (default 1)")
@@ -223,112 +223,137 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.senders < 1 or args.procs < 1 or args.window < 1 or args.duration <= 0:
         ap.error("--senders, --procs, --window must be >= 1 and --duration > 0")
-    procs_n = min(args.procs, args.senders)
+    args.procs = min(args.procs, args.senders)
+    return args
+
+
+def start_workers(args, addr) -> tuple[list, list]:
+    """Fork the load-generator processes (pairs dealt round-robin); wait until each has logged
+    its connections in."""
     opts = {"rate": args.rate, "window": args.window, "size": args.size, "total_senders": args.senders}
     ctx = multiprocessing.get_context("fork")
     workers, pipes = [], []
+    for w in range(args.procs):
+        parent, child = ctx.Pipe()
+        pairs = [g for g in range(args.senders) if g % args.procs == w]
+        p = ctx.Process(target=worker, args=(w, child, addr, pairs, opts), daemon=True)
+        p.start()
+        workers.append(p)
+        pipes.append(parent)
+    return workers, pipes
+
+
+def expect(pipe, kind: str, timeout: float, what: str):
+    """The next message of a worker, which must be of ``kind`` (a worker's error is raised)."""
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"a worker did not {what} within {timeout:g} s")
+    msg = pipe.recv()
+    if msg[0] != kind:
+        raise RuntimeError(msg[1])
+    return msg[1]
+
+
+def measure_window(args, target, workers, pipes) -> dict:
+    """Start every worker at one instant; sample CPU at the window's edges and the primary's
+    memory idle, loaded and at its peak; collect the workers' results."""
+    for pipe in pipes:
+        expect(pipe, "ready", 90, "log in")
+    m = {"rss_idle": common.rss_kib(target.pid)}
+    t0 = now_ns() + 200_000_000
+    m_start = t0 + int(args.warmup * 1e9)
+    m_end = m_start + int(args.duration * 1e9)
+    for pipe in pipes:
+        pipe.send(("go", t0, m_start, m_end, args.drain))
+    # "server" CPU is the primary's; in a cluster the backups' CPU is counted apart.
+    meter = common.CpuMeter(target.pid, [p.pid for p in workers], target.backup_pids())
+    time.sleep(max(0.0, (m_start - now_ns()) / 1e9))
+    m["cpu_a"] = meter.sample()
+    time.sleep(max(0.0, (m_end - now_ns()) / 1e9))
+    m["cpu_b"] = meter.sample()
+    m["rss_loaded"] = common.rss_kib(target.pid)
+    m["results"] = [expect(pipe, "result", args.drain + 60, "report") for pipe in pipes]
+    m["rss_peak"] = common.peak_rss_kib(target.pid)
+    return m
+
+
+def run(args) -> tuple[dict, str]:
+    """Start the server (or cluster) and the load generators, measure one window, stop
+    everything by PID whatever happens; the measurements and the code label."""
     extra = ["--naive"] if args.naive else []
-    if args.replicas > 1:
-        server = common.ClusterProcess(args.replicas, rev=args.rev, root=args.server_root, extra_args=extra)
-    else:
-        server = ServerProcess(profile=args.profile, rev=args.rev, root=args.server_root, extra_args=extra)
+    target = common.Target(args.replicas, rev=args.rev, root=args.server_root, extra_args=extra,
+                           profile=args.profile if args.replicas == 1 else None)
+    workers, pipes = [], []
     try:
         with common.sigterm_as_exit():
-            server.start()
-            print(f"server pid {server.pid} on {server.addr[0]}:{server.port}, code {server.label}", file=sys.stderr, flush=True)
-            for w in range(procs_n):
-                parent, child = ctx.Pipe()
-                pairs = [g for g in range(args.senders) if g % procs_n == w]
-                p = ctx.Process(target=worker, args=(w, child, server.addr, pairs, opts), daemon=True)
-                p.start()
-                workers.append(p)
-                pipes.append(parent)
-            for pipe in pipes:
-                if not pipe.poll(90):
-                    raise RuntimeError("a worker did not log in within 90 s")
-                msg = pipe.recv()
-                if msg[0] != "ready":
-                    raise RuntimeError(msg[1])
-            rss_idle = common.rss_kib(server.pid)
-            t0 = now_ns() + 200_000_000
-            m_start = t0 + int(args.warmup * 1e9)
-            m_end = m_start + int(args.duration * 1e9)
-            for pipe in pipes:
-                pipe.send(("go", t0, m_start, m_end, args.drain))
-            # "server" CPU is the primary's; in a cluster the backups' CPU is counted apart.
-            backups = [r.pid for r in server.replicas if r.pid != server.pid] if args.replicas > 1 else []
-            meter = common.CpuMeter(server.pid, [p.pid for p in workers], backups)
-            time.sleep(max(0.0, (m_start - now_ns()) / 1e9))
-            cpu_a = meter.sample()
-            time.sleep(max(0.0, (m_end - now_ns()) / 1e9))
-            cpu_b = meter.sample()
-            rss_loaded = common.rss_kib(server.pid)
-            results = []
-            for pipe in pipes:
-                if not pipe.poll(args.drain + 60):
-                    raise RuntimeError("a worker did not report")
-                msg = pipe.recv()
-                if msg[0] != "result":
-                    raise RuntimeError(msg[1])
-                results.append(msg[1])
-            server_peak = common.peak_rss_kib(server.pid)
+            target.start()
+            print(f"server pid {target.pid} on {target.addr[0]}:{target.addr[1]}, code {target.label}",
+                  file=sys.stderr, flush=True)
+            workers, pipes = start_workers(args, target.addr)
+            return measure_window(args, target, workers, pipes), target.label
     except Exception:
-        if server.proc is not None:
-            print(f"server log tail:\n{server.log_tail()}", file=sys.stderr)
+        if target.primary is not None:
+            print(f"server log tail:\n{target.log_tail()}", file=sys.stderr)
         raise
     finally:
-        common.tear_down(pipes, workers, server)
+        common.tear_down(pipes, workers, target)
 
-    window_s = args.duration
+
+def summarize(args, m: dict, label: str) -> dict:
+    """The run's figures: rates in the window, latency percentiles, CPU, memory, integrity,
+    and the targets judged."""
+    results, cpu_a, cpu_b = m["results"], m["cpu_a"], m["cpu_b"]
     total = {key: sum(r[key] for r in results) for key in (
         "acks_in_window", "delivered_in_window", "sent", "acked", "errors", "received", "missing",
         "unanswered", "disorder", "lost_connections")}
-    ack = common.summarize_us([x for r in results for x in r["ack_us"]])
-    deliv = common.summarize_us([x for r in results for x in r["deliv_us"]])
-    lag = common.summarize_us([x for r in results for x in r["lag_us"]]) if args.rate else None
+    delivered = total["delivered_in_window"]
     summary = {
-        "bench": "throughput",
-        "mode": "open" if args.rate else "closed",
-        "rate_offered": args.rate,
-        "senders": args.senders,
-        "window": args.window if not args.rate else None,
-        "text_bytes": args.size,
-        "duration_s": args.duration,
-        "loadgen_procs": procs_n,
-        "replicas": args.replicas,
-        "naive": args.naive,
-        "delivered_per_s": round(total["delivered_in_window"] / window_s, 1),
-        "acks_per_s": round(total["acks_in_window"] / window_s, 1),
-        "ack_ms": ack,
-        "delivery_ms": deliv,
-        "send_lag_ms": lag,
+        "bench": "throughput", "mode": "open" if args.rate else "closed", "rate_offered": args.rate,
+        "senders": args.senders, "window": args.window if not args.rate else None, "text_bytes": args.size,
+        "duration_s": args.duration, "loadgen_procs": args.procs, "replicas": args.replicas, "naive": args.naive,
+        "delivered_per_s": round(delivered / args.duration, 1),
+        "acks_per_s": round(total["acks_in_window"] / args.duration, 1),
+        "ack_ms": common.summarize_us([x for r in results for x in r["ack_us"]]),
+        "delivery_ms": common.summarize_us([x for r in results for x in r["deliv_us"]]),
+        "send_lag_ms": common.summarize_us([x for r in results for x in r["lag_us"]]) if args.rate else None,
         "cpu_pct": common.CpuMeter.percent(cpu_a, cpu_b),
-        "server_cpu_us_per_chat": round((cpu_b[1] - cpu_a[1]) * 1e6 / total["delivered_in_window"], 1)
-        if total["delivered_in_window"] else None,
-        "server_rss_mib": round(rss_loaded / 1024, 1),
-        "server_peak_rss_mib": round(server_peak / 1024, 1),
-        "server_rss_idle_mib": round(rss_idle / 1024, 1),
+        "server_cpu_us_per_chat": round((cpu_b[1] - cpu_a[1]) * 1e6 / delivered, 1) if delivered else None,
+        "server_rss_mib": round(m["rss_loaded"] / 1024, 1),
+        "server_peak_rss_mib": round(m["rss_peak"] / 1024, 1),
+        "server_rss_idle_mib": round(m["rss_idle"] / 1024, 1),
         "integrity": {k: total[k] for k in ("sent", "acked", "errors", "received", "missing", "unanswered",
                                              "disorder", "lost_connections")},
-        "server_code": server.label,
+        "server_code": label,
         "machine": common.machine_facts(),
     }
+    summary.update(judge(args, summary))
+    return summary
+
+
+def judge(args, summary: dict) -> dict:
+    """The target this mode is judged against: p99 ack at 2,000/s (open) or chats/s (closed)."""
     if args.rate:
-        met = ack["p99"] is not None and ack["p99"] <= TARGET_P99_ACK_MS
-        summary["target_p99_ack"] = {
-            "target_ms": TARGET_P99_ACK_MS, "at_rate": args.rate, "measured_ms": ack["p99"],
-            "status": ("met" if met else "MISSED") if args.rate == TARGET_RATE else ("met" if met else "missed") + f" (at {args.rate:g}/s, target is at {TARGET_RATE}/s)",
-        }
-    else:
-        met = summary["delivered_per_s"] >= TARGET_CHATS_PER_S
-        summary["target_throughput"] = {
-            "target_per_s": TARGET_CHATS_PER_S, "measured_per_s": summary["delivered_per_s"],
-            "status": "met" if met else "MISSED",
-        }
+        p99 = summary["ack_ms"]["p99"]
+        met = p99 is not None and p99 <= TARGET_P99_ACK_MS
+        if args.rate == TARGET_RATE:
+            status = "met" if met else "MISSED"
+        else:
+            status = ("met" if met else "missed") + f" (at {args.rate:g}/s, target is at {TARGET_RATE}/s)"
+        return {"target_p99_ack": {"target_ms": TARGET_P99_ACK_MS, "at_rate": args.rate, "measured_ms": p99,
+                                   "status": status}}
+    met = summary["delivered_per_s"] >= TARGET_CHATS_PER_S
+    return {"target_throughput": {"target_per_s": TARGET_CHATS_PER_S, "measured_per_s": summary["delivered_per_s"],
+                                  "status": "met" if met else "MISSED"}}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    measured, label = run(args)
+    summary = summarize(args, measured, label)
     print_table(summary)
     if args.json:
         print(json.dumps(summary, separators=(",", ":")))
-    bad = total["missing"] or total["errors"] or total["disorder"] or total["lost_connections"]
+    i = summary["integrity"]
+    bad = i["missing"] or i["errors"] or i["disorder"] or i["lost_connections"]
     return 1 if bad else 0
 
 

@@ -1,6 +1,6 @@
 import pytest
 
-from support import ServerProcess
+from chatnet.testing import ServerProcess
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pexpect
 import pyte
 import pytest
 
-from support import CHATCLIENT, ROOT, wait_until
+from chatnet.testing import CHATCLIENT, ROOT, WaitTimeout, wait_until
 
 KEY_LEFT, KEY_RIGHT, KEY_UP, KEY_DOWN = "\x1bOD", "\x1bOC", "\x1bOA", "\x1bOB"   # xterm, keypad mode
 KEY_HOME, KEY_END, KEY_DELETE = "\x1bOH", "\x1bOF", "\x1b[3~"
@@ -84,7 +84,7 @@ class Term:
             return predicate()
         try:
             return wait_until(check, timeout=timeout, interval=0, what=what)
-        except AssertionError as exc:
+        except WaitTimeout as exc:
             raise AssertionError(f"{exc}\n--- screen ---\n{self.text()}") from None
 
     def wait_text(self, fragment, timeout=10.0):
@@ -283,7 +283,7 @@ def test_plain_mode_through_a_pipe(server):
 
 
 def test_plain_mode_gives_up_at_eof_when_no_server_answers(tmp_path):
-    from support import free_port
+    from chatnet.testing import free_port
     port = free_port()
     result = subprocess.run(
         [sys.executable, CHATCLIENT, "--servers", f"127.0.0.1:{port}", "--eof-timeout", "0.5",
@@ -323,7 +323,7 @@ def test_server_killed_and_restarted_clients_reconnect_and_chat_goes_on(servers,
 
 
 def test_primary_killed_clients_follow_the_new_primary(tmp_path, term):
-    from cluster_support import Cluster
+    from chatnet.testing import Cluster
 
     cluster = Cluster(str(tmp_path / "cluster"))
     try:

@@ -11,9 +11,9 @@ import socket
 import time
 
 import pytest
+from cluster_support import Load, assert_nothing_lost, drain_mailbox
 
-from cluster_support import Cluster, FailoverClient, Load, assert_nothing_lost, drain_mailbox
-from support import RawClient, wait_until
+from chatnet.testing import Cluster, FailoverClient, RawClient, wait_until
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -183,7 +183,7 @@ def test_status_command_reports_every_replica(cluster):
     import subprocess
     import sys
 
-    from support import CHATSERVER
+    from chatnet.testing import CHATSERVER
 
     c = cluster().start()
     c.wait_primary()

@@ -67,22 +67,22 @@ class ServerProcess:
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="chatnet-server-")
         os.makedirs(self.data_dir, exist_ok=True)
         self.log_path = os.path.join(self.data_dir, f"server-{self.port}.log")
-        self.args = list(args)
-        self.cmd = self._command(peers, root, profile, log_level)
+        self.args = list(args)  # read at each start: a test may change a flag between runs
+        self.peers, self.root, self.profile, self.log_level = peers, root, profile, log_level
         self.proc: subprocess.Popen | None = None
         self._log = None
 
-    def _command(self, peers, root, profile, log_level) -> list[str]:
-        base = server_command(root)
-        if profile:
-            base = [base[0], "-m", "cProfile", "-o", os.path.abspath(profile), *base[1:]]
+    def command(self) -> list[str]:
+        """The server's command line, as :meth:`start` runs it."""
+        base = server_command(self.root)
+        if self.profile:
+            base = [base[0], "-m", "cProfile", "-o", os.path.abspath(self.profile), *base[1:]]
         cmd = [*base, "--host", self.host, "--port", str(self.port), "--data-dir", self.data_dir]
-        if peers is None:
-            peers = f"{self.host}:{self.port}"
+        peers = f"{self.host}:{self.port}" if self.peers is None else self.peers
         if peers:  # "" = no --peers flag at all (a pre-replication server of an old revision)
             cmd += ["--peers", peers]
-        if log_level:
-            cmd += ["--log-level", log_level]
+        if self.log_level:
+            cmd += ["--log-level", self.log_level]
         return cmd + self.args
 
     @property
@@ -105,7 +105,7 @@ class ServerProcess:
         os.makedirs(self.data_dir, exist_ok=True)
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *self.cmd],
+            [sys.executable, "-c", _LAUNCHER, str(os.getpid()), *self.command()],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
             cwd=self.data_dir, start_new_session=True)
         if wait:
