@@ -3,9 +3,14 @@
 * :mod:`.commands` turns what the user types (the seed's ``send|bob|hi`` syntax) into a
   :class:`Command`, a :class:`Refusal` or :class:`Help`, checked before sending.
 * :mod:`.session` decides everything about connections — which server, when to retry, how to
-  follow a backup's redirect, who to log in again as, what is queued — with no I/O at all.
+  follow a backup's redirect, who to log in again as, what is queued — with no I/O at all.  It
+  coordinates small pieces, one rule each: :mod:`.servers` (server choice, :class:`Backoff`),
+  :mod:`.identity` (who we are, resume state, the handshake of each connection), :mod:`.outbox`
+  (queued and in-flight commands, request ids), :mod:`.acks` (exactly-once chat),
+  :mod:`.listing` (list answers over several frames); :mod:`.events` holds what it emits.
 * :mod:`.driver` executes the session's decisions on a non-blocking socket (selectors).
-* :mod:`.present` turns session events into display lines for the curses and plain UIs.
+* :mod:`.present` turns session events into display lines for the curses and plain UIs
+  (:mod:`.tui`, :mod:`.plain`; :mod:`.cli` is the ``chatclient`` command).
 
 Typical use::
 
@@ -18,16 +23,9 @@ Typical use::
 
 from .commands import HELP_TEXT, Command, Help, Refusal, parse_command, request_length
 from .driver import SocketDriver
-from .session import (
-    DEFAULT_SERVERS,
-    Backoff,
-    ClientSession,
-    Pending,
-    Server,
-    State,
-    parse_server,
-    parse_servers,
-)
+from .outbox import Pending
+from .servers import DEFAULT_SERVERS, Backoff, Server, parse_server, parse_servers
+from .session import ClientSession, State
 
 __all__ = [
     "HELP_TEXT", "Command", "Help", "Refusal", "parse_command", "request_length",

@@ -21,7 +21,9 @@ import socket
 import time
 from typing import Callable
 
-from .session import ClientSession, Connect, Disconnect, Send, Server
+from .events import Connect, Disconnect, Send
+from .servers import Server
+from .session import ClientSession
 
 __all__ = ["SocketDriver"]
 

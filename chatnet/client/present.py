@@ -21,8 +21,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import session as s
+from . import events as ev
 from .commands import OP_EXIT, OP_LIST, OP_SEND, Command
+from .identity import ALREADY_CONNECTED_TEXT, retried_create_taken
+from .outbox import Pending
 
 __all__ = ["DisplayLine", "Presenter", "own_line", "format_list_answer"]
 
@@ -50,7 +52,7 @@ def format_list_answer(message: str, pattern: str | None) -> str:
     return f"{len(names)} account{'s' if len(names) != 1 else ''}{where}: {', '.join(names)}"
 
 
-def _quote(pending: s.Pending) -> str:
+def _quote(pending: Pending) -> str:
     return f'"{pending.command}"'
 
 
@@ -68,33 +70,33 @@ class Presenter:
         return method(event) if method else []
 
     # connection life cycle -----------------------------------------------------------------
-    def _Connecting(self, e: s.Connecting) -> list[DisplayLine]:
+    def _Connecting(self, e: ev.Connecting) -> list[DisplayLine]:
         first, self._started = not self._started, True
         if first or self.verbose:
             return [DisplayLine("info", f"connecting to {e.server}")]
         return []
 
-    def _Connected(self, e: s.Connected) -> list[DisplayLine]:
+    def _Connected(self, e: ev.Connected) -> list[DisplayLine]:
         if self.verbose:
             return [DisplayLine("info", f"connected to {e.server}, waiting for its answer")]
         return []
 
-    def _PrimaryConfirmed(self, e: s.PrimaryConfirmed) -> list[DisplayLine]:
+    def _PrimaryConfirmed(self, e: ev.PrimaryConfirmed) -> list[DisplayLine]:
         self._outage = self._told_down = self._told_redirect = False
         return [DisplayLine("info", f"connected to {e.server}")]
 
-    def _ConnectFailed(self, e: s.ConnectFailed) -> list[DisplayLine]:
+    def _ConnectFailed(self, e: ev.ConnectFailed) -> list[DisplayLine]:
         self._last_error = e.reason
         self._outage = True
         if self.verbose:
             return [DisplayLine("info", f"cannot connect to {e.server}: {e.reason}")]
         return []
 
-    def _ConnectionLost(self, e: s.ConnectionLost) -> list[DisplayLine]:
+    def _ConnectionLost(self, e: ev.ConnectionLost) -> list[DisplayLine]:
         self._outage = True
         return [DisplayLine("error", f"connection to {e.server} lost ({e.reason}); reconnecting")]
 
-    def _Redirected(self, e: s.Redirected) -> list[DisplayLine]:
+    def _Redirected(self, e: ev.Redirected) -> list[DisplayLine]:
         if self._told_redirect and not self.verbose:
             return []                # backups repeat themselves during an election
         self._told_redirect = True
@@ -104,12 +106,12 @@ class Presenter:
             text = f"{e.server} is a backup; the primary is at {e.primary}"
         return [DisplayLine("info", text)]
 
-    def _RetryScheduled(self, e: s.RetryScheduled) -> list[DisplayLine]:
+    def _RetryScheduled(self, e: ev.RetryScheduled) -> list[DisplayLine]:
         if self.verbose and e.delay > 0:
             return [DisplayLine("info", f"reconnecting to {e.server} in {e.delay:.1f} s")]
         return []
 
-    def _AllServersDown(self, e: s.AllServersDown) -> list[DisplayLine]:
+    def _AllServersDown(self, e: ev.AllServersDown) -> list[DisplayLine]:
         if self._told_down and not self.verbose:
             return []
         self._told_down = True
@@ -121,7 +123,7 @@ class Presenter:
         return [DisplayLine("error", text)]
 
     # identity ------------------------------------------------------------------------------
-    def _Reidentified(self, e: s.Reidentified) -> list[DisplayLine]:
+    def _Reidentified(self, e: ev.Reidentified) -> list[DisplayLine]:
         if e.resumed:
             return [DisplayLine("info", f"resumed as {e.user} on {e.server}")]
         if e.fresh:
@@ -129,47 +131,47 @@ class Presenter:
                                         "the session could not be resumed)")]
         return [DisplayLine("info", f"logged in again as {e.user} on {e.server}")]
 
-    def _CreateRecovered(self, e: s.CreateRecovered) -> list[DisplayLine]:
+    def _CreateRecovered(self, e: ev.CreateRecovered) -> list[DisplayLine]:
         return [DisplayLine("info", f"the account {e.user} exists already, most likely created by this "
                                     "client just before the connection broke; logging in as it")]
 
-    def _ResumeRefused(self, e: s.ResumeRefused) -> list[DisplayLine]:
+    def _ResumeRefused(self, e: ev.ResumeRefused) -> list[DisplayLine]:
         return [DisplayLine("error", f"could not resume the session as {e.user} ({e.reason}); "
                                      "logging in afresh, queued commands will follow")]
 
-    def _ReidentifyFailed(self, e: s.ReidentifyFailed) -> list[DisplayLine]:
+    def _ReidentifyFailed(self, e: ev.ReidentifyFailed) -> list[DisplayLine]:
         return [DisplayLine("error", f"could not log in again as {e.user}: {e.reason}")]
 
     # commands ------------------------------------------------------------------------------
-    def _CommandQueued(self, e: s.CommandQueued) -> list[DisplayLine]:
+    def _CommandQueued(self, e: ev.CommandQueued) -> list[DisplayLine]:
         if e.connected or not self._outage or e.pending.command.op == OP_EXIT:
             return []                           # it goes out in a moment: nothing to say
         return [DisplayLine("info", f"not connected: {_quote(e.pending)} will be sent once connected")]
 
-    def _CommandSent(self, e: s.CommandSent) -> list[DisplayLine]:
+    def _CommandSent(self, e: ev.CommandSent) -> list[DisplayLine]:
         if e.pending.attempts > 1:
             return [DisplayLine("info", f"sending {_quote(e.pending)} again")]
         return []
 
-    def _CommandRequeued(self, e: s.CommandRequeued) -> list[DisplayLine]:
+    def _CommandRequeued(self, e: ev.CommandRequeued) -> list[DisplayLine]:
         return [DisplayLine("info", f"no answer yet to {_quote(e.pending)}; it will be sent again after reconnecting")]
 
-    def _SessionClosed(self, e: s.SessionClosed) -> list[DisplayLine]:
+    def _SessionClosed(self, e: ev.SessionClosed) -> list[DisplayLine]:
         lines = [DisplayLine("error", f"not sent: {_quote(p)}") for p in e.unsent]
         lines += [DisplayLine("info", f"no answer received for {_quote(p)}") for p in e.unanswered]
         return lines
 
     # frames --------------------------------------------------------------------------------
-    def _FrameReceived(self, e: s.FrameReceived) -> list[DisplayLine]:
+    def _FrameReceived(self, e: ev.FrameReceived) -> list[DisplayLine]:
         if e.kind == "chat":
             return [DisplayLine("chat", e.text or "", e.sender)]
         pending = e.answer_to
-        if s.retried_create_taken(pending, e.frame):
+        if retried_create_taken(pending, e.frame):
             return []                               # CreateRecovered says it
         if pending is not None and pending.auto and e.kind != "note":
             if e.kind == "ok":
                 return []                       # Reidentified says it
-            if e.message == s.ALREADY_CONNECTED_TEXT:
+            if e.message == ALREADY_CONNECTED_TEXT:
                 return [DisplayLine("info", f"the server still sees our old connection as {pending.command.params[0]}; "
                                             "retrying the login")]
             return []                           # ReidentifyFailed says it
