@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import signal
-import socket
 import statistics
 import sys
 import threading
@@ -39,17 +37,17 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import common  # noqa: E402
-from chatnet.protocol.codec import NEED_DATA, ResponseDecoder  # noqa: E402
 from chatnet.server.cli import query_status  # noqa: E402
+from chatnet.testing import FailoverClient, NoPrimary, WaitTimeout, wait_until  # noqa: E402
 
-REDIRECT = re.compile(r"The primary is at ([^\s]+):(\d+)\.$")
 TARGET_MEDIAN_S, TARGET_WORST_S = 1.5, 3.0
 
 
 class Sender(threading.Thread):
     """Sends `3|sink|n` forever; records the monotonic time of every acknowledgement, and
     (first attempt, ack) for each chat: a chat whose connection failed is sent again, under
-    the same n, on the next connection."""
+    the same n, on the next connection (``chatnet.testing.FailoverClient`` reconnects the way a
+    seed-style client would: servers in order, following a backup's redirect note)."""
 
     def __init__(self, addresses, name: str = "sender", sink: str = "sink"):
         super().__init__(daemon=True)
@@ -58,88 +56,37 @@ class Sender(threading.Thread):
         self.acks: list[float] = []
         self.ack_conns: list[float] = []  # per ack: when its connection was logged in
         self.peer = None  # (host, port) of the replica that acknowledged the last send
-        self.connected_at = 0.0  # when the current connection was logged in
         self.points: list[tuple[float, float]] = []  # (first attempt, ack), monotonic seconds
         self.stop = threading.Event()
         self.lock = threading.Lock()
 
-    def _connect(self, name: str, create: bool):
-        target = None
-        while not self.stop.is_set():
-            for addr in ([target] if target else []) + self.addresses:
-                try:
-                    sock = socket.create_connection(addr, timeout=2)
-                    sock.settimeout(3)
-                    decoder = ResponseDecoder()
-                    sock.sendall(f"\n{1 if create else 2}|{name}\n".encode())
-                    frame = self._frame(sock, decoder)
-                except (OSError, EOFError):
-                    continue
-                match = REDIRECT.search(frame.message) if frame.status == 2 else None
-                if frame.status == 2:
-                    target = (match.group(1), int(match.group(2))) if match else None
-                    sock.close()
-                    continue
-                if frame.status == 1 and "taken" in frame.message:
-                    sock.close()
-                    create = False
-                    continue
-                if frame.status == 0:
-                    try:
-                        if frame.message.startswith("Logged in"):  # queued chat, then the note
-                            while self._frame(sock, decoder).indicator == 1:
-                                pass
-                        return sock, decoder
-                    except (OSError, EOFError):
-                        pass
-                sock.close()
-            time.sleep(0.01)
-        return None, None
-
-    @staticmethod
-    def _frame(sock, decoder):
-        while (event := decoder.next_event()) is NEED_DATA:
-            data = sock.recv(65536)
-            if not data:
-                raise EOFError
-            decoder.receive_data(data)
-        return event
-
     def run(self) -> None:
-        sink, _ = self._connect(self.sink, True)
-        if sink:
-            sink.sendall(b"6\n")
+        try:
+            sink = FailoverClient(self.addresses, self.sink, create=True)
+            sink.conn.send("6")
             sink.close()
-        sock, decoder, n = None, None, 0
-        first_try = None
+            client = FailoverClient(self.addresses, self.name_, create=True)
+        except NoPrimary:
+            return
+        n, first_try = 0, None
         while not self.stop.is_set():
-            if sock is None:
-                sock, decoder = self._connect(self.name_, True)
-                if sock is None:
-                    return
-                self.connected_at = time.monotonic()
+            if first_try is None:
+                first_try = time.monotonic()
             try:
-                if first_try is None:
-                    first_try = time.monotonic()
-                sock.sendall(f"3|{self.sink}|{n}\n".encode())
-                while True:
-                    frame = self._frame(sock, decoder)
-                    if frame.indicator == 0:
-                        break
-                if frame.status == 0:
-                    t = time.monotonic()
-                    self.peer = sock.getpeername()[:2]
-                    with self.lock:
-                        self.acks.append(t)
-                        self.ack_conns.append(self.connected_at)
-                        self.points.append((first_try, t))
-                    n += 1
-                    first_try = None
-                else:
-                    raise EOFError(frame.message)
-            except (OSError, EOFError):
-                sock.close()
-                sock = None
+                frame = client.request(f"3|{self.sink}|{n}")
+            except NoPrimary:
+                continue
+            if frame.status != 0:  # an error answer: send it again on a fresh connection
+                client.close()
+                continue
+            t = time.monotonic()
+            self.peer = client.connected_to
+            with self.lock:
+                self.acks.append(t)
+                self.ack_conns.append(client.connected_at)
+                self.points.append((first_try, t))
+            n += 1
+            first_try = None
 
     def first_ack_after(self, t: float, new_conn: bool = False) -> float | None:
         """First ack after ``t``; with ``new_conn`` only on a connection logged in after ``t``
@@ -165,155 +112,198 @@ class OtherCpu:
         return round(max(0.0, 100 * ((b[1] - a[1]) - (b[2] - a[2])) / wall), 1)
 
 
-def trials(args) -> int:
-    cluster = common.ClusterProcess(3, rev=args.rev)
-    times: list[float] = []
-    others: list[float] = []
-    sender = None
+def acking_primary(cluster, sender: Sender, timeout: float = 30.0) -> int:
+    """The replica acknowledging the sender's chats right now, once it reports itself serving
+    (the sender may still be on a replica that stepped down, or not yet acking)."""
+    by_port = {r.port: i for i, r in enumerate(cluster.replicas)}
+    start = time.monotonic()
+
+    def serving_acker():
+        peer = sender.peer
+        if sender.first_ack_after(start) is None or not peer or peer[1] not in by_port:
+            return None
+        st = query_status(common.HOST, peer[1], timeout=0.5)
+        return (by_port[peer[1]],) if st and st.get("serving") else None
+    try:
+        return wait_until(serving_acker, timeout, what="the sender's acks from a serving replica")[0]
+    except WaitTimeout:
+        raise RuntimeError(f"the sender's acks ({sender.peer}) do not come from a serving replica") from None
+
+
+def kill(cluster, i: int) -> tuple[float, OtherCpu, tuple]:
+    """SIGKILL replica ``i`` (reaped); the kill time and a CPU meter of the others started."""
+    victim = cluster.replicas[i]
+    meter = OtherCpu([r.pid for r in cluster.replicas if r is not victim and r.alive()])
+    cpu_a = meter.sample()
+    killed_at = time.monotonic()
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.proc.wait()
+    return killed_at, meter, cpu_a
+
+
+def first_ack_after_kill(senders, killed_at: float, every: bool = False, timeout: float = 30.0) -> float:
+    """The first ack on a connection made after the kill (by any sender, or once ``every``
+    sender has one: then the time that became true)."""
+    def acked():
+        acks = [s.first_ack_after(killed_at, new_conn=True) for s in senders]
+        if every:
+            return time.monotonic() if all(acks) else None
+        return min((a for a in acks if a), default=None)
+    what = "an acknowledgement from every sender" if every else "an acknowledgement"
+    try:
+        return wait_until(acked, timeout, what=f"{what} after the kill", interval=0.005)
+    except WaitTimeout as exc:
+        raise RuntimeError(str(exc)) from None
+
+
+def one_trial(cluster, sender: Sender, trial: int) -> tuple[float, float]:
+    """Kill the replica acknowledging the sender; seconds to the first ack on the new
+    primary and the other processes' CPU meanwhile; restart the victim."""
+    cluster.wait_in_sync(timeout=60)  # every replica (the last victim too) back in the view
+    primary = acking_primary(cluster, sender)
+    others_serving = [i for i in cluster.alive() if i != primary and (cluster.status(i, 0.5) or {}).get("serving")]
+    if others_serving:
+        print(f"note: replicas {others_serving} also report serving", flush=True)
+    killed_at, meter, cpu_a = kill(cluster, primary)
+    ack = first_ack_after_kill([sender], killed_at)
+    other = OtherCpu.percent(cpu_a, meter.sample())
+    print(f"trial {trial:2d}: killed replica {primary} (port {cluster.replicas[primary].port}); "
+          f"first ack after {(ack - killed_at) * 1000:.0f} ms; other processes {other:.0f} % of a core", flush=True)
+    cluster.restart(primary)  # same data dir: it recovers and rejoins
+    return ack - killed_at, other
+
+
+def run_trials(args) -> tuple[list[float], list[float], str]:
+    """``--trials`` kills under one sender; failover times, others' CPU, the code label."""
+    target = common.Target(3, rev=args.rev)
+    times, others, sender = [], [], None
     try:
         with common.sigterm_as_exit():
-            cluster.start()
-            sender = Sender([r.addr for r in cluster.replicas])
+            target.start()
+            sender = Sender([r.addr for r in target.cluster.replicas])
             sender.start()
             for trial in range(1, args.trials + 1):
-                # Kill the replica that is acknowledging the sender's chats right now (it must
-                # report itself serving); note when the status answers name another primary.
-                cluster.wait_primary(60)
-                start = time.monotonic()
-                while True:
-                    t = time.monotonic()
-                    by_port = {r.port: i for i, r in enumerate(cluster.replicas)}
-                    if sender.first_ack_after(start) is not None and sender.peer and sender.peer[1] in by_port:
-                        primary = by_port[sender.peer[1]]
-                        st = query_status(common.HOST, cluster.replicas[primary].port, timeout=0.5)
-                        if st and st.get("serving"):
-                            break
-                    if t - start > 30:
-                        raise RuntimeError(f"the sender's acks ({sender.peer}) do not come from a serving replica")
-                    time.sleep(0.01)
-                others_serving = [i for i, r in enumerate(cluster.replicas) if i != primary and r.alive()
-                                  and (query_status(common.HOST, r.port, timeout=0.5) or {}).get("serving")]
-                if others_serving:
-                    print(f"note: replicas {others_serving} also report serving", flush=True)
-                victim = cluster.replicas[primary]
-                meter = OtherCpu([r.pid for r in cluster.replicas if r is not victim and r.alive()])
-                cpu_a = meter.sample()
-                killed_at = time.monotonic()
-                os.kill(victim.pid, signal.SIGKILL)
-                victim.proc.wait()
-                while (ack := sender.first_ack_after(killed_at, new_conn=True)) is None:
-                    if time.monotonic() - killed_at > 30:
-                        raise RuntimeError("no acknowledgement within 30 s of the kill")
-                    time.sleep(0.005)
-                other = OtherCpu.percent(cpu_a, meter.sample())
-                times.append(ack - killed_at)
+                seconds, other = one_trial(target.cluster, sender, trial)
+                times.append(seconds)
                 others.append(other)
-                print(f"trial {trial:2d}: killed replica {primary} (port {victim.port}); "
-                      f"first ack after {times[-1] * 1000:.0f} ms; other processes {other:.0f} % of a core",
-                      flush=True)
-                victim.start()  # same data dir: it recovers and rejoins
     finally:
         if sender is not None:
             sender.stop.set()
-        cluster.stop()
-    times.sort()
+        target.stop()
+    return times, others, target.label
+
+
+def summarize_trials(times: list[float], others: list[float], label: str) -> dict:
+    times = sorted(times)
     median, worst = statistics.median(times), times[-1]
-    summary = {
+    return {
         "bench": "failover", "trials": len(times), "median_s": round(median, 3),
         "p90_s": round(times[int(0.9 * (len(times) - 1))], 3), "best_s": round(times[0], 3),
         "worst_s": round(worst, 3), "all_s": [round(t, 3) for t in times],
         "median_target": "met" if median <= TARGET_MEDIAN_S else "MISSED",
         "worst_target": "met" if worst <= TARGET_WORST_S else "MISSED",
         "other_cpu_pct": {"median": statistics.median(others), "max": max(others)},
-        "server_code": cluster.label,
+        "server_code": label,
         "machine": common.machine_facts(),
     }
-    print(f"code {cluster.label}")
-    print(f"failover over {len(times)} kills: median {median:.2f} s (target ≤ {TARGET_MEDIAN_S} s: "
-          f"{summary['median_target']}), p90 {summary['p90_s']:.2f} s, best {times[0]:.2f} s, "
-          f"worst {worst:.2f} s (target ≤ {TARGET_WORST_S} s: {summary['worst_target']}); "
-          f"other processes {statistics.median(others):.0f} % (median) / {max(others):.0f} % (max) of a core")
+
+
+def print_trials(s: dict) -> None:
+    cpu = s["other_cpu_pct"]
+    print(f"code {s['server_code']}")
+    print(f"failover over {s['trials']} kills: median {s['median_s']:.2f} s (target ≤ {TARGET_MEDIAN_S} s: "
+          f"{s['median_target']}), p90 {s['p90_s']:.2f} s, best {s['best_s']:.2f} s, "
+          f"worst {s['worst_s']:.2f} s (target ≤ {TARGET_WORST_S} s: {s['worst_target']}); "
+          f"other processes {cpu['median']:.0f} % (median) / {cpu['max']:.0f} % (max) of a core")
+
+
+def run_timeline(args) -> tuple[list[Sender], dict, str]:
+    """One kill of the primary under ``--senders`` concurrent senders: the senders (with every
+    ack), the moments marked (kill, first ack, all acking, restart, rejoined), the code label."""
+    target = common.Target(3, rev=args.rev)
+    senders: list[Sender] = []
+    marks = {}
+    try:
+        with common.sigterm_as_exit():
+            cluster = target.start().cluster
+            addrs = [r.addr for r in cluster.replicas]
+            senders = [Sender(addrs, name=f"sender{i}", sink=f"sink{i}") for i in range(args.senders)]
+            for s in senders:
+                s.start()
+            start = time.monotonic()
+            wait_until(lambda: all(s.first_ack_after(start) for s in senders), 30,
+                       what="an acknowledgement for every sender")
+            marks["t0"] = time.monotonic()
+            time.sleep(args.before)  # load before the kill, for the plot: a span, not a wait
+            marks["kill"], meter, cpu_a = kill(cluster, cluster.wait_primary(10))
+            marks["first_ack"] = first_ack_after_kill(senders, marks["kill"])
+            marks["all_acking"] = first_ack_after_kill(senders, marks["kill"], every=True)
+            marks["other_cpu"] = OtherCpu.percent(cpu_a, meter.sample())
+            time.sleep(args.restart_after)
+            marks["restart"] = time.monotonic()
+            cluster.restart(next(i for i, r in enumerate(cluster.replicas) if not r.alive()))
+            cluster.wait_in_sync(timeout=30)  # it recovered, caught up and rejoined
+            marks["rejoined"] = time.monotonic()
+            time.sleep(args.after)
+            marks["end"] = time.monotonic()
+    finally:
+        for s in senders:
+            s.stop.set()
+        target.stop()
+    return senders, marks, target.label
+
+
+def timeline_points(senders: list[Sender], marks: dict) -> list:
+    """(first attempt relative to the kill, ack latency ms, sender) of every ack in the span."""
+    kill, pts = marks["kill"], []
+    for i, s in enumerate(senders):
+        with s.lock:
+            pts += [(round(a - kill, 4), round((b - a) * 1000, 3), i) for a, b in s.points
+                    if marks["t0"] <= a <= marks["end"]]
+    return sorted(pts)
+
+
+def summarize_timeline(args, pts: list, marks: dict, label: str) -> dict:
+    kill = marks["kill"]
+    before = sorted(lat for t, lat, _ in pts if t < -0.1)
+    after = sorted(lat for t, lat, _ in pts if t > (marks["all_acking"] - kill) + 0.5)
+    return {
+        "bench": "failover-timeline", "senders": args.senders, "server_code": label,
+        "kill_to_first_ack_s": round(marks["first_ack"] - kill, 3),
+        "kill_to_all_senders_acking_s": round(marks["all_acking"] - kill, 3),
+        "restart_s": round(marks["restart"] - kill, 3), "rejoined_s": round(marks["rejoined"] - kill, 3),
+        "acks": len(pts), "max_latency_ms": max(p[1] for p in pts),
+        "before_p50_p99_ms": [common.percentile(before, 50), common.percentile(before, 99)] if before else [],
+        "after_p50_p99_ms": [common.percentile(after, 50), common.percentile(after, 99)] if after else [],
+        "sends_over_100ms": len([p for p in pts if p[1] > 100]),
+        "other_cpu_pct_kill_to_recovery": marks["other_cpu"],
+        "machine": common.machine_facts(),
+    }
+
+
+def print_timeline(s: dict) -> None:
+    print(f"code {s['server_code']}; {s['senders']} senders; {s['acks']:,} acknowledged sends")
+    print(f"kill -> first ack {s['kill_to_first_ack_s']:.2f} s, every sender acking again after "
+          f"{s['kill_to_all_senders_acking_s']:.2f} s; worst send waited {s['max_latency_ms']:.0f} ms; "
+          f"{s['sends_over_100ms']} sends over 100 ms; ack latency p50/p99 before {s['before_p50_p99_ms']} ms, "
+          f"after {s['after_p50_p99_ms']} ms; old primary restarted at +{s['restart_s']:.1f} s, "
+          f"back in the view at +{s['rejoined_s']:.1f} s; "
+          f"other processes {s['other_cpu_pct_kill_to_recovery']:.0f} % of a core")
+
+
+def trials(args) -> int:
+    summary = summarize_trials(*run_trials(args))
+    print_trials(summary)
     if args.json:
         print(json.dumps(summary, separators=(",", ":")))
     return 0
 
 
 def timeline(args) -> int:
-    """One kill of the primary under ``--senders`` concurrent senders; every ack's latency over time."""
-    cluster = common.ClusterProcess(3, rev=args.rev)
-    senders: list[Sender] = []
-    marks = {}
-    try:
-        with common.sigterm_as_exit():
-            cluster.start()
-            addrs = [r.addr for r in cluster.replicas]
-            senders = [Sender(addrs, name=f"sender{i}", sink=f"sink{i}") for i in range(args.senders)]
-            for s in senders:
-                s.start()
-            start = time.monotonic()
-            while not all(s.first_ack_after(start) for s in senders):
-                if time.monotonic() - start > 30:
-                    raise RuntimeError("not every sender got an acknowledgement")
-                time.sleep(0.01)
-            t0 = time.monotonic()
-            time.sleep(args.before)
-            primary = cluster.primary = cluster.wait_primary(10)
-            victim = cluster.replicas[primary]
-            meter = OtherCpu([r.pid for r in cluster.replicas if r is not victim and r.alive()])
-            cpu_a = meter.sample()
-            marks["kill"] = time.monotonic()
-            os.kill(victim.pid, signal.SIGKILL)
-            victim.proc.wait()
-            while (ack := min((a for s in senders if (a := s.first_ack_after(marks["kill"], True))),
-                              default=None)) is None:
-                if time.monotonic() - marks["kill"] > 30:
-                    raise RuntimeError("no acknowledgement within 30 s of the kill")
-                time.sleep(0.005)
-            marks["first_ack"] = ack
-            while not all(s.first_ack_after(marks["kill"], True) for s in senders):
-                if time.monotonic() - marks["kill"] > 30:
-                    raise RuntimeError("a sender got no acknowledgement within 30 s of the kill")
-                time.sleep(0.005)
-            marks["all_acking"] = time.monotonic()
-            other = OtherCpu.percent(cpu_a, meter.sample())
-            time.sleep(args.restart_after)
-            marks["restart"] = time.monotonic()
-            victim.start()  # same data dir: it recovers, catches up and rejoins
-            cluster.wait_primary(30)
-            marks["rejoined"] = time.monotonic()
-            time.sleep(args.after)
-            end = time.monotonic()
-    finally:
-        for s in senders:
-            s.stop.set()
-        cluster.stop()
-    kill = marks["kill"]
-    pts = []
-    for i, s in enumerate(senders):
-        with s.lock:
-            pts += [(round(a - kill, 4), round((b - a) * 1000, 3), i) for a, b in s.points if t0 <= a <= end]
-    pts.sort()
-    before = sorted(lat for t, lat, _ in pts if t < -0.1)
-    after = sorted(lat for t, lat, _ in pts if t > (marks["all_acking"] - kill) + 0.5)
-    stalled = [p for p in pts if p[1] > 100]
-    summary = {
-        "bench": "failover-timeline", "senders": args.senders, "server_code": cluster.label,
-        "kill_to_first_ack_s": round(marks["first_ack"] - kill, 3),
-        "kill_to_all_senders_acking_s": round(marks["all_acking"] - kill, 3),
-        "restart_s": round(marks["restart"] - kill, 3), "rejoined_s": round(marks["rejoined"] - kill, 3),
-        "acks": len(pts), "max_latency_ms": max(p[1] for p in pts),
-        "before_p50_p99_ms": [common.percentile(before, 50), common.percentile(before, 99)],
-        "after_p50_p99_ms": [common.percentile(after, 50), common.percentile(after, 99)],
-        "sends_over_100ms": len(stalled),
-        "other_cpu_pct_kill_to_recovery": other,
-        "machine": common.machine_facts(),
-    }
-    print(f"code {cluster.label}; {args.senders} senders; {len(pts):,} acknowledged sends")
-    print(f"kill -> first ack {summary['kill_to_first_ack_s']:.2f} s, every sender acking again after "
-          f"{summary['kill_to_all_senders_acking_s']:.2f} s; worst send waited {summary['max_latency_ms']:.0f} ms; "
-          f"{len(stalled)} sends over 100 ms; ack latency p50/p99 before {before and summary['before_p50_p99_ms']} ms, "
-          f"after {after and summary['after_p50_p99_ms']} ms; old primary restarted at +{summary['restart_s']:.1f} s, "
-          f"back in the view at +{summary['rejoined_s']:.1f} s; other processes {other:.0f} % of a core")
+    senders, marks, label = run_timeline(args)
+    pts = timeline_points(senders, marks)
+    summary = summarize_timeline(args, pts, marks, label)
+    print_timeline(summary)
     if args.points:
         with open(args.points, "w") as f:
             json.dump({**summary, "points_t_s_latency_ms_sender": pts}, f, separators=(",", ":"))
@@ -372,7 +362,7 @@ def plot(path: str, pts, summary, n_senders: int) -> None:
     print(f"plot written to {path}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--rev", help="run the server code of this git revision (default: the working tree)")
@@ -386,7 +376,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     ap.add_argument("--points", metavar="JSON", help="--timeline: also write every point to this JSON file")
     ap.add_argument("--replot", metavar="JSON", help="redraw --timeline PNG from the JSON points a run wrote")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     if args.replot:
         with open(args.replot) as f:
             data = json.load(f)

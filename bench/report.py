@@ -84,7 +84,7 @@ def integrity_ok(s) -> bool:
                                         or i["unanswered"])
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=8.0, help="measured window of each run, s (default 8)")
     ap.add_argument("--warmup", type=float, default=1.0, help="warm-up of each run, s (default 1)")
@@ -95,35 +95,60 @@ def main(argv=None) -> int:
     ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
-    keys = [k.strip() for k in args.only.split(",") if k.strip()]
-    for k in keys:
+    args.keys = [k.strip() for k in args.only.split(",") if k.strip()]
+    for k in args.keys:
         if k not in CONFIGS:
             ap.error(f"unknown configuration {k!r}; choose from {', '.join(CONFIGS)}")
-    code = common.describe_rev(args.rev) if args.rev else common.describe_tree()
+    return args
 
+
+def run_all(args) -> list[dict]:
+    """Every configuration once per round, interleaved (one throughput.py run each)."""
     runs = []
     for rnd in range(args.rounds):
-        for k in keys:
+        for k in args.keys:
             s = run_one(k, args)
             s["round"] = rnd + 1
             runs.append(s)
+    return runs
 
+
+def median_runs(runs: list[dict], keys) -> dict:
+    """Per configuration, the run with the median throughput (lower median for even counts)."""
     chosen = {}
     for k in keys:
         mine = sorted((r for r in runs if r["config"] == k), key=lambda r: r["delivered_per_s"])
-        chosen[k] = mine[(len(mine) - 1) // 2]  # the median run (lower median for even counts)
+        chosen[k] = mine[(len(mine) - 1) // 2]
         chosen[k]["all_delivered_per_s"] = [r["delivered_per_s"] for r in runs if r["config"] == k]
+    return chosen
 
-    m = common.machine_facts()
+
+def ratios_of(chosen: dict) -> tuple[dict, dict | None]:
+    """Throughput ratios between configurations, and the 3-vs-1 target judged."""
+    def ratio(a, b):
+        if a in chosen and b in chosen and chosen[b]["delivered_per_s"]:
+            return round(chosen[a]["delivered_per_s"] / chosen[b]["delivered_per_s"], 3)
+        return None
+
+    ratios = {"3_vs_1": ratio("3", "1"), "1_opt_vs_naive": ratio("1", "1n"), "3_opt_vs_naive": ratio("3", "3n")}
+    target = None
+    if ratios["3_vs_1"] is not None:
+        met = ratios["3_vs_1"] >= TARGET_CLUSTER_RATIO
+        target = {"target_ratio": TARGET_CLUSTER_RATIO, "measured_ratio": ratios["3_vs_1"],
+                  "status": "met" if met else "MISSED"}
+    return ratios, target
+
+
+def print_table(args, code: str, chosen: dict, machine: dict) -> None:
     mode = f"open loop at {args.rate:,.0f} chats/s" if args.rate else "closed loop, 1 request outstanding per sender"
     print(f"chatnet benchmark report: code {code}; {args.senders} senders -> {args.senders} receivers, {mode}; "
           f"{args.duration:g} s windows; {args.rounds} round(s), median run shown")
-    print(f"machine: {m['nproc']} CPUs ({m['cpu']}), {m['mem_mib']} MiB, Python {m['python']}, Linux {m['kernel']}; "
-          "every replica and the load generator share these CPUs")
+    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), {machine['mem_mib']} MiB, Python {machine['python']}, "
+          f"Linux {machine['kernel']}; every replica and the load generator share these CPUs")
     head = ["configuration", "delivered/s", "ack p50/p99/p99.9 ms", "delivery p50/p99/p99.9 ms",
             "CPU srv/bak/gen/other %", "srv µs/chat", "integrity", "runs (chats/s)"]
     rows = []
-    for k in keys:
+    for k in args.keys:
         s = chosen[k]
         c = s["cpu_pct"]
         rows.append([s["label"], f"{s['delivered_per_s']:,.0f}", ms3(s["ack_ms"]), ms3(s["delivery_ms"]),
@@ -139,21 +164,10 @@ def main(argv=None) -> int:
     print("  (CPU: % of one core for the primary / all backups / load generator / other processes; "
           f"'!' = other processes above {CONTENDED_PCT:g} %, figures depressed by contention)")
 
-    def ratio(a, b):
-        if a in chosen and b in chosen and chosen[b]["delivered_per_s"]:
-            return round(chosen[a]["delivered_per_s"] / chosen[b]["delivered_per_s"], 3)
-        return None
 
-    ratios = {
-        "3_vs_1": ratio("3", "1"),
-        "1_opt_vs_naive": ratio("1", "1n"),
-        "3_opt_vs_naive": ratio("3", "3n"),
-    }
-    target = None
-    if ratios["3_vs_1"] is not None:
-        met = ratios["3_vs_1"] >= TARGET_CLUSTER_RATIO
-        target = {"target_ratio": TARGET_CLUSTER_RATIO, "measured_ratio": ratios["3_vs_1"],
-                  "status": "met" if met else "MISSED"}
+def print_verdicts(runs: list[dict], ratios: dict, target: dict | None) -> list[str]:
+    """The ratios, the target, contention and integrity; the labels of runs that failed."""
+    if target is not None:
         print(f"3 replicas / 1 replica throughput: {ratios['3_vs_1']:.0%} "
               f"(target ≥ {TARGET_CLUSTER_RATIO:.0%}: {target['status']})")
     if ratios["1_opt_vs_naive"] is not None:
@@ -167,18 +181,33 @@ def main(argv=None) -> int:
     bad = [r["label"] for r in runs if not integrity_ok(r)]
     if bad:
         print(f"INTEGRITY FAILED in: {', '.join(bad)}")
+    return bad
+
+
+def json_summary(args, code, runs, chosen, ratios, target, machine) -> dict:
+    keep = ("label", "round", "delivered_per_s", "acks_per_s", "ack_ms", "delivery_ms", "send_lag_ms", "cpu_pct",
+            "server_cpu_us_per_chat", "integrity", "exit_code", "server_code")
+    return {
+        "bench": "report", "code": code, "mode": "open" if args.rate else "closed", "rate": args.rate,
+        "senders": args.senders, "duration_s": args.duration, "rounds": args.rounds,
+        "median_runs": {k: {x: chosen[k][x] for x in keep + ("all_delivered_per_s",)} for k in args.keys},
+        "ratios": ratios, "target_3_vs_1": target,
+        "runs": [{"config": r["config"], **{x: r[x] for x in keep}} for r in runs],
+        "machine": machine,
+    }
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    code = common.describe_rev(args.rev) if args.rev else common.describe_tree()
+    runs = run_all(args)
+    chosen = median_runs(runs, args.keys)
+    ratios, target = ratios_of(chosen)
+    machine = common.machine_facts()
+    print_table(args, code, chosen, machine)
+    bad = print_verdicts(runs, ratios, target)
     if args.json:
-        keep = ("label", "round", "delivered_per_s", "acks_per_s", "ack_ms", "delivery_ms", "send_lag_ms", "cpu_pct",
-                "server_cpu_us_per_chat", "integrity", "exit_code", "server_code")
-        out = {
-            "bench": "report", "code": code, "mode": "open" if args.rate else "closed", "rate": args.rate,
-            "senders": args.senders, "duration_s": args.duration, "rounds": args.rounds,
-            "median_runs": {k: {x: chosen[k][x] for x in keep + ("all_delivered_per_s",)} for k in keys},
-            "ratios": ratios, "target_3_vs_1": target,
-            "runs": [{"config": r["config"], **{x: r[x] for x in keep}} for r in runs],
-            "machine": m,
-        }
-        print(json.dumps(out, separators=(",", ":")))
+        print(json.dumps(json_summary(args, code, runs, chosen, ratios, target, machine), separators=(",", ":")))
     return 1 if bad else 0
 
 
