@@ -27,14 +27,13 @@ import json
 import queue
 import random
 import re
-import select
-import socket
 import threading
 import time
 
 from chatnet.client import Backoff, ClientSession, SocketDriver, parse_command
 from chatnet.client import session as s
-from chatnet.protocol.codec import NEED_DATA, ProtocolError, ResponseDecoder
+from chatnet.protocol.codec import ProtocolError
+from chatnet.testing import FrameTimeout, RawClient, WaitTimeout, wait_until
 
 __all__ = ["History", "SimUser", "SeedClient", "Worker", "ExtWorker", "SeedWorker", "Registry",
            "wait_for", "REDIRECT_RE", "NO_PRIMARY_TEXT"]
@@ -47,14 +46,13 @@ LOGIN_UNKNOWN_PREFIX = "Unable to login: This username does not exist."
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.02) -> bool:
-    """Poll ``predicate`` until true (return True) or ``timeout`` seconds passed (False)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
+    """``chatnet.testing.wait_until`` as a yes/no answer: a chaos client (and the runner) goes
+    on after a timeout and records the outcome as unknown, rather than failing."""
+    try:
+        wait_until(predicate, timeout, interval=interval)
+        return True
+    except WaitTimeout:
+        return False
 
 
 # ------------------------------------------------------------------------------- history
@@ -218,11 +216,9 @@ class SimUser:
         return self.call(lambda session, now: session.idle and session.state is s.State.READY)
 
     def wait_logged_in(self, timeout=15.0):
-        ok = wait_for(lambda: self.call(lambda session, now: session.user == self.name
-                                        and session.idle and session.state is s.State.READY),
-                      timeout=timeout)
-        if not ok:
-            raise AssertionError(f"timed out after {timeout}s waiting for {self.name} logged in")
+        wait_until(lambda: self.call(lambda session, now: session.user == self.name
+                                     and session.idle and session.state is s.State.READY),
+                   timeout, what=f"{self.name} logged in", interval=0.02)
 
     def stop(self):
         self.chatting.clear()
@@ -377,8 +373,7 @@ class SeedClient:
         self.client = client
         self.answer_timeout = answer_timeout
         self.op_timeout = op_timeout
-        self.sock: socket.socket | None = None
-        self.decoder: ResponseDecoder | None = None
+        self.conn: RawClient | None = None
         self.user: str | None = None          # who this client logs in as on a new connection
         self._index = 0
         self._redirect: tuple[str, int] | None = None
@@ -396,7 +391,7 @@ class SeedClient:
         attempts = 0
         needs_login = f not in ("create", "login")
         while time.monotonic() < deadline:
-            if self.sock is None and not self._open(deadline, needs_login):
+            if self.conn is None and not self._open(deadline, needs_login):
                 break
             attempts += 1
             try:
@@ -441,7 +436,7 @@ class SeedClient:
     def poll(self, seconds: float) -> None:
         """Wait ``seconds`` reading chat frames that arrive (a think time)."""
         end = time.monotonic() + seconds
-        while self.sock is not None:
+        while self.conn is not None:
             remaining = end - time.monotonic()
             if remaining <= 0:
                 return
@@ -461,7 +456,7 @@ class SeedClient:
     def exit(self) -> None:
         """Send op 6 and read until the server closes (chat written before that is kept)."""
         op = self.history.invoke(client=self.client, run=self.run, kind="seed", user=self.name, f="logout")
-        if self.sock is None:
+        if self.conn is None:
             self.user = None
             self.history.result(op, "ok", answer="no connection")
             return
@@ -486,12 +481,10 @@ class SeedClient:
             target = self._redirect or self.addresses[self._index]
             self._redirect = None
             try:
-                sock = socket.create_connection(target, timeout=2.0)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.conn = RawClient(*target, line_mode=False, timeout=self.answer_timeout, connect_timeout=2.0)
             except OSError:
                 self._failed()
                 continue
-            self.sock, self.decoder = sock, ResponseDecoder()
             if not relogin or self.user is None:
                 return True             # the request itself will reveal a backup
             if self._relogin(deadline):
@@ -524,7 +517,7 @@ class SeedClient:
         if frame.status == 0:
             self.history.result(op, "ok", answer=frame.message[:200])
             self._read_summary()
-            return self.sock is not None
+            return self.conn is not None
         # "Already connected" (our own dead connection, not noticed yet by that server), or
         # the account is unknown (the checker reports that if its create was acknowledged).
         self.history.result(op, "fail", answer=frame.message[:200])
@@ -548,7 +541,7 @@ class SeedClient:
 
     def _write(self, text: str) -> None:
         try:
-            self.sock.sendall(text.encode("utf-8"))
+            self.conn.send(text)
         except OSError as exc:
             raise _Lost(str(exc)) from None
 
@@ -578,65 +571,39 @@ class SeedClient:
         """The next frame that is not a chat (chats are recorded), or None after ``timeout``."""
         end = time.monotonic() + timeout
         while True:
-            if self.sock is None or self.decoder is None:
+            if self.conn is None:
                 raise _Lost("no connection")
             try:
-                event = self.decoder.next_event()
+                frame = self.conn.frame(max(0.0, end - time.monotonic()))
+            except FrameTimeout:
+                return None
+            except (OSError, EOFError) as exc:
+                raise _Lost(str(exc) or "server closed the connection") from None
             except ProtocolError as exc:
                 raise _Lost(f"protocol error: {exc}") from None
-            if event is not NEED_DATA:
-                if event.indicator == 1:
-                    sender, _, text = event.message.partition("|")
-                    self.received.append((sender, text))
-                    self.history.write("deliver", user=self.name, run=self.run, kind="seed",
-                                       **{"from": sender}, msg=text, seq=None)
-                    continue
-                return event
-            remaining = end - time.monotonic()
-            if remaining <= 0:
-                return None
-            try:
-                ready, _, _ = select.select([self.sock], [], [], remaining)
-                if not ready:
-                    return None
-                data = self.sock.recv(65536)
-            except OSError as exc:
-                raise _Lost(str(exc)) from None
-            if not data:
-                raise _Lost("server closed the connection")
-            self.decoder.receive_data(data)
+            if frame.indicator != 1:
+                return frame
+            self._record_chat(frame)
+
+    def _record_chat(self, frame) -> None:
+        sender, _, text = frame.message.partition("|")
+        self.received.append((sender, text))
+        self.history.write("deliver", user=self.name, run=self.run, kind="seed",
+                           **{"from": sender}, msg=text, seq=None)
 
     def _drop(self) -> None:
         """Close the connection, first reading whatever chat already reached us."""
-        sock, self.sock = self.sock, None
-        if sock is None:
+        conn, self.conn = self.conn, None
+        if conn is None:
             return
         try:
-            sock.setblocking(False)
-            while True:
-                data = sock.recv(65536)
-                if not data:
-                    break
-                self.decoder.receive_data(data)
-        except OSError:
-            pass
-        try:
-            while True:
-                event = self.decoder.next_event()
-                if event is NEED_DATA:
-                    break
-                if event.indicator == 1:
-                    sender, _, text = event.message.partition("|")
-                    self.received.append((sender, text))
-                    self.history.write("deliver", user=self.name, run=self.run, kind="seed",
-                                       **{"from": sender}, msg=text, seq=None)
+            frames, _ = conn.read_available()
         except ProtocolError:
-            pass
-        try:
-            sock.close()
-        except OSError:
-            pass
-        self.decoder = None
+            frames = []
+        for frame in frames:
+            if frame.indicator == 1:
+                self._record_chat(frame)
+        conn.close()
 
 
 # --------------------------------------------------------------------------------- workers
