@@ -8,14 +8,18 @@ A failing seed prints its one-line replay command.
 """
 
 import itertools
-import multiprocessing
 import os
-import time
 
 import pytest
 
-from chatnet.replication.core import PRIMARY, RECOVERING
-from chatnet.replication.sim import InvariantViolation, Simulation
+from chatnet.replication.core import BACKUP, PRIMARY, RECOVERING
+from chatnet.replication.sim import (
+    ALL_FAULTS,
+    DEFAULT_FAULTS,
+    InvariantViolation,
+    Simulation,
+    build_parser,
+)
 
 FT = 10   # failure_ticks of the simulated replicas
 
@@ -60,8 +64,11 @@ def test_second_crash_last_replica_serves_alone_then_both_rejoin_via_log():
     sim.restart(p)
     sim.restart(q)
     sim.run_ticks(4 * FT)
-    r = sim.nodes[last].replica
-    assert set(r.members) == {1, 2, 3} and r.serving   # re-added while serving
+    # Both are re-added; the survivor often loses the primary role on the way (a second
+    # election while the two catch up): true of the core before the host moved, as a sweep
+    # of seeds with the old simulator showed.  What must hold: one primary serves all three.
+    now = sim.wait_serving(4 * FT)
+    assert now is not None and set(sim.nodes[now].replica.members) == {1, 2, 3}
     assert sim.write(5) == 5
     before = dict(sim.acked)
     sim.crash(last)                               # a later primary kill loses nothing
@@ -119,7 +126,9 @@ def test_paused_primary_wakes_steps_down_and_commits_nothing():
         sim.run_ticks(1)
         if sim.nodes[p].paused_until < 0 and not woke:
             woke = True
-            assert not old.serving and old.role == RECOVERING
+            # stalled() made it recovering; the messages held during the pause may already
+            # have made it a backup of the new view within the same tick
+            assert not old.serving and old.role in (RECOVERING, BACKUP)
             assert old.propose(b"late") is None
         if old.role == PRIMARY:
             assert old.view > v_new or old.commit_index == old_commit  # nothing in the old view
@@ -267,7 +276,10 @@ def test_single_replica():
     sim.restart(1)
     assert sim.serving() == [1]
     assert sim.write(3, ticks=1) == 3
-    assert sim.nodes[1].disk.applied_index == 13
+    assert len(sim.acked) == 13
+    disk = sim.nodes[1].disk
+    for index, entry in sim.acked.items():   # in the durable log before it was answered
+        assert disk.entry_data(index) == entry
 
 
 def test_five_replicas_survive_four_crashes():
@@ -303,35 +315,58 @@ def test_partition_split_brain_is_visible_and_heals():
 
 # ---------------------------------------------------------------------------- seed sweep
 
-def _run(args):
-    seed, n, steps, partitions, intensity = args
-    t = time.time()
-    try:
-        Simulation(seed, n, steps=steps, partitions=partitions, intensity=intensity).run()
-        return None
-    except InvariantViolation as exc:
-        return str(exc)
-    except Exception as exc:  # a crash of the core is a failure of the seed too
-        return (f"seed {seed}: {exc!r}\nreplay: python -m chatnet.replication.sim --seed {seed}"
-                f" --steps {steps} --n {n}{' --partitions' if partitions else ''}")
-    finally:
-        del t
-
-
 SWEEP = (
-    [(s, 3, 150, False, 2.0) for s in range(1, 161)]
-    + [(s, 5, 150, False, 2.0) for s in range(1, 31)]
-    + [(s, 2, 150, False, 2.0) for s in range(1, 31)]
-    + [(s, 1, 100, False, 1.0) for s in range(1, 6)]
-    + [(s, 3, 150, True, 2.0) for s in range(1, 31)]
+    [(s, 3, 150, DEFAULT_FAULTS, 2.0) for s in range(1, 161)]
+    + [(s, 5, 150, DEFAULT_FAULTS, 2.0) for s in range(1, 31)]
+    + [(s, 2, 150, DEFAULT_FAULTS, 2.0) for s in range(1, 31)]
+    + [(s, 1, 100, DEFAULT_FAULTS, 1.0) for s in range(1, 6)]
+    + [(s, 3, 150, ALL_FAULTS, 2.0) for s in range(1, 31)]
 )
+if os.environ.get("CHATNET_SIM_SEEDS"):  # a longer sweep on request
+    SWEEP = [(s, 3, 300, DEFAULT_FAULTS, 2.0) for s in range(1, int(os.environ["CHATNET_SIM_SEEDS"]) + 1)]
 
 
-def test_seed_sweep():
-    seeds = int(os.environ.get("CHATNET_SIM_SEEDS", "0"))
-    cases = SWEEP if not seeds else [(s, 3, 300, False, 2.0) for s in range(1, seeds + 1)]
-    procs = min(4, os.cpu_count() or 1)
-    with multiprocessing.get_context("fork").Pool(procs) as pool:
-        results = pool.map(_run, cases, chunksize=4)
-    failures = [r for r in results if r]
-    assert not failures, "\n\n".join(failures[:5])
+def _case_id(case):
+    seed, n, steps, faults, intensity = case
+    return f"n{n}-seed{seed}" + ("-partitions" if "partition" in faults else "")
+
+
+@pytest.mark.parametrize("case", SWEEP, ids=_case_id)
+def test_seed(case):
+    """One seed of the sweep; a failure names its seed and prints the exact replay command."""
+    seed, n, steps, faults, intensity = case
+    sim = Simulation(seed, n, steps=steps, faults=faults, intensity=intensity)
+    try:
+        sim.run()
+    except InvariantViolation:
+        raise
+    except Exception as exc:  # a crash of the host or the core fails the seed too
+        raise AssertionError(f"seed {seed}: {exc!r}\nreplay: {sim.replay()}") from exc
+
+
+def test_replaying_a_seed_reproduces_it_step_for_step():
+    """Two runs with the same parameters give the same trace (every fault, ack and view
+    change, with its time) and the same final state digest."""
+    runs = [Simulation(7, 3, steps=200, faults=ALL_FAULTS, intensity=3.0).run() for _ in range(2)]
+    assert runs[0].trace == runs[1].trace
+    assert len(runs[0].trace) > 50 and runs[0].stats["acked"] > 0 and runs[0].stats["crashes"] > 0
+    other = Simulation(8, 3, steps=200, faults=ALL_FAULTS, intensity=3.0).run()
+    assert other.trace != runs[0].trace   # the trace does depend on the seed
+
+
+def test_replay_command_carries_every_parameter():
+    sim = Simulation(42, 5, steps=77, faults=("crash", "partition"), intensity=1.5, max_down=2)
+    cmd = sim.replay()
+    args = cmd.split("python -m chatnet.replication.sim ")[1].split()
+    parsed = build_parser().parse_args(args)
+    assert (parsed.seed, parsed.n, parsed.steps, parsed.intensity, parsed.faults, parsed.max_down) == \
+        (42, 5, 77, 1.5, "crash,partition", 2)
+
+
+def test_the_simulator_drives_the_production_host():
+    """The simulator runs bin/chatserver's ReplicaHost, not a copy of the host loop."""
+    from chatnet.server import chatserver, host
+
+    sim, _ = cluster()
+    assert all(type(nd.host) is host.ReplicaHost for nd in sim.nodes.values())
+    assert chatserver.ReplicaHost is host.ReplicaHost

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from chatnet.server import state as sm
-
 import pytest
 
+from chatnet.server import state as sm
 from chatnet.server.state import ChatState
+from chatnet.server.storage import Batch
 from chatnet.server.store import Store, StoreError
 
 
@@ -29,7 +29,7 @@ def test_batch_rows_reload_to_the_same_state(tmp_path):
     store = Store(str(tmp_path))
     changes = apply_all(state, CMDS)
     entries = [(i + 1, 1, b"cmd") for i in range(len(CMDS))]
-    store.write_batch(entries=entries, changes=changes, applied_index=len(CMDS), meta={"view": 3})
+    store.commit(Batch(entries=entries, changes=changes, applied_index=len(CMDS), meta={"view": 3}))
     store.close()
     loaded = Store(str(tmp_path)).load()
     assert loaded.state.to_snapshot() == state.to_snapshot()
@@ -42,30 +42,50 @@ def test_batch_rows_reload_to_the_same_state(tmp_path):
 def test_a_failed_batch_leaves_nothing_behind(tmp_path):
     store = Store(str(tmp_path))
     state = ChatState()
-    store.write_batch(changes=apply_all(state, [sm.cmd_create("alice")]), applied_index=1)
+    store.commit(Batch(changes=apply_all(state, [sm.cmd_create("alice")]), applied_index=1))
     with pytest.raises(StoreError):
         # the same account twice violates the primary key: the whole batch must roll back
-        store.write_batch(entries=[(2, 1, b"x")], changes=[("account+", "zed", 5), ("account+", "alice", 6)],
-                          applied_index=2)
+        store.commit(Batch(entries=[(2, 1, b"x")], changes=[("account+", "zed", 5), ("account+", "alice", 6)],
+                          applied_index=2))
     loaded = store.load()
     assert list(loaded.state.accounts) == ["alice"] and loaded.applied_index == 1 and loaded.log == []
 
 
 def test_truncate_and_compact(tmp_path):
     store = Store(str(tmp_path))
-    store.write_batch(entries=[(i, 1, b"e") for i in range(1, 11)])
-    store.write_batch(truncate_after=7, entries=[(8, 2, b"new")], compact_upto=3, sync=False)
+    store.commit(Batch(entries=[(i, 1, b"e") for i in range(1, 11)]))
+    store.commit(Batch(truncate_after=7, entries=[(8, 2, b"new")], compact_upto=3, sync=False))
     assert [(e[0], e[1]) for e in store.load().log] == [(4, 1), (5, 1), (6, 1), (7, 1), (8, 2)]
 
 
-def test_install_snapshot_replaces_everything(tmp_path):
+def test_snapshot_install_replaces_everything_in_the_same_transaction(tmp_path):
     store = Store(str(tmp_path))
     old = ChatState()
-    store.write_batch(entries=[(1, 1, b"e")], changes=apply_all(old, [sm.cmd_create("old")]), applied_index=1)
+    store.commit(Batch(entries=[(1, 1, b"e")], changes=apply_all(old, [sm.cmd_create("old")]), applied_index=1))
     new = ChatState()
     apply_all(new, CMDS)
-    store.install_snapshot(new, 40, {"snapshot_index": 40, "snapshot_view": 2})
+    store.commit(Batch(snapshot=(40, 2, new), sync=True))
     loaded = store.load()
     assert loaded.state.to_snapshot() == new.to_snapshot()
     assert loaded.applied_index == 40 and loaded.log == [] and loaded.meta["snapshot_view"] == 2
     assert ChatState.from_snapshot(new.to_snapshot()).to_snapshot() == new.to_snapshot()
+
+
+def test_snapshot_and_later_entries_are_one_transaction(tmp_path):
+    """A snapshot installed mid-iteration and the entries that follow it land together: a
+    failure anywhere in the batch leaves the old state and log untouched."""
+    store = Store(str(tmp_path))
+    old = ChatState()
+    store.commit(Batch(entries=[(1, 1, b"e")], changes=apply_all(old, [sm.cmd_create("old")]), applied_index=1))
+    new = ChatState()
+    apply_all(new, CMDS)
+    with pytest.raises(StoreError):
+        store.commit(Batch(snapshot=(40, 2, new), entries=[(41, 2, b"a"), (41, 2, b"dup")],
+                           changes=[("account+", "zed", 9), ("account+", "zed", 9)], sync=True))
+    loaded = store.load()
+    assert list(loaded.state.accounts) == ["old"] and loaded.applied_index == 1
+    assert [e[0] for e in loaded.log] == [1]
+    store.commit(Batch(snapshot=(40, 2, new), entries=[(41, 2, b"a")], sync=True))
+    loaded = store.load()
+    assert loaded.state.to_snapshot() == new.to_snapshot()
+    assert loaded.applied_index == 40 and [e[0] for e in loaded.log] == [41]

@@ -1,153 +1,143 @@
-"""Deterministic cluster simulator for the replication core (VOPR / FoundationDB style).
+"""Deterministic cluster simulator (VOPR / FoundationDB style) over the production replica host.
 
 One process, one seeded ``random.Random`` driving everything: a simulated network (per-link
-delay, reordering, loss, duplication, partitions), a simulated clock (integer time units,
-``TICK`` units per replica tick, each replica with its own phase), simulated durable storage
-that keeps exactly what the host persisted, and the real :class:`~.core.Replica` objects.
-Each simulated host follows the Ready contract exactly: persist -> send -> apply -> advance.
+delay, reordering, loss, duplication, cuts and partitions), a simulated clock (integer time
+units, ``TICK`` units per replica tick, each replica with its own phase), a simulated disk per
+replica (:class:`~.simdisk.SimDisk`, which loses un-synced writes at a crash), and — unchanged
+from ``bin/chatserver`` — :class:`chatnet.server.host.ReplicaHost` with its replication core and
+chat service.  Simulated clients speak the wire protocol's requests to whichever replica they
+reach: they create or log in to an account and send chat to an account ``sink`` that stays
+logged in (so chat is delivered and the delivery marks go through the log too).
 
-A nemesis crashes, restarts and pauses replicas (a pause longer than half the failure
-timeout makes the host call ``stalled()`` on waking, as the real reactor does), cuts links
-for less than the failure timeout, crashes hosts between persisting and sending, and issues
-client writes to whoever serves.  After every step the checker verifies:
+A nemesis crashes (also in the middle of a host cycle: after the store commit, or part-way
+through sending), restarts and pauses replicas (a pause longer than half the failure timeout
+makes the host call ``stalled()`` on waking, as the real reactor does), cuts links for less
+than the failure timeout, and with the ``partition`` fault cuts them for longer.  After every
+step the checker verifies:
 
-* agreement: every replica's applied sequence is a prefix of one history (index -> data);
-* I1: every acknowledged write is in the log or state of every serving primary, at its
-  index, and (checked at the end, after healing) in the applied state of every replica;
-* I2: at most one serving primary per view, and no primary's commit index advances in a
-  view older than a view in which some primary already advanced it;
-* I3: a replica that starts serving holds every write acknowledged so far (so a replica that
-  missed writes never serves before catching up); a recovering replica never serves;
-* liveness (``heal=True``): once faults stop, one primary serves every replica and all
-  applied states are equal and contain every acknowledged write.
+* agreement: every replica's applied sequence is a prefix of one history (index -> data), and
+  a replica that installs a snapshot holds exactly the state of replaying that history;
+* I1: every acknowledged chat (a client read "Message sent to sink.") is in the log or state of
+  every serving primary, at its index, and (at the end, after healing) on every replica;
+* I2: at most one serving primary per view, and no primary's commit index advances in a view
+  older than a view in which some primary already advanced it;
+* I3: a replica that starts serving holds every chat acknowledged so far; a recovering replica
+  never serves;
+* liveness (``heal=True``): once faults stop, one primary serves every replica, all applied
+  states are byte-for-byte equal and contain every acknowledged chat.
 
-Run one seed::
+With the ``partition`` fault, a partition longer than the failure timeout lets both sides form
+views (the documented split brain of the default mode): then only per-view uniqueness and
+convergence after healing are checked.
 
-    python -m chatnet.replication.sim --seed 123 --steps 600 [--n 3] [--partitions]
+Every parameter is part of the replay command that a failure prints, and a run is a pure
+function of them: ``Simulation(...).run().trace`` is identical for identical parameters.
 
-A failing check raises :class:`InvariantViolation` whose message ends with that command.
+    python -m chatnet.replication.sim --seed 123 --steps 600 [--n 3] [--intensity 1.0]
+        [--faults crash,pause,cut,drop,dup,partition] [--trace]
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import heapq
+import logging
 import random
 import sys
-from dataclasses import dataclass, field
 
-from .core import PRIMARY, DurableState, Entry, HardState, Ready, Replica
+from ..protocol.codec import STATUS_NOTE, decode_frames, parse_request
+from ..protocol.texts import T_LOGIN_UNKNOWN, T_SENT
+from ..server.host import ReplicaHost
+from ..server.service import Close, Reply
+from ..server.state import ChatState, decode_command
+from .core import PRIMARY
 from .messages import decode_message, encode_message
+from .simdisk import SimCrash, SimDisk
 
 TICK = 10   # time units per replica tick
+SINK = "sink"
+CLIENTS = 12  # sending accounts
+DEFAULT_FAULTS = ("crash", "pause", "cut", "drop", "dup")
+ALL_FAULTS = DEFAULT_FAULTS + ("partition",)
 
 
 class InvariantViolation(AssertionError):
     pass
 
 
-def encode_state(state: list[bytes]) -> bytes:
-    return b"".join(len(d).to_bytes(4, "big") + d for d in state)
+class SimNetwork:
+    """One replica's side of the simulated network (the host's ``Network``)."""
 
+    def __init__(self, sim: Simulation, node: int) -> None:
+        self.sim, self.node = sim, node
+        self.crash_after: int | None = None  # crash injection: die after this many more sends
 
-def decode_state(data: bytes) -> list[bytes]:
-    out, pos = [], 0
-    while pos < len(data):
-        n = int.from_bytes(data[pos:pos + 4], "big")
-        out.append(data[pos + 4:pos + 4 + n])
-        pos += 4 + n
-    return out
-
-
-@dataclass
-class SimDisk:
-    """What survives a crash: exactly what the host persisted."""
-    hard: HardState | None = None
-    snapshot_index: int = 0
-    snapshot_view: int = 0
-    log: list[Entry] = field(default_factory=list)
-    state: list[bytes] = field(default_factory=list)   # applied chat state (entry data, in order)
-
-    @property
-    def applied_index(self) -> int:
-        return len(self.state)
-
-    def load(self) -> DurableState:
-        h = self.hard
-        return DurableState(
-            view=h.view if h else 0, primary=h.primary if h else None,
-            members=h.members if h else (), promised=h.promised if h else 0,
-            snapshot_index=self.snapshot_index, snapshot_view=self.snapshot_view,
-            log=list(self.log), applied_index=self.applied_index)
-
-    def persist(self, rd: Ready) -> None:
-        """One transaction: hard state, snapshot, truncation, appends."""
-        if rd.hard_state is not None:
-            self.hard = rd.hard_state
-        if rd.snapshot is not None:
-            self.state = decode_state(rd.snapshot.data)
-            assert len(self.state) == rd.snapshot.index
-            self.snapshot_index, self.snapshot_view = rd.snapshot.index, rd.snapshot.view
-            self.log = []
-        if rd.truncate_after is not None:
-            keep = rd.truncate_after - self.snapshot_index
-            del self.log[max(keep, 0):]
-        for e in rd.entries:
-            expect = self.snapshot_index + len(self.log) + 1
-            assert e.index == expect, (e.index, expect)
-            self.log.append(e)
-
-    def compact(self, upto: int) -> None:
-        upto = min(upto, self.applied_index)
-        if upto <= self.snapshot_index:
-            return
-        k = upto - self.snapshot_index
-        self.snapshot_view = self.log[k - 1].view
-        del self.log[:k]
-        self.snapshot_index = upto
-
-    def entry_data(self, index: int) -> bytes | None:
-        if 1 <= index <= len(self.state):
-            return self.state[index - 1]
-        k = index - self.snapshot_index - 1
-        if 0 <= k < len(self.log):
-            return self.log[k].data
-        return None
+    def send(self, peer: int, msg: object) -> None:
+        if self.crash_after is not None:
+            if self.crash_after == 0:
+                self.crash_after = None
+                raise SimCrash("crash injected part-way through sending")
+            self.crash_after -= 1
+        self.sim.send(self.node, peer, msg)
 
 
 class Node:
     def __init__(self, nid: int) -> None:
         self.id = nid
         self.disk = SimDisk()
-        self.replica: Replica | None = None
+        self.host: ReplicaHost | None = None
+        self.net: SimNetwork | None = None
         self.paused_until = -1
         self.paused_from = -1
         self.inbox: list[tuple[int, object]] = []     # held while paused
         self.was_serving = False
         self.last_commit = 0
         self.phase = 0
+        self.sends: dict[str, tuple[int, bytes]] = {}  # chat text -> (index, entry) applied here
+        self.snapshots_seen = 0
 
     @property
     def up(self) -> bool:
-        return self.replica is not None
+        return self.host is not None
+
+    @property
+    def replica(self):
+        return self.host.replica if self.host is not None else None
+
+
+class SimClient:
+    """A seed-style client: one connection, one request at a time, like a person typing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.node: int | None = None
+        self.conn = 0
+        self.logged_in = False
+        self.outstanding: str | None = None  # request text awaiting its answer
+        self.next_request: str | None = None
+        self.want = 0  # chats still to send
 
 
 class Simulation:
-    def __init__(self, seed: int, n: int = 3, *, steps: int = 600, partitions: bool = False,
-                 failure_ticks: int = 10, retain: int = 40, max_down: int | None = None,
-                 heal: bool = True, intensity: float = 1.0, trace: bool = False) -> None:
+    def __init__(self, seed: int, n: int = 3, *, steps: int = 600, faults=DEFAULT_FAULTS,
+                 partitions: bool = False, failure_ticks: int = 10, retain: int = 40,
+                 max_down: int | None = None, heal: bool = True, intensity: float = 1.0,
+                 trace: bool = False) -> None:
         self.seed, self.n, self.steps = seed, n, steps
+        self.faults = tuple(f for f in ALL_FAULTS if f in set(faults) | ({"partition"} if partitions else set()))
+        unknown = set(faults) - set(ALL_FAULTS)
+        if unknown:
+            raise ValueError(f"unknown faults {sorted(unknown)}; choose from {','.join(ALL_FAULTS)}")
         self.rng = random.Random(seed)
-        self.partitions = partitions
-        # Partitions longer than the failure timeout let both sides form views (documented
-        # split brain): then only per-view uniqueness and convergence after healing hold.
-        self.strict = not partitions
+        self.partitions = "partition" in self.faults
+        self.strict = not self.partitions
         self.failure_ticks = failure_ticks
         self.retain = retain
         self.max_down = n - 1 if max_down is None else max_down
         self.heal = heal
         self.intensity = intensity
-        self.trace = trace
+        self.print_trace = trace
         self.cluster = tuple(range(1, n + 1))
         self.nodes = {i: Node(i) for i in self.cluster}
         for nd in self.nodes.values():
@@ -157,52 +147,65 @@ class Simulation:
         self._seq = 0
         self.blocked: dict[tuple[int, int], int] = {}   # link -> blocked until
         self.max_delay = TICK * 3 // 2
-        self.p_drop = 0.02
-        self.p_dup = 0.01
+        self.p_drop = 0.02 if "drop" in self.faults else 0.0
+        self.p_dup = 0.01 if "dup" in self.faults else 0.0
         self.history: dict[int, bytes] = {}     # index -> data, the one applied history
-        self.acked: dict[int, bytes] = {}       # acknowledged writes
-        self.pending: dict[tuple[int, int, int], bytes] = {}   # (node, index, view) -> data
+        self.acked: dict[int, bytes] = {}       # acknowledged chats: index -> entry
         self.write_no = 0
+        self._conn_ids = 0
         self.max_commit_view = -1
-        self.log_lines: list[str] = []
+        self.trace: list[str] = []
         self.stats = {"crashes": 0, "restarts": 0, "pauses": 0, "stalls": 0, "writes": 0,
-                      "acked": 0, "snapshots": 0, "partitions": 0, "failovers": 0}
+                      "acked": 0, "snapshots": 0, "partitions": 0, "failovers": 0, "lost_unsynced": 0}
+        self.clients = [SimClient(SINK)] + [SimClient(f"u{k}") for k in range(1, CLIENTS + 1)]
         for i in self.cluster:
             self.start(i)
 
     # ------------------------------------------------------------------ plumbing
     def replay(self) -> str:
-        extra = f" --n {self.n}" if self.n != 3 else ""
-        extra += " --partitions" if self.partitions else ""
-        return f"python -m chatnet.replication.sim --seed {self.seed} --steps {self.steps}{extra}"
+        return (f"python -m chatnet.replication.sim --seed {self.seed} --steps {self.steps} "
+                f"--n {self.n} --intensity {self.intensity} --faults {','.join(self.faults)}"
+                + (f" --max-down {self.max_down}" if self.max_down != self.n - 1 else ""))
 
     def fail(self, what: str) -> None:
         raise InvariantViolation(f"t={self.now}: {what}\nreplay: {self.replay()}")
 
     def note(self, s: str) -> None:
-        if self.trace:
-            print(f"[t={self.now}] {s}")
+        line = f"[t={self.now}] {s}"
+        self.trace.append(line)
+        if self.print_trace:
+            print(line)
 
     def start(self, i: int) -> None:
         nd = self.nodes[i]
-        nd.replica = Replica(i, self.cluster, nd.disk.load(), failure_ticks=self.failure_ticks,
-                             rng=random.Random(self.rng.getrandbits(64)), max_batch=16,
-                             retain_entries=self.retain)
+        nd.net = SimNetwork(self, i)
+        token_rng = random.Random(self.rng.getrandbits(64))
+        nd.host = ReplicaHost(i, self.cluster, nd.disk, network=nd.net,
+                              failure_ticks=self.failure_ticks,
+                              rng=random.Random(self.rng.getrandbits(64)), retain_entries=self.retain,
+                              new_token=lambda: "%016x" % token_rng.getrandbits(64))
+        nd.host.on_applied = lambda index, data, i=i: self.on_apply(i, index, data)
         nd.was_serving = False
         nd.last_commit = nd.replica.commit_index
         nd.paused_until = -1
         nd.inbox = []
+        nd.sends = {}
         self.process(i)
 
     def crash(self, i: int) -> None:
         nd = self.nodes[i]
-        nd.replica = None
+        nd.host = nd.net = None
         nd.paused_until = -1
         nd.inbox = []
         nd.was_serving = False
-        self.pending = {k: v for k, v in self.pending.items() if k[0] != i}
+        nd.disk.fail_after_commit = False
+        lost = nd.disk.crash(self.rng)
+        self.stats["lost_unsynced"] += lost
+        for c in self.clients:
+            if c.node == i:
+                self._disconnect(c)
         self.stats["crashes"] += 1
-        self.note(f"crash {i}")
+        self.note(f"crash {i} (lost {lost} un-synced batches)")
 
     def send(self, src: int, dst: int, msg: object) -> None:
         if self.rng.random() < self.p_drop:
@@ -217,74 +220,181 @@ class Simulation:
             heapq.heappush(self.net, (t, self._seq, src, dst, payload))
 
     def process(self, i: int, crash_at: str | None = None) -> None:
-        """The host loop: persist -> send -> apply -> advance, until nothing is ready."""
+        """Run host cycles until the host has nothing more to do, as the reactor does before
+        it sleeps.  ``crash_at`` kills the machine inside the next cycle: ``after_persist``
+        (the commit landed, nothing was sent or answered) or ``mid_send`` (some messages left)."""
         nd = self.nodes[i]
-        r = nd.replica
-        assert r is not None
-        while (rd := r.ready()) is not None:
-            nd.disk.persist(rd)
-            if crash_at == "after_persist":
-                self.crash(i)
-                return
-            for peer, msg in rd.messages:
-                self.send(i, peer, msg)
-            if crash_at == "after_send":
-                self.crash(i)
-                return
-            if rd.snapshot is not None:
-                self.stats["snapshots"] += 1
-                self.check_state_prefix(i)
-            for e in rd.committed:
-                if e.index != nd.disk.applied_index + 1:
-                    self.fail(f"node {i} applies {e.index} after {nd.disk.applied_index}")
-                nd.disk.state.append(e.data)
-                self.on_apply(i, e)
-            for peer in rd.snapshot_requests:
-                idx = nd.disk.applied_index
-                r.send_snapshot(peer, idx, r.entry_view(idx), encode_state(nd.disk.state))
-            r.advance(rd)
-            c = r.suggested_compaction()
-            if c is not None:
-                r.compact(c)
-                nd.disk.compact(r.snapshot_index)
-        self.after_process(i)
+        if crash_at == "after_persist":
+            nd.disk.fail_after_commit = True
+        elif crash_at == "mid_send":
+            nd.net.crash_after = self.rng.randint(0, 2)
+        try:
+            for _ in range(8):
+                result = nd.host.cycle()
+                self._observe_snapshots(i)
+                self.after_process(i)
+                self._deliver_effects(i, result.effects)
+                if not result.more:
+                    break
+        except SimCrash as exc:
+            self.note(f"node {i}: {exc}")
+            self.crash(i)
+            return
+        if crash_at is not None:  # the cycle had nothing to commit or send: die anyway
+            self.crash(i)
 
-    # ------------------------------------------------------------------ checks
-    def on_apply(self, i: int, e: Entry) -> None:
-        h = self.history.get(e.index)
-        if h is None or not self.strict:
-            self.history[e.index] = e.data
-        elif h != e.data:
-            self.fail(f"agreement: node {i} applied {e.data!r} at {e.index}, history has {h!r}")
-        key = (i, e.index, e.view)
-        d = self.pending.pop(key, None)
-        if d is not None and d == e.data:
-            self.acked[e.index] = e.data
-            self.stats["acked"] += 1
-            self.note(f"ack {e.index} {e.data!r} by {i}")
-            if not self.strict:
-                return
-            for nd in self.nodes.values():
-                if nd.up and nd.paused_until < 0 and nd.replica.serving \
-                        and not self.holds(nd.id, e.index, e.data):
-                    self.fail(f"I1: serving primary {nd.id} lacks acked write {e.index}")
+    # ------------------------------------------------------------------ clients
+    def _deliver_effects(self, i: int, effects: list) -> None:
+        """What the front end would write to each client's socket, read by the client at once."""
+        by_conn = {c.conn: c for c in self.clients if c.node == i}
+        nd = self.nodes[i]
+        for effect in effects:
+            client = by_conn.get(effect.conn)
+            if client is None or not nd.up:
+                continue
+            if isinstance(effect, Reply):
+                if effect.delivered is not None:
+                    nd.host.service.frames_written(effect.delivered)
+                for fr in decode_frames(effect.data):
+                    self._client_reads(client, fr)
+            elif isinstance(effect, Close):
+                self._disconnect(client)
 
-    def check_state_prefix(self, i: int) -> None:
+    def _client_reads(self, c: SimClient, fr) -> None:
+        if fr.indicator == 1 or c.outstanding is None:
+            return  # chat (for the sink) or a note after an answer
+        request, c.outstanding = c.outstanding, None
+        if fr.status == STATUS_NOTE:  # a backup's redirect: the Close follows
+            return
+        text = fr.message
+        if request.startswith(("1|", "2|")):
+            if fr.status == 0:
+                c.logged_in = True
+            elif text == T_LOGIN_UNKNOWN:
+                c.next_request = f"1|{c.name}"
+            else:  # taken (created meanwhile), or still connected elsewhere: log in again
+                c.next_request = f"2|{c.name}"
+        elif request.startswith("3|") and text == T_SENT.format(recipient=SINK):
+            self._acked(c.node, request.split("|", 2)[2])
+
+    def _acked(self, i: int, chat: str) -> None:
+        got = self.nodes[i].sends.get(chat)
+        if got is None:
+            self.fail(f"node {i} acknowledged {chat!r} that it never applied")
+        index, data = got
+        self.acked[index] = data
+        self.stats["acked"] += 1
+        self.note(f"ack {index} {chat} by {i}")
         if not self.strict:
             return
-        for idx, d in enumerate(self.nodes[i].disk.state, 1):
-            h = self.history.get(idx)
-            if h is not None and h != d:
-                self.fail(f"agreement: snapshot at node {i} has {d!r} at {idx}, history {h!r}")
+        for nd in self.nodes.values():
+            if nd.up and nd.paused_until < 0 and nd.replica.serving and not self.holds(nd.id, index, data):
+                self.fail(f"I1: serving primary {nd.id} lacks acked write {index}")
+
+    def _connect(self, c: SimClient, target: int | None) -> None:
+        ups = [nd.id for nd in self.nodes.values() if nd.up and nd.paused_until < 0]
+        serving = [i for i in ups if self.nodes[i].host.serves_clients]
+        if target is not None:
+            pool = [target] if target in ups else []
+        else:
+            pool = serving if serving and self.rng.random() < 0.9 else ups
+        if not pool:
+            return
+        c.node = self.rng.choice(pool)
+        self._conn_ids += 1
+        c.conn = self._conn_ids
+        c.logged_in = False
+        c.next_request = f"2|{c.name}"
+        self.nodes[c.node].host.open(c.conn)
+
+    def _disconnect(self, c: SimClient) -> None:
+        nd = self.nodes.get(c.node) if c.node is not None else None
+        if nd is not None and nd.up:
+            nd.host.close_connection(c.conn)
+        c.node, c.outstanding, c.next_request, c.logged_in = None, None, None, False
+
+    def _request(self, c: SimClient, text: str) -> None:
+        c.outstanding = text
+        effects = self.nodes[c.node].host.receive(c.conn, parse_request(text))
+        self._deliver_effects(c.node, effects)
+
+    def pump_clients(self, target: int | None = None) -> set[int]:
+        """Let every client with something to do send its next request; the touched nodes."""
+        touched = set()
+        for c in self.clients:
+            if c.node is None:
+                if c.want or c.name == SINK:
+                    self._connect(c, target)
+                if c.node is None:
+                    continue
+            nd = self.nodes[c.node]
+            if c.outstanding is not None or nd.paused_until >= 0:
+                continue
+            if c.next_request is not None:
+                text, c.next_request = c.next_request, None
+            elif c.logged_in and c.want:
+                c.want -= 1
+                self.write_no += 1
+                self.stats["writes"] += 1
+                text = f"3|{SINK}|w{self.write_no}"
+            else:
+                continue
+            touched.add(c.node)
+            self._request(c, text)
+        return touched
+
+    def client_write(self, target: int | None = None, k: int | None = None) -> None:
+        """Ask ``k`` (random 1-4) chats of random clients; they go out as clients get to them."""
+        senders = self.clients[1:]
+        for _ in range(self.rng.randint(1, 4) if k is None else k):
+            self.rng.choice(senders).want += 1
+        for i in sorted(self.pump_clients(target)):
+            if self.nodes[i].up and self.nodes[i].paused_until < 0:
+                self.process(i)
+
+    # ------------------------------------------------------------------ checks
+    def on_apply(self, i: int, index: int, data: bytes) -> None:
+        h = self.history.get(index)
+        if h is None or not self.strict:
+            self.history[index] = data
+        elif h != data:
+            self.fail(f"agreement: node {i} applied {data!r} at {index}, history has {h!r}")
+        cmd = decode_command(data)
+        if cmd[0] == "send":
+            self.nodes[i].sends[cmd[3]] = (index, data)
+
+    def _observe_snapshots(self, i: int) -> None:
+        nd = self.nodes[i]
+        if nd.disk.snapshots == nd.snapshots_seen:
+            return
+        self.stats["snapshots"] += nd.disk.snapshots - nd.snapshots_seen
+        nd.snapshots_seen = nd.disk.snapshots
+        if self.strict and nd.up:
+            expected = self.reference_state(nd.host.applied_index)
+            if expected is not None and expected != nd.host.service.state.to_snapshot():
+                self.fail(f"agreement: node {i} installed a snapshot at {nd.host.applied_index} "
+                          f"that differs from replaying the history")
+
+    def reference_state(self, upto: int) -> bytes | None:
+        """The chat state of replaying the one history up to ``upto`` (None if unknown)."""
+        state = ChatState()
+        for index in range(1, upto + 1):
+            data = self.history.get(index)
+            if data is None:
+                return None
+            state.apply(decode_command(data))
+        return state.to_snapshot()
 
     def holds(self, i: int, index: int, data: bytes) -> bool:
         nd = self.nodes[i]
-        r = nd.replica
-        if r is not None:
-            e = r.entry(index)
+        if nd.up:
+            e = nd.replica.entry(index)
             if e is not None:
                 return e.data == data
-        return nd.disk.entry_data(index) == data
+            return index <= nd.host.applied_index and self.history.get(index) == data
+        if nd.disk.entry_data(index) is not None:
+            return nd.disk.entry_data(index) == data
+        return index <= nd.disk.applied_index and self.history.get(index) == data
 
     def after_process(self, i: int) -> None:
         nd = self.nodes[i]
@@ -323,7 +433,7 @@ class Simulation:
             if nd.paused_until > self.now:
                 nd.inbox.append((src, msg))
                 continue
-            nd.replica.step(src, msg)
+            nd.host.step(src, msg)
             self.process(dst)
 
     def unit(self) -> None:
@@ -337,21 +447,24 @@ class Simulation:
         self.rng.shuffle(order)
         for nd in order:
             if nd.up and nd.paused_until < 0 and (self.now + nd.phase) % TICK == 0:
-                nd.replica.tick()
+                nd.host.tick()
                 self.process(nd.id)
+        for i in sorted(self.pump_clients()):
+            if self.nodes[i].up:
+                self.process(i)
 
     def resume(self, nd: Node) -> None:
         gap_ticks = (self.now - nd.paused_from) // TICK
         nd.paused_until = -1
         if gap_ticks >= self.failure_ticks // 2:
-            nd.replica.stalled()       # the host noticed its own stall
+            nd.host.stalled()       # the host noticed its own stall
             self.stats["stalls"] += 1
             self.note(f"node {nd.id} wakes after {gap_ticks} ticks: stalled()")
         self.process(nd.id)
         inbox, nd.inbox = nd.inbox, []
         for src, msg in inbox:
             if nd.up:
-                nd.replica.step(src, msg)
+                nd.host.step(src, msg)
                 self.process(nd.id)
 
     # ------------------------------------------------------------------ nemesis
@@ -360,7 +473,7 @@ class Simulation:
         k = self.intensity / TICK
         down = [nd for nd in self.nodes.values() if not nd.up]
         live = [nd for nd in self.nodes.values() if nd.up]
-        if rng.random() < 0.012 * k and live and len(down) < self.max_down:
+        if "crash" in self.faults and rng.random() < 0.012 * k and live and len(down) < self.max_down:
             nd = rng.choice(live)
             if rng.random() < 0.3:
                 self.crash_mid_loop(nd.id)
@@ -371,60 +484,43 @@ class Simulation:
             self.stats["restarts"] += 1
             self.note(f"restart {nd.id}")
             self.start(nd.id)
-        elif rng.random() < 0.006 * k and live:
+        elif "pause" in self.faults and rng.random() < 0.006 * k and live:
             nd = rng.choice(live)
             if nd.paused_until < 0:
                 ticks = rng.choice([1, 2, 3, self.failure_ticks // 2 - 1, self.failure_ticks,
                                     2 * self.failure_ticks, 3 * self.failure_ticks])
-                nd.paused_from = self.now
-                nd.paused_until = self.now + ticks * TICK + rng.randrange(TICK)
+                self.pause(nd.id, ticks, jitter=rng.randrange(TICK))
                 self.stats["pauses"] += 1
-                self.note(f"pause {nd.id} for ~{ticks} ticks")
-        elif rng.random() < 0.004 * k:
-            a, b = rng.sample(self.cluster, 2) if self.n > 1 else (1, 1)
-            if a != b:
-                if self.partitions:
-                    length = rng.randint(1, 4 * self.failure_ticks) * TICK
-                else:
-                    length = rng.randint(1, self.failure_ticks // 3) * TICK
-                self.blocked[(a, b)] = self.now + length
-                if rng.random() < 0.7:
-                    self.blocked[(b, a)] = self.now + length
-                self.stats["partitions"] += 1
-                self.note(f"cut {a}<->{b} for {length // TICK} ticks")
+        elif ("cut" in self.faults or self.partitions) and rng.random() < 0.004 * k and self.n > 1:
+            self.random_cut()
         if rng.random() < 0.25 * k * TICK / 2:
             self.client_write()
 
+    def random_cut(self) -> None:
+        rng = self.rng
+        a, b = rng.sample(self.cluster, 2)
+        if self.partitions:
+            length = rng.randint(1, 4 * self.failure_ticks) * TICK
+        else:
+            length = rng.randint(1, self.failure_ticks // 3) * TICK
+        self.blocked[(a, b)] = self.now + length
+        if rng.random() < 0.7:
+            self.blocked[(b, a)] = self.now + length
+        self.stats["partitions"] += 1
+        self.note(f"cut {a}<->{b} for {length // TICK} ticks")
+
     def crash_mid_loop(self, i: int) -> None:
-        """Crash a host in the middle of its loop: after a write was persisted but before
-        the messages of that Ready left, or before the entries were applied."""
+        """Crash a host inside a cycle: after its store commit, or part-way through sending."""
         nd = self.nodes[i]
-        r = nd.replica
-        if r.serving and self.rng.random() < 0.7:
+        if nd.replica.serving and self.rng.random() < 0.7:
             self.client_write(i)
-        self.process(i, crash_at=self.rng.choice(["after_persist", "after_send"]))
+        if nd.up:
+            self.process(i, crash_at=self.rng.choice(["after_persist", "mid_send"]))
         if nd.up:
             self.crash(i)
 
-    def client_write(self, target: int | None = None, k: int | None = None) -> None:
-        cands = [nd for nd in self.nodes.values()
-                 if nd.up and nd.paused_until < 0 and nd.replica.serving
-                 and (target is None or nd.id == target)]
-        if not cands:
-            return
-        nd = self.rng.choice(cands)
-        for _ in range(self.rng.randint(1, 4) if k is None else k):
-            self.write_no += 1
-            data = b"w%d" % self.write_no
-            idx = nd.replica.propose(data)
-            if idx is not None:
-                self.pending[(nd.id, idx, nd.replica.view)] = data
-                self.stats["writes"] += 1
-        if target is None:
-            self.process(nd.id)
-
     # ------------------------------------------------------------------ scripted control
-    # (for transcript-style scenario tests: no nemesis, the test decides every fault)
+    # (for scenario tests and transcripts: no nemesis, the caller decides every fault)
     def run_ticks(self, k: int) -> None:
         for _ in range(k * TICK):
             self.unit()
@@ -442,20 +538,36 @@ class Simulation:
             self.unit()
         return None
 
-    def write(self, count: int = 1, ticks: int = 5) -> int:
-        """Propose ``count`` writes at the serving primary, run ``ticks``; acks gained."""
+    def write(self, count: int = 1, ticks: int = 40) -> int:
+        """Ask ``count`` chats and run until they are all answered or ``ticks`` pass; the
+        number acknowledged."""
         before = len(self.acked)
         self.client_write(k=count)
-        self.run_ticks(ticks)
+        for _ in range(ticks * TICK):
+            if len(self.acked) - before >= count:
+                break
+            self.unit()
         return len(self.acked) - before
 
-    def pause(self, i: int, ticks: int) -> None:
+    def pause(self, i: int, ticks: int, jitter: int = 0) -> None:
         nd = self.nodes[i]
         nd.paused_from = self.now
-        nd.paused_until = self.now + ticks * TICK
+        nd.paused_until = self.now + ticks * TICK + jitter
+        self.note(f"pause {i} for ~{ticks} ticks")
+
+    def partition(self, *sides: tuple[int, ...], until: int = 10**12) -> None:
+        """Cut every link between different sides (both directions) until healed."""
+        for a_side in sides:
+            for b_side in sides:
+                if a_side is not b_side:
+                    for a in a_side:
+                        for b in b_side:
+                            self.blocked[(a, b)] = until
+        self.note("partition " + " | ".join(" ".join(map(str, s)) for s in sides))
 
     def restart(self, i: int) -> None:
         self.stats["restarts"] += 1
+        self.note(f"restart {i}")
         self.start(i)
 
     def role(self, i: int) -> str | None:
@@ -463,13 +575,22 @@ class Simulation:
         return nd.replica.role if nd.up else None
 
     # ------------------------------------------------------------------ runs
-    def run(self) -> "Simulation":
+    def run(self) -> Simulation:
         for _ in range(self.steps * TICK):
             self.unit()
             self.nemesis()
         if self.heal:
             self.heal_and_check()
+        self.note(f"end digest {self.digest()}")
         return self
+
+    def digest(self) -> str:
+        """A digest of every replica's applied state, for comparing two runs."""
+        h = hashlib.sha256()
+        for nd in self.nodes.values():
+            if nd.up:
+                h.update(nd.host.service.state.to_snapshot())
+        return h.hexdigest()[:16]
 
     def heal_and_check(self, max_ticks: int = 400) -> None:
         self.blocked.clear()
@@ -481,20 +602,22 @@ class Simulation:
         for nd in self.nodes.values():
             if not nd.up:
                 self.start(nd.id)
-        self.pending.clear()
         acked_before = len(self.acked)
         for t in range(max_ticks * TICK):
             self.unit()
             if t % TICK:
                 continue
             if len(self.acked) == acked_before:
-                self.client_write()    # a write after healing must be acknowledged too
+                if not any(c.want for c in self.clients):
+                    self.client_write(k=1)    # a chat after healing must be acknowledged too
             elif self.converged():
                 return
-        states = {i: (nd.replica.status()) for i, nd in self.nodes.items()}
+        states = {i: nd.replica.status() for i, nd in self.nodes.items()}
         self.fail(f"liveness: no convergence {max_ticks} ticks after healing: {states}")
 
     def converged(self) -> bool:
+        if not all(nd.up for nd in self.nodes.values()):
+            return False
         prim = [nd for nd in self.nodes.values() if nd.replica.serving]
         if len(prim) != 1:
             return False
@@ -504,37 +627,50 @@ class Simulation:
         top = p.commit_index
         for nd in self.nodes.values():
             r = nd.replica
-            if r.commit_index != top or nd.disk.applied_index != top or r.last_index != p.last_index:
+            if r.commit_index != top or nd.host.applied_index != top or r.last_index != p.last_index:
                 return False
+        states = {nd.host.service.state.to_snapshot() for nd in self.nodes.values()}
+        if len(states) != 1:
+            self.fail("convergence: applied states differ after healing")
         if not self.strict:
-            states = {tuple(nd.disk.state) for nd in self.nodes.values()}
-            if len(states) != 1:
-                self.fail("convergence: applied states differ after healing")
             return True
+        if self.reference_state(top) not in states:
+            self.fail("convergence: the common state is not the replay of the history")
         for idx, d in self.acked.items():
             for nd in self.nodes.values():
-                if nd.disk.entry_data(idx) != d:
+                if not self.holds(nd.id, idx, d):
                     self.fail(f"I1: after healing node {nd.id} lacks acked write {idx}")
         return True
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--steps", type=int, default=600, help="simulated ticks of faults")
     ap.add_argument("--n", type=int, default=3)
+    ap.add_argument("--intensity", type=float, default=1.0, help="fault rate multiplier")
+    ap.add_argument("--faults", default=",".join(DEFAULT_FAULTS),
+                    help=f"comma-separated fault kinds from {','.join(ALL_FAULTS)}")
     ap.add_argument("--partitions", action="store_true",
-                    help="allow partitions longer than the failure timeout (split brain)")
+                    help="same as adding 'partition' to --faults (split brain allowed)")
+    ap.add_argument("--max-down", type=int, default=None, help="most replicas down at once (N-1)")
     ap.add_argument("--seeds", type=int, default=1, help="run this many seeds from --seed")
-    ap.add_argument("--trace", action="store_true")
-    a = ap.parse_args(argv)
+    ap.add_argument("--trace", action="store_true", help="print every event")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.trace else logging.ERROR)
+    faults = [f for f in a.faults.split(",") if f]
     bad = 0
     for s in range(a.seed, a.seed + a.seeds):
-        sim = Simulation(s, a.n, steps=a.steps, partitions=a.partitions, trace=a.trace)
+        sim = Simulation(s, a.n, steps=a.steps, faults=faults, partitions=a.partitions,
+                         intensity=a.intensity, max_down=a.max_down, trace=a.trace)
         try:
             sim.run()
             print(f"seed {s}: ok {sim.stats} final commit "
-                  f"{max(nd.replica.commit_index for nd in sim.nodes.values())}")
+                  f"{max(nd.replica.commit_index for nd in sim.nodes.values())} digest {sim.digest()}")
         except InvariantViolation as exc:
             bad += 1
             print(f"seed {s}: FAILED {exc}")

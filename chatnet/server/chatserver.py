@@ -1,22 +1,22 @@
-"""A chatnet replica: the reactor wired to the codec, the chat service, the replication core,
-the peer transport and the store.
+"""A chatnet replica's socket front end: the reactor wired to the codec, the peer transport
+and the :class:`~.host.ReplicaHost` (which owns the replication core, the chat service and the
+store, and is shared unchanged with the simulator).
 
-This is the only place where the pure parts meet I/O.  Per loop iteration:
+This is the only place where the pure parts meet sockets.  Per loop iteration:
 
 1. socket events: a new connection is classified once by its first bytes (client, peer, status
-   query); client requests are decoded and handed to the service.  A connection waiting for
-   the answer of a state-changing request gets no further request handled (answers stay in
-   order); after ``MAX_PIPELINED`` decoded requests it is not read either, so TCP pushes back
-   on a client that pipelines without bound.  Peer messages go to the replication core.
-2. before sleeping (``_before_sleep``): the commands proposed this iteration go to the core;
-   every ``Ready`` it returns is persisted in **one** SQLite transaction (group commit: log
-   entries, view, and the state changes of newly committed entries), its messages are sent
-   only after that, and the answers and live chat of committed commands are written last.
+   query); client requests are decoded and handed to the host's service.  A connection waiting
+   for the answer of a state-changing request gets no further request handled (answers stay
+   in order); after ``MAX_PIPELINED`` decoded requests it is not read either, so TCP pushes
+   back on a client that pipelines without bound.  Peer messages go to the host.
+2. before sleeping (``_before_sleep``): one :meth:`ReplicaHost.cycle` — propose, persist in one
+   transaction, send, and only then hand back the answers and live chat to write.
 3. writes go straight to the sockets; EVENT_WRITE is registered only for bytes a send() could
    not take.
 
-Only a serving primary answers clients; a backup answers with a redirect note and closes.  A
-primary that reconfigures its view keeps its clients waiting (``HOLDING``) instead.
+Isolation: an exception while handling one connection's bytes closes that connection with a
+logged reason; it never stops the replica.  A failure of the host itself (the store cannot
+write) stops the replica loudly, before anything is acknowledged.
 
 Flow control: a connection whose output exceeds the high-water mark stops receiving live chat
 (it stays queued in the store) and is not read until it drains below the low-water mark; one
@@ -31,24 +31,21 @@ import hashlib
 import itertools
 import json
 import logging
-import random
 import resource
 import socket
 
-from ..protocol.codec import CLOSED, NEED_DATA, STATUS_NOTE, RequestDecoder
-from .config import Address, Limits
 from ..loop.connection import HIGH_WATER, LOW_WATER, BufferedSocket, ConnectionLost
-from ..protocol.texts import PREFACES, STATUS_PREFACE, T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
-from ..replication.transport import PeerTransport
 from ..loop.reactor import READ, WRITE, Reactor
-from ..replication.core import DurableState, Entry, Replica
-from .service import ChatService, Close, Reply, frame
-from .state import ChatState, decode_command, encode_command
+from ..protocol.codec import CLOSED, NEED_DATA, RequestDecoder
+from ..protocol.texts import PREFACES, STATUS_PREFACE
+from ..replication.transport import PeerTransport
+from .config import Address, Limits
+from .host import ReplicaHost
+from .service import Close, Reply
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-SERVING, HOLDING, AWAY = "serving", "holding", "away"
 ACCEPT_BATCH = 64
 MAX_PIPELINED = 16  # decoded requests a connection may have queued behind an unanswered one
 CLIENT_SNDBUF = 128 * 1024
@@ -95,7 +92,7 @@ class _Listener:
 
 
 class ChatServer:
-    """One replica: clients and peers on one port, the replication core, the chat service."""
+    """One replica's sockets: clients and peers on one port, around a :class:`ReplicaHost`."""
 
     def __init__(
         self,
@@ -119,20 +116,6 @@ class ChatServer:
         self.slow_client_timeout = slow_client_timeout
         self.heartbeat = heartbeat
         self.failure_timeout = failure_timeout
-        self.store = Store(data_dir)
-        loaded = self.store.load()
-        self.limits = limits or Limits()
-        self.service = ChatService(loaded.state, limits=self.limits)
-        self.replica = Replica(
-            me, range(len(peers)), _durable_state(loaded),
-            heartbeat_ticks=1, failure_ticks=max(2, round(failure_timeout / heartbeat)),
-            rng=random.Random(), retain_entries=log_retain,
-            **({"max_batch": 1, "max_inflight": 1} if naive else {}),
-        )
-        # Benchmark baseline: one command per loop iteration, so one fsync per command, and
-        # one entry in flight per backup (stop-and-wait) instead of group commit + pipelining.
-        self.naive = naive
-        self.applied_index = loaded.applied_index
         self.transport = None
         if len(peers) > 1:
             if not secret:
@@ -140,14 +123,18 @@ class ChatServer:
             self.transport = PeerTransport(
                 self.reactor, me, peers, secret, self._on_peer_message, self._on_link_change
             )
+        self.replica_host = ReplicaHost(
+            me, range(len(peers)), Store(data_dir), network=self.transport, addresses=peers,
+            failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
+            naive=naive, limits=limits,
+        )
+        self.service = self.replica_host.service
+        self.replica = self.replica_host.replica
         self.conns: dict[int, ClientConnection] = {}
         self._ids = itertools.count(1)
         self._dirty: set[ClientConnection] = set()
         self._listener_handler = _Listener(self)
         self.listener: socket.socket | None = None
-        self._mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
-        self._held: list = []  # commands waiting for the view to be re-established
-        self._last_tick = self.reactor.clock()
         self.reactor.before_sleep.append(self._before_sleep)
         self.reactor.on_stall = self._on_stall
         self.reactor.stall_threshold = failure_timeout / 2  # peers may replace us after one timeout
@@ -189,7 +176,7 @@ class ChatServer:
             self.close_connection(conn, "server shutdown")
         if self.transport is not None:
             self.transport.stop()
-        self.store.close()
+        self.replica_host.close()
         self.reactor.close()
 
     # -- accepting ------------------------------------------------------------------------------
@@ -213,7 +200,7 @@ class ChatServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF)
             conn = ClientConnection(self, next(self._ids), sock, addr)
             self.conns[conn.id] = conn
-            self.service.connection_opened(conn.id)
+            self.replica_host.open(conn.id)
             self._update_interest(conn)
 
     def _resume_accepting(self) -> None:
@@ -257,7 +244,7 @@ class ChatServer:
         sock = conn.io.sock
         self.reactor.forget(sock)
         self.conns.pop(conn.id, None)
-        self.service.connection_closed(conn.id)
+        self.replica_host.close_connection(conn.id)
         conn.closed = True
         if preface == STATUS_PREFACE:
             try:  # one small line into a fresh socket's buffer: never blocks the loop
@@ -272,15 +259,28 @@ class ChatServer:
             self.transport.adopt(sock, conn.addr, rest)
 
     def status(self) -> dict:
-        status = self.replica.status()
+        status = self.replica_host.status()
         status.update(address=f"{self.host}:{self.port}", clients=len(self.conns),
-                      accounts=len(self.service.state.accounts), applied=self.applied_index,
                       digest=hashlib.sha256(self.service.state.to_snapshot()).hexdigest()[:16])
         return status
 
     def _feed(self, conn: ClientConnection) -> None:
-        """Hand the connection's decoded requests to the service until it must wait."""
-        service = self.service
+        """Hand the connection's decoded requests to the service until it must wait.
+
+        Any exception here comes from this connection's bytes (a request the codec or the
+        service did not expect): it closes this connection, with the reason logged, and
+        nothing else — one client can never stop the replica."""
+        try:
+            self._feed_requests(conn)
+        except Exception:
+            log.exception("closing %r: error while handling its request", conn)
+            self.close_connection(conn, "internal error handling its request")
+            return
+        if not conn.closed:
+            self._update_interest(conn)
+
+    def _feed_requests(self, conn: ClientConnection) -> None:
+        service, host = self.service, self.replica_host
         while not (conn.closed or conn.closing or service.waiting(conn.id)):
             event = conn.decoder.next_event()
             if event is NEED_DATA:
@@ -289,25 +289,7 @@ class ChatServer:
                 conn.closing = True
                 self._dirty.add(conn)
                 break
-            if self._mode == AWAY:
-                self._redirect(conn)
-                break
-            service.receive(conn.id, event)
-            self._apply_effects()
-        if not conn.closed:
-            self._update_interest(conn)
-
-    def _redirect(self, conn: ClientConnection) -> None:
-        """Only the primary serves clients: tell this one where to go, then close."""
-        conn.io.write(frame(STATUS_NOTE, self.redirect_text()))
-        conn.closing = True
-        self._dirty.add(conn)
-
-    def redirect_text(self) -> str:
-        primary = self.replica.primary
-        if self.replica.role == "backup" and primary is not None and primary != self.me:
-            return T_BACKUP_KNOWS.format(address=self.peers[primary])
-        return T_BACKUP_UNKNOWN
+            self._apply_effects(host.receive(conn.id, event))
 
     def _update_interest(self, conn: ClientConnection) -> None:
         # A connection waiting for an answer stays registered (no epoll_ctl per request) until
@@ -324,8 +306,8 @@ class ChatServer:
         self.reactor.set_interest(conn.io.sock, mask, conn)
 
     # -- the service's effects --------------------------------------------------------------------
-    def _apply_effects(self) -> None:
-        for effect in self.service.take_effects():
+    def _apply_effects(self, effects) -> None:
+        for effect in effects:
             conn = self.conns.get(effect.conn)
             if conn is None or conn.closed:
                 continue
@@ -337,134 +319,35 @@ class ChatServer:
 
     # -- replication ------------------------------------------------------------------------------
     def _tick(self) -> None:
-        now = self.reactor.clock()
-        self._last_tick = now
-        self.replica.tick()
+        self.replica_host.tick()
         self.reactor.timers.call_later(self.heartbeat, self._tick)
 
     def _on_stall(self, late: float) -> None:
         log.warning("this replica's loop stalled for %.2fs (paused?); rejoining as recovering", late)
-        self.replica.stalled()
+        self.replica_host.stalled()
 
     def _on_peer_message(self, peer: int, msg) -> None:
-        self.replica.step(peer, msg)
+        self.replica_host.step(peer, msg)
 
     def _on_link_change(self, peer: int, up: bool) -> None:
-        if up:
-            self.replica.peer_connected(peer)
-        else:
-            self.replica.peer_disconnected(peer)
+        self.replica_host.peer_link(peer, up)
 
     # -- group commit -----------------------------------------------------------------------------
     def _before_sleep(self) -> bool:
-        """Propose this iteration's commands, persist what the core asks for in one transaction,
-        send, apply, and only then write the answers.
+        """One host cycle (persist once, then send), then write the answers it released.
 
         Returns True when more work is already pending (the loop then polls without waiting).
-        """
-        replica = self.replica
-        self._check_serving()
-        proposals, self._held = self._held + self.service.take_proposals(), []
-        if self.naive and len(proposals) > 1:
-            proposals, self._held = proposals[:1], proposals[1:]
-        if replica.serving:
-            for cmd, conn_id in proposals:
-                index = replica.propose(encode_command(cmd))
-                self.service.bind(index, cmd, conn_id, replica.view)
-        elif self._mode == HOLDING:
-            self._held = proposals  # proposed once the view is re-established
-        for _ in range(16):
-            rd = replica.ready()
-            if rd is None:
-                break
-            self._handle_ready(rd)
-        self._check_serving()
+        A store failure propagates: the replica stops rather than acknowledge anything."""
+        result = self.replica_host.cycle()
         if self.transport is not None:
             self.transport.flush()
-        self._flush_dirty()
-        return bool(self.service.proposals or self._held and self._mode == SERVING) or self.service.has_delivery_marks()
-
-    def _handle_ready(self, rd) -> None:
-        replica, service = self.replica, self.service
-        if rd.snapshot is not None:
-            state = ChatState.from_snapshot(rd.snapshot.data)
-            self.store.install_snapshot(state, rd.snapshot.index, {
-                "snapshot_index": rd.snapshot.index, "snapshot_view": rd.snapshot.view})
-            service.replace_state(state)
-            self.applied_index = rd.snapshot.index
-        changes = []
-        for entry in rd.committed:
-            if entry.index <= self.applied_index:
-                continue  # already in the applied state (replayed after a snapshot)
-            changes.extend(service.apply(entry.index, decode_command(entry.data), entry.view))
-            self.applied_index = entry.index
-        meta = None
-        if rd.hard_state is not None:
-            hs = rd.hard_state
-            meta = {"view": hs.view, "primary": hs.primary, "members": list(hs.members), "promised": hs.promised}
-        compact = replica.suggested_compaction()
-        if compact is not None:
-            compact = min(compact, self.applied_index)
-            view = replica.entry_view(compact)
-            meta = {**(meta or {}), "snapshot_index": compact, "snapshot_view": view or 0}
-        must_sync = bool(rd.hard_state or rd.entries or rd.truncate_after is not None)
-        self.store.write_batch(
-            entries=[(e.index, e.view, e.data) for e in rd.entries],
-            truncate_after=rd.truncate_after,
-            changes=changes,
-            applied_index=self.applied_index if rd.committed else None,
-            meta=meta,
-            compact_upto=compact,
-            sync=must_sync,
-        )
-        if self.transport is not None:
-            for peer, msg in rd.messages:
-                self.transport.send(peer, msg)
-        for peer in rd.snapshot_requests:
-            replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index),
-                                  service.state.to_snapshot())
-        replica.advance(rd)
-        if compact is not None:
-            replica.compact(compact)
-        self._apply_effects()
-        for conn_id in service.take_unblocked():  # answered: their next request may go now
+        self._apply_effects(result.effects)
+        for conn_id in result.unblocked:  # answered: their next request may go now
             conn = self.conns.get(conn_id)
             if conn is not None and not conn.closed:
                 self._feed(conn)
-
-    def _check_serving(self) -> None:
-        """Follow the core's role: serve, hold clients through a reconfiguration, or send them away.
-
-        A primary that removes a failed member or re-adds a caught-up one runs a short view
-        change of its own, and a new primary syncs its members before it serves; meanwhile
-        clients wait (their commands are held, not lost)
-        rather than being disconnected.  Any other loss of the primary role sends every
-        client to the primary (or away, when none is known) and abandons what was pending.
-        """
-        replica = self.replica
-        if replica.serving:
-            mode = SERVING
-        elif replica.role == "primary" or (  # established, syncing its members before serving
-                replica.role == "electing" and replica.primary == self.me
-                and (campaign := replica.status().get("campaign")) is not None
-                and campaign % len(self.peers) == self.me):
-            mode = HOLDING
-        else:
-            mode = AWAY
-        if mode == self._mode:
-            return
-        previous, self._mode = self._mode, mode
-        if mode == SERVING:
-            log.info("serving clients as primary of view %d (members %s)", replica.view,
-                     ",".join(str(self.peers[m]) for m in replica.members))
-        elif mode == HOLDING:
-            log.info("view change in progress (from view %d); clients wait", replica.view)
-        elif previous != AWAY or self.conns:
-            log.warning("not serving clients (role %s, view %d)", replica.role, replica.view)
-            self._held = []
-            self.service.abandon_proposals()
-            for conn in list(self.conns.values()):
-                self._redirect(conn)
+        self._flush_dirty()
+        return result.more
 
     # -- writing ----------------------------------------------------------------------------------
     def _flush_dirty(self) -> None:
@@ -500,7 +383,7 @@ class ChatServer:
                 conn.slow_timer.cancel()
                 conn.slow_timer = None
             self.service.set_congested(conn.id, False)
-            self._apply_effects()  # the chat it missed, from the mailbox
+            self._apply_effects(self.service.take_effects())  # the chat it missed, from the mailbox
 
     def _drop_slow(self, conn: ClientConnection) -> None:
         if not conn.closed and conn.congested:
@@ -518,7 +401,7 @@ class ChatServer:
         conn.io.close()
         self.conns.pop(conn.id, None)
         self._dirty.discard(conn)
-        self.service.connection_closed(conn.id)
+        self.replica_host.close_connection(conn.id)
 
 
 def raise_fd_limit() -> None:
@@ -530,24 +413,3 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         except (ValueError, OSError):
             pass
-
-
-def _durable_state(loaded) -> DurableState:
-    """The replication core's view of what the store holds."""
-    meta = loaded.meta
-    log_entries = [Entry(idx, view, bytes(data)) for idx, view, data in loaded.log]
-    snapshot_index = meta.get("snapshot_index", 0)
-    if log_entries:
-        snapshot_index = log_entries[0].index - 1
-    else:
-        snapshot_index = max(snapshot_index, loaded.applied_index)
-    return DurableState(
-        view=meta.get("view", 0),
-        primary=meta.get("primary"),
-        members=tuple(meta.get("members", ())),
-        snapshot_index=snapshot_index,
-        snapshot_view=meta.get("snapshot_view", 0),
-        log=log_entries,
-        applied_index=loaded.applied_index,
-        promised=meta.get("promised"),
-    )

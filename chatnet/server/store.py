@@ -1,7 +1,7 @@
 """The replica's durable store: one SQLite database in WAL mode with ``synchronous=FULL``.
 
 This is the only module that touches SQLite.  Everything one loop iteration changed is
-written by a single ``write_batch`` call, one transaction, one fsync (group commit): the log
+written by a single ``commit`` call, one transaction, one fsync (group commit): the log
 entries appended, the row changes of the commands applied, the applied index and any
 replication hard state (view, primary, members).  Because the applied index lives in the same
 transaction as the rows it describes, it can never point past the state, and because log rows
@@ -22,9 +22,9 @@ import json
 import logging
 import os
 import sqlite3
-from dataclasses import dataclass, field
 
 from .state import ChatState, Mail
+from .storage import Batch, Loaded
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +42,36 @@ CREATE INDEX IF NOT EXISTS mail_by_sender ON mail(sender);
 """
 
 
-@dataclass
-class Loaded:
-    """What a replica finds in its store at start-up."""
-
-    state: ChatState
-    applied_index: int
-    meta: dict = field(default_factory=dict)
-    log: list = field(default_factory=list)  # (idx, view, data): the retained tail of the log
-
-
 class StoreError(Exception):
     """The store cannot be opened or written; the replica must stop rather than guess."""
 
 
+def _private_files(path: str) -> None:
+    """Create the database file 0600 if missing, and take group and other access away from it
+    and its -wal and -shm files if they have any (stores made before modes were enforced).
+    SQLite gives the -wal and -shm files it creates the database file's mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    os.close(fd)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            mode = os.stat(name).st_mode
+        except FileNotFoundError:
+            continue
+        if mode & 0o077:
+            os.chmod(name, mode & 0o700)
+
+
 class Store:
     def __init__(self, data_dir: str):
-        os.makedirs(data_dir, exist_ok=True)
+        # The store holds every account's resume token and all undelivered chat: only the
+        # user running the replica may read it.  Its directory is created 0700 (an existing
+        # one is left as the operator made it) and the database files are 0600.
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
         self.path = os.path.join(data_dir, "chatnet.sqlite3")
+        try:
+            _private_files(self.path)
+        except OSError as exc:
+            raise StoreError(f"cannot create store {self.path}: {exc}") from exc
         try:
             self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -103,44 +115,37 @@ class Store:
         return h.hexdigest()
 
     # -- writing -----------------------------------------------------------------------------
-    def write_batch(
-        self,
-        *,
-        entries=(),
-        changes=(),
-        applied_index: int | None = None,
-        meta: dict | None = None,
-        truncate_after: int | None = None,
-        compact_upto: int | None = None,
-        sync: bool = True,
-    ) -> None:
-        """Write one loop iteration's work in one transaction.
+    def commit(self, batch: Batch) -> None:
+        """Write one loop iteration's work (:class:`~.storage.Batch`) in one transaction.
 
-        ``entries`` are (idx, view, data) log rows; ``changes`` are the row changes returned by
-        ``ChatState.apply``.  With ``sync`` (log entries or hard state inside) it returns only
-        once the transaction is on disk (synchronous=FULL).  Without it — only applying entries
-        that are already durable in the log — the commit skips the fsync: a crash can lose it,
-        but atomically (applied index and rows together), and the entries are applied again
-        from the log at restart.  WAL order keeps it before any later synced transaction.
+        With ``batch.sync`` (log entries, truncation, hard state or an installed snapshot
+        inside) it returns only once the transaction is on disk (synchronous=FULL).  Without
+        it — only applying entries that are already durable in the log — the commit skips the
+        fsync: a crash can lose it, but atomically (applied index and rows together), and the
+        entries are applied again from the log at restart.  WAL order keeps it before any
+        later synced transaction.
         """
         db = self._db
-        if sync != self._sync:
-            db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
-            self._sync = sync
+        if batch.sync != self._sync:
+            db.execute(f"PRAGMA synchronous={'FULL' if batch.sync else 'NORMAL'}")
+            self._sync = batch.sync
         with self._transaction("write"):
-            if truncate_after is not None:
-                db.execute("DELETE FROM log WHERE idx > ?", (truncate_after,))
-            if entries:
-                db.executemany("INSERT OR REPLACE INTO log(idx, view, data) VALUES (?, ?, ?)", entries)
-            self._apply_changes(changes)
-            if applied_index is not None:
-                db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('applied_index', ?)", (json.dumps(applied_index),))
+            if batch.snapshot is not None:
+                self._replace_state(*batch.snapshot)
+            if batch.truncate_after is not None:
+                db.execute("DELETE FROM log WHERE idx > ?", (batch.truncate_after,))
+            if batch.entries:
+                db.executemany("INSERT OR REPLACE INTO log(idx, view, data) VALUES (?, ?, ?)", batch.entries)
+            self._apply_changes(batch.changes)
+            meta = dict(batch.meta)
+            if batch.applied_index is not None:
+                meta["applied_index"] = batch.applied_index
             if meta:
                 db.executemany(
                     "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()]
                 )
-            if compact_upto is not None:
-                db.execute("DELETE FROM log WHERE idx <= ?", (compact_upto,))
+            if batch.compact_upto is not None:
+                db.execute("DELETE FROM log WHERE idx <= ?", (batch.compact_upto,))
 
     # Row changes that commute with each other between two barriers: within a run they are
     # written table by table with executemany (inserts before deletes: a delivered mark never
@@ -187,31 +192,30 @@ class Store:
                 self._db.executemany(sql, rows)
         run.clear()
 
-    def install_snapshot(self, state: ChatState, index: int, meta: dict) -> None:
-        """Replace the whole chat state and the log with a snapshot taken at ``index``."""
+    def _replace_state(self, index: int, view: int, state: ChatState) -> None:
+        """Replace the whole chat state and the log with a snapshot taken at ``index``
+        (inside the caller's transaction)."""
         db = self._db
-        with self._transaction("installing a snapshot"):
-            db.execute("DELETE FROM accounts")
-            db.execute("DELETE FROM mail")
-            db.execute("DELETE FROM request_ids")
-            db.execute("DELETE FROM log")
-            db.executemany(
-                "INSERT INTO accounts(name, ord, next_seq, token) VALUES (?, ?, ?, ?)",
-                [(a.name, a.order, a.next_seq, a.token) for a in state.accounts.values()],
-            )
-            db.executemany(
-                "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)",
-                [(a.name, pos, rid) for a in state.accounts.values() for rid, pos in a.request_ids.items()],
-            )
-            db.executemany(
-                "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, ?)",
-                [(name, m.seq, m.sender, m.text, int(m.sender_deleted))
-                 for name, box in state.mailboxes.items() for m in box],
-            )
-            db.executemany(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-                [(k, json.dumps(v)) for k, v in {**meta, "applied_index": index}.items()],
-            )
+        for table in ("accounts", "mail", "request_ids", "log"):
+            db.execute(f"DELETE FROM {table}")
+        db.executemany(
+            "INSERT INTO accounts(name, ord, next_seq, token) VALUES (?, ?, ?, ?)",
+            [(a.name, a.order, a.next_seq, a.token) for a in state.accounts.values()],
+        )
+        db.executemany(
+            "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)",
+            [(a.name, pos, rid) for a in state.accounts.values() for rid, pos in a.request_ids.items()],
+        )
+        db.executemany(
+            "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, ?)",
+            [(name, m.seq, m.sender, m.text, int(m.sender_deleted))
+             for name, box in state.mailboxes.items() for m in box],
+        )
+        db.executemany(
+            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+            [(k, json.dumps(v)) for k, v in
+             {"snapshot_index": index, "snapshot_view": view, "applied_index": index}.items()],
+        )
 
     @contextlib.contextmanager
     def _transaction(self, what: str):

@@ -1,0 +1,297 @@
+"""The replica host: the one loop body that drives the replication core and the chat service.
+
+``bin/chatserver`` and the deterministic simulator (:mod:`chatnet.replication.sim`) both run
+this class unchanged; they differ only in what sits behind its two small interfaces:
+
+* a :class:`Storage` (the SQLite :class:`~.store.Store`, or the simulator's ``SimDisk`` that
+  can lose un-synced writes when a simulated machine crashes), and
+* a :class:`Network` that carries peer messages (the real ``PeerTransport``, or the simulated
+  network with its delays, losses and partitions).
+
+Clocks and sockets stay outside: the caller feeds ticks, peer messages and decoded client
+requests in, and takes client effects (bytes to write, connections to close) out.
+
+One call of :meth:`ReplicaHost.cycle` is one loop iteration (etcd raft's Ready/Advance):
+
+1. propose the commands the service queued (or hold them while the view is reconfigured);
+2. drain every ``Ready`` the core has, applying committed commands to the in-memory state and
+   advancing the core — nothing leaves the process yet;
+3. write all of it to storage in **one** transaction (log entries, truncation, hard state, an
+   installed snapshot, the applied state and index, log compaction) — group commit; it is
+   synced whenever it holds anything an election or an acknowledgement relies on;
+4. only then send the peer messages and release the clients' answers and live chat.
+
+Because nothing is observable before step 3 completes, advancing the core before the write is
+equivalent to advancing after it: a crash in between loses the whole iteration, and nobody
+was told anything about it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Protocol
+
+from ..protocol.codec import STATUS_NOTE
+from ..protocol.texts import T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
+from ..replication.core import PRIMARY, DurableState, Entry, HardState, Ready, Replica
+from .service import ChatService, Close, Reply, frame
+from .state import ChatState, decode_command, encode_command
+from .storage import Batch, Loaded, Storage
+
+log = logging.getLogger(__name__)
+
+SERVING, HOLDING, AWAY = "serving", "holding", "away"
+MAX_READY_ROUNDS = 16  # Ready rounds folded into one transaction before the loop moves on
+
+
+class Network(Protocol):
+    def send(self, peer: int, msg: object) -> None:
+        """Queue ``msg`` for ``peer`` (best effort: the core retransmits what matters)."""
+
+
+class _NoPeers:
+    def send(self, peer: int, msg: object) -> None:  # a lone replica has nobody to talk to
+        pass
+
+
+@dataclass
+class CycleResult:
+    """What one loop iteration leaves for the front end to do."""
+
+    effects: list  # Reply / Close for client connections, in order
+    unblocked: list  # connections whose answer went out: their next request may be handled
+    more: bool  # work is already pending: poll without sleeping
+
+
+class ReplicaHost:
+    """One replica's core, chat service and storage, advanced one loop iteration at a time."""
+
+    def __init__(self, me: int, cluster, storage: Storage, *, network: Network | None = None,
+                 addresses=None, failure_ticks: int = 10, rng: random.Random | None = None,
+                 retain_entries: int = 10_000, naive: bool = False, limits=None,
+                 new_token=None):
+        self.me = me
+        self.cluster = tuple(cluster)
+        self.storage = storage
+        self.network = network or _NoPeers()
+        self.addresses = addresses  # index -> printable address, for the redirect note
+        loaded = storage.load()
+        service_args = {"limits": limits} if limits is not None else {}
+        if new_token is not None:
+            service_args["new_token"] = new_token
+        self.service = ChatService(loaded.state, **service_args)
+        self.applied_index = loaded.applied_index
+        # Benchmark baseline (--naive): one command per iteration (one fsync per command) and
+        # one entry in flight per backup (stop-and-wait) instead of group commit + pipelining.
+        self.naive = naive
+        self.replica = Replica(
+            me, self.cluster, durable_state(loaded), heartbeat_ticks=1, failure_ticks=failure_ticks,
+            rng=rng or random.Random(), retain_entries=retain_entries,
+            **({"max_batch": 1, "max_inflight": 1} if naive else {}),
+        )
+        self.mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
+        self._held: list = []  # commands waiting for the view to be re-established
+        self.on_applied = None  # observer (index, data) -> None; the simulator's checker uses it
+
+    # -- inputs --------------------------------------------------------------------------------
+    def tick(self) -> None:
+        self.replica.tick()
+
+    def stalled(self) -> None:
+        """The loop did not run for a long time (paused): rejoin as recovering."""
+        self.replica.stalled()
+
+    def step(self, peer: int, msg: object) -> None:
+        self.replica.step(peer, msg)
+
+    def peer_link(self, peer: int, up: bool) -> None:
+        if up:
+            self.replica.peer_connected(peer)
+        else:
+            self.replica.peer_disconnected(peer)
+
+    def open(self, conn: int) -> None:
+        self.service.connection_opened(conn)
+
+    def close_connection(self, conn: int) -> None:
+        self.service.connection_closed(conn)
+
+    def receive(self, conn: int, event) -> list:
+        """One decoded client request; returns the effects that need no commit (an error, a
+        ``list``, a backup's redirect).  Answers of commands come out of :meth:`cycle`."""
+        if not self.serves_clients:
+            return self.redirect(conn)
+        self.service.receive(conn, event)
+        return self.service.take_effects()
+
+    @property
+    def serves_clients(self) -> bool:
+        """Whether client requests are taken here (a backup redirects them instead)."""
+        return self.mode != AWAY
+
+    def redirect_text(self) -> str:
+        primary = self.replica.primary
+        if self.replica.role == "backup" and primary is not None and primary != self.me and self.addresses:
+            return T_BACKUP_KNOWS.format(address=self.addresses[primary])
+        return T_BACKUP_UNKNOWN
+
+    def redirect(self, conn: int) -> list:
+        """The effects that send a client to the primary (or away when none is known)."""
+        return [Reply(conn, frame(STATUS_NOTE, self.redirect_text())), Close(conn)]
+
+    # -- the loop iteration --------------------------------------------------------------------
+    def cycle(self) -> CycleResult:
+        """Propose, drain the core, persist once, send, and release answers (module docstring).
+
+        Effects the service queued before this call (answers that need no commit, such as a
+        ``list``) are included first, in order."""
+        self._follow_role()
+        self._propose()
+        batch, messages = Batch(), []
+        rounds = 0
+        while rounds < MAX_READY_ROUNDS:
+            rounds += 1
+            rd = self.replica.ready()
+            if rd is None:
+                rounds = 0
+                break
+            self._collect(rd, batch, messages)
+        self._follow_role()
+        if batch:
+            self.storage.commit(batch)
+        for peer, msg in messages:
+            self.network.send(peer, msg)
+        service = self.service
+        more = bool(service.proposals or self._held and self.mode == SERVING) \
+            or service.has_delivery_marks() or rounds == MAX_READY_ROUNDS
+        return CycleResult(service.take_effects(), service.take_unblocked(), more)
+
+    def _propose(self) -> None:
+        replica, service = self.replica, self.service
+        proposals, self._held = self._held + service.take_proposals(), []
+        if self.naive and len(proposals) > 1:
+            proposals, self._held = proposals[:1], proposals[1:]
+        if replica.serving:
+            for cmd, conn_id in proposals:
+                index = replica.propose(encode_command(cmd))
+                service.bind(index, cmd, conn_id, replica.view)
+        elif self.mode == HOLDING:
+            self._held = proposals  # proposed once the view is re-established
+
+    def _collect(self, rd: Ready, batch: Batch, messages: list) -> None:
+        """Fold one Ready into this iteration's batch and advance the core past it."""
+        replica, service = self.replica, self.service
+        if rd.snapshot is not None:
+            state = ChatState.from_snapshot(rd.snapshot.data)
+            service.replace_state(state)
+            self.applied_index = rd.snapshot.index
+            batch.snapshot = (rd.snapshot.index, rd.snapshot.view, state)
+            batch.entries.clear()  # the snapshot replaces the whole log
+            batch.changes.clear()  # and the whole state
+            batch.truncate_after = None
+            batch.compact_upto = None
+            batch.applied_index = None  # the snapshot's own index is written with it
+            batch.meta.update(snapshot_index=rd.snapshot.index, snapshot_view=rd.snapshot.view)
+            batch.sync = True
+        if rd.truncate_after is not None:
+            batch.truncate_after = rd.truncate_after if batch.truncate_after is None \
+                else min(batch.truncate_after, rd.truncate_after)
+            batch.entries = [e for e in batch.entries if e[0] <= rd.truncate_after]
+        batch.entries.extend((e.index, e.view, e.data) for e in rd.entries)
+        for entry in rd.committed:
+            if entry.index <= self.applied_index:
+                continue  # already in the applied state (replayed after a snapshot)
+            batch.changes.extend(service.apply(entry.index, decode_command(entry.data), entry.view))
+            self.applied_index = entry.index
+            batch.applied_index = entry.index
+            if self.on_applied is not None:
+                self.on_applied(entry.index, entry.data)
+        if rd.hard_state is not None:
+            batch.meta.update(hard_state_meta(rd.hard_state))
+        batch.sync |= bool(rd.hard_state or rd.entries or rd.truncate_after is not None)
+        messages.extend(rd.messages)
+        for peer in rd.snapshot_requests:
+            replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index),
+                                  service.state.to_snapshot())
+        replica.advance(rd)
+        compact = replica.suggested_compaction()
+        if compact is not None:
+            compact = min(compact, self.applied_index)
+            batch.meta.update(snapshot_index=compact, snapshot_view=replica.entry_view(compact) or 0)
+            batch.compact_upto = compact
+            replica.compact(compact)
+
+    def _follow_role(self) -> None:
+        """Follow the core's role: serve, hold clients through a reconfiguration, or send them away.
+
+        A primary that removes a failed member or re-adds a caught-up one runs a short view
+        change of its own, and a new primary syncs its members before it serves; meanwhile
+        clients wait (their commands are held, not lost) rather than being disconnected.  Any
+        other loss of the primary role sends every client to the primary (or away, when none
+        is known) and abandons what was pending: those commands were never acknowledged.
+        """
+        mode = self._mode_now()
+        if mode == self.mode:
+            return
+        previous, self.mode = self.mode, mode
+        replica = self.replica
+        if mode == SERVING:
+            log.info("serving clients as primary of view %d (members %s)", replica.view,
+                     ",".join(str(self._name(m)) for m in replica.members))
+        elif mode == HOLDING:
+            log.info("view change in progress (from view %d); clients wait", replica.view)
+        elif previous != AWAY or self.service.sessions:
+            log.warning("not serving clients (role %s, view %d)", replica.role, replica.view)
+            self._held = []
+            self.service.abandon_proposals()
+            for conn in list(self.service.sessions):
+                self.service.effects.extend(self.redirect(conn))
+
+    def _mode_now(self) -> str:
+        replica = self.replica
+        if replica.serving:
+            return SERVING
+        if replica.role == PRIMARY or (  # established, syncing its members before serving
+                replica.role == "electing" and replica.primary == self.me
+                and (campaign := replica.status().get("campaign")) is not None
+                and campaign % len(self.cluster) == self.cluster.index(self.me)):
+            return HOLDING
+        return AWAY
+
+    def _name(self, member: int) -> object:
+        return self.addresses[member] if self.addresses else member
+
+    def status(self) -> dict:
+        status = self.replica.status()
+        status.update(accounts=len(self.service.state.accounts), applied=self.applied_index)
+        return status
+
+    def close(self) -> None:
+        self.storage.close()
+
+
+def hard_state_meta(hs: HardState) -> dict:
+    return {"view": hs.view, "primary": hs.primary, "members": list(hs.members), "promised": hs.promised}
+
+
+def durable_state(loaded: Loaded) -> DurableState:
+    """The replication core's view of what the storage holds."""
+    meta = loaded.meta
+    log_entries = [Entry(idx, view, bytes(data)) for idx, view, data in loaded.log]
+    snapshot_index = meta.get("snapshot_index", 0)
+    if log_entries:
+        snapshot_index = log_entries[0].index - 1
+    else:
+        snapshot_index = max(snapshot_index, loaded.applied_index)
+    return DurableState(
+        view=meta.get("view", 0),
+        primary=meta.get("primary"),
+        members=tuple(meta.get("members", ())),
+        snapshot_index=snapshot_index,
+        snapshot_view=meta.get("snapshot_view", 0),
+        log=log_entries,
+        applied_index=loaded.applied_index,
+        promised=meta.get("promised"),
+    )
