@@ -62,12 +62,14 @@ def test_kill_primary_under_load_then_second_then_restart_both(cluster):
     # 3. restart both: they catch up and rejoin while the load goes on.
     c.start(first, second)
     c.wait_in_sync(range(3), timeout=30)
-    assert c.primary() == last
+    # The survivor usually stays primary, but when both rejoin at once a second election can
+    # move the role (the simulator shows the same; noted in docs/replication.md).
+    current = c.wait_primary()
 
     # 4. a later kill of the primary still loses nothing.
     before = load.total()
-    c.kill(last)
-    c.wait_primary(exclude=(last,))
+    c.kill(current)
+    c.wait_primary(exclude=(current,))
     wait_until(lambda: load.total() >= before + 50, timeout=20, what="writes after the third kill")
     load.stop()
     assert_nothing_lost(load, drain_mailbox(c.addresses, "sink"))
