@@ -11,7 +11,8 @@ setup(
     packages=find_packages(include=["chatnet", "chatnet.*"]),
     install_requires=[],
     extras_require={
-        "test": ["pytest", "pexpect", "pyte", "hypothesis", "pytest-timeout"],
+        "test": ["pytest", "pexpect", "pyte", "hypothesis", "pytest-timeout", "ruff"],
+        "dev": ["py-spy"],
     },
     entry_points={
         "console_scripts": [
