@@ -1,19 +1,51 @@
 """Unit tests of the replication core's pieces: codec, framer, handshake, Replica contract."""
 
 import os
+import pickle
 import random
+import struct
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatnet.replication.core import (BACKUP, ELECTING, PRIMARY, RECOVERING, DurableState,
-                                      HardState, Replica)
-from chatnet.replication.handshake import HandshakeError, Initiator, Responder, compute_proof
-from chatnet.replication.messages import (Append, AppendResp, DecodeError, Entry, FrameError,
-                                          Heartbeat, InstallSnapshot, PeerChallenge, PeerFramer,
-                                          PeerHello, PeerProof, ViewChange, Vote, decode_message,
-                                          encode_message, frame)
+from chatnet.replication import core
+from chatnet.replication.core import (
+    BACKUP,
+    ELECTING,
+    PRIMARY,
+    RECOVERING,
+    DurableState,
+    HardState,
+    Replica,
+)
+from chatnet.replication.handshake import (
+    ClusterMismatch,
+    HandshakeError,
+    Initiator,
+    Responder,
+    compute_proof,
+)
+from chatnet.replication.messages import (
+    MAX_PAYLOAD,
+    Append,
+    AppendResp,
+    DecodeError,
+    Entry,
+    FrameError,
+    Heartbeat,
+    InstallSnapshot,
+    PeerChallenge,
+    PeerFramer,
+    PeerHello,
+    PeerProof,
+    SnapshotAck,
+    ViewChange,
+    Vote,
+    decode_message,
+    encode_message,
+    frame,
+)
 
 # ---------------------------------------------------------------------------- codec
 
@@ -29,8 +61,10 @@ messages = st.one_of(
     st.builds(AppendResp, u, st.booleans(), u, u, st.booleans()),
     st.builds(ViewChange, u, u, u, u, st.booleans()),
     st.builds(Vote, u, st.booleans(), u, u, u, u),
-    st.builds(InstallSnapshot, u, u, u, u, u, ids, st.binary(max_size=100), u, st.booleans()),
-    st.builds(PeerHello, u, u, st.binary(max_size=64)),
+    st.builds(InstallSnapshot, u, u, u, u, u, ids, u, u, u, st.binary(max_size=100), u,
+              st.booleans()),
+    st.builds(SnapshotAck, u, u, u),
+    st.builds(PeerHello, u, u, st.binary(max_size=64), st.binary(max_size=20)),
     st.builds(PeerChallenge, u, st.binary(max_size=64), st.binary(max_size=32)),
     st.builds(PeerProof, st.binary(max_size=32)),
 )
@@ -326,3 +360,253 @@ def test_heartbeats_only_after_ticks_and_no_suspicion_right_after_stall(seed):
     assert sorted(to for to, m in msgs if isinstance(m, Heartbeat)) == [2, 3]
     r.stalled()
     assert r.status()["suspected"] == []     # waking up declares nobody failed
+
+
+# ---------------------------------------------------------------------------- cluster id
+
+def test_handshake_binds_the_cluster_id():
+    ini = Initiator(SECRET, 1, 2, os.urandom(32), b"aaaa")
+    res = Responder(SECRET, 2, (1, 2), os.urandom(32), b"aaaa")
+    assert res.on_proof(ini.on_challenge(res.on_hello(ini.hello()))) == 1
+
+
+def test_replicas_with_different_peer_lists_refuse_each_other_by_name():
+    ini = Initiator(SECRET, 1, 2, os.urandom(32), b"1111aaaa")
+    res = Responder(SECRET, 2, (1, 2), os.urandom(32), b"2222bbbb")
+    with pytest.raises(ClusterMismatch) as err:
+        res.on_hello(ini.hello())
+    assert "1111aaaa" in str(err.value) and "2222bbbb" in str(err.value)
+    assert "--peers" in str(err.value)
+
+
+def test_a_cluster_id_altered_in_transit_fails_the_proofs():
+    ini = Initiator(SECRET, 1, 2, os.urandom(32), b"mine")
+    res = Responder(SECRET, 2, (1, 2), os.urandom(32), b"theirs")
+    hello = ini.hello()
+    forged = PeerHello(hello.initiator, hello.responder, hello.nonce, b"theirs")
+    challenge = res.on_hello(forged)          # the responder is fooled about the id ...
+    with pytest.raises(HandshakeError):       # ... but its proof binds its own id
+        ini.on_challenge(challenge)
+
+
+# ---------------------------------------------------------------------------- snapshot chunks
+
+def _chunks(data, size, *, view=6, index=5, snap_view=6, snap_id=1, echo_inc=0):
+    """The InstallSnapshot chunks a primary of ``view`` would send for ``data``."""
+    return [InstallSnapshot(view=view, index=index, snap_view=snap_view, commit=index, start=1,
+                            members=(1, 2, 3), snap_id=snap_id, offset=o, total=len(data),
+                            data=data[o:o + size], echo_inc=echo_inc)
+            for o in range(0, max(len(data), 1), size)]
+
+
+def _drain_all(r):
+    """Like drain(), also returning the snapshots the host was asked to install."""
+    msgs, snaps = [], []
+    while (rd := r.ready()) is not None:
+        msgs += rd.messages
+        if rd.snapshot is not None:
+            snaps.append(rd.snapshot)
+            assert any(isinstance(m, AppendResp) and m.ok for _, m in rd.messages)
+        r.advance(rd)
+    return msgs, snaps
+
+
+def test_snapshot_chunks_are_assembled_in_order_and_exposed_only_when_complete():
+    r, p = _backup_in_view(6)
+    data = bytes(range(256)) * 3 + b"tail"
+    parts = _chunks(data, 100, echo_inc=r._inc)
+    assert len(parts) == 8
+    for i, chunk in enumerate(parts[:-1]):
+        r.step(p, chunk)
+        msgs, snaps = _drain_all(r)
+        assert snaps == []                                  # nothing before the last chunk
+        acks = [m for _, m in msgs if isinstance(m, SnapshotAck)]
+        assert acks and acks[-1].received == 100 * (i + 1) and acks[-1].snap_id == 1
+    r.step(p, parts[3])                                     # a duplicate: ignored
+    r.step(p, parts[-1])
+    msgs, snaps = _drain_all(r)
+    assert [(s.index, s.view, s.data) for s in snaps] == [(5, 6, data)]
+    assert any(isinstance(m, AppendResp) and m.ok and m.match == 5 for _, m in msgs)
+    assert r.commit_index == 5 and r.snapshot_index == 5
+
+
+def test_a_gap_is_reported_and_nothing_is_installed_until_it_is_filled():
+    r, p = _backup_in_view(6)
+    data = b"x" * 250
+    a, b, c = _chunks(data, 100, echo_inc=r._inc)
+    r.step(p, a)
+    r.step(p, c)                                            # b lost
+    msgs, snaps = _drain_all(r)
+    assert snaps == [] and [m.received for _, m in msgs if isinstance(m, SnapshotAck)] == [100, 100]
+    r.step(p, b)
+    r.step(p, c)                                            # the primary resent from 100
+    _, snaps = _drain_all(r)
+    assert [s.data for s in snaps] == [data]
+
+
+def test_a_stale_chunk_is_ignored_and_a_newer_transfer_replaces_the_partial_one():
+    r, p = _backup_in_view(6)
+    old, new, newer = b"o" * 300, b"n" * 300, b"N" * 300
+    new_parts = _chunks(new, 100, snap_id=5, echo_inc=r._inc)
+    r.step(p, new_parts[0])
+    # a delayed chunk of an earlier transfer of the same primary: ignored
+    r.step(p, _chunks(old, 100, snap_id=4, echo_inc=r._inc)[0])
+    # a chunk of an older view: refused (the sender is told the newer view)
+    r.step(3, _chunks(old, 100, view=5, snap_view=5, snap_id=9, echo_inc=r._inc)[0])
+    for chunk in new_parts[1:]:
+        r.step(p, chunk)
+    _, snaps = _drain_all(r)
+    assert [s.data for s in snaps] == [new]
+    # a newer transfer (say after a timeout) discards a partial one ...
+    r2, p2 = _backup_in_view(6)
+    first = _chunks(old, 100, index=7, snap_id=1, echo_inc=r2._inc)
+    second = _chunks(newer, 100, index=7, snap_id=2, echo_inc=r2._inc)
+    r2.step(p2, first[0])
+    r2.step(p2, second[0])
+    r2.step(p2, first[1])                                   # ... whose chunks are now stale
+    r2.step(p2, first[2])
+    msgs, snaps = _drain_all(r2)
+    assert snaps == []
+    for chunk in second[1:]:
+        r2.step(p2, chunk)
+    _, snaps = _drain_all(r2)
+    assert [(s.index, s.data) for s in snaps] == [(7, newer)]
+
+
+def test_a_partial_snapshot_is_dropped_on_a_stall():
+    r, p = _backup_in_view(6)
+    parts = _chunks(b"z" * 300, 100, echo_inc=r._inc)
+    r.step(p, parts[0])
+    r.stalled()
+    r.step(p, parts[1])
+    msgs, snaps = _drain_all(r)
+    assert snaps == []
+    assert [m.received for _, m in msgs if isinstance(m, SnapshotAck)] == [100, 0]  # from 0 again
+
+
+class _Host:
+    """A minimal host of one Replica for end-to-end snapshot transfers: its state is a blob
+    (standing for a large chat state) plus the data of the entries applied since."""
+
+    def __init__(self, i, cluster, **kw):
+        self.id = i
+        self.r = Replica(i, cluster, DurableState(), rng=random.Random(i), failure_ticks=6,
+                         retain_entries=5, **kw)
+        self.blob, self.applied, self.index = b"", [], 0
+        self.installed = 0
+        self.inbox = []
+
+    def dump(self):
+        return struct.pack(">Q", len(self.blob)) + self.blob + pickle.dumps(self.applied)
+
+    def install(self, snap):
+        (n,) = struct.unpack_from(">Q", snap.data)
+        self.blob, self.applied = snap.data[8:8 + n], pickle.loads(snap.data[8 + n:])
+        self.index = snap.index
+        self.installed += 1
+
+
+class _Net:
+    """Lossless, in-order links that frame every message with the real framer and codec
+    (so a message over the frame limit raises FrameError here as it would on a socket)."""
+
+    def __init__(self, n, **kw):
+        cluster = list(range(1, n + 1))
+        self.hosts = {i: _Host(i, cluster, **kw) for i in cluster}
+        self.up = set(cluster)
+        self.framers = {}
+        self.max_chunks_per_ready = 0
+
+    def process(self, h):
+        moved = False
+        while (rd := h.r.ready()) is not None:
+            moved = True
+            if rd.snapshot is not None:
+                h.install(rd.snapshot)
+            chunks = sum(isinstance(m, InstallSnapshot) for _, m in rd.messages)
+            self.max_chunks_per_ready = max(self.max_chunks_per_ready, chunks)
+            for peer, msg in rd.messages:
+                if peer in self.up:
+                    framer = self.framers.setdefault((h.id, peer), PeerFramer())
+                    for payload in framer.feed(frame(encode_message(msg))):
+                        self.hosts[peer].inbox.append((h.id, decode_message(payload)))
+            for e in rd.committed:
+                if e.index > h.index:
+                    h.applied.append(e.data)
+                    h.index = e.index
+            for peer in rd.snapshot_requests:
+                h.r.send_snapshot(peer, h.index, h.r.entry_view(h.index), h.dump())
+            h.r.advance(rd)
+            if (c := h.r.suggested_compaction()) is not None:
+                h.r.compact(c)
+        return moved
+
+    def settle(self):
+        moved = True
+        while moved:
+            moved = False
+            for i in sorted(self.up):
+                h = self.hosts[i]
+                inbox, h.inbox = h.inbox, []
+                for sender, msg in inbox:
+                    h.r.step(sender, msg)
+                moved |= bool(inbox) | self.process(h)
+
+    def tick(self, k=1):
+        for _ in range(k):
+            for i in sorted(self.up):
+                self.hosts[i].r.tick()
+            self.settle()
+
+    def primary(self):
+        return next((h for i, h in self.hosts.items() if i in self.up and h.r.serving), None)
+
+
+def _catch_up_by_snapshot(net, blob):
+    """Nodes 1 and 2 of 3 start a cluster, write and compact; node 3 arrives and must catch
+    up by snapshot.  Returns the primary's host."""
+    net.up = {1, 2}
+    for _ in range(60):
+        net.tick()
+        if net.primary() is not None:
+            break
+    prim = net.primary()
+    assert prim is not None
+    prim.blob = blob               # the state is large from here on (the entries say nothing)
+    for k in range(30):
+        assert prim.r.propose(b"w%d" % k) is not None
+        net.settle()
+    assert prim.r.snapshot_index > 0           # compacted: a newcomer needs a snapshot
+    net.up.add(3)
+    for _ in range(200):
+        net.tick()
+        if 3 in prim.r.members and net.hosts[3].index == prim.index:
+            break
+    newcomer = net.hosts[3]
+    assert newcomer.installed >= 1
+    assert newcomer.blob == blob and newcomer.applied == prim.applied
+    assert prim.r.members == (1, 2, 3)
+    return prim
+
+
+def test_a_multi_chunk_snapshot_reaches_a_newcomer_with_flow_control():
+    net = _Net(3, snapshot_chunk=64, snapshot_window=3)
+    _catch_up_by_snapshot(net, bytes(range(256)) * 20)    # about 80 chunks
+    assert 1 <= net.max_chunks_per_ready <= 3     # never more than the window at once
+
+
+def test_default_chunk_size_is_read_at_construction(monkeypatch):
+    monkeypatch.setattr(core, "SNAPSHOT_CHUNK", 10)
+    monkeypatch.setattr(core, "SNAPSHOT_WINDOW", 2)
+    r = Replica(1, [1, 2], DurableState(), rng=random.Random(1))
+    assert (r.snapshot_chunk, r.snapshot_window) == (10, 2)
+
+
+def test_a_snapshot_larger_than_the_old_frame_limit_transfers():
+    big = bytes(range(256)) * ((MAX_PAYLOAD + 4096) // 256)
+    assert len(big) > MAX_PAYLOAD       # one InstallSnapshot of it could not be framed
+    with pytest.raises(FrameError):
+        frame(big)
+    net = _Net(3)                       # default chunk size and window
+    _catch_up_by_snapshot(net, big)
+    assert net.max_chunks_per_ready <= core.SNAPSHOT_WINDOW

@@ -11,7 +11,8 @@ API
 ::
 
     Replica(me, cluster, durable, *, heartbeat_ticks=1, failure_ticks=10, rng=None,
-            max_batch=256, max_inflight=4096, retain_entries=10_000)
+            max_batch=256, max_inflight=4096, retain_entries=10_000,
+            snapshot_chunk=SNAPSHOT_CHUNK, snapshot_window=SNAPSHOT_WINDOW)
     # inputs
     r.tick() -> None                       # every heartbeat_interval / heartbeat_ticks
     r.stalled() -> None                    # host's loop stalled (see docs): act as restarted
@@ -19,6 +20,7 @@ API
     r.peer_connected(peer) / r.peer_disconnected(peer) -> None   # transport hints only
     r.propose(data: bytes) -> int | None   # serving primary: index of the new entry
     r.send_snapshot(peer, index, view, data) -> None   # answer to Ready.snapshot_requests
+                                           # (sent in chunks; Ready.snapshot only when whole)
     r.compact(upto_index) -> None          # forget entries <= upto (already applied)
     r.suggested_compaction() -> int | None # retention policy: where to compact, if anywhere
     # outputs
@@ -69,14 +71,34 @@ brand-new replicas while every other replica stays silent for a failure timeout.
 
 from __future__ import annotations
 
+import itertools
 import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .messages import (Append, AppendResp, Entry, Heartbeat, InstallSnapshot, ViewChange, Vote)
+from .messages import (
+    Append,
+    AppendResp,
+    Entry,
+    Heartbeat,
+    InstallSnapshot,
+    SnapshotAck,
+    ViewChange,
+    Vote,
+)
 
 __all__ = ["Replica", "Ready", "DurableState", "HardState", "Snapshot", "Entry",
-           "PRIMARY", "BACKUP", "ELECTING", "RECOVERING", "STATUS_CODES"]
+           "PRIMARY", "BACKUP", "ELECTING", "RECOVERING", "STATUS_CODES",
+           "SNAPSHOT_CHUNK", "SNAPSHOT_WINDOW"]
+
+# A snapshot is sent in chunks of at most SNAPSHOT_CHUNK bytes, with at most SNAPSHOT_WINDOW
+# chunks beyond what the receiver acknowledged in flight (4 MiB per lagging peer): a state of
+# any size fits the frame limit, and a link never has to buffer a whole state.  Small enough
+# that a chunk crosses even a slow link well within half a failure timeout (the transfer
+# counts as stuck after that long without progress).  Read at construction, so a test can
+# shrink them for every replica it makes.
+SNAPSHOT_CHUNK = 256 * 1024
+SNAPSHOT_WINDOW = 16
 
 PRIMARY, BACKUP, ELECTING, RECOVERING = "primary", "backup", "electing", "recovering"
 STATUS_CODES = {PRIMARY: 0, BACKUP: 1, ELECTING: 2, RECOVERING: 3}
@@ -137,6 +159,36 @@ class Ready:
 
 
 @dataclass
+class _SnapOut:
+    """Primary side of one snapshot transfer to one peer."""
+    snap_id: int
+    index: int
+    view: int                  # view of the entry at ``index``
+    data: memoryview
+    force: bool
+    sent: int = 0              # bytes sent so far (from ``acked`` again after a rewind)
+    acked: int = 0             # bytes the receiver holds in order, as it last told us
+    started: bool = False      # a chunk has been sent since the last (re)wind
+    quiet_since: int = 0       # tick of the last progress or rewind
+
+
+@dataclass
+class _SnapIn:
+    """Receiving side: the chunks of one transfer so far, in order."""
+    sender: int
+    view: int
+    snap_id: int
+    index: int
+    snap_view: int
+    total: int
+    buf: bytearray
+
+    def same_transfer(self, p: int, m: InstallSnapshot) -> bool:
+        return (p, m.view, m.snap_id, m.index, m.snap_view, m.total) == (
+            self.sender, self.view, self.snap_id, self.index, self.snap_view, self.total)
+
+
+@dataclass
 class _Campaign:
     view: int
     required: set[int]
@@ -160,7 +212,8 @@ class Replica:
     def __init__(self, me: int, cluster: Sequence[int], durable: DurableState, *,
                  heartbeat_ticks: int = 1, failure_ticks: int = 10,
                  rng: random.Random | None = None, max_batch: int = 256,
-                 max_inflight: int = 4096, retain_entries: int = 10_000) -> None:
+                 max_inflight: int = 4096, retain_entries: int = 10_000,
+                 snapshot_chunk: int | None = None, snapshot_window: int | None = None) -> None:
         cluster = tuple(cluster)
         if me not in cluster or len(set(cluster)) != len(cluster) or not cluster:
             raise ValueError("me must be one of the distinct ids in cluster")
@@ -176,6 +229,10 @@ class Replica:
         self.max_batch = max_batch
         self.max_inflight = max_inflight
         self.retain_entries = retain_entries
+        self.snapshot_chunk = snapshot_chunk or SNAPSHOT_CHUNK
+        self.snapshot_window = snapshot_window or SNAPSHOT_WINDOW
+        if self.snapshot_chunk < 1 or self.snapshot_window < 1:
+            raise ValueError("snapshot_chunk >= 1 and snapshot_window >= 1 required")
         self._rng = rng if rng is not None else random.Random()
 
         # --- durable state (mirrors the host's store once advance() returned)
@@ -226,6 +283,10 @@ class Replica:
         self._progress: dict[int, bool] = {}
         self._sent_commit: dict[int, int] = {}
         self._snap_pending: dict[int, int] = {}
+        self._snap_out: dict[int, _SnapOut] = {}    # snapshot transfers I am sending
+        self._snap_ids = itertools.count(1)         # distinguishes my transfers in a view
+        self._snap_in: _SnapIn | None = None        # the one I am receiving
+        self._snap_done: tuple[int, int, int] | None = None   # (sender, view, id) last received
         self._learners: set[int] = set()
         self._backoff = 0
         self._probing: dict[int, int] = {}
@@ -366,6 +427,7 @@ class Replica:
     def _reset_primary_state(self) -> None:
         self._next, self._match, self._progress = {}, {}, {}
         self._sent_commit, self._snap_pending = {}, {}
+        self._snap_out = {}
         self._probing: dict[int, int] = {}
         self._force_snap: set[int] = set()
         self._learners = set()
@@ -423,6 +485,8 @@ class Replica:
         self._ticks += 1
         if self.n == 1:
             return
+        if self._snap_in is not None and self._snap_in.view < self._promised:
+            self._snap_in = None     # its later chunks would be refused: free the memory
         if self._ticks % self.heartbeat_ticks == 0:
             for p in self.peers:
                 self._send_heartbeat(p)
@@ -441,6 +505,7 @@ class Replica:
         """The host's loop stalled longer than it may (SIGSTOP, swap): from now on behave as
         a restarted replica.  Nobody is declared failed because of the stall itself."""
         self._new_incarnation()
+        self._snap_in = None         # as after a restart, which would have lost it
         if self.n == 1:
             return
         self._become_recovering()
@@ -474,6 +539,8 @@ class Replica:
             self._on_vote(sender, msg)
         elif isinstance(msg, InstallSnapshot):
             self._on_snapshot(sender, msg)
+        elif isinstance(msg, SnapshotAck):
+            self._on_snapshot_ack(sender, msg)
         # anything else is ignored
 
     # ------------------------------------------------------------------ heartbeats
@@ -522,6 +589,9 @@ class Replica:
         for p in list(self._learners):
             if self.suspected(p) or p in self._members:
                 self._learners.discard(p)
+            if self.suspected(p):
+                self._snap_out.pop(p, None)
+        self._retry_snapshots()
         if self._ticks % self.heartbeat_ticks == 0:
             for p in self._followers():
                 if not self._progress.get(p) and self._match.get(p, 0) < self.last_index:
@@ -546,7 +616,8 @@ class Replica:
         if p in self._snap_pending:
             if self._ticks - self._snap_pending[p] <= self.failure_ticks:
                 return
-            del self._snap_pending[p]
+            del self._snap_pending[p]     # no progress for a failure timeout: start afresh
+            self._snap_out.pop(p, None)
         prev = nxt - 1
         if prev < self._snap_index:
             if p not in self._snap_requests:
@@ -598,7 +669,12 @@ class Replica:
                 self._progress[p] = True
             if self._next.get(p, 0) <= self._match[p]:
                 self._next[p] = self._match[p] + 1
-            self._snap_pending.pop(p, None)
+            out = self._snap_out.get(p)
+            if out is None or self._match[p] >= out.index:
+                # synced (by the snapshot, or already past it); an older ack that does not
+                # cover a transfer in progress leaves that transfer running
+                self._snap_out.pop(p, None)
+                self._snap_pending.pop(p, None)
             self._maybe_commit()
         elif m.need_snapshot or m.hint > self.last_index:
             # (a hint past my log: the replica holds committed entries I do not have, which
@@ -641,21 +717,66 @@ class Replica:
             self._commit = self._stable_last
 
     def send_snapshot(self, peer: int, index: int, view: int | None, data: bytes) -> None:
-        """Host's answer to ``Ready.snapshot_requests``: its applied state at ``index``."""
+        """Host's answer to ``Ready.snapshot_requests``: its applied state at ``index``.
+
+        The state goes out in chunks of ``snapshot_chunk`` bytes, at most ``snapshot_window``
+        of them beyond what the peer acknowledged (:class:`SnapshotAck`), so it can be of any
+        size and is never queued whole on one link; a new call for the same peer replaces
+        the transfer in progress."""
         if self._status != PRIMARY or index > self._commit:
             return
         if view is None:
             view = self.entry_view(index)
             if view is None:
                 return
-        self._send(peer, InstallSnapshot(view=self._view, index=index, snap_view=view,
-                                         commit=self._commit, start=self._start,
-                                         members=self._members, data=bytes(data),
-                                         echo_inc=self._echo.get(peer, (0, 0))[0],
-                                         force=peer in self._force_snap))
+        self._snap_out[peer] = _SnapOut(next(self._snap_ids), index, view,
+                                        memoryview(bytes(data)), peer in self._force_snap,
+                                        quiet_since=self._ticks)
         self._force_snap.discard(peer)
         self._next[peer] = index + 1
         self._snap_pending[peer] = self._ticks
+        self._pump_snapshot(peer)
+
+    def _pump_snapshot(self, p: int) -> None:
+        """Send the next chunks of the transfer to ``p`` while the window allows (always at
+        least one after a (re)wind, so that an empty state is sent too)."""
+        out = self._snap_out.get(p)
+        if out is None:
+            return
+        total = len(out.data)
+        window = self.snapshot_window * self.snapshot_chunk
+        while not out.started or (out.sent < total and out.sent - out.acked < window):
+            hi = min(total, out.sent + self.snapshot_chunk)
+            self._send(p, InstallSnapshot(
+                view=self._view, index=out.index, snap_view=out.view, commit=self._commit,
+                start=self._start, members=self._members, snap_id=out.snap_id,
+                offset=out.sent, total=total, data=bytes(out.data[out.sent:hi]),
+                echo_inc=self._echo.get(p, (0, 0))[0], force=out.force))
+            out.sent, out.started = hi, True
+
+    def _on_snapshot_ack(self, p: int, m: SnapshotAck) -> None:
+        out = self._snap_out.get(p)
+        if (self._status != PRIMARY or m.view != self._view or out is None
+                or m.snap_id != out.snap_id or m.received > len(out.data)):
+            return
+        if m.received > out.acked:
+            out.acked = m.received
+            out.quiet_since = self._ticks
+            self._snap_pending[p] = self._ticks    # progress: the transfer is not stuck
+        elif m.received < out.acked:
+            # The receiver lost its partial copy (it stalled), or acks were reordered: send
+            # again from what it holds; duplicates are ignored, so either way is safe.
+            out.acked = out.sent = m.received
+            out.started = False
+        self._pump_snapshot(p)
+
+    def _retry_snapshots(self) -> None:
+        """Chunks get lost when a link drops (and in the simulator): a transfer without
+        progress for half a failure timeout is resent from what the receiver holds."""
+        for p, out in self._snap_out.items():
+            if self._ticks - out.quiet_since >= max(1, self.failure_ticks // 2):
+                out.sent, out.started, out.quiet_since = out.acked, False, self._ticks
+                self._pump_snapshot(p)
 
     # ------------------------------------------------------------------ follower side
     def _accept_primary_msg(self, p: int, view: int) -> bool:
@@ -755,8 +876,44 @@ class Replica:
         self.divergences += 1
         self._send(p, AppendResp(view, False, 0, self._commit, True))
 
+    def _assemble(self, p: int, m: InstallSnapshot) -> bytes | None:
+        """Add one chunk; the whole state once its last chunk arrived in order, else None.
+
+        Only one transfer is assembled at a time: a chunk of a newer one (newer view, or a
+        later transfer of the same primary) discards the partial copy; a chunk of an older
+        one is ignored.  Every chunk that does not complete the state is answered with how
+        much is held in order, which paces the sender and tells it where to resume."""
+        if m.offset + len(m.data) > m.total or (p, m.view, m.snap_id) == self._snap_done:
+            return None                      # malformed, or a duplicate of a finished one
+        part = self._snap_in
+        if part is not None and not part.same_transfer(p, m):
+            if (m.view, m.snap_id) < (part.view, part.snap_id):
+                return None                  # a stale chunk of an older transfer
+            part = self._snap_in = None
+        if part is None:
+            if m.offset != 0:
+                self._send(p, SnapshotAck(m.view, m.snap_id, 0))   # start again, please
+                return None
+            if len(m.data) == m.total:
+                self._snap_done = (p, m.view, m.snap_id)
+                return m.data                # the whole state in one chunk
+            part = self._snap_in = _SnapIn(p, m.view, m.snap_id, m.index, m.snap_view,
+                                           m.total, bytearray())
+        if m.offset == len(part.buf):
+            part.buf += m.data
+            if len(part.buf) == m.total:
+                self._snap_in = None
+                self._snap_done = (p, m.view, m.snap_id)
+                return bytes(part.buf)
+        # (a chunk past a gap, or a duplicate: say where we are)
+        self._send(p, SnapshotAck(m.view, m.snap_id, len(part.buf)))
+        return None
+
     def _on_snapshot(self, p: int, m: InstallSnapshot) -> None:
         if not self._accept_primary_msg(p, m.view):
+            return
+        data = self._assemble(p, m)
+        if data is None:
             return
         mine = self.entry_view(m.index)     # None: inside my compacted prefix, or past my log
         if mine is not None and mine != m.snap_view and m.index <= self._commit:
@@ -780,7 +937,7 @@ class Replica:
                 self._diverged = False
             self._log = []
             self._snap_index, self._snap_view = m.index, m.snap_view
-            self._pending_snapshot = Snapshot(m.index, m.snap_view, m.data)
+            self._pending_snapshot = Snapshot(m.index, m.snap_view, data)
             self._pending_trunc = None
             self._commit = m.index
             self._apply_cursor = m.index

@@ -23,6 +23,9 @@ Rules this module keeps:
 * :class:`PeerFramer` turns a byte stream into payloads: each frame is a 4-byte big-endian
   length followed by that many payload bytes; a length above ``max_payload`` raises
   :class:`FrameError` and the connection must be dropped.
+* No message has to be large: a snapshot of any size travels as a sequence of bounded
+  :class:`InstallSnapshot` chunks (see ``core.Replica.send_snapshot``), so ``MAX_PAYLOAD``
+  only bounds what one peer link may make us buffer.
 """
 
 from __future__ import annotations
@@ -33,13 +36,17 @@ from typing import Any
 
 __all__ = [
     "Entry", "Heartbeat", "Append", "AppendResp", "ViewChange", "Vote", "InstallSnapshot",
-    "PeerHello", "PeerChallenge", "PeerProof",
+    "SnapshotAck", "PeerHello", "PeerChallenge", "PeerProof",
     "encode_message", "decode_message", "DecodeError", "PeerFramer", "FrameError",
     "frame", "MAX_PAYLOAD", "WIRE_VERSION",
 ]
 
-WIRE_VERSION = 1
-MAX_PAYLOAD = 64 * 1024 * 1024   # a snapshot travels as one message; see docs/replication.md
+# 2: snapshots in chunks (InstallSnapshot.snap_id/offset/total, SnapshotAck) and the cluster
+# id in PeerHello.  A replica of version 1 and one of version 2 refuse each other's hello.
+WIRE_VERSION = 2
+# Far above any message (snapshot chunks are about 256 KiB, Append batches a few hundred
+# entries): it only bounds what one authenticated peer link can make us buffer.
+MAX_PAYLOAD = 64 * 1024 * 1024
 _MAX_COUNT = 1 << 20
 
 
@@ -128,24 +135,49 @@ class Vote:
 
 @dataclass(frozen=True)
 class InstallSnapshot:
-    """Primary -> lagging replica: applied state up to ``index`` (opaque bytes)."""
+    """Primary -> lagging replica: one chunk of its applied state up to ``index``.
+
+    The state (opaque bytes, ``total`` long) is cut into chunks so that a state of any size
+    fits the frame limit and no link has to buffer all of it at once.  ``data`` is the slice
+    at ``offset``; the chunks of one transfer share ``(view, snap_id)`` -- ``snap_id`` grows
+    with every transfer the primary starts in its view -- and the receiver installs the
+    state only once it holds every byte, received in order."""
     view: int
     index: int
     snap_view: int
     commit: int
     start: int
     members: tuple[int, ...]
+    snap_id: int
+    offset: int
+    total: int
     data: bytes
     echo_inc: int = 0
     force: bool = False        # replace the state even if it looks like the same history
 
 
 @dataclass(frozen=True)
+class SnapshotAck:
+    """Lagging replica -> primary: flow control of a snapshot transfer, not a durability
+    promise.  ``received`` is how many bytes of transfer ``snap_id`` it holds in order; the
+    primary keeps at most a window of chunks beyond it in flight, and sends again from it
+    when it goes down (the receiver lost its partial copy).  The last chunk is answered by
+    an ``AppendResp`` instead, sent once the installed snapshot is durable."""
+    view: int
+    snap_id: int
+    received: int
+
+
+@dataclass(frozen=True)
 class PeerHello:
-    """Peer handshake, step 1 (dialler -> listener); see :mod:`chatnet.replication.handshake`."""
+    """Peer handshake, step 1 (dialler -> listener); see :mod:`chatnet.replication.handshake`.
+
+    ``cluster_id`` identifies the dialler's ``--peers`` list, so that replicas started with
+    different lists refuse each other by name instead of exchanging misaddressed messages."""
     initiator: int
     responder: int
     nonce: bytes
+    cluster_id: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -169,8 +201,9 @@ _SCHEMA: dict[type, tuple[int, str]] = {
     AppendResp: (3, "ubuub"),
     ViewChange: (4, "uuuub"),
     Vote: (5, "ubuuuu"),
-    InstallSnapshot: (6, "uuuuuIBub"),
-    PeerHello: (16, "uuB"),
+    InstallSnapshot: (6, "uuuuuIuuuBub"),
+    SnapshotAck: (7, "uuu"),
+    PeerHello: (16, "uuBB"),
     PeerChallenge: (17, "uBB"),
     PeerProof: (18, "B"),
 }
