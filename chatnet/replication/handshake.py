@@ -6,9 +6,9 @@ the replication core; a connection is either an authenticated peer or a client, 
 Exchange (``I`` dials, ``R`` listens; ``K`` = cluster secret; nonces come from the host,
 ``os.urandom(32)``, one fresh pair per connection)::
 
-    I -> R  PeerHello(initiator=i, responder=r, nonce=nI)
-    R -> I  PeerChallenge(responder=r, nonce=nR, proof=HMAC(K, "responder" | i | r | nI | nR))
-    I -> R  PeerProof(proof=HMAC(K, "initiator" | i | r | nI | nR))
+    I -> R  PeerHello(initiator=i, responder=r, nonce=nI, cluster_id=C)
+    R -> I  PeerChallenge(responder=r, nonce=nR, proof=HMAC(K, "responder" | C | i | r | nI | nR))
+    I -> R  PeerProof(proof=HMAC(K, "initiator" | C | i | r | nI | nR))
 
 * Both proofs bind both node ids and both nonces, so an answer recorded on another
   connection (replay) or for another pair of nodes fails.
@@ -16,6 +16,10 @@ Exchange (``I`` dials, ``R`` listens; ``K`` = cluster secret; nonces come from t
   initiator proof fails.
 * ``I`` checks ``R``'s proof before it reveals its own, and ``R`` acts on nothing ``I`` sends
   until ``I``'s proof checked out; every comparison uses ``hmac.compare_digest``.
+* ``C`` is the cluster id, a digest of the ordered ``--peers`` list (node ids are positions
+  in that list, so two replicas with different lists would mean different nodes by the same
+  id).  ``R`` refuses a hello with another id at once, saying so; and since both proofs bind
+  each side's own id, a hello whose id was altered in transit fails the proofs.
 
 It authenticates the *start* of a TCP connection only; later frames carry no MAC.  An
 attacker who can inject into an established TCP stream is outside the fault model (see
@@ -30,7 +34,8 @@ import struct
 
 from .messages import PeerChallenge, PeerHello, PeerProof
 
-__all__ = ["HandshakeError", "Initiator", "Responder", "compute_proof", "MIN_NONCE", "MAX_NONCE"]
+__all__ = ["HandshakeError", "ClusterMismatch", "Initiator", "Responder", "compute_proof",
+           "MIN_NONCE", "MAX_NONCE"]
 
 MIN_NONCE = 16
 MAX_NONCE = 64
@@ -41,13 +46,19 @@ class HandshakeError(Exception):
     """The peer failed authentication (log it and close the connection)."""
 
 
+class ClusterMismatch(HandshakeError):
+    """The peer was started with another ``--peers`` list (an operator's mistake, not an
+    attack as far as we can tell: the message names both cluster ids)."""
+
+
 def compute_proof(secret: bytes, role: str, initiator: int, responder: int,
-                  nonce_i: bytes, nonce_r: bytes) -> bytes:
-    """HMAC-SHA256 over an unambiguous encoding of (label, role, ids, nonces)."""
+                  nonce_i: bytes, nonce_r: bytes, cluster_id: bytes = b"") -> bytes:
+    """HMAC-SHA256 over an unambiguous encoding of (label, role, cluster id, ids, nonces)."""
     if role not in ("initiator", "responder"):
         raise ValueError(role)
     msg = b"".join((
         _LABEL, b"\x00", role.encode(), b"\x00",
+        struct.pack(">H", len(cluster_id)), cluster_id,
         struct.pack(">QQ", initiator, responder),
         struct.pack(">H", len(nonce_i)), nonce_i,
         struct.pack(">H", len(nonce_r)), nonce_r,
@@ -64,17 +75,19 @@ class Initiator:
     """The dialling side.  ``hello()`` -> send; ``on_challenge(msg)`` -> send the returned
     proof; the peer is then authenticated (``self.peer``)."""
 
-    def __init__(self, secret: bytes, me: int, peer: int, nonce: bytes) -> None:
+    def __init__(self, secret: bytes, me: int, peer: int, nonce: bytes,
+                 cluster_id: bytes = b"") -> None:
         if not secret:
             raise ValueError("empty secret")
         _check_nonce(nonce)
         self.secret, self.me, self.peer, self.nonce = secret, me, peer, nonce
+        self.cluster_id = bytes(cluster_id)
         self.done = False
         self._sent = False
 
     def hello(self) -> PeerHello:
         self._sent = True
-        return PeerHello(self.me, self.peer, self.nonce)
+        return PeerHello(self.me, self.peer, self.nonce, self.cluster_id)
 
     def on_challenge(self, msg: object) -> PeerProof:
         if not self._sent or self.done or not isinstance(msg, PeerChallenge):
@@ -82,12 +95,14 @@ class Initiator:
         if msg.responder != self.peer:
             raise HandshakeError(f"expected node {self.peer}, got {msg.responder}")
         _check_nonce(msg.nonce)
-        want = compute_proof(self.secret, "responder", self.me, self.peer, self.nonce, msg.nonce)
+        want = compute_proof(self.secret, "responder", self.me, self.peer, self.nonce, msg.nonce,
+                             self.cluster_id)
         if not hmac.compare_digest(want, msg.proof):
-            raise HandshakeError(f"node {self.peer} does not know the cluster secret")
+            raise HandshakeError(f"node {self.peer} does not know the cluster secret "
+                                 f"(or was started with another --peers list)")
         self.done = True
         return PeerProof(compute_proof(self.secret, "initiator", self.me, self.peer,
-                                       self.nonce, msg.nonce))
+                                       self.nonce, msg.nonce, self.cluster_id))
 
 
 class Responder:
@@ -95,11 +110,12 @@ class Responder:
     the authenticated peer id (or raises HandshakeError)."""
 
     def __init__(self, secret: bytes, me: int, known: "set[int] | frozenset[int] | tuple[int, ...]",
-                 nonce: bytes) -> None:
+                 nonce: bytes, cluster_id: bytes = b"") -> None:
         if not secret:
             raise ValueError("empty secret")
         _check_nonce(nonce)
         self.secret, self.me, self.known, self.nonce = secret, me, frozenset(known), nonce
+        self.cluster_id = bytes(cluster_id)
         self.peer: int | None = None
         self.done = False
         self._hello: PeerHello | None = None
@@ -107,6 +123,12 @@ class Responder:
     def on_hello(self, msg: object) -> PeerChallenge:
         if self._hello is not None or not isinstance(msg, PeerHello):
             raise HandshakeError("unexpected handshake message")
+        if msg.cluster_id != self.cluster_id:
+            # checked first: with another --peers list, the ids below mean other nodes
+            raise ClusterMismatch(
+                f"peer claiming to be node {msg.initiator} was started with another --peers "
+                f"list (its cluster id {_show(msg.cluster_id)}, ours {_show(self.cluster_id)}); "
+                f"give every replica the same --peers, in the same order")
         if msg.responder != self.me:
             raise HandshakeError(f"hello addressed to node {msg.responder}, I am {self.me}")
         if msg.initiator == self.me or msg.initiator not in self.known:
@@ -114,15 +136,25 @@ class Responder:
         _check_nonce(msg.nonce)
         self._hello = msg
         return PeerChallenge(self.me, self.nonce, compute_proof(
-            self.secret, "responder", msg.initiator, self.me, msg.nonce, self.nonce))
+            self.secret, "responder", msg.initiator, self.me, msg.nonce, self.nonce,
+            self.cluster_id))
 
     def on_proof(self, msg: object) -> int:
         if self._hello is None or self.done or not isinstance(msg, PeerProof):
             raise HandshakeError("unexpected handshake message")
         h = self._hello
-        want = compute_proof(self.secret, "initiator", h.initiator, self.me, h.nonce, self.nonce)
+        want = compute_proof(self.secret, "initiator", h.initiator, self.me, h.nonce, self.nonce,
+                             self.cluster_id)
         if not hmac.compare_digest(want, msg.proof):
             raise HandshakeError(f"peer claiming to be node {h.initiator} failed the challenge")
         self.done = True
         self.peer = h.initiator
         return h.initiator
+
+
+def _show(cluster_id: bytes) -> str:
+    """A cluster id for a log line (it is ASCII hex when it comes from config.cluster_id)."""
+    if not cluster_id:
+        return "(none)"
+    text = cluster_id.decode("ascii", "replace")
+    return text if text.isprintable() and len(text) <= 64 else cluster_id[:32].hex()

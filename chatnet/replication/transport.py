@@ -11,7 +11,13 @@ Peers share the client port.  A connection is a peer only if its first bytes are
 ``replication.handshake`` before anything it sends reaches the replication core.  Before that,
 frames are limited to a few KiB, so an unauthenticated stranger cannot make us buffer much.
 A client connection can never become a peer connection: the server decides once, on the first
-bytes, and a refused peer is logged and closed.
+bytes, and a refused peer is logged and closed.  The handshake also carries the cluster id
+(a digest of the ordered ``--peers`` list): replicas started with different lists refuse each
+other and log both ids.
+
+Whatever a peer sends can only cost that peer its link: any exception while decoding its
+bytes or handling one of its messages closes that link with a logged reason (the peer redials,
+or is redialled, later); it never reaches the reactor, let alone stops the replica.
 """
 
 from __future__ import annotations
@@ -21,11 +27,11 @@ import logging
 import os
 import socket
 
-from ..server.config import Address
 from ..loop.connection import BufferedSocket, ConnectionLost
 from ..loop.reactor import READ, WRITE, Reactor
 from ..protocol.texts import PEER_PREFACE
-from .handshake import HandshakeError, Initiator, Responder
+from ..server.config import Address, cluster_id, format_peers
+from .handshake import ClusterMismatch, HandshakeError, Initiator, Responder
 from .messages import (
     MAX_PAYLOAD,
     DecodeError,
@@ -68,6 +74,13 @@ class _Link:
         self.transport.dirty.add(self)
 
     def handle_event(self, mask: int) -> None:
+        try:
+            self._handle_event(mask)
+        except Exception as exc:  # e.g. a socket error nobody expected: this link only
+            log.exception("closing link with peer %s: unexpected error", self.describe())
+            self.close(f"unexpected error: {exc!r}")
+
+    def _handle_event(self, mask: int) -> None:
         if mask & WRITE:
             self.flush()
         if mask & READ and not self.closed:
@@ -84,9 +97,9 @@ class _Link:
             self.receive(data)
 
     def receive(self, data: bytes) -> None:
+        """Decode and dispatch what the peer sent; any failure closes this link only."""
         try:
-            payloads = self.framer.feed(data)
-            for payload in payloads:
+            for payload in self.framer.feed(data):
                 msg = decode_message(payload)
                 if self.up:
                     self.transport.deliver(self.peer, msg)
@@ -94,9 +107,21 @@ class _Link:
                     self.on_handshake(msg)
                 if self.closed:
                     return
-        except (DecodeError, FrameError, HandshakeError) as exc:
+        except ClusterMismatch as exc:
+            log.warning("refused peer %s: %s (ours: --peers %s)", self.describe(), exc,
+                        format_peers(self.transport.addresses))
+            self.close(str(exc))
+        except HandshakeError as exc:
             log.warning("refused peer %s: %s", self.describe(), exc)
             self.close(str(exc))
+        except (DecodeError, FrameError) as exc:
+            what = "closing link with peer" if self.up else "refused peer"
+            log.warning("%s %s: bad frame: %s", what, self.describe(), exc)
+            self.close(f"bad frame: {exc}")
+        except Exception as exc:  # a message the core choked on: drop the link, not the replica
+            log.exception("closing link with peer %s: error handling its message",
+                          self.describe())
+            self.close(f"error handling its message: {exc!r}")
 
     def authenticated(self) -> None:
         self.up = True
@@ -143,7 +168,8 @@ class OutboundLink(_Link):
         super().__init__(transport, sock, peer)
         self.address = address
         self.connected = False
-        self.initiator = Initiator(transport.secret, transport.me, peer, os.urandom(32))
+        self.initiator = Initiator(transport.secret, transport.me, peer, os.urandom(32),
+                                   transport.cluster_id)
         err = sock.connect_ex((address.host, address.port))
         if err not in (0, errno.EINPROGRESS, errno.EWOULDBLOCK):
             raise ConnectionLost(os.strerror(err))
@@ -180,12 +206,14 @@ class InboundLink(_Link):
     def __init__(self, transport: PeerTransport, sock: socket.socket, addr):
         super().__init__(transport, sock, None)
         self.addr = addr
-        self.responder = Responder(transport.secret, transport.me, transport.peer_ids, os.urandom(32))
+        self.responder = Responder(transport.secret, transport.me, transport.peer_ids,
+                                   os.urandom(32), transport.cluster_id)
 
     def on_handshake(self, msg) -> None:
         if isinstance(msg, PeerHello):
-            self.peer = msg.initiator if msg.initiator in self.transport.peer_ids else None
-            self.send_raw(self.responder.on_hello(msg))
+            challenge = self.responder.on_hello(msg)   # raises for a stranger: it stays "?"
+            self.peer = msg.initiator
+            self.send_raw(challenge)
             self.flush()
         elif isinstance(msg, PeerProof):
             self.peer = self.responder.on_proof(msg)
@@ -210,6 +238,7 @@ class PeerTransport:
         self.me = me
         self.addresses = addresses
         self.secret = secret
+        self.cluster_id = cluster_id(addresses).encode()   # binds the --peers list
         self.peer_ids = frozenset(i for i in range(len(addresses)) if i != me)
         self.on_message = on_message
         self.on_link_change = on_link_change
