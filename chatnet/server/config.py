@@ -60,22 +60,41 @@ def find_self(peers: list[Address], host: str | None, port: int | None) -> int:
 
 
 def cluster_id(peers: list[Address]) -> str:
-    """Replicas configured with different --peers lists refuse each other (see the handshake)."""
+    """A digest of the ordered --peers list (16 hex digits).
+
+    Node ids are positions in that list, so replicas started with different lists -- other
+    addresses, or the same ones in another order -- would mean different nodes by the same
+    id.  The peer handshake sends this id and binds it into both HMAC proofs, so such replicas
+    refuse each other and log both ids (see chatnet/replication/handshake.py).  It is computed
+    from the list as written: ``localhost:1538`` and ``127.0.0.1:1538`` differ."""
     return hashlib.sha256(format_peers(peers).encode()).hexdigest()[:16]
 
 
 def read_secret(path: str) -> bytes:
+    """The cluster secret in ``path``, refused unless only its owner can access the file.
+
+    Whoever reads it can join the cluster as a replica (and read or rewrite all chat), so a
+    file that group or others may read or write is an error, not a warning.  The mode is
+    checked on the opened file, so it is the file actually read."""
     try:
         with open(path, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
             secret = f.read().strip()
     except FileNotFoundError:
         raise ConfigError(
             f"secret file {path} not found. Every replica needs the same secret file; create one with\n"
-            f"  python3 -c 'import secrets; print(secrets.token_hex(32))' > {path}\n"
-            f"and copy it to each machine (bin/chatserver --local creates it for you)"
+            f"  (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' > {path})\n"
+            f"and copy it to each machine, keeping it private (chmod 600 {path}); "
+            f"bin/chatserver --local creates it for you"
         ) from None
     except OSError as exc:
         raise ConfigError(f"cannot read secret file {path}: {exc}") from None
+    if mode & 0o077:
+        raise ConfigError(
+            f"secret file {path} is accessible by group or others (mode {mode & 0o777:04o}); "
+            f"anyone who can read it can join the cluster. Make it private with\n"
+            f"  chmod 600 {path}"
+        )
     if len(secret) < 16:
         raise ConfigError(f"secret file {path} holds fewer than 16 bytes; use a long random secret")
     return secret

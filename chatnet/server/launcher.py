@@ -17,14 +17,18 @@ import subprocess
 import sys
 import time
 
-from .config import Address, format_peers
+from .config import Address, format_peers, read_secret
 
 
 def ensure_secret(path: str) -> bool:
-    """Create a random cluster secret at ``path`` (mode 0600) unless one exists; True if created."""
+    """Create a random cluster secret at ``path`` unless one exists; True if created.
+
+    The file is created with mode 0600 by the ``open`` itself (never world-readable, not
+    even for an instant), in a directory created 0700 if missing; the replicas refuse a
+    secret file that group or others can access (config.read_secret)."""
     if os.path.exists(path):
         return False
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_hex(32) + "\n")
@@ -45,6 +49,8 @@ def child_command(peers: list[Address], me: Address, base_dir: str, secret_file:
 def run_local(peers: list[Address], base_dir: str, secret_file: str, extra: list[str]) -> int:
     if ensure_secret(secret_file):
         print(f"created cluster secret {secret_file}", flush=True)
+    if len(peers) > 1:
+        read_secret(secret_file)  # a ConfigError (say, mode 0644) once here, not per child
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env["PYTHONUNBUFFERED"] = "1"
