@@ -256,6 +256,12 @@ def test_a_replica_with_another_peers_list_is_refused_naming_both(replica0, capl
     assert t.inbound == {}
     line = next(r.getMessage() for r in caplog.records if "refused peer" in r.getMessage())
     assert theirs in line and ours in line and "--peers" in line
+    # it redials every second: the same refusal is not logged again at once
+    again = FakePeer((addrs[0].host, addrs[0].port), 1, 0, theirs.encode())
+    with caplog.at_level(logging.WARNING):
+        accept()
+        assert again.closed_by_other_end(reactor)
+    assert sum("refused peer" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_a_peer_with_the_same_list_but_the_wrong_secret_is_refused(replica0, caplog):

@@ -260,6 +260,13 @@ class Replica:
         self._msgs: list[tuple[int, object]] = []
         self._snap_requests: list[int] = []
 
+        self._init_volatile()
+        self._new_incarnation()
+        if self.n == 1:
+            self._become_sole_primary()
+
+    def _init_volatile(self) -> None:
+        """State that is not persisted: a (re)start begins with all of it empty."""
         # --- failure detector
         self._ticks = 0
         self._inc = 0
@@ -291,10 +298,6 @@ class Replica:
         self._backoff = 0
         self._probing: dict[int, int] = {}
         self._force_snap: set[int] = set()
-
-        self._new_incarnation()
-        if self.n == 1:
-            self._become_sole_primary()
 
     # ------------------------------------------------------------------ read-only API
     @property

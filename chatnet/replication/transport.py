@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import socket
+import time
 
 from ..loop.connection import BufferedSocket, ConnectionLost
 from ..loop.reactor import READ, WRITE, Reactor
@@ -49,6 +50,7 @@ log = logging.getLogger(__name__)
 HANDSHAKE_MAX_PAYLOAD = 4096
 HANDSHAKE_TIMEOUT = 5.0
 REDIAL_MIN, REDIAL_MAX = 0.05, 1.0
+MISMATCH_LOG_INTERVAL = 60.0   # a misconfigured peer redials every second: log it once a minute
 PEER_OUTPUT_LIMIT = 256 * 1024 * 1024  # a peer this far behind is cut off; it catches up later
 PEER_SNDBUF = 4 * 1024 * 1024
 
@@ -108,8 +110,7 @@ class _Link:
                 if self.closed:
                     return
         except ClusterMismatch as exc:
-            log.warning("refused peer %s: %s (ours: --peers %s)", self.describe(), exc,
-                        format_peers(self.transport.addresses))
+            self.transport.log_mismatch(self.describe(), str(exc))
             self.close(str(exc))
         except HandshakeError as exc:
             log.warning("refused peer %s: %s", self.describe(), exc)
@@ -247,6 +248,7 @@ class PeerTransport:
         self.backoff: dict[int, float] = {p: REDIAL_MIN for p in self.peer_ids}
         self.dirty: set[_Link] = set()
         self.stopped = False
+        self._mismatches: dict[str, tuple[float, int]] = {}   # reason -> (last logged, since)
 
     def start(self) -> None:
         for peer in sorted(self.peer_ids):
@@ -257,6 +259,20 @@ class PeerTransport:
         for link in [*self.outbound.values(), *self.inbound.values()]:
             if link is not None:
                 link.close("shutting down")
+
+    def log_mismatch(self, who: str, reason: str) -> None:
+        """Log a peer started with another --peers list: the first time at once, then at most
+        once per MISMATCH_LOG_INTERVAL with how often it was refused meanwhile."""
+        now = time.monotonic()
+        last, since = self._mismatches.get(reason, (-MISMATCH_LOG_INTERVAL, 0))
+        if now - last < MISMATCH_LOG_INTERVAL:
+            self._mismatches[reason] = (last, since + 1)
+            log.debug("refused peer %s: %s", who, reason)
+            return
+        self._mismatches[reason] = (now, 0)
+        again = f" [refused {since} more times since the last report]" if since else ""
+        log.warning("refused peer %s: %s (ours: --peers %s)%s", who, reason,
+                    format_peers(self.addresses), again)
 
     # -- dialling ---------------------------------------------------------------------------
     def _dial(self, peer: int) -> None:

@@ -92,21 +92,27 @@ def run_local(peers: list[Address], base_dir: str, secret_file: str, extra: list
                     print(f"[{me.port}] replica exited ({how})", flush=True)
                     del children[pid]
     finally:
-        for me, proc in children.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.terminate()
-        deadline = time.monotonic() + 10
-        for me, proc in children.values():
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for key in list(sel.get_map().values()):
-            me = key.data
-            rest = key.fileobj.read() or b""
-            for line in (partial.get(me.port, b"") + rest).splitlines():
-                print(f"[{me.port}] {line.decode('utf-8', 'replace')}")
-        print("chatnet: all replicas stopped", flush=True)
+        _stop_children(children, sel, partial)
     return 0
+
+
+def _stop_children(children: dict, sel: selectors.BaseSelector, partial: dict[int, bytes]) -> None:
+    """Stop every child still running (SIGCONT first: a stopped one cannot act on SIGTERM),
+    kill those that take over 10 s, and print what they wrote last."""
+    for me, proc in children.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.terminate()
+    deadline = time.monotonic() + 10
+    for me, proc in children.values():
+        try:
+            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    for key in list(sel.get_map().values()):
+        me = key.data
+        rest = key.fileobj.read() or b""
+        for line in (partial.get(me.port, b"") + rest).splitlines():
+            print(f"[{me.port}] {line.decode('utf-8', 'replace')}")
+    print("chatnet: all replicas stopped", flush=True)
