@@ -45,6 +45,7 @@ import heapq
 import logging
 import random
 import sys
+from dataclasses import dataclass
 
 from ..protocol.codec import STATUS_NOTE, decode_frames, parse_request
 from ..protocol.texts import T_LOGIN_UNKNOWN, T_SENT
@@ -94,8 +95,9 @@ class Node:
         self.was_serving = False
         self.last_commit = 0
         self.phase = 0
-        self.sends: dict[str, tuple[int, bytes]] = {}  # chat text -> (index, entry) applied here
+        self.sends: dict[tuple, tuple[int, bytes]] = {}  # (sender, recipient, text) -> (index, entry)
         self.snapshots_seen = 0
+        self.role: str | None = None  # last role observed (for the trace); None while down
 
     @property
     def up(self) -> bool:
@@ -117,6 +119,24 @@ class SimClient:
         self.outstanding: str | None = None  # request text awaiting its answer
         self.next_request: str | None = None
         self.want = 0  # chats still to send
+        # Scripted (named) clients only: the chat requests to send, whether to log in once
+        # (create the account) even with nothing to send, and the answer to the last send.
+        self.named = False
+        self.outbox: list[str] = []
+        self.needs_login = False
+        self.answer: str | None = None
+        self.acked: tuple[int, int] | None = None  # (index, node) of the last acknowledged send
+
+
+@dataclass
+class ChatOutcome:
+    """What became of one scripted send: acknowledged at ``index`` by ``node``, or not (then
+    ``answer`` is the server's text, or why no answer came)."""
+
+    acked: bool
+    index: int | None
+    node: int | None
+    answer: str | None
 
 
 class Simulation:
@@ -185,6 +205,7 @@ class Simulation:
                               rng=random.Random(self.rng.getrandbits(64)), retain_entries=self.retain,
                               new_token=lambda: "%016x" % token_rng.getrandbits(64))
         nd.host.on_applied = lambda index, data, i=i: self.on_apply(i, index, data)
+        nd.role = nd.replica.role
         nd.was_serving = False
         nd.last_commit = nd.replica.commit_index
         nd.paused_until = -1
@@ -198,6 +219,7 @@ class Simulation:
         nd.paused_until = -1
         nd.inbox = []
         nd.was_serving = False
+        nd.role = None
         nd.disk.fail_after_commit = False
         lost = nd.disk.crash(self.rng)
         self.stats["lost_unsynced"] += lost
@@ -265,31 +287,39 @@ class Simulation:
             return  # chat (for the sink) or a note after an answer
         request, c.outstanding = c.outstanding, None
         if fr.status == STATUS_NOTE:  # a backup's redirect: the Close follows
+            if c.named and request.startswith("3|"):
+                c.outbox.insert(0, request)  # never taken: a scripted send goes again
             return
         text = fr.message
         if request.startswith(("1|", "2|")):
             if fr.status == 0:
                 c.logged_in = True
+                c.needs_login = False
             elif text == T_LOGIN_UNKNOWN:
                 c.next_request = f"1|{c.name}"
             else:  # taken (created meanwhile), or still connected elsewhere: log in again
                 c.next_request = f"2|{c.name}"
-        elif request.startswith("3|") and text == T_SENT.format(recipient=SINK):
-            self._acked(c.node, request.split("|", 2)[2])
+        elif request.startswith("3|"):
+            _, recipient, chat = request.split("|", 2)
+            c.answer = text
+            if text == T_SENT.format(recipient=recipient):
+                c.acked = self._acked(c.node, (c.name, recipient, chat))
 
-    def _acked(self, i: int, chat: str) -> None:
+    def _acked(self, i: int, chat: tuple[str, str, str]) -> tuple[int, int]:
         got = self.nodes[i].sends.get(chat)
         if got is None:
             self.fail(f"node {i} acknowledged {chat!r} that it never applied")
         index, data = got
         self.acked[index] = data
         self.stats["acked"] += 1
-        self.note(f"ack {index} {chat} by {i}")
+        sender, recipient, text = chat
+        self.note(f"ack {index} {text if recipient == SINK else f'{sender}->{recipient}: {text}'} by {i}")
         if not self.strict:
             return
         for nd in self.nodes.values():
             if nd.up and nd.paused_until < 0 and nd.replica.serving and not self.holds(nd.id, index, data):
                 self.fail(f"I1: serving primary {nd.id} lacks acked write {index}")
+        return index, i
 
     def _connect(self, c: SimClient, target: int | None) -> None:
         ups = [nd.id for nd in self.nodes.values() if nd.up and nd.paused_until < 0]
@@ -311,6 +341,8 @@ class Simulation:
         nd = self.nodes.get(c.node) if c.node is not None else None
         if nd is not None and nd.up:
             nd.host.close_connection(c.conn)
+        if c.named and c.outstanding is not None and c.outstanding.startswith("3|"):
+            c.answer = f"no answer: the connection to {c.node} was lost"
         c.node, c.outstanding, c.next_request, c.logged_in = None, None, None, False
 
     def _request(self, c: SimClient, text: str) -> None:
@@ -323,7 +355,7 @@ class Simulation:
         touched = set()
         for c in self.clients:
             if c.node is None:
-                if c.want or c.name == SINK:
+                if c.want or c.outbox or c.needs_login or c.name == SINK:
                     self._connect(c, target)
                 if c.node is None:
                     continue
@@ -332,6 +364,8 @@ class Simulation:
                 continue
             if c.next_request is not None:
                 text, c.next_request = c.next_request, None
+            elif c.logged_in and c.outbox:
+                text = c.outbox.pop(0)
             elif c.logged_in and c.want:
                 c.want -= 1
                 self.write_no += 1
@@ -345,9 +379,12 @@ class Simulation:
 
     def client_write(self, target: int | None = None, k: int | None = None) -> None:
         """Ask ``k`` (random 1-4) chats of random clients; they go out as clients get to them."""
-        senders = self.clients[1:]
+        senders = self.clients[1:CLIENTS + 1]  # not the scripted named clients
         for _ in range(self.rng.randint(1, 4) if k is None else k):
             self.rng.choice(senders).want += 1
+        self._pump_and_process(target)
+
+    def _pump_and_process(self, target: int | None = None) -> None:
         for i in sorted(self.pump_clients(target)):
             if self.nodes[i].up and self.nodes[i].paused_until < 0:
                 self.process(i)
@@ -361,7 +398,7 @@ class Simulation:
             self.fail(f"agreement: node {i} applied {data!r} at {index}, history has {h!r}")
         cmd = decode_command(data)
         if cmd[0] == "send":
-            self.nodes[i].sends[cmd[3]] = (index, data)
+            self.nodes[i].sends[tuple(cmd[1:4])] = (index, data)
 
     def _observe_snapshots(self, i: int) -> None:
         nd = self.nodes[i]
@@ -369,6 +406,8 @@ class Simulation:
             return
         self.stats["snapshots"] += nd.disk.snapshots - nd.snapshots_seen
         nd.snapshots_seen = nd.disk.snapshots
+        if nd.up:
+            self.note(f"node {i} installs a snapshot at index {nd.host.applied_index}")
         if self.strict and nd.up:
             expected = self.reference_state(nd.host.applied_index)
             if expected is not None and expected != nd.host.service.state.to_snapshot():
@@ -401,6 +440,9 @@ class Simulation:
         r = nd.replica
         if r is None:
             return
+        if r.role != nd.role:
+            self.note(f"node {i} {nd.role} -> {r.role} (view {r.view})")
+            nd.role = r.role
         if r.serving:
             if r.role != PRIMARY:
                 self.fail(f"I3: node {i} serves in role {r.role}")
@@ -574,6 +616,56 @@ class Simulation:
         nd = self.nodes[i]
         return nd.replica.role if nd.up else None
 
+    def heal(self) -> None:
+        """Restore every link cut by :meth:`partition` or a nemesis cut (faults stay as set)."""
+        self.blocked.clear()
+        self.note("heal: every link restored")
+
+    def named_client(self, name: str) -> SimClient:
+        """The scripted client ``name`` (made on first use).  Named clients are kept apart from
+        the nemesis' anonymous senders, so scripting them draws nothing from the shared rng
+        until they act."""
+        c = next((c for c in self.clients if c.named and c.name == name), None)
+        if c is None:
+            c = SimClient(name)
+            c.named = True
+            self.clients.append(c)
+        return c
+
+    def chat(self, sender: str, recipient: str, text: str, ticks: int = 40) -> ChatOutcome:
+        """Send one chat as the named client ``sender``, the way a person would: log in (creating
+        the account if needed) on the serving primary, send, and wait up to ``ticks`` for the
+        answer.  The recipient's account is created first when the primary does not know it.
+        A redirected send goes again; a send whose connection died is not retried (it may or
+        may not have committed: that is exactly what a client cannot tell)."""
+        deadline = self.now + ticks * TICK
+        serving = self.serving()
+        if serving and not self.nodes[serving[0]].host.service.state.exists(recipient):
+            login = self.named_client(recipient)
+            login.needs_login = True
+            self._run_until(lambda: not login.needs_login, deadline, login)
+        c = self.named_client(sender)
+        c.answer, c.acked = None, None
+        c.outbox.append(f"3|{recipient}|{text}")
+        self._run_until(lambda: c.answer is not None, deadline, c)
+        if c.answer is None:
+            c.outbox.clear()
+            c.answer = f"no answer within {ticks} ticks"
+        index, node = c.acked if c.acked is not None else (None, None)
+        return ChatOutcome(c.acked is not None, index, node, c.answer)
+
+    def _run_until(self, done, deadline: int, c: SimClient) -> None:
+        """Move the named client ``c`` to the serving primary if it is elsewhere, let it act,
+        and run time units until ``done()`` or ``deadline``."""
+        while not done() and self.now < deadline:
+            serving = self.serving()
+            if serving and c.node not in serving and c.outstanding is None:
+                self._disconnect(c)
+                self._connect(c, serving[0])
+            self._pump_and_process()
+            if not done():
+                self.unit()
+
     # ------------------------------------------------------------------ runs
     def run(self) -> Simulation:
         for _ in range(self.steps * TICK):
@@ -601,6 +693,7 @@ class Simulation:
                 nd.paused_until = self.now
         for nd in self.nodes.values():
             if not nd.up:
+                self.note(f"restart {nd.id} (healing)")
                 self.start(nd.id)
         acked_before = len(self.acked)
         for t in range(max_ticks * TICK):
