@@ -219,14 +219,23 @@ def export_rev(rev: str, into: str) -> str:
     return dest
 
 
+def _server_help(root: str | None) -> str:
+    try:
+        return subprocess.run([*server_command(root), "--help"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _takes_peers(root: str) -> bool:
     """Whether ``root/bin/chatserver`` has the replicated CLI (``--peers``), which then must
     list it; a pre-replication revision has not."""
-    try:
-        out = subprocess.run([*server_command(root), "--help"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return False
-    return "--peers" in out
+    return "--peers" in _server_help(root)
+
+
+def _load_args(root: str | None) -> list[str]:
+    """Every load generator connects from 127.0.0.1: lift the per-address connection cap on
+    revisions that have one."""
+    return ["--max-per-address", "0"] if "--max-per-address" in _server_help(root) else []
 
 
 class Target:
@@ -249,6 +258,7 @@ class Target:
         else:
             self.label = describe_tree()
         kwargs = {"root": root, "log_level": log_level}
+        extra_args = [*_load_args(root), *extra_args]
         self.cluster = self.server = None
         if replicas > 1:
             self.cluster = Cluster(n=replicas, extra_args=extra_args, **kwargs)

@@ -265,7 +265,8 @@ def _closed(c: RawClient) -> bool:
         return True
 
 
-def test_thousand_concurrent_logged_in_connections(server):
+def test_thousand_concurrent_logged_in_connections(servers):
+    server = servers(args=["--max-per-address", "0"])  # all 1000 come from 127.0.0.1
     n = 1000
     sel = selectors.DefaultSelector()
     socks = []

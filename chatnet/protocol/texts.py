@@ -62,3 +62,9 @@ T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again 
 PEER_PREFACE = b"CHATNET-PEER\n"
 STATUS_PREFACE = b"CHATNET-STATUS\n"
 PREFACES = (PEER_PREFACE, STATUS_PREFACE)
+
+# Connection limits (docs/operations.md): said once, then the connection is closed.
+T_SERVER_FULL = "Server is full: too many connections. Try again later."
+T_ADDRESS_FULL = "Too many connections from your address. Close some and try again."
+T_HANDSHAKE_TIMEOUT = "Closed: no complete request within {seconds:g} seconds."
+T_IDLE_TIMEOUT = "Closed: idle for {seconds:g} seconds without logging in."

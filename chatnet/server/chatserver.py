@@ -36,12 +36,19 @@ import socket
 
 from ..loop.connection import HIGH_WATER, LOW_WATER, BufferedSocket, ConnectionLost
 from ..loop.reactor import READ, WRITE, Reactor
-from ..protocol.codec import CLOSED, NEED_DATA, RequestDecoder
-from ..protocol.texts import PREFACES, STATUS_PREFACE
+from ..protocol.codec import CLOSED, NEED_DATA, STATUS_ERROR, RequestDecoder
+from ..protocol.texts import (
+    PREFACES,
+    STATUS_PREFACE,
+    T_ADDRESS_FULL,
+    T_HANDSHAKE_TIMEOUT,
+    T_IDLE_TIMEOUT,
+    T_SERVER_FULL,
+)
 from ..replication.transport import PeerTransport
 from .config import Address, Limits
 from .host import ReplicaHost
-from .service import Close, Reply
+from .service import Close, Reply, frame
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -50,6 +57,10 @@ ACCEPT_BATCH = 64
 MAX_PIPELINED = 16  # decoded requests a connection may have queued behind an unanswered one
 CLIENT_SNDBUF = 128 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds to stop accepting after EMFILE and friends
+ACCEPT_LOG_INTERVAL = 5.0  # accept errors are logged at most once per interval, with a count
+SWEEP_INTERVAL = 1.0  # seconds between checks of handshake and idle timeouts
+STATUS_PER_SECOND = 20  # status answers per second; more queries are closed unanswered
+DIGEST_MAX_AGE = 1.0  # seconds a status digest of the state may be reused
 
 
 class ClientConnection:
@@ -67,6 +78,9 @@ class ClientConnection:
         self.congested = False
         self.slow_timer = None
         self.sniff: bytes | None = b""  # first bytes, until we know client from peer
+        self.opened = self.last_active = server.reactor.clock()
+        self.identified = False  # a first complete request arrived
+        self.admitted = False  # counted as a client (its first bytes were not a peer's preface)
 
     def handle_event(self, mask: int) -> None:
         if mask & WRITE:
@@ -135,6 +149,13 @@ class ChatServer:
         self._dirty: set[ClientConnection] = set()
         self._listener_handler = _Listener(self)
         self.listener: socket.socket | None = None
+        self.limits = limits or Limits()
+        self._per_address: dict[str, int] = {}  # admitted clients per IP address
+        self._clients = 0  # admitted clients
+        self._accept_errors = 0
+        self._accept_error_logged = float("-inf")
+        self._status_window = (0.0, 0)  # (second it started, answers given in it)
+        self._digest = (-1, float("-inf"), "")  # (applied index, computed at, digest)
         self.reactor.before_sleep.append(self._before_sleep)
         self.reactor.on_stall = self._on_stall
         self.reactor.stall_threshold = failure_timeout / 2  # peers may replace us after one timeout
@@ -152,6 +173,7 @@ class ChatServer:
         if self.transport is not None:
             self.transport.start()
         self.reactor.timers.call_later(self.heartbeat, self._tick)
+        self.reactor.timers.call_later(SWEEP_INTERVAL, self._sweep)
         log.info(
             "chatnet replica %d of %d listening on %s:%d, data in %s (%d accounts, log at %d, view %d)",
             self.me, len(self.peers), self.host, self.port, self.data_dir,
@@ -187,13 +209,12 @@ class ChatServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("accept failed (%s); pausing accepts for %.1fs", exc, ACCEPT_BACKOFF)
-                    self.reactor.set_interest(self.listener, 0, None)
-                    self.reactor.timers.call_later(ACCEPT_BACKOFF, self._resume_accepting)
-                else:
-                    log.warning("accept failed: %s", exc)
+                self._accept_failed(exc)
                 return
+            if len(self.conns) >= self.limits.max_connections + Limits.PEER_RESERVE:
+                sock.close()  # not even room to tell a peer from a client
+                self._accept_failed(OSError(errno.EMFILE, "over the connection cap and its peer reserve"))
+                continue
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             # A fixed kernel send buffer (no autotuning to megabytes) keeps kernel memory per
             # client bounded and lets our own high-water mark see a client that does not read.
@@ -202,6 +223,33 @@ class ChatServer:
             self.conns[conn.id] = conn
             self.replica_host.open(conn.id)
             self._update_interest(conn)
+
+    def _admit(self, conn: ClientConnection) -> str | None:
+        """Count a connection as a client once its first bytes show it is not a peer (so peers
+        always get in, within the reserve); why it may not be one, or None."""
+        ip = conn.addr[0]
+        if self._clients >= self.limits.max_connections:
+            return T_SERVER_FULL
+        cap = self.limits.max_per_address
+        if cap and self._per_address.get(ip, 0) >= cap:
+            return T_ADDRESS_FULL
+        conn.admitted = True
+        self._clients += 1
+        self._per_address[ip] = self._per_address.get(ip, 0) + 1
+        return None
+
+    def _accept_failed(self, exc: OSError) -> None:
+        """Count accept errors and log them at most once per ACCEPT_LOG_INTERVAL; on running out
+        of descriptors or memory, pause accepting briefly (the backlog waits in the kernel)."""
+        self._accept_errors += 1
+        now = self.reactor.clock()
+        if now - self._accept_error_logged >= ACCEPT_LOG_INTERVAL:
+            log.warning("accept failed %d time(s) in the last %.0fs, latest: %s",
+                        self._accept_errors, ACCEPT_LOG_INTERVAL, exc)
+            self._accept_errors, self._accept_error_logged = 0, now
+        if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM) and self.listener is not None:
+            self.reactor.set_interest(self.listener, 0, None)
+            self.reactor.timers.call_later(ACCEPT_BACKOFF, self._resume_accepting)
 
     def _resume_accepting(self) -> None:
         if self.listener is not None:
@@ -216,7 +264,11 @@ class ChatServer:
             return
         if data is None:
             return
+        conn.last_active = self.reactor.clock()
         if conn.sniff is not None and self._sniff(conn, data):
+            return
+        if data and not conn.admitted and (refusal := self._admit(conn)) is not None:
+            self._refuse(conn, refusal)  # over a cap, and not a peer: say why and go
             return
         if not data:
             conn.eof = True
@@ -247,10 +299,11 @@ class ChatServer:
         self.replica_host.close_connection(conn.id)
         conn.closed = True
         if preface == STATUS_PREFACE:
-            try:  # one small line into a fresh socket's buffer: never blocks the loop
-                sock.send(json.dumps(self.status()).encode() + b"\n")
-            except OSError:
-                pass
+            if self._status_allowed():
+                try:  # one small line into a fresh socket's buffer: never blocks the loop
+                    sock.send(json.dumps(self.status()).encode() + b"\n")
+                except OSError:
+                    pass
             sock.close()
         elif self.transport is None:
             log.warning("refused peer connection from %s:%d: this replica runs alone", *conn.addr[:2])
@@ -260,9 +313,28 @@ class ChatServer:
 
     def status(self) -> dict:
         status = self.replica_host.status()
-        status.update(address=f"{self.host}:{self.port}", clients=len(self.conns),
-                      digest=hashlib.sha256(self.service.state.to_snapshot()).hexdigest()[:16])
+        status.update(address=f"{self.host}:{self.port}", clients=len(self.conns), digest=self._state_digest())
         return status
+
+    def _status_allowed(self) -> bool:
+        """At most STATUS_PER_SECOND answers per second: status is for operators, not a load."""
+        now = self.reactor.clock()
+        started, given = self._status_window
+        if now - started >= 1.0:
+            started, given = now, 0
+        self._status_window = (started, given + 1)
+        return given < STATUS_PER_SECOND
+
+    def _state_digest(self) -> str:
+        """A digest of the chat state, recomputed at most once per DIGEST_MAX_AGE (it serializes
+        the whole state: on a large state, one query per loop pass would stall the loop)."""
+        applied, at, digest = self._digest
+        now = self.reactor.clock()
+        if applied != self.replica_host.applied_index and now - at >= DIGEST_MAX_AGE:
+            applied = self.replica_host.applied_index
+            digest = hashlib.sha256(self.service.state.to_snapshot()).hexdigest()[:16]
+            self._digest = (applied, now, digest)
+        return digest
 
     def _feed(self, conn: ClientConnection) -> None:
         """Hand the connection's decoded requests to the service until it must wait.
@@ -289,7 +361,34 @@ class ChatServer:
                 conn.closing = True
                 self._dirty.add(conn)
                 break
+            conn.identified = True
             self._apply_effects(host.receive(conn.id, event))
+
+    def _refuse(self, conn: ClientConnection, text: str) -> None:
+        """Tell a client why it is being closed, then close it once that is written."""
+        conn.io.write(frame(STATUS_ERROR, text))
+        conn.closing = True
+        self._dirty.add(conn)
+        self._update_interest(conn)
+
+    def _sweep(self) -> None:
+        """Close connections that sent no complete first request in time, and ones that are
+        not logged in and stayed silent past the idle timeout (O(connections) once a second:
+        a few ms at 10,000 connections)."""
+        now = self.reactor.clock()
+        limits, service = self.limits, self.service
+        for conn in list(self.conns.values()):
+            if conn.closing or conn.closed:
+                continue
+            if not conn.identified and now - conn.opened > limits.handshake_timeout:
+                log.info("closing %r: no complete request within %gs", conn, limits.handshake_timeout)
+                self._refuse(conn, T_HANDSHAKE_TIMEOUT.format(seconds=limits.handshake_timeout))
+            elif now - conn.last_active > limits.idle_timeout and service.logged_in_as(conn.id) is None \
+                    and not service.waiting(conn.id):
+                log.info("closing %r: idle for %gs without logging in", conn, limits.idle_timeout)
+                self._refuse(conn, T_IDLE_TIMEOUT.format(seconds=limits.idle_timeout))
+        self._flush_dirty()
+        self.reactor.timers.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _update_interest(self, conn: ClientConnection) -> None:
         # A connection waiting for an answer stays registered (no epoll_ctl per request) until
@@ -390,6 +489,18 @@ class ChatServer:
             log.info("disconnecting %r: it did not read for %.0fs; its chat stays queued", conn, self.slow_client_timeout)
             self.close_connection(conn, "slow reader")
 
+    def _forget_address(self, conn: ClientConnection) -> None:
+        if not conn.admitted:
+            return
+        conn.admitted = False
+        self._clients -= 1
+        ip = conn.addr[0]
+        left = self._per_address.get(ip, 1) - 1
+        if left > 0:
+            self._per_address[ip] = left
+        else:
+            self._per_address.pop(ip, None)
+
     def close_connection(self, conn: ClientConnection, reason: str) -> None:
         if conn.closed:
             return
@@ -400,6 +511,7 @@ class ChatServer:
         self.reactor.forget(conn.io.sock)
         conn.io.close()
         self.conns.pop(conn.id, None)
+        self._forget_address(conn)
         self._dirty.discard(conn)
         self.replica_host.close_connection(conn.id)
 

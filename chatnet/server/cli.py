@@ -74,13 +74,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-list-names", type=int, default=limits.max_list_names, metavar="N",
                         help=f"names in one list answer; more are paged, 1 to {Limits.MAX_LIST_NAMES} "
                              f"(default: {limits.max_list_names})")
+    parser.add_argument("--max-connections", type=int, default=limits.max_connections, metavar="N",
+                        help=f"client connections at once; more are told the server is full "
+                             f"(default: {limits.max_connections})")
+    parser.add_argument("--max-per-address", type=int, default=limits.max_per_address, metavar="N",
+                        help=f"client connections from one IP address, 0 for no cap (default: {limits.max_per_address})")
+    parser.add_argument("--handshake-timeout", type=float, default=limits.handshake_timeout, metavar="SECONDS",
+                        help=f"close a connection that sends no complete first request in time "
+                             f"(default: {limits.handshake_timeout:g})")
+    parser.add_argument("--idle-timeout", type=float, default=limits.idle_timeout, metavar="SECONDS",
+                        help=f"close a connection that is not logged in and silent this long "
+                             f"(default: {limits.idle_timeout:g})")
     return parser
+
+
+LIMIT_FLAGS = ("max_queued_chats", "max_accounts", "max_list_names", "max_connections", "max_per_address",
+               "handshake_timeout", "idle_timeout")
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
     """The Limits of the parsed flags (ConfigError names the bad flag)."""
-    return Limits(max_queued_chats=args.max_queued_chats, max_accounts=args.max_accounts,
-                  max_list_names=args.max_list_names)
+    return Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
 
 
 def status_main(argv: list[str]) -> int:
@@ -146,9 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             secret_file = args.secret_file or os.path.join(base, "cluster.secret")
             extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
                      "--log-retain", str(args.log_retain), *(["--naive"] if args.naive else []),
-                     "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout),
-                     "--max-queued-chats", str(limits.max_queued_chats), "--max-accounts", str(limits.max_accounts),
-                     "--max-list-names", str(limits.max_list_names)]
+                     "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout)]
+            for name in LIMIT_FLAGS:  # every limit flag reaches every child replica
+                extra += ["--" + name.replace("_", "-"), str(getattr(limits, name))]
             return run_local(peers, base, secret_file, extra)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
         secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None

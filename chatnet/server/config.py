@@ -122,11 +122,25 @@ class Limits:
     # A list line is "- " + a name of at most 32 characters of up to 4 bytes + "\n" (131 bytes):
     # 400 of them, plus the continuation line, stay under one frame's 55,295 bytes.
     MAX_LIST_NAMES: ClassVar[int] = 400
+    # Connection limits, applied by the socket front end (chatserver.py) before any request.
+    # Client connections at once; a connection beyond it is told the server is full and closed
+    # (peers are never refused: a preface is recognised first, in a reserve of PEER_RESERVE).
+    max_connections: int = 20_000
+    # Client connections from one IP address at once (0: no per-address cap).
+    max_per_address: int = 1_000
+    # Seconds a new connection has to send its first complete request (or a peer its preface).
+    handshake_timeout: float = 10.0
+    # Seconds a connection that is not logged in may stay silent before it is closed.
+    idle_timeout: float = 300.0
+    PEER_RESERVE: ClassVar[int] = 64
 
     def __post_init__(self) -> None:
-        for name in ("max_queued_chats", "max_accounts", "max_list_names"):
+        for name in ("max_queued_chats", "max_accounts", "max_list_names", "max_connections"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for name in ("max_per_address", "handshake_timeout", "idle_timeout"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative")
         if self.max_list_names > self.MAX_LIST_NAMES:
             raise ConfigError(f"--max-list-names must be at most {self.MAX_LIST_NAMES} (one response frame)")
 
