@@ -92,12 +92,12 @@ class Node:
         self.paused_until = -1
         self.paused_from = -1
         self.inbox: list[tuple[int, object]] = []     # held while paused
-        self.was_serving = False
+        self.served_view: int | None = None  # the view it was last seen serving, None if not
         self.last_commit = 0
         self.phase = 0
         self.sends: dict[tuple, tuple[int, bytes]] = {}  # (sender, recipient, text) -> (index, entry)
         self.snapshots_seen = 0
-        self.role: str | None = None  # last role observed (for the trace); None while down
+        self.seen: tuple[str, int] | None = None  # (role, view) last noted in the trace
 
     @property
     def up(self) -> bool:
@@ -130,13 +130,14 @@ class SimClient:
 
 @dataclass
 class ChatOutcome:
-    """What became of one scripted send: acknowledged at ``index`` by ``node``, or not (then
-    ``answer`` is the server's text, or why no answer came)."""
+    """What became of one scripted send: acknowledged at ``index`` by ``node`` (``entry`` is
+    its log entry), or not (then ``answer`` is the server's text, or why no answer came)."""
 
     acked: bool
     index: int | None
     node: int | None
     answer: str | None
+    entry: bytes | None = None
 
 
 class Simulation:
@@ -205,8 +206,8 @@ class Simulation:
                               rng=random.Random(self.rng.getrandbits(64)), retain_entries=self.retain,
                               new_token=lambda: "%016x" % token_rng.getrandbits(64))
         nd.host.on_applied = lambda index, data, i=i: self.on_apply(i, index, data)
-        nd.role = nd.replica.role
-        nd.was_serving = False
+        nd.seen = (nd.replica.role, nd.replica.view)
+        nd.served_view = None
         nd.last_commit = nd.replica.commit_index
         nd.paused_until = -1
         nd.inbox = []
@@ -218,8 +219,8 @@ class Simulation:
         nd.host = nd.net = None
         nd.paused_until = -1
         nd.inbox = []
-        nd.was_serving = False
-        nd.role = None
+        nd.served_view = None
+        nd.seen = None
         nd.disk.fail_after_commit = False
         lost = nd.disk.crash(self.rng)
         self.stats["lost_unsynced"] += lost
@@ -314,12 +315,14 @@ class Simulation:
         self.stats["acked"] += 1
         sender, recipient, text = chat
         self.note(f"ack {index} {text if recipient == SINK else f'{sender}->{recipient}: {text}'} by {i}")
-        if not self.strict:
-            return
+        if self.strict:
+            self._check_acked_on_primaries(index, data)
+        return index, i
+
+    def _check_acked_on_primaries(self, index: int, data: bytes) -> None:
         for nd in self.nodes.values():
             if nd.up and nd.paused_until < 0 and nd.replica.serving and not self.holds(nd.id, index, data):
                 self.fail(f"I1: serving primary {nd.id} lacks acked write {index}")
-        return index, i
 
     def _connect(self, c: SimClient, target: int | None) -> None:
         ups = [nd.id for nd in self.nodes.values() if nd.up and nd.paused_until < 0]
@@ -440,13 +443,13 @@ class Simulation:
         r = nd.replica
         if r is None:
             return
-        if r.role != nd.role:
-            self.note(f"node {i} {nd.role} -> {r.role} (view {r.view})")
-            nd.role = r.role
+        if (r.role, r.view) != nd.seen:
+            self.note(f"node {i}: {nd.seen[0]} (view {nd.seen[1]}) -> {r.role} (view {r.view})")
+            nd.seen = (r.role, r.view)
         if r.serving:
             if r.role != PRIMARY:
                 self.fail(f"I3: node {i} serves in role {r.role}")
-            if not nd.was_serving:
+            if nd.served_view != r.view:  # starts serving (a view change may take one cycle)
                 self.note(f"node {i} serves view {r.view} members {r.members}")
                 for idx, d in (self.acked.items() if self.strict else ()):
                     if not self.holds(i, idx, d):
@@ -456,7 +459,7 @@ class Simulation:
                     if other.id != i and other.up and other.replica.serving \
                             and other.replica.view == r.view:
                         self.fail(f"I2: nodes {i} and {other.id} both serve view {r.view}")
-        nd.was_serving = r.serving
+        nd.served_view = r.view if r.serving else None
         if r.role == PRIMARY and r.commit_index > nd.last_commit:
             if r.view < self.max_commit_view and self.strict:
                 self.fail(f"I2: primary {i} commits in view {r.view} after view "
@@ -616,7 +619,7 @@ class Simulation:
         nd = self.nodes[i]
         return nd.replica.role if nd.up else None
 
-    def heal(self) -> None:
+    def heal_network(self) -> None:
         """Restore every link cut by :meth:`partition` or a nemesis cut (faults stay as set)."""
         self.blocked.clear()
         self.note("heal: every link restored")
@@ -632,36 +635,42 @@ class Simulation:
             self.clients.append(c)
         return c
 
-    def chat(self, sender: str, recipient: str, text: str, ticks: int = 40) -> ChatOutcome:
+    def chat(self, sender: str, recipient: str, text: str, ticks: int = 40,
+             via: int | None = None) -> ChatOutcome:
         """Send one chat as the named client ``sender``, the way a person would: log in (creating
-        the account if needed) on the serving primary, send, and wait up to ``ticks`` for the
-        answer.  The recipient's account is created first when the primary does not know it.
-        A redirected send goes again; a send whose connection died is not retried (it may or
-        may not have committed: that is exactly what a client cannot tell)."""
+        the account if needed) on the serving primary (``via``: on that replica, e.g. one side
+        of a split brain), send, and wait up to ``ticks`` for the answer.  The recipient's
+        account is created first when that replica does not know it.  A redirected send goes
+        again; a send whose connection died is not retried (it may or may not have committed:
+        that is exactly what a client cannot tell)."""
         deadline = self.now + ticks * TICK
-        serving = self.serving()
-        if serving and not self.nodes[serving[0]].host.service.state.exists(recipient):
+        where = via if via is not None else next(iter(self.serving()), None)
+        if where is not None and self.nodes[where].up \
+                and not self.nodes[where].host.service.state.exists(recipient):
             login = self.named_client(recipient)
             login.needs_login = True
-            self._run_until(lambda: not login.needs_login, deadline, login)
+            self._run_until(lambda: not login.needs_login, deadline, login, via)
         c = self.named_client(sender)
         c.answer, c.acked = None, None
         c.outbox.append(f"3|{recipient}|{text}")
-        self._run_until(lambda: c.answer is not None, deadline, c)
+        self._run_until(lambda: c.answer is not None, deadline, c, via)
         if c.answer is None:
             c.outbox.clear()
             c.answer = f"no answer within {ticks} ticks"
-        index, node = c.acked if c.acked is not None else (None, None)
-        return ChatOutcome(c.acked is not None, index, node, c.answer)
+        if c.acked is None:
+            return ChatOutcome(False, None, None, c.answer)
+        index, node = c.acked
+        return ChatOutcome(True, index, node, c.answer, self.acked[index])
 
-    def _run_until(self, done, deadline: int, c: SimClient) -> None:
-        """Move the named client ``c`` to the serving primary if it is elsewhere, let it act,
-        and run time units until ``done()`` or ``deadline``."""
+    def _run_until(self, done, deadline: int, c: SimClient, via: int | None) -> None:
+        """Move the named client ``c`` to the serving primary (or to ``via``) if it is
+        elsewhere, let it act, and run time units until ``done()`` or ``deadline``."""
         while not done() and self.now < deadline:
             serving = self.serving()
-            if serving and c.node not in serving and c.outstanding is None:
+            target = via if via is not None else next(iter(serving), None)
+            if target in serving and c.node != target and c.outstanding is None:
                 self._disconnect(c)
-                self._connect(c, serving[0])
+                self._connect(c, target)
             self._pump_and_process()
             if not done():
                 self.unit()

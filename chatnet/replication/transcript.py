@@ -36,12 +36,16 @@ I1-I3, liveness) is never recorded as output: it fails the transcript, with its 
 
 Commands (replicas are numbered 1..N)
 -------------------------------------
-``start N [seed=K] [retain=K]``   a fresh cluster of N (no random message loss or duplication;
-                                  ``retain``: log entries kept before compaction, default 40)
-``propose A→B text``             named client A (``A->B`` also works) logs in on the serving
-                                  primary (creating A, and B, as needed) and sends ``text`` to B;
-                                  prints whether it was acknowledged and at which log index
-                                  (``ticks=K`` first, to change the 40-tick limit)
+``start N [partitions] [seed=K] [retain=K]``
+                                  a fresh cluster of N (no random message loss or duplication;
+                                  ``retain``: log entries kept before compaction, default 40;
+                                  ``partitions``: the simulator's split-brain mode, which checks
+                                  only per-view uniqueness and convergence, as ``--partitions``)
+``propose [via=I] [ticks=K] A→B text``
+                                  named client A (``A->B`` also works) logs in on the serving
+                                  primary (or on replica I), creating A, and B, as needed, and
+                                  sends ``text`` to B; prints whether it was acknowledged and at
+                                  which log index (waits at most K ticks, default 40)
 ``write N [ticks=K]``             N chats from the simulator's anonymous clients; how many were
                                   acknowledged
 ``crash I`` / ``restart I``       kill replica I (its disk loses un-synced writes) / start it again
@@ -55,7 +59,9 @@ Commands (replicas are numbered 1..N)
                                   index, serving
 ``check``                         the simulator's heal-and-converge check: restart every replica,
                                   heal the network, require one primary serving all with equal
-                                  state and every acknowledged chat
+                                  state and every acknowledged chat (with ``partitions``: lists
+                                  the chats acknowledged by ``propose`` that the split brain lost);
+                                  prints its result only, not the events of the healing
 
 Rewrite the recorded outputs (after a deliberate change of behaviour; review the diff)::
 
@@ -69,10 +75,11 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import logging
 import sys
 from dataclasses import dataclass, field
 
-from .sim import TICK, Simulation
+from .sim import TICK, ChatOutcome, Simulation
 
 SEPARATOR = "----"
 ARROWS = ("→", "->")
@@ -155,6 +162,7 @@ class Interpreter:
 
     def __init__(self) -> None:
         self.sim: Simulation | None = None
+        self.acks: list[tuple[str, ChatOutcome]] = []  # what `propose` saw acknowledged
         self.commands = {
             "start": self.start, "propose": self.propose, "write": self.write,
             "crash": self.crash, "restart": self.restart, "pause": self.pause,
@@ -172,6 +180,8 @@ class Interpreter:
             raise TranscriptError("the first command must be 'start N'")
         mark = len(self.sim.trace) if self.sim is not None else 0
         result = handler(words)
+        if name == "check":  # the healing's own events are not the scenario's story
+            return result
         events = [e for e in self.sim.trace[mark:] if not e.split("] ", 1)[1].startswith("ack ")]
         return events + result
 
@@ -200,15 +210,22 @@ class Interpreter:
     def start(self, words: list[str]) -> list[str]:
         if self.sim is not None:
             raise TranscriptError("'start' may appear once per transcript")
-        n, options = self._count(words, ("seed", "retain"))
-        seed, retain = options.get("seed", 1), options.get("retain", 40)
-        self.sim = Simulation(seed, n, steps=0, retain=retain)
+        positional, options = _split_args(words, ("seed", "retain"))
+        split = positional[1:] == ["partitions"]
+        if not positional or not positional[0].isdigit() or len(positional) != 1 + split:
+            raise TranscriptError("usage: start N [partitions] [seed=K] [retain=K]")
+        n, seed, retain = int(positional[0]), options.get("seed", 1), options.get("retain", 40)
+        self.sim = Simulation(seed, n, steps=0, retain=retain, partitions=split)
         self.sim.p_drop = self.sim.p_dup = 0.0  # scripted faults only
-        return [f"{n} replicas up (seed={seed} retain={retain}); nobody serves yet"]
+        mode = "; split brain allowed" if split else ""
+        serving = self.sim.serving()
+        who = f"{_ids(serving)} serves" if serving else "nobody serves yet"
+        return [f"{n} replicas up (seed={seed} retain={retain}{mode}); {who}"]
 
     def propose(self, words: list[str]) -> list[str]:
-        _, options = _split_args(words[:1], ("ticks",))
-        if options:
+        options: dict[str, int] = {}
+        while words and "=" in words[0] and not any(a in words[0] for a in ARROWS):
+            options.update(_split_args(words[:1], ("ticks", "via"))[1])
             words = words[1:]
         if len(words) < 2:
             raise TranscriptError("usage: propose alice→bob some text")
@@ -216,10 +233,13 @@ class Interpreter:
         sender, _, recipient = words[0].partition(arrow or "→")
         if not arrow or not sender or not recipient:
             raise TranscriptError(f"expected SENDER→RECIPIENT, not {words[0]!r}")
-        outcome = self.sim.chat(sender, recipient, " ".join(words[1:]), ticks=options.get("ticks", 40))
-        if outcome.acked:
-            return [f"acknowledged by {outcome.node} at index {outcome.index}"]
-        return [f"not acknowledged: {outcome.answer}"]
+        via = self._replica(str(options["via"])) if "via" in options else None
+        text = " ".join(words[1:])
+        outcome = self.sim.chat(sender, recipient, text, ticks=options.get("ticks", 40), via=via)
+        if not outcome.acked:
+            return [f"not acknowledged: {outcome.answer}"]
+        self.acks.append((f"{sender}→{recipient} {text!r}", outcome))
+        return [f"acknowledged by {outcome.node} at index {outcome.index}"]
 
     def write(self, words: list[str]) -> list[str]:
         count, options = self._count(words, ("ticks",))
@@ -256,7 +276,7 @@ class Interpreter:
 
     def heal(self, words: list[str]) -> list[str]:
         _split_args(words, ())
-        self.sim.heal()
+        self.sim.heal_network()
         return []
 
     def tick(self, words: list[str]) -> list[str]:
@@ -288,15 +308,25 @@ class Interpreter:
         line = (f"{i} {r.role:<10} view={r.view} members={_ids(r.members)} "
                 f"commit={r.commit_index} applied={nd.host.applied_index} "
                 f"serving={'yes' if r.serving else 'no'}")
+        if r.divergences:  # snapshots installed over a divergent committed suffix (split brain)
+            line += f" divergences={r.divergences}"
         return line + (" (paused: its state is frozen)" if nd.paused_until >= 0 else "")
 
     def check(self, words: list[str]) -> list[str]:
         _split_args(words, ())
+        down = [i for i in self.sim.cluster if not self.sim.nodes[i].up]
         self.sim.heal_and_check()
         who = self.sim.serving()[0]
         p = self.sim.nodes[who].replica
-        return [f"converged: {who} serves view {p.view}, members {_ids(p.members)}, every replica "
-                f"applied {p.commit_index}; all {len(self.sim.acked)} acknowledged chats everywhere"]
+        out = ["healed the network" + (f", restarted {_ids(down)}" if down else ""),
+               f"converged at t={self.sim.now}: {who} serves view {p.view}, members "
+               f"{_ids(p.members)}, every replica applied {p.commit_index}"]
+        if self.sim.strict:  # the simulator checked every acknowledged chat on every replica
+            return out + [f"every acknowledged chat is on every replica ({len(self.sim.acked)})"]
+        lost = [(label, o) for label, o in self.acks
+                if (e := p.entry(o.index)) is None or e.data != o.entry]
+        out.append(f"chats acknowledged by propose: {len(self.acks)}, lost: {len(lost)}")
+        return out + [f"lost: {label} (acknowledged by {o.node} at index {o.index})" for label, o in lost]
 
 
 def _ids(members) -> str:
@@ -343,9 +373,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rewrite", action="store_true", help="write the new outputs into the files")
     ap.add_argument("files", nargs="+")
     a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)  # the hosts' own warnings are not transcript output
     failed = 0
     for path in a.files:
-        d = check_file(path, rewrite=a.rewrite)
+        try:
+            d = check_file(path, rewrite=a.rewrite)
+        except TranscriptError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if a.rewrite:
             print(f"{path}: {'rewritten' if d else 'unchanged'}")
         elif d:
