@@ -30,6 +30,11 @@ With the ``partition`` fault, a partition longer than the failure timeout lets b
 views (the documented split brain of the default mode): then only per-view uniqueness and
 convergence after healing are checked.
 
+The "scripted control" methods (``crash``, ``restart``, ``pause``, ``partition``,
+``heal_network``, ``run_ticks``, ``wait_serving``, ``write``, and ``chat`` for a named client's
+send with its acknowledged index) let scenario tests and the transcripts of
+:mod:`.transcript` decide every fault themselves, with no nemesis.
+
 Every parameter is part of the replay command that a failure prints, and a run is a pure
 function of them: ``Simulation(...).run().trace`` is identical for identical parameters.
 
