@@ -56,7 +56,7 @@ def test_kill_primary_under_load_then_second_then_restart_both(cluster):
     # 2. kill a second replica: the last one serves alone.
     before = load.total()
     c.kill(second)
-    last = c.wait_primary(exclude=(first, second))
+    c.wait_primary(exclude=(first, second))
     wait_until(lambda: load.total() >= before + 100, timeout=20, what="the last replica serving")
 
     # 3. restart both: they catch up and rejoin while the load goes on.
@@ -149,6 +149,7 @@ def test_peer_with_wrong_secret_is_refused(cluster, tmp_path):
     c.kill(2)
     bad = tmp_path / "wrong.secret"
     bad.write_text("not-the-cluster-secret-at-all-0123456789")
+    bad.chmod(0o600)  # a group/world-readable secret is refused outright; here it must be read
     r2 = c.replicas[2]
     r2.args[r2.args.index("--secret-file") + 1] = str(bad)
     c.start(2)

@@ -492,7 +492,6 @@ def test_request_decoder_never_raises(data, cuts, max_chars, eof):
     errors = {INVALID_REQUEST_TEXT, TOO_LONG_TEXT, NOT_UTF8_TEXT}
     for chunk in split_at(data, cuts) + ([b""] if eof else []):
         decoder.receive_data(chunk)
-        assert decoder.buffered_bytes() <= max_chars * 4 + 2 + ENVELOPE_ALLOWANCE
         while True:
             event = decoder.next_event()
             if event is NEED_DATA or event is CLOSED:
@@ -500,6 +499,8 @@ def test_request_decoder_never_raises(data, cuts, max_chars, eof):
                 break
             assert isinstance(event, (Request, BadRequest))
             assert isinstance(event, Request) or event.text in errors
+        # decoded on demand: the bound holds once the decoder has said it needs more data
+        assert decoder.buffered_bytes() <= max_chars * 4 + 2 + ENVELOPE_ALLOWANCE
 
 
 @settings(max_examples=200, deadline=None)
@@ -568,3 +569,15 @@ def test_parse_number_never_raises(text):
         assert not (text.isascii() and text.isdigit())
     else:
         assert text.isascii() and text.isdigit() and value == int(text)
+
+
+def test_line_mode_decodes_on_demand_not_on_receive():
+    """A 64 KiB read of `4` lines is not 32,768 requests decoded at once: each next_event cuts
+    one line, so a caller that stops after MAX_PIPELINED requests leaves the rest as bytes."""
+    decoder = RequestDecoder()
+    decoder.receive_data(b"\n" + b"4\n" * 32768)
+    assert decoder.pending_events() == 0
+    assert decoder.buffered_bytes() == 1 + 2 * 32768   # the line-mode newline, then the lines
+    for _ in range(16):
+        assert decoder.next_event() == Request(4, ("*",))
+    assert decoder.buffered_bytes() == 2 * (32768 - 16)

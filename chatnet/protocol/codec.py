@@ -163,15 +163,19 @@ class RequestDecoder:
     * blank lines (and blank seed chunks) are ignored, so a client can declare line mode
       by sending a bare ``\\n``.
 
-    Memory is bounded: a partial line may hold at most ``max_chars * 4 + 2`` bytes, plus
-    ``ENVELOPE_ALLOWANCE`` for an extension send (280
-    characters of up to 4 UTF-8 bytes each, plus ``\\r``, plus slack).  Beyond that the
-    line is reported once as too long and the rest of it is discarded as it arrives.
-    The same byte bound is applied to complete lines first, so the events of a line mode
-    connection do not depend on how TCP chunked it.
+    Work and memory are bounded: in line mode ``receive_data`` only appends to a buffer and
+    ``next_event`` cuts and parses one line at a time, so a 64 KiB read of ``4\n`` repeated is
+    not 32,768 requests decoded at once — the caller decodes as many as it is willing to handle
+    (the server: ``MAX_PIPELINED`` per pass) and stops reading while ``buffered_bytes()`` is over
+    its input bound, so TCP pushes back.  Once ``next_event`` has returned NEED_DATA, a partial
+    line holds at most ``max_chars * 4 + 2 + ENVELOPE_ALLOWANCE`` bytes (280 characters of up
+    to 4 UTF-8 bytes each, plus ``\r``, plus room for an extension send's envelope); a longer
+    line is reported once as too long and the rest of it is discarded as it arrives.  The same
+    byte bound is applied to complete lines, so the events of a line mode connection do not
+    depend on how TCP chunked it.
 
-    Events are computed eagerly in ``receive_data`` because seed mode depends on chunk
-    boundaries; ``next_event`` only hands them out.
+    Seed mode depends on chunk boundaries, so a seed-mode chunk becomes its event in
+    ``receive_data``; it is one event per read, never more.
     """
 
     def __init__(self, max_chars: int = MAX_REQUEST_CHARS) -> None:
@@ -179,7 +183,7 @@ class RequestDecoder:
         # + room for an extension envelope (`0|send|RID|` instead of `3|`), see _envelope()
         self._max_bytes = max_chars * 4 + 2 + ENVELOPE_ALLOWANCE
         self._line_mode = False
-        self._partial = bytearray()   # line mode: bytes of the current unterminated line
+        self._raw = bytearray()       # line mode: bytes not yet cut into lines
         self._discarding = False      # line mode: skipping the tail of an over-long line
         self._events: deque[Request | BadRequest] = deque()
         self._eof = False
@@ -190,12 +194,14 @@ class RequestDecoder:
         return self._line_mode
 
     def pending_events(self) -> int:
-        """Decoded requests not yet taken by ``next_event``."""
+        """Requests already decoded and not yet taken by ``next_event`` (at most one seed chunk
+        or one bad line in practice: line mode decodes on demand)."""
         return len(self._events)
 
     def buffered_bytes(self) -> int:
-        """Size of the pending partial line; never exceeds ``max_chars * 4 + 2 + ENVELOPE_ALLOWANCE``."""
-        return len(self._partial)
+        """Bytes received and not yet decoded; after ``next_event`` returned NEED_DATA, never
+        more than ``max_chars * 4 + 2 + ENVELOPE_ALLOWANCE``."""
+        return len(self._raw)
 
     def receive_data(self, data: bytes) -> None:
         """Feed the result of one ``recv()``; ``b""`` means EOF.
@@ -208,40 +214,44 @@ class RequestDecoder:
             return
         if not data:
             self._eof = True
-            self._partial.clear()
-            self._discarding = False
             return
-        data = bytes(data)
         if not self._line_mode:
             if b"\n" not in data:
-                self._complete(data)          # seed mode: the whole chunk is a request
+                self._complete(bytes(data))   # seed mode: the whole chunk is a request
                 return
             self._line_mode = True
-        self._feed_lines(data)
+        self._raw += data
 
     def next_event(self) -> Request | BadRequest | _Sentinel:
         """Return the next Request / BadRequest, else NEED_DATA (or CLOSED after EOF)."""
+        while not self._events and self._raw and self._cut_line():
+            pass
         if self._events:
             return self._events.popleft()
-        return CLOSED if self._eof else NEED_DATA
+        if self._eof:
+            self._raw.clear()  # a line cut short by EOF is not a request
+            self._discarding = False
+            return CLOSED
+        return NEED_DATA
 
-    def _feed_lines(self, data: bytes) -> None:
-        start = 0
-        while (newline := data.find(b"\n", start)) >= 0:
-            if self._discarding:              # the newline ends the over-long line
-                self._discarding = False
-            else:
-                self._partial += data[start:newline]
-                self._complete(bytes(self._partial))
-                self._partial.clear()
-            start = newline + 1
-        if self._discarding:
-            return
-        self._partial += data[start:]
-        if len(self._partial) > self._max_bytes:
-            self._partial.clear()
-            self._discarding = True
-            self._events.append(_TOO_LONG)
+    def _cut_line(self) -> bool:
+        """Decode the next complete line of the buffer; False when none is complete."""
+        raw = self._raw
+        newline = raw.find(b"\n")
+        if newline < 0:
+            if len(raw) > self._max_bytes:
+                raw.clear()
+                if not self._discarding:
+                    self._discarding = True
+                    self._events.append(_TOO_LONG)
+            return False
+        line = bytes(raw[:newline])
+        del raw[:newline + 1]
+        if self._discarding:                  # the newline ends the over-long line
+            self._discarding = False
+        else:
+            self._complete(line)
+        return True
 
     def _complete(self, raw: bytes) -> None:
         """Turn one complete request's bytes into an event (or nothing if blank).

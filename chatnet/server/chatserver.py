@@ -54,7 +54,8 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 ACCEPT_BATCH = 64
-MAX_PIPELINED = 16  # decoded requests a connection may have queued behind an unanswered one
+MAX_PIPELINED = 16  # requests of one connection handled per loop pass (then it waits its turn)
+MAX_INPUT_BYTES = 64 * 1024  # undecoded input kept per connection; beyond it, TCP holds the rest
 CLIENT_SNDBUF = 128 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds to stop accepting after EMFILE and friends
 ACCEPT_LOG_INTERVAL = 5.0  # accept errors are logged at most once per interval, with a count
@@ -147,6 +148,7 @@ class ChatServer:
         self.conns: dict[int, ClientConnection] = {}
         self._ids = itertools.count(1)
         self._dirty: set[ClientConnection] = set()
+        self._backlog: set[ClientConnection] = set()  # used up their requests-per-pass budget
         self._listener_handler = _Listener(self)
         self.listener: socket.socket | None = None
         self.limits = limits or Limits()
@@ -352,17 +354,23 @@ class ChatServer:
             self._update_interest(conn)
 
     def _feed_requests(self, conn: ClientConnection) -> None:
+        """At most MAX_PIPELINED requests per pass, none while its output is congested: one
+        connection's pipelined reads (a flood of ``list``) never hold up other clients for
+        more than a few milliseconds; what is left waits in ``_backlog`` for the next pass."""
         service, host = self.service, self.replica_host
-        while not (conn.closed or conn.closing or service.waiting(conn.id)):
+        for _ in range(MAX_PIPELINED):
+            if conn.closed or conn.closing or conn.congested or service.waiting(conn.id):
+                return
             event = conn.decoder.next_event()
             if event is NEED_DATA:
-                break
+                return
             if event is CLOSED:
                 conn.closing = True
                 self._dirty.add(conn)
-                break
+                return
             conn.identified = True
             self._apply_effects(host.receive(conn.id, event))
+        self._backlog.add(conn)
 
     def _refuse(self, conn: ClientConnection, text: str) -> None:
         """Tell a client why it is being closed, then close it once that is written."""
@@ -391,11 +399,12 @@ class ChatServer:
         self.reactor.timers.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _update_interest(self, conn: ClientConnection) -> None:
-        # A connection waiting for an answer stays registered (no epoll_ctl per request) until
-        # it has pipelined MAX_PIPELINED requests ahead; then TCP holds the rest back.
+        # A connection stays registered for reading (no epoll_ctl per request) while its
+        # undecoded input is under MAX_INPUT_BYTES: pipelined requests wait as bytes, decoded
+        # only when they are handled; beyond that TCP holds the rest back.
         mask = 0
-        reading = not (conn.closing or conn.eof or conn.congested) and (
-            conn.decoder.pending_events() < MAX_PIPELINED or not self.service.waiting(conn.id))
+        reading = not (conn.closing or conn.eof or conn.congested) \
+            and conn.decoder.buffered_bytes() < MAX_INPUT_BYTES
         if reading:
             mask |= READ
         if conn.io.pending and conn not in self._dirty:
@@ -437,6 +446,10 @@ class ChatServer:
 
         Returns True when more work is already pending (the loop then polls without waiting).
         A store failure propagates: the replica stops rather than acknowledge anything."""
+        backlog, self._backlog = self._backlog, set()
+        for conn in backlog:
+            if not conn.closed:
+                self._feed(conn)
         result = self.replica_host.cycle()
         if self.transport is not None:
             self.transport.flush()
@@ -446,7 +459,7 @@ class ChatServer:
             if conn is not None and not conn.closed:
                 self._feed(conn)
         self._flush_dirty()
-        return result.more
+        return result.more or bool(self._backlog)
 
     # -- writing ----------------------------------------------------------------------------------
     def _flush_dirty(self) -> None:
@@ -483,6 +496,7 @@ class ChatServer:
                 conn.slow_timer = None
             self.service.set_congested(conn.id, False)
             self._apply_effects(self.service.take_effects())  # the chat it missed, from the mailbox
+            self._backlog.add(conn)  # and the requests it sent meanwhile
 
     def _drop_slow(self, conn: ClientConnection) -> None:
         if not conn.closed and conn.congested:
@@ -513,6 +527,7 @@ class ChatServer:
         self.conns.pop(conn.id, None)
         self._forget_address(conn)
         self._dirty.discard(conn)
+        self._backlog.discard(conn)
         self.replica_host.close_connection(conn.id)
 
 
