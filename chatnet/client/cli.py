@@ -13,10 +13,12 @@ import signal
 import sys
 
 from .driver import SocketDriver
+from .history import HistoryKeeper
 from .plain import PlainUI
 from .present import Presenter
 from .servers import DEFAULT_SERVERS, Backoff, parse_servers
 from .session import ClientSession
+from .state import StateStore, default_state_dir
 from .tui import CursesUI, NoCurses, run_curses
 
 __all__ = ["build_parser", "main", "PlainUI", "CursesUI", "run_curses"]
@@ -36,9 +38,10 @@ commands (the seed's syntax; checked before sending, at most 280 characters):
   list   list|PATTERN    list accounts, optionally matching a wildcard such as a*
   delete                 delete your account and log out
   exit                   leave
+  history NAME           show your stored conversation with NAME (local, nothing is sent)
   help                   show the commands
   shortcuts: /msg NAME MESSAGE (/m), /create NAME, /login NAME, /list [PATTERN],
-             /delete, /quit, /help
+             /delete, /quit, /history NAME, /help
 
 keys (curses mode):
   Enter send the line     Left/Right, Home/End (Ctrl-A/Ctrl-E) move
@@ -52,6 +55,12 @@ backoff; it resumes your session by itself ("resumed as NAME"), and commands typ
 meanwhile are sent afterwards.  With a chatnet server (protocol extension 1) no chat is lost
 or shown twice and a send retried after a failover is delivered once; with other servers
 (or --no-extension) it logs in again and delivery is at-least-once.
+
+state: per server list, the resume token, the last chat sequence number and the history of
+each account are kept in $XDG_DATA_HOME/chatnet (default ~/.local/share/chatnet; --state-dir),
+a chat being written there before it is acknowledged.  login|NAME after a restart of the client
+resumes where the last run left off (chat that came meanwhile is shown once) and shows the
+conversation you left; delete the directory to forget everything.
 
 plain mode prints "ok: ...", "error: ...", "note: ...", "<sender> text" for chat,
 "refused: ..." for lines not sent, and "* ..." for connection events; at the end of
@@ -88,7 +97,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eof-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="plain mode: at the end of input, wait at most this long for pending "
                              "answers (default: 30)")
+    _add_state_arguments(parser)
     return parser
+
+
+def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where to keep resume state and history (default: $XDG_DATA_HOME/chatnet, "
+                             "else ~/.local/share/chatnet)")
+    parser.add_argument("--no-state", action="store_true",
+                        help="keep nothing on disk: a restarted client logs in afresh")
+    parser.add_argument("--no-history", action="store_true",
+                        help="keep only the resume state on disk, no chat history")
+    parser.add_argument("--history", type=int, default=0, metavar="N",
+                        help="plain mode: after a login, print the last N stored lines of the conversation")
+
+
+def open_state(args, servers) -> StateStore | None:
+    """The state store ``args`` ask for (None with --no-state); a bad file never stops us."""
+    if args.no_state:
+        return None
+    return StateStore.open(args.state_dir or default_state_dir(), servers, history=not args.no_history)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,26 +129,34 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--servers: {exc}")
     if args.max_backoff <= 0 or args.connect_timeout <= 0:
         parser.error("--max-backoff and --connect-timeout must be positive")
+    if args.history < 0:
+        parser.error("--history must be 0 or more")
+    store = open_state(args, servers)
+    durable = store is not None and store.enabled
     session = ClientSession(
         servers,
         backoff=Backoff(base=min(0.5, args.max_backoff), cap=args.max_backoff),
         connect_timeout=args.connect_timeout,
         extension=not args.no_extension,
+        saved=store.load_accounts() if durable else None,
     )
-    driver = SocketDriver(session)
+    driver = SocketDriver(session, persist=store.persist if durable else None)
     presenter = Presenter(verbose=args.verbose)
+    history = HistoryKeeper(store)
     plain = args.plain or not (sys.stdin.isatty() and sys.stdout.isatty())
     previous = signal.signal(signal.SIGTERM, _interrupt)   # leave as cleanly as on Ctrl-C
     try:
         if not plain:
             try:
-                return run_curses(session, driver, presenter, args)
+                return run_curses(session, driver, presenter, args, history)
             except NoCurses as exc:
                 print(f"chatclient: cannot use this terminal ({exc}); using plain mode", file=sys.stderr)
-        return PlainUI(session, driver, presenter, args).run()
+        return PlainUI(session, driver, presenter, args, history).run()
     finally:
         signal.signal(signal.SIGTERM, previous)
         driver.close()
+        if store is not None:
+            store.close()
 
 
 def _interrupt(signum, frame):

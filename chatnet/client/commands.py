@@ -2,7 +2,8 @@
 
 The syntax is the seed's: ``create|alice``, ``login|alice``, ``send|bob|hello there``,
 ``list|a*`` or ``list``, ``delete``, ``exit``; plus ``help``, and a few shortcuts that cannot be
-mistaken for it because they start with ``/`` (``/msg bob hi``, ``/create alice``...).
+mistaken for it because they start with ``/`` (``/msg bob hi``, ``/create alice``...).  ``history
+NAME`` (also ``history|NAME`` and ``/history NAME``) is local: :class:`ShowHistory`, never sent.
 
 Like the seed's reference client, a line is checked *before* anything is sent: an unknown
 operation, a blank username, a ``send`` without a recipient or with a blank message, and a
@@ -23,7 +24,7 @@ from ..protocol.codec import MAX_REQUEST_CHARS, encode_request
 
 __all__ = [
     "OP_EXT", "OP_CREATE", "OP_LOGIN", "OP_SEND", "OP_LIST", "OP_DELETE", "OP_EXIT", "OP_RESUME",
-    "Command", "Refusal", "Help", "parse_command", "request_length", "HELP_TEXT",
+    "Command", "Refusal", "Help", "ShowHistory", "parse_command", "request_length", "HELP_TEXT",
 ]
 
 OP_CREATE, OP_LOGIN, OP_SEND, OP_LIST, OP_DELETE, OP_EXIT = 1, 2, 3, 4, 5, 6
@@ -78,6 +79,13 @@ class Help:
     """The user asked for help: show :data:`HELP_TEXT`."""
 
 
+@dataclass(frozen=True)
+class ShowHistory:
+    """The user asked for the stored conversation with ``peer`` (local: nothing is sent)."""
+
+    peer: str
+
+
 HELP_TEXT = """\
 Commands (the seed's syntax):
   create|NAME           create an account and log in as it
@@ -86,9 +94,10 @@ Commands (the seed's syntax):
   list  or  list|PAT    list accounts, optionally matching a wildcard (a*, ?b*)
   delete                delete your account and log out
   exit                  leave (Ctrl-C and Ctrl-D leave too)
+  history NAME          show your stored conversation with NAME (kept on this computer)
   help                  this text
 Shortcuts: /msg NAME MESSAGE (or /m), /create NAME, /login NAME, /list [PAT],
-  /delete, /quit, /help.  A request may have at most 280 characters."""
+  /delete, /quit, /history NAME, /help.  A request may have at most 280 characters."""
 
 
 def _too_long(length: int) -> Refusal:
@@ -133,9 +142,17 @@ _SLASH_WORDS = {"create": OP_CREATE, "login": OP_LOGIN, "msg": OP_SEND, "m": OP_
                 "list": OP_LIST, "delete": OP_DELETE, "quit": OP_EXIT, "exit": OP_EXIT}
 
 
-def parse_command(line: str) -> Command | Refusal | Help | None:
-    """Turn one input line into a Command, a Refusal, Help, or None for a blank line."""
+def parse_command(line: str) -> Command | Refusal | Help | ShowHistory | None:
+    """Turn one input line into a Command, a Refusal, Help, ShowHistory, or None for a blank
+    line."""
     return _parse(line, True)
+
+
+def _parse_history(rest: str) -> ShowHistory | Refusal:
+    peer = rest.strip()
+    if not peer or " " in peer or "|" in peer:
+        return Refusal("History of whom? Usage: history NAME (or /history NAME)")
+    return ShowHistory(peer)
 
 
 def request_length(line: str) -> int:
@@ -157,6 +174,9 @@ def _parse(line: str, check_length: bool) -> Command | Refusal | Help | None:
     word = word.strip().lower()
     if word == "help":
         return Help()
+    first, _, after = text.partition(" ")
+    if word == "history" or (first.lower() == "history" and "|" not in first):
+        return _parse_history(rest if word == "history" else after)
     op = _SEED_WORDS.get(word)
     if op is None:
         return _unknown(text.partition("|")[0].strip())
@@ -173,6 +193,8 @@ def _parse_slash(text: str, line: str, check_length: bool) -> Command | Refusal 
     word = word.lower()
     if word in ("help", "h", "?"):
         return Help()
+    if word == "history":
+        return _parse_history(rest)
     op = _SLASH_WORDS.get(word)
     if op is None:
         return _unknown("/" + word)

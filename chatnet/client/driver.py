@@ -7,6 +7,11 @@ timers, and returns the session's events.  An outer loop that prefers to select 
 :meth:`fileno` (the selector's own descriptor, readable when a registered object is ready; epoll
 and kqueue only), :meth:`timeout` and ``step(0)``.
 
+Actions are carried out in the order the session emitted them.  A :class:`Persist` (durable
+state on) goes to the ``persist`` callable given to the driver — ``StateStore.persist``, which
+returns once the state is committed — so the acknowledgement behind it is written only after
+the chat it covers is on disk.  Without ``persist`` the action is dropped.
+
 Writes follow asyncio's transports: ``send()`` at once, keep only what the kernel did not take,
 and watch EVENT_WRITE only while something is left.  Name resolution (``getaddrinfo``) is the
 one blocking call; use numeric addresses where that matters.
@@ -21,7 +26,7 @@ import socket
 import time
 from typing import Callable
 
-from .events import Connect, Disconnect, Send
+from .events import Connect, Disconnect, Persist, Send
 from .servers import Server
 from .session import ClientSession
 
@@ -32,11 +37,14 @@ _SOCKET = object()   # selector key data marking our socket
 
 
 class SocketDriver:
-    """Runs ``session`` on real sockets; ``clock`` gives the ``now`` the session sees."""
+    """Runs ``session`` on real sockets; ``clock`` gives the ``now`` the session sees;
+    ``persist`` makes a :class:`Persist` durable (synchronously, before the next action)."""
 
     def __init__(self, session: ClientSession, clock: Callable[[], float] = time.monotonic,
-                 selector: selectors.BaseSelector | None = None) -> None:
+                 selector: selectors.BaseSelector | None = None,
+                 persist: Callable[[Persist], None] | None = None) -> None:
         self.session = session
+        self.persist = persist
         self.clock = clock
         self.selector = selector or selectors.DefaultSelector()
         self.sock: socket.socket | None = None
@@ -106,6 +114,8 @@ class SocketDriver:
                     self._connect(action.server)
                 elif isinstance(action, Disconnect):
                     self._close(flush=True)
+                elif isinstance(action, Persist) and self.persist is not None:
+                    self.persist(action)
         self._events.extend(self.session.take_events())
 
     def run_until(self, predicate: Callable[[], bool], timeout: float,

@@ -1,8 +1,8 @@
 """What the session says: *actions* for the driver and *events* for the user interface.
 
 Both are plain frozen dataclasses, so tests compare them with ``==`` and a UI dispatches on the
-class.  Actions (:class:`Connect`, :class:`Send`, :class:`Disconnect`) are all a driver has to carry
-out; events describe what happened, for display (``present.py``) or for bookkeeping
+class.  Actions (:class:`Connect`, :class:`Send`, :class:`Disconnect`, and :class:`Persist` when the
+session keeps durable state) are all a driver has to carry out, in order; events describe what happened, for display (``present.py``) or for bookkeeping
 (``bench/workload.py``).
 """
 
@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..protocol.codec import Frame
+from .acks import SequencedChat
 from .outbox import Pending
 from .servers import Server
 
 __all__ = [
-    "Connect", "Send", "Disconnect",
+    "Connect", "Send", "Disconnect", "Persist", "RestoreRefused",
     "Connecting", "Connected", "PrimaryConfirmed", "ConnectFailed", "ConnectionLost", "Redirected",
     "RetryScheduled", "AllServersDown", "FrameReceived", "UserChanged", "Reidentified",
     "ReidentifyFailed", "Negotiated", "ResumeRefused", "DuplicateDropped", "CreateRecovered",
@@ -44,6 +45,20 @@ class Send:
 class Disconnect:
     """Close the current connection (after a best-effort flush of pending output).  The
     driver reports nothing back for a connection the session closed itself."""
+
+
+@dataclass(frozen=True)
+class Persist:
+    """Make ``user``'s resume state (``token``, ``last_seq``) and the numbered ``chats`` received
+    for it durable *before* carrying out the actions after this one: an acknowledgement that
+    covers them follows, and the server deletes what is acknowledged.  ``forget``: the account
+    is gone (deleted), drop its resume state.  Only emitted with ``ClientSession(saved=...)``."""
+
+    user: str
+    token: str | None
+    last_seq: int
+    chats: tuple[SequencedChat, ...] = ()
+    forget: bool = False
 
 
 # ------------------------------------------------------------------------------------- events
@@ -154,6 +169,16 @@ class Negotiated:
 class ResumeRefused:
     """The server refused to resume ``user``'s session (``reason``: its answer); the session
     logs in afresh at once.  Chat already shown is still not shown twice (sequence numbers)."""
+
+    user: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RestoreRefused:
+    """The user's ``login|NAME`` went as a resume with the token a previous run saved, and the
+    server refused it (``reason``); the session logs in afresh at once (chat already stored is
+    still not shown twice: sequence numbers)."""
 
     user: str
     reason: str

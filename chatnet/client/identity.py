@@ -6,7 +6,10 @@
   highest chat sequence number shown.  It is the one piece of client state that outlives a
   connection, so it is the piece to make durable for resuming after a *client* restart: every
   change goes through its attributes, and :class:`~chatnet.client.acks.AckTracker` advances
-  ``last_seq`` before the acknowledgement that covers it is written.
+  ``last_seq`` before the acknowledgement that covers it is written.  With durable state on
+  (``ClientSession(saved=...)``) the session emits a :class:`~chatnet.client.events.Persist`
+  of it before that acknowledgement, and :class:`SavedResume` is what a later run reads back
+  (``chatnet/client/state.py`` keeps it on disk; the session never touches the file).
 * :class:`Handshake` is what a new connection does before the queue may go: negotiate
   extension 1 (``0|ext|1``), then re-identify (op 7 resume, or op 2 login), retrying a login
   refused because the server still sees our dead connection, and logging in afresh after a
@@ -25,7 +28,7 @@ from .commands import OP_CREATE, OP_EXT, OP_LIST, OP_LOGIN, OP_RESUME, Command
 from .outbox import Pending
 
 __all__ = [
-    "ResumeState", "Handshake", "Verdict", "retried_create_taken", "name_from",
+    "ResumeState", "SavedResume", "Handshake", "Verdict", "retried_create_taken", "name_from",
     "PROBE_COMMAND", "EXT_COMMAND", "EXT_ANSWER", "ALREADY_CONNECTED_TEXT", "CREATE_TAKEN_TEXT",
     "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT", "TOKEN_PREFIX",
 ]
@@ -84,6 +87,15 @@ class ResumeState:
         if extended and self.token is not None:
             return Command(OP_RESUME, (self.user, self.token, str(self.last_seq)))
         return Command(OP_LOGIN, (self.user,))
+
+
+@dataclass(frozen=True)
+class SavedResume:
+    """An account's resume state as a previous run of the client left it: the token (None after
+    a clean exit, which clears it on the server) and the highest chat sequence number stored."""
+
+    token: str | None
+    last_seq: int
 
 
 class Verdict(enum.Enum):

@@ -19,8 +19,12 @@ import secrets
 import string
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .commands import OP_CREATE, OP_EXIT, OP_EXT, OP_LOGIN, OP_SEND, Command
+from .commands import OP_CREATE, OP_EXIT, OP_EXT, OP_LOGIN, OP_RESUME, OP_SEND, Command
+
+if TYPE_CHECKING:
+    from .identity import SavedResume
 
 __all__ = ["Pending", "Outbox", "random_rid_prefix", "check_rid_prefix"]
 
@@ -38,6 +42,8 @@ class Pending:
     auto: bool = False        # sent by the session itself (re-identification), not the user
     attempts: int = 0         # how many times it has been written to a connection
     rid: str | None = None    # extension 1: the wire request id of a send, fixed at its first write
+    resume: SavedResume | None = None   # a user's login written as op 7 with a saved token
+    fresh: bool = False       # a login that must not be written as a resume (one was refused)
 
     def __repr__(self) -> str:
         rid = f" rid={self.rid}" if self.rid else ""
@@ -92,6 +98,9 @@ class Outbox:
         """The bytes of ``pending``: a send with its request id on an extended connection (the
         same id on every attempt), else the command itself."""
         command = pending.command
+        if command.op == OP_LOGIN and pending.resume is not None and extended:
+            saved = pending.resume
+            return Command(OP_RESUME, (command.params[0], saved.token, str(saved.last_seq))).encode()
         if command.op == OP_SEND and extended:
             if pending.rid is None:
                 pending.rid = self.rid_prefix + _base36(next(self._rids))
@@ -116,8 +125,9 @@ class Outbox:
     def written(self, pending: Pending) -> None:
         """``pending`` (from :meth:`next_ready`) was written.  Who we are after a retried
         create/login depends on its answer (a create the dead primary committed is answered
-        "taken"), so the queue waits for it."""
-        if pending.command.op in (OP_CREATE, OP_LOGIN) and pending.attempts > 1:
+        "taken"), so the queue waits for it; so it does for a login written as a resume, which
+        may be refused and followed by a fresh login."""
+        if pending.command.op in (OP_CREATE, OP_LOGIN) and (pending.attempts > 1 or pending.resume):
             self.barrier = pending
 
     def answered(self) -> Pending | None:

@@ -3,6 +3,10 @@
 Used when stdin or stdout is not a terminal, or with ``--plain``.  At the end of input it sends
 ``exit`` after everything typed before it, waits (at most ``--eof-timeout`` seconds) for the
 pending answers and exits: status 0, or 1 if some commands could never be sent.
+
+Stored history is printed only when asked: ``--history N`` prints the last N lines stored
+before a login when that login succeeds, ``history NAME`` the conversation with NAME, each line
+as ``history: YYYY-MM-DD HH:MM <NAME> TEXT``.  Problems with the state file go to stderr.
 """
 
 from __future__ import annotations
@@ -11,10 +15,11 @@ import codecs
 import os
 import sys
 
-from .commands import HELP_TEXT, OP_EXIT, Command, Help, Refusal, parse_command
+from .commands import HELP_TEXT, OP_EXIT, Command, Help, Refusal, ShowHistory, parse_command
 from .driver import SocketDriver
 from .editor import sanitize
-from .events import SessionClosed
+from .events import SessionClosed, UserChanged
+from .history import HistoryKeeper, row_text, row_time
 from .present import DisplayLine, Presenter
 from .session import ClientSession, State
 
@@ -27,8 +32,11 @@ _PLAIN_PREFIX = {"ok": "ok: ", "error": "error: ", "note": "note: ", "refused": 
 class PlainUI:
     """Lines in on stdin, one line per event out on stdout."""
 
-    def __init__(self, session: ClientSession, driver: SocketDriver, presenter: Presenter, args) -> None:
+    def __init__(self, session: ClientSession, driver: SocketDriver, presenter: Presenter, args,
+                 history: HistoryKeeper | None = None) -> None:
         self.session, self.driver, self.presenter, self.args = session, driver, presenter, args
+        self.history = history or HistoryKeeper(None)
+        self.history_lines = getattr(args, "history", 0)
         self.fd = sys.stdin.fileno()
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.partial = ""
@@ -38,6 +46,7 @@ class PlainUI:
     def run(self) -> int:
         self.driver.add_reader(self.fd, self._on_stdin)
         try:
+            self._notices()
             self._show(self.driver.start())
             while not self.session.closed:
                 if self.eof_at is not None and self.driver.clock() > self.eof_at + self.args.eof_timeout:
@@ -79,9 +88,14 @@ class PlainUI:
             return
         if isinstance(result, Help):
             self._print(HELP_TEXT)
+        elif isinstance(result, ShowHistory):
+            rows, heading = self.history.conversation(self.session.user, result.peer)
+            self._print("history: " + heading)
+            self._print_rows(rows)
         elif isinstance(result, Refusal):
             self._emit(DisplayLine("refused", result.message))
         else:
+            self.history.login_submitted(result)
             self.session.submit(result, self.driver.clock())
             self.driver.pump()
 
@@ -89,8 +103,24 @@ class PlainUI:
         for event in events:
             if isinstance(event, SessionClosed) and event.unsent:
                 self.status = 1
+            self.history.observe(event, self.session.user)
+            if isinstance(event, UserChanged) and event.user is not None:
+                view = self.history.on_login(event.user, self.history_lines)
+                if view is not None and self.history_lines:
+                    self._print_rows(view.rows)
             for line in self.presenter.lines(event):
                 self._emit(line)
+        self._notices()
+
+    def _print_rows(self, rows) -> None:
+        for row in rows:
+            self._print(f"history: {row_time(row, full=True)} {sanitize(row_text(row))}")
+
+    def _notices(self) -> None:
+        """Problems with the state file (moved aside, unwritable...), once each, on stderr."""
+        for notice in self.history.take_notices():
+            sys.stderr.write(f"chatclient: {notice}\n")
+            sys.stderr.flush()
 
     def _emit(self, line: DisplayLine) -> None:
         if self.args.quiet and line.kind == "info":

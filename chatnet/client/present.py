@@ -14,6 +14,7 @@ countdown; ``verbose=True`` reports every attempt.  Line kinds:
 ``refused`` lines the client refused to send (checked before sending)
 ``info``    connection state and other client-side remarks
 ``help``    the help text
+``history`` a stored line (``stamp``: when it was stored), shown as history
 ==========  =====================================================================
 """
 
@@ -34,6 +35,7 @@ class DisplayLine:
     kind: str
     text: str
     sender: str | None = None
+    stamp: str | None = None       # history: the stored time, shown instead of the current one
 
 
 def own_line(command: Command) -> DisplayLine:
@@ -135,6 +137,10 @@ class Presenter:
         return [DisplayLine("info", f"the account {e.user} exists already, most likely created by this "
                                     "client just before the connection broke; logging in as it")]
 
+    def _RestoreRefused(self, e: ev.RestoreRefused) -> list[DisplayLine]:
+        return [DisplayLine("info", f"the session of {e.user} saved by an earlier run could not be resumed "
+                                    f"({e.reason}); logging in afresh")]
+
     def _ResumeRefused(self, e: ev.ResumeRefused) -> list[DisplayLine]:
         return [DisplayLine("error", f"could not resume the session as {e.user} ({e.reason}); "
                                      "logging in afresh, queued commands will follow")]
@@ -168,6 +174,8 @@ class Presenter:
         pending = e.answer_to
         if retried_create_taken(pending, e.frame):
             return []                               # CreateRecovered says it
+        if pending is not None and pending.resume is not None and e.kind == "error":
+            return []                               # RestoreRefused says it
         if pending is not None and pending.auto and e.kind != "note":
             if e.kind == "ok":
                 return []                       # Reidentified says it

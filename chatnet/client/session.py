@@ -68,6 +68,21 @@ Extension 1 — sessions that survive failover (``docs/protocol.md``, last secti
   new one but not delivered twice.  The 280-character limit applies to the op 3 equivalent, so
   every send that the seed would accept goes with a request id.
 
+Durable state (``saved=``, off by default; ``bin/chatclient`` turns it on):
+
+* **Persist before the ack.**  With ``saved`` (a dict of account -> :class:`SavedResume`, what a
+  previous run stored), every change of the resume state and every numbered chat accepted is
+  handed to the driver as a :class:`Persist` action, placed *before* the ``0|ack|N`` that covers
+  it; the driver makes it durable before it carries out the next action.  The session itself
+  never touches a file.  ``exit`` forgets the token (the server clears it), a delete forgets
+  the account.
+* **Resume after a client restart.**  The user's ``login|NAME``, typed while nobody is logged
+  in, goes as ``7|NAME|TOKEN|LAST_SEQ`` when a token for NAME is saved and the connection is
+  extended, and holds the queue until answered: ``Resumed as NAME.`` logs in with the saved
+  sequence number (chat after it follows, once); a refusal gives :class:`RestoreRefused` and
+  an immediate fresh ``2|NAME``.  Any successful login of a saved account starts from its
+  saved ``last_seq``, so chat stored before is not shown again.
+
 ``ClientSession`` itself only coordinates: it owns the connection state (:class:`State`, the
 current server and its role, the timers, the frame decoder) and routes every input to the piece
 that keeps the rule, turning the piece's verdict into actions and events:
@@ -100,7 +115,7 @@ from ..protocol.codec import (
     ProtocolError,
     ResponseDecoder,
 )
-from .acks import AckTracker, parse_sequenced
+from .acks import AckTracker, SequencedChat, parse_sequenced
 from .commands import OP_CREATE, OP_DELETE, OP_EXIT, OP_LOGIN, OP_RESUME, Command
 from .events import (
     AllServersDown,
@@ -117,10 +132,12 @@ from .events import (
     DuplicateDropped,
     FrameReceived,
     Negotiated,
+    Persist,
     PrimaryConfirmed,
     Redirected,
     Reidentified,
     ReidentifyFailed,
+    RestoreRefused,
     ResumeRefused,
     RetryScheduled,
     Send,
@@ -138,6 +155,7 @@ from .identity import (
     TOKEN_PREFIX,
     Handshake,
     ResumeState,
+    SavedResume,
     Verdict,
     name_from,
     retried_create_taken,
@@ -158,7 +176,7 @@ from .servers import (
 
 __all__ = [
     "Server", "DEFAULT_SERVERS", "parse_server", "parse_servers", "Backoff", "State", "Pending",
-    "Connect", "Send", "Disconnect",
+    "Connect", "Send", "Disconnect", "Persist", "RestoreRefused", "SavedResume",
     "Connecting", "Connected", "PrimaryConfirmed", "ConnectFailed", "ConnectionLost", "Redirected", "RetryScheduled",
     "AllServersDown", "FrameReceived", "UserChanged", "Reidentified", "ReidentifyFailed",
     "Negotiated", "ResumeRefused", "DuplicateDropped", "CreateRecovered", "retried_create_taken",
@@ -202,6 +220,7 @@ class ClientSession:
     probe: bool = True
     extension: bool = True                 # negotiate extension 1 on every connection
     rid_prefix: str | None = None          # default: random_rid_prefix()
+    saved: dict[str, SavedResume] | None = None   # durable state on: what earlier runs stored
 
     def __post_init__(self) -> None:
         self.servers = tuple(Server(*s) for s in self.servers)
@@ -224,6 +243,8 @@ class ClientSession:
         self._listing = ListContinuation()
         self._login_note: Pending | None = None   # a login whose summary note is still due
         self._timers = _Timers()
+        self._unsaved: list[SequencedChat] = []    # durable state: chats for the next Persist
+        self._dirty = False                         # durable state: the resume state changed
         self._decoder: ResponseDecoder | None = None
         self._actions: deque = deque()
         self._events: deque = deque()
@@ -294,6 +315,7 @@ class ClientSession:
         except ProtocolError as exc:
             self._actions.append(Disconnect())
             self._lost(now, f"protocol error: {exc}")
+        self._save()                       # durable before the ack that covers it
         self._send_ack()
         if self.state is State.READY:
             self._flush(now)  # an exit waiting for these answers goes out after their ack
@@ -409,6 +431,7 @@ class ClientSession:
         if self.state is State.CLOSED:
             return
         if self.state in (State.IDENTIFYING, State.READY):
+            self._exiting()
             self._actions.append(Send(Command(OP_EXIT).encode()))
         if self.state in (State.CONNECTING, State.IDENTIFYING, State.READY, State.EXITING):
             self._actions.append(Disconnect())
@@ -454,6 +477,8 @@ class ClientSession:
         self._write(pending)
 
     def _write(self, pending: Pending) -> None:
+        if pending.command.op == OP_LOGIN and not pending.auto:
+            pending.resume = self._restorable(pending)
         self._actions.append(Send(self._outbox.write(pending, bool(self.extended))))
         if not pending.auto:
             self._events.append(CommandSent(pending))
@@ -464,6 +489,8 @@ class ClientSession:
             pending = self._outbox.next_ready(self._answers_complete())
             if pending is None:
                 return
+            if pending.command.op == OP_EXIT:
+                self._exiting()
             self._write(pending)
             if pending.command.op == OP_EXIT:
                 self.state = State.EXITING
@@ -501,7 +528,7 @@ class ClientSession:
         if frame.indicator == INDICATOR_CHAT:
             self._on_chat(frame)
         elif self.extended and frame.status == STATUS_OK and frame.message.startswith(TOKEN_PREFIX):
-            self.resume.token = frame.message[len(TOKEN_PREFIX):]      # not an answer: never shown
+            self._set_token(frame.message[len(TOKEN_PREFIX):])        # not an answer: never shown
         elif frame.status == STATUS_NOTE:
             answer_to, self._login_note = self._login_note, None
             self._events.append(FrameReceived(frame, "note", answer_to))
@@ -534,6 +561,9 @@ class ClientSession:
             # would show it twice.
             return
         if self._acks.receive(chat.seq):
+            if self.saved is not None:
+                self._unsaved.append(chat)
+                self._dirty = True
             self._events.append(FrameReceived(frame, "chat", None, chat.sender, chat.text, chat.seq))
         else:
             self._events.append(DuplicateDropped(chat.seq, chat.sender))
@@ -552,6 +582,8 @@ class ClientSession:
             self._on_negotiated(frame, now)
         elif pending is self._handshake.identify:
             self._on_identify_answer(pending, frame, now)
+        elif pending.resume is not None and pending.command.op == OP_LOGIN:
+            self._on_restore_answer(pending, frame)
         elif frame.status == STATUS_OK:
             self._on_user_answer(pending, frame)
         if released:
@@ -595,15 +627,84 @@ class ClientSession:
             self._set_user(name_from(frame, pending))
             if op == OP_LOGIN:
                 self._login_note = pending
+                self._restore_seq()
         elif op == OP_DELETE:
-            self._set_user(None)
+            self._forget()
         else:
             self._listing.answered(pending, frame)
 
     def _set_user(self, user: str | None) -> None:
+        self._save()                    # what belongs to the previous account goes first
         if self.resume.switch(user):
             self._acks.account_changed()
+            self._dirty = user is not None
             self._events.append(UserChanged(user))
+
+    # ---------------------------------------------------------------------- durable state
+    def _restorable(self, pending: Pending) -> SavedResume | None:
+        """The saved state to resume with instead of logging in, or None: only for the user's
+        login while nobody is logged in, on an extended connection, with a saved token."""
+        if self.saved is None or pending.fresh or not self.extended or self.resume.user is not None:
+            return None
+        saved = self.saved.get(pending.command.params[0])
+        return saved if saved is not None and saved.token else None
+
+    def _on_restore_answer(self, pending: Pending, frame: Frame) -> None:
+        """The answer to a login written as a resume: logged in where the last run left off, or
+        refused (log in afresh at once, ahead of the queue)."""
+        name = pending.command.params[0]
+        if frame.status == STATUS_OK:
+            self._set_user(name)
+            self.resume.token = pending.resume.token
+            self._restore_seq()
+            self.resumed = True
+            return
+        self._events.append(RestoreRefused(name, frame.message))
+        saved = self.saved.get(name)
+        if frame.message == RESUME_UNKNOWN_TEXT:
+            self.saved.pop(name, None)
+            self._actions.append(Persist(name, None, 0, forget=True))
+        elif saved is not None:
+            self.saved[name] = SavedResume(None, saved.last_seq)
+        again = self._outbox.new(pending.command)
+        again.fresh = True
+        self._outbox.queue.appendleft(again)
+
+    def _restore_seq(self) -> None:
+        """A saved account logged in: chat up to its saved sequence number was shown before."""
+        saved = self.saved.get(self.resume.user) if self.saved is not None else None
+        if saved is not None and saved.last_seq > self.resume.last_seq:
+            self.resume.last_seq = saved.last_seq
+
+    def _set_token(self, token: str | None) -> None:
+        if token != self.resume.token:
+            self.resume.token = token
+            self._dirty = True
+
+    def _exiting(self) -> None:
+        """The exit is about to go: the server clears the token, so the saved one goes too."""
+        self._set_token(None)
+        self._save()
+
+    def _forget(self) -> None:
+        """Our account was deleted: its saved resume state goes."""
+        user = self.resume.user
+        self._set_user(None)
+        if self.saved is not None and user is not None:
+            self.saved.pop(user, None)
+            self._actions.append(Persist(user, None, 0, forget=True))
+
+    def _save(self) -> None:
+        """Hand what changed to the driver as one Persist (durable state on), before any action
+        that follows, an acknowledgement in particular."""
+        if self.saved is None or not self._dirty:
+            return
+        user, self._dirty = self.resume.user, False
+        chats, self._unsaved = tuple(self._unsaved), []
+        if user is None:
+            return
+        self.saved[user] = SavedResume(self.resume.token, self.resume.last_seq)
+        self._actions.append(Persist(user, self.resume.token, self.resume.last_seq, chats))
 
     # --------------------------------------------------------------------- losing the link
     def _on_backup_note(self, primary: Server | None, now: float) -> None:

@@ -4,6 +4,11 @@
 :func:`run_curses` sets the terminal up, runs the loop (keys, network events and timers all wait
 in the driver's selector, so they are handled in one thread, in order) and always restores the
 terminal, whatever ends it.
+
+History (``history.py``): on a login the pane shows the last screenful of that account's stored
+conversation between two ``==`` lines, dimmed and stamped with the time it was stored (``MM-DD``
+for another day); PgUp past the top loads older stored lines above them; ``history NAME`` shows
+the conversation with NAME.  Problems with the state file are shown as errors in the pane.
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ import sys
 import time
 
 from ..protocol.codec import MAX_REQUEST_CHARS
-from .commands import HELP_TEXT, OP_EXIT, Help, Refusal, parse_command, request_length
+from .commands import HELP_TEXT, OP_EXIT, Help, Refusal, ShowHistory, parse_command, request_length
 from .driver import SocketDriver
 from .editor import LineEditor, clip, sanitize, text_width, wrap
-from .events import SessionClosed
+from .events import SessionClosed, UserChanged
+from .history import HistoryKeeper, HistoryView, row_text, row_time
 from .present import DisplayLine, Presenter, own_line
 from .session import ClientSession, State
 
@@ -32,7 +38,7 @@ class NoCurses(Exception):
 
 
 _PREFIX = {"chat": "", "own": "", "ok": "-- ", "note": "** ", "error": "!! ", "refused": "!! ",
-           "info": "== ", "help": "   "}
+           "info": "== ", "help": "   ", "history": ""}
 _STAMP_WIDTH = 6      # "HH:MM "
 _MAX_LINES = 5000
 
@@ -41,8 +47,11 @@ class CursesUI:
     """The split-pane window: message pane, status bar, input line."""
 
     def __init__(self, stdscr, session: ClientSession, driver: SocketDriver, presenter: Presenter,
-                 color: bool) -> None:
+                 color: bool, history: HistoryKeeper | None = None) -> None:
         self.scr, self.session, self.driver, self.presenter = stdscr, session, driver, presenter
+        self.history = history or HistoryKeeper(None)
+        self.history_view: HistoryView | None = None   # the stored history shown at the last login
+        self.history_top: DisplayLine | None = None     # its first line: older rows go below it
         self.editor = LineEditor()
         self.lines: list[tuple[str, DisplayLine]] = []  # (time stamp, line)
         self.rows: list[tuple[str, int, int]] = []      # (text, attr, cells of the tag in attr2)
@@ -59,7 +68,7 @@ class CursesUI:
         self.attr = {"chat": curses.A_NORMAL, "chat_tag": bold, "own": bold, "ok": curses.A_NORMAL,
                      "note": curses.A_UNDERLINE, "error": bold | curses.A_STANDOUT,
                      "refused": bold | curses.A_STANDOUT, "info": dim, "help": curses.A_NORMAL,
-                     "stamp": dim, "status": curses.A_REVERSE, "status_bad": curses.A_REVERSE | bold}
+                     "stamp": dim, "history": dim, "status": curses.A_REVERSE, "status_bad": curses.A_REVERSE | bold}
         if not (color and curses.has_colors()):
             return
         try:
@@ -81,7 +90,7 @@ class CursesUI:
 
     # messages ------------------------------------------------------------------------------
     def add(self, line: DisplayLine) -> None:
-        stamp = time.strftime("%H:%M")
+        stamp = line.stamp or time.strftime("%H:%M")
         self.lines.append((stamp, line))
         new_rows = self._rows_of(stamp, line)
         self.rows.extend(new_rows)
@@ -261,7 +270,10 @@ class CursesUI:
         self.driver.pump()
 
     def page_up(self) -> None:
-        self.scroll = min(self._max_scroll(), self.scroll + max(1, self._pane_height() - 1))
+        step = max(1, self._pane_height() - 1)
+        if self.scroll + step > self._max_scroll():
+            self._load_older(self._pane_height())
+        self.scroll = min(self._max_scroll(), self.scroll + step)
 
     def page_down(self) -> None:
         self.scroll = max(0, self.scroll - max(1, self._pane_height() - 1))
@@ -279,10 +291,13 @@ class CursesUI:
         self.scroll = 0
         if isinstance(result, Help):
             self.add(DisplayLine("help", HELP_TEXT))
+        elif isinstance(result, ShowHistory):
+            self._show_conversation(result.peer)
         elif isinstance(result, Refusal):
             self.add(DisplayLine("refused", result.message))
         else:
             self.add(own_line(result))
+            self.history.login_submitted(result)
             waiting = len(self.session.queued)
             if self.session.submit(result, self.driver.clock()) is not None and result.op == OP_EXIT \
                     and not self.session.closed:
@@ -309,13 +324,53 @@ class CursesUI:
 
     def show(self, events) -> None:
         for event in events:
+            self.history.observe(event, self.session.user)
+            if isinstance(event, UserChanged) and event.user is not None:
+                self._show_history(event.user)
             for line in self.presenter.lines(event):
                 self.add(line)
                 if isinstance(event, SessionClosed) and line.kind == "error":
                     self.leftovers.append(line)     # also say it after the window is gone
+        for notice in self.history.take_notices():
+            self.add(DisplayLine("error", notice))
+
+    # history -------------------------------------------------------------------------------
+    @staticmethod
+    def _history_line(row) -> DisplayLine:
+        return DisplayLine("history", row_text(row), stamp=row_time(row))
+
+    def _show_history(self, user: str) -> None:
+        """``user`` logged in: the last screenful of what is stored, marked as history."""
+        view = self.history.on_login(user, max(1, self._pane_height() - 3))
+        self.history_view = view
+        if view is None:
+            return
+        self.history_top = DisplayLine("info", f"history of {user}, as stored on this computer (PgUp for older)")
+        self.add(self.history_top)
+        for row in view.rows:
+            self.add(self._history_line(row))
+        self.add(DisplayLine("info", "end of history"))
+
+    def _load_older(self, count: int) -> None:
+        """PgUp past the top: older stored lines go right below the history heading."""
+        if self.history_view is None:
+            return
+        rows = self.history.older(self.history_view, count)
+        if not rows:
+            return
+        index = next((i + 1 for i, (_, line) in enumerate(self.lines) if line is self.history_top), 0)
+        self.lines[index:index] = [(row_time(row), self._history_line(row)) for row in rows]
+        self._rebuild_rows()
+
+    def _show_conversation(self, peer: str) -> None:
+        rows, heading = self.history.conversation(self.session.user, peer)
+        self.add(DisplayLine("info" if rows else "error", heading))
+        for row in rows:
+            self.add(self._history_line(row))
 
 
-def run_curses(session: ClientSession, driver: SocketDriver, presenter: Presenter, args) -> int:
+def run_curses(session: ClientSession, driver: SocketDriver, presenter: Presenter, args,
+               history: HistoryKeeper | None = None) -> int:
     """Run the window until the session ends or the user leaves; the exit status.  Raises
     :class:`NoCurses` (before touching the screen) if the terminal cannot do it."""
     locale.setlocale(locale.LC_ALL, "")
@@ -327,7 +382,7 @@ def run_curses(session: ClientSession, driver: SocketDriver, presenter: Presente
     def run(stdscr) -> int:
         stdscr.nodelay(True)
         stdscr.keypad(True)
-        ui = CursesUI(stdscr, session, driver, presenter, color)
+        ui = CursesUI(stdscr, session, driver, presenter, color, history)
         ui.leftovers = leftovers
         with _WindowInput(ui, driver):
             _loop(ui, session, driver)
