@@ -47,6 +47,7 @@ if ROOT not in sys.path:
 
 from bench.workload import ExtWorker, History, Registry, SeedWorker, wait_for  # noqa: E402
 from chatnet.server.cli import query_status  # noqa: E402
+from chatnet.server.config import cluster_id, parse_peers, read_secret  # noqa: E402
 
 CHATSERVER = os.path.join(ROOT, "bin", "chatserver")
 NO_RECIPIENT = "Recipient username cannot be found."
@@ -296,7 +297,8 @@ class Replica:
     def status(self, timeout: float = 1.0) -> dict | None:
         if self.state != "up" or not self.running():
             return None
-        return query_status(self.host, self.port, timeout=timeout)
+        return query_status(self.host, self.port, timeout=timeout, secret=read_secret(self.secret_file),
+                            cluster=cluster_id(parse_peers(self.peers)).encode())
 
 
 class ChaosCluster:

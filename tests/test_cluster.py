@@ -13,6 +13,7 @@ import time
 import pytest
 from cluster_support import Load, assert_nothing_lost, drain_mailbox
 
+from chatnet.server.cli import query_status
 from chatnet.testing import Cluster, FailoverClient, RawClient, wait_until
 
 pytestmark = pytest.mark.timeout(240)
@@ -158,7 +159,10 @@ def test_peer_with_wrong_secret_is_refused(cluster, tmp_path):
     wait_until(lambda: "refused peer" in c.replicas[primary].log(), timeout=10, what="refusal logged")
     status = wait_until(lambda: c.status(primary), what="status of the primary")
     assert 2 not in status["members"]
-    assert wait_until(lambda: c.status(2), what="status of 2")["serving"] is False
+    assert c.status(2) == {"error": "status proof refused: wrong cluster secret"}
+    own = wait_until(lambda: query_status(*c.addresses[2], secret=bad.read_bytes().strip(), cluster=c.cluster_id),
+                     what="status of 2, asked with its own secret")
+    assert own["serving"] is False
     # A stranger sending the preface and garbage is refused too, and clients are unaffected.
     s = socket.create_connection(c.addresses[primary])
     s.sendall(b"CHATNET-PEER\n" + b"\x00\x00\x00\x05hello")

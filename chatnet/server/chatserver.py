@@ -29,8 +29,8 @@ from __future__ import annotations
 import errno
 import hashlib
 import itertools
-import json
 import logging
+import os
 import resource
 import socket
 
@@ -39,6 +39,7 @@ from ..loop.reactor import READ, WRITE, Reactor
 from ..protocol.codec import CLOSED, NEED_DATA, STATUS_ERROR, RequestDecoder
 from ..protocol.texts import (
     PREFACES,
+    STATUS_AUTH_PREFACE,
     STATUS_PREFACE,
     T_ADDRESS_FULL,
     T_HANDSHAKE_TIMEOUT,
@@ -46,9 +47,10 @@ from ..protocol.texts import (
     T_SERVER_FULL,
 )
 from ..replication.transport import PeerTransport
-from .config import Address, Limits
+from .config import Address, Limits, cluster_id
 from .host import ReplicaHost
 from .service import Close, Reply, frame
+from .status import MAX_LINE, StatusChallenge, json_line, public_status
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,9 @@ CLIENT_SNDBUF = 128 * 1024
 ACCEPT_BACKOFF = 0.1  # seconds to stop accepting after EMFILE and friends
 ACCEPT_LOG_INTERVAL = 5.0  # accept errors are logged at most once per interval, with a count
 SWEEP_INTERVAL = 1.0  # seconds between checks of handshake and idle timeouts
-STATUS_PER_SECOND = 20  # status answers per second; more queries are closed unanswered
+STATUS_PER_SECOND = 50  # public status answers per second; more queries are closed unanswered
+MAX_STATUS_QUERIES = 16  # authenticated status queries in progress at once
+STATUS_TIMEOUT = 5.0  # seconds an authenticated status query has to send its proof
 DIGEST_MAX_AGE = 1.0  # seconds a status digest of the state may be reused
 
 
@@ -94,6 +98,47 @@ class ClientConnection:
 
     def __repr__(self) -> str:
         return f"<client {self.id} {self.addr}>"
+
+
+class _StatusQuery:
+    """An authenticated status query waiting for its proof line (chatnet/server/status.py)."""
+
+    closed = False
+
+    def __init__(self, server: ChatServer, sock: socket.socket, challenge: StatusChallenge):
+        self.server, self.sock, self.challenge = server, sock, challenge
+        self.timer = server.reactor.timers.call_later(STATUS_TIMEOUT, self.close)
+
+    def handle_event(self, mask: int) -> None:
+        try:
+            data = self.sock.recv(MAX_LINE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        self.feed(data)
+
+    def feed(self, data: bytes) -> None:
+        verdict = self.challenge.receive(data)
+        if verdict is None:
+            return
+        answer = self.server.status() if verdict else {"error": "status proof refused: wrong cluster secret"
+                                                       if self.challenge.secret else
+                                                       "this replica runs alone, without a cluster secret"}
+        try:  # one line into a fresh socket's buffer: never blocks the loop
+            self.sock.send(json_line(answer))
+        except OSError:
+            pass
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.cancel()
+        self.server.status_queries.discard(self)
+        self.server.reactor.forget(self.sock)
+        self.sock.close()
 
 
 class _Listener:
@@ -138,6 +183,9 @@ class ChatServer:
             self.transport = PeerTransport(
                 self.reactor, me, peers, secret, self._on_peer_message, self._on_link_change
             )
+        self.secret = secret
+        self.cluster_id = cluster_id(peers).encode()
+        self.status_queries: set[_StatusQuery] = set()
         self.replica_host = ReplicaHost(
             me, range(len(peers)), Store(data_dir), network=self.transport, addresses=peers,
             failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
@@ -198,6 +246,8 @@ class ChatServer:
         self._before_sleep()  # persist what is pending and write the answers we can
         for conn in list(self.conns.values()):
             self.close_connection(conn, "server shutdown")
+        for query in list(self.status_queries):
+            query.close()
         if self.transport is not None:
             self.transport.stop()
         self.replica_host.close()
@@ -303,10 +353,12 @@ class ChatServer:
         if preface == STATUS_PREFACE:
             if self._status_allowed():
                 try:  # one small line into a fresh socket's buffer: never blocks the loop
-                    sock.send(json.dumps(self.status()).encode() + b"\n")
+                    sock.send(json_line(public_status(self.status())))
                 except OSError:
                     pass
             sock.close()
+        elif preface == STATUS_AUTH_PREFACE:
+            self._start_status_query(sock, rest)
         elif self.transport is None:
             log.warning("refused peer connection from %s:%d: this replica runs alone", *conn.addr[:2])
             sock.close()
@@ -315,8 +367,26 @@ class ChatServer:
 
     def status(self) -> dict:
         status = self.replica_host.status()
-        status.update(address=f"{self.host}:{self.port}", clients=len(self.conns), digest=self._state_digest())
+        primary = status.get("primary")
+        status.update(address=f"{self.host}:{self.port}", clients=len(self.conns), digest=self._state_digest(),
+                      primary_address=str(self.peers[primary]) if primary is not None else None)
         return status
+
+    def _start_status_query(self, sock: socket.socket, rest: bytes) -> None:
+        if len(self.status_queries) >= MAX_STATUS_QUERIES:
+            sock.close()
+            return
+        challenge = StatusChallenge(self.secret, self.cluster_id, os.urandom(32))
+        try:
+            sock.send(challenge.challenge())
+        except OSError:
+            sock.close()
+            return
+        query = _StatusQuery(self, sock, challenge)
+        self.status_queries.add(query)
+        self.reactor.set_interest(sock, READ, query)
+        if rest:
+            query.feed(rest)
 
     def _status_allowed(self) -> bool:
         """At most STATUS_PER_SECOND answers per second: status is for operators, not a load."""

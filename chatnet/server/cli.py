@@ -9,16 +9,19 @@ import os
 import socket
 import sys
 
+from ..protocol.texts import STATUS_AUTH_PREFACE, STATUS_PREFACE
 from .config import (
     DEFAULT_BASE_DIR,
     DEFAULT_PEERS,
     DEFAULT_SECRET_FILE,
     ConfigError,
     Limits,
+    cluster_id,
     find_self,
     parse_peers,
     read_secret,
 )
+from .status import status_proof
 from .store import StoreError
 
 EPILOG = """\
@@ -101,48 +104,74 @@ def status_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="chatserver status", description="Show every replica's state.")
     parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"replicas to ask (default: {DEFAULT_PEERS})")
     parser.add_argument("--json", action="store_true", help="one JSON object per replica")
+    parser.add_argument("--secret-file", default=None,
+                        help=f"the cluster secret, for everything beyond role and primary "
+                             f"(default: {DEFAULT_SECRET_FILE} if it exists)")
     args = parser.parse_args(argv)
     try:
         peers = parse_peers(args.peers)
+        secret = read_status_secret(args.secret_file)
     except ConfigError as exc:
         print(f"chatserver status: {exc}", file=sys.stderr)
         return 2
+    if secret is None:
+        print("chatserver status: no cluster secret (--secret-file): showing role and primary only",
+              file=sys.stderr)
     answered = 0
     if not args.json:
         print(f"{'replica':<22} {'role':<11} {'view':>5} {'primary':<22} {'last':>7} {'commit':>7}  members")
     for addr in peers:
-        status = query_status(addr.host, addr.port)
+        status = query_status(addr.host, addr.port, secret=secret, cluster=cluster_id(peers).encode())
         if args.json:
             print(json.dumps({"address": str(addr), **(status or {"answered": False})}))
-        elif status is None:
-            print(f"{str(addr):<22} {'no answer':<11}")
         else:
-            primary = status.get("primary")
-            members = ",".join(str(peers[m].port) if m < len(peers) else str(m) for m in status.get("members", []))
-            role = status["role"] + ("*" if status.get("serving") else "")
-            print(f"{str(addr):<22} {role:<11} {status['view']:>5} "
-                  f"{str(peers[primary]) if primary is not None and primary < len(peers) else '-':<22} "
-                  f"{status['last_index']:>7} {status['commit_index']:>7}  {members}")
+            print(status_row(addr, status, peers))
         answered += status is not None
     if not args.json:
         print("(* = serving clients)")
     return 0 if answered else 1
 
 
-def query_status(host: str, port: int, timeout: float = 1.0) -> dict | None:
+def status_row(addr, status: dict | None, peers) -> str:
+    """One line of the ``chatserver status`` table (public answers leave the numbers blank)."""
+    if status is None:
+        return f"{str(addr):<22} {'no answer':<11}"
+    if "error" in status:
+        return f"{str(addr):<22} {'refused':<11} {status['error']}"
+    members = ",".join(str(peers[m].port) if m < len(peers) else str(m) for m in status.get("members", []))
+    role = status["role"] + ("*" if status.get("serving") else "")
+    return (f"{str(addr):<22} {role:<11} {status.get('view', ''):>5} {status.get('primary_address') or '-':<22} "
+            f"{status.get('last_index', ''):>7} {status.get('commit_index', ''):>7}  {members}")
+
+
+def query_status(host: str, port: int, timeout: float = 1.0, *, secret: bytes | None = None,
+                 cluster: bytes = b"") -> dict | None:
+    """One replica's status as a dict, or None when it does not answer.
+
+    Without ``secret``: the public fields only (address, role, serving, primary_address).  With
+    the cluster secret and the cluster id of the ``--peers`` list: everything, after the HMAC
+    challenge of chatnet/server/status.py; a refused proof gives ``{"error": ...}``."""
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
-            sock.sendall(b"CHATNET-STATUS\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
-        return json.loads(data)
+            reader = sock.makefile("rb")
+            if secret is None:
+                sock.sendall(STATUS_PREFACE)
+            else:
+                sock.sendall(STATUS_AUTH_PREFACE)
+                nonce = bytes.fromhex(reader.readline().strip().decode("ascii"))
+                sock.sendall(status_proof(secret, cluster, nonce).hex().encode() + b"\n")
+            return json.loads(reader.readline())
     except (OSError, ValueError):
         return None
+
+
+def read_status_secret(path: str | None) -> bytes | None:
+    """The secret for ``chatserver status``: from ``path``, else the default file if it is
+    there; None (public fields only) when there is none."""
+    if path is None and not os.path.exists(DEFAULT_SECRET_FILE):
+        return None
+    return read_secret(path or DEFAULT_SECRET_FILE)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,8 @@
 """N replicas of chatnet as real processes, on free ports, sharing one secret file.
 
-Status comes from the replicas themselves (``chatnet.server.cli.query_status``), so a wait
-ends on what the servers report, with an explicit deadline, never on a sleep.
+Status comes from the replicas themselves (``chatnet.server.cli.query_status``, authenticated
+with the cluster secret so it has every field), so a wait ends on what the servers report, with
+an explicit deadline, never on a sleep.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import shutil
 import tempfile
 
 from chatnet.server.cli import query_status
+from chatnet.server.config import cluster_id, parse_peers, read_secret
 from chatnet.testing.process import ServerProcess
 from chatnet.testing.waiting import free_port, wait_until
 
@@ -43,6 +45,8 @@ class Cluster:
         self.secret_file = write_secret(os.path.join(self.base_dir, "cluster.secret"))
         self.addresses = [(h, free_port(h)) for h in hosts]
         self.peers = ",".join(f"{h}:{p}" for h, p in self.addresses)
+        self.secret = read_secret(self.secret_file)  # status beyond role and primary needs it
+        self.cluster_id = cluster_id(parse_peers(self.peers)).encode()
         self.replicas = [
             ServerProcess(os.path.join(self.base_dir, f"r{i}"), port=p, host=h, peers=self.peers,
                           args=["--secret-file", self.secret_file, *extra_args], **server_kwargs)
@@ -71,7 +75,7 @@ class Cluster:
         r = self.replicas[i]
         if not r.alive():
             return None
-        return query_status(r.host, r.port, timeout=timeout)
+        return query_status(r.host, r.port, timeout=timeout, secret=self.secret, cluster=self.cluster_id)
 
     def primary(self) -> int | None:
         """Index of the replica serving clients, if exactly one does."""
