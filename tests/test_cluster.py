@@ -197,10 +197,18 @@ def test_status_command_reports_every_replica(cluster):
     c.wait_in_sync(range(3))
     c.kill(1)
     peers = ",".join(f"{h}:{p}" for h, p in c.addresses)
-    out = subprocess.run([sys.executable, CHATSERVER, "status", "--peers", peers],
-                         capture_output=True, text=True, timeout=30).stdout
-    lines = out.splitlines()
-    assert "primary*" in out and "no answer" in lines[2]
+    full = subprocess.run([sys.executable, CHATSERVER, "status", "--peers", peers, "--secret-file", c.secret_file],
+                          capture_output=True, text=True, timeout=30)
+    lines = full.stdout.splitlines()
+    assert "primary*" in full.stdout and "no answer" in lines[2]
+    row = next(line for line in lines if "primary*" in line).split()
+    assert row[2].isdigit() and row[4].isdigit() and row[5].isdigit()  # view, last and commit index
+    # Without the secret: role and primary only, and it says so.
+    public = subprocess.run([sys.executable, CHATSERVER, "status", "--peers", peers],
+                            capture_output=True, text=True, timeout=30, cwd=c.base_dir)
+    assert "showing role and primary only" in public.stderr
+    row = next(line for line in public.stdout.splitlines() if "primary*" in line).split()
+    assert row[2] == f"{c.addresses[c.primary()][0]}:{c.addresses[c.primary()][1]}"
 
 
 def test_replica_far_behind_or_with_an_empty_disk_catches_up_by_snapshot(cluster):

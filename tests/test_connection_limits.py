@@ -100,3 +100,27 @@ def test_status_is_rate_limited(server):
     assert answered <= STATUS_PER_SECOND * (int(elapsed) + 2)
     if elapsed < 1.0:
         assert answered <= STATUS_PER_SECOND * 2
+
+
+def test_status_beyond_role_and_primary_needs_the_cluster_secret(tmp_path):
+    from chatnet.testing import Cluster
+
+    c = Cluster(str(tmp_path), n=2).start()
+    try:
+        c.wait_primary()
+        host, port = c.addresses[0]
+        public = query_status(host, port)
+        assert set(public) == {"address", "role", "serving", "primary_address"}
+        full = query_status(host, port, secret=c.secret, cluster=c.cluster_id)
+        assert {"view", "members", "commit_index", "digest"} <= set(full)
+        assert query_status(host, port, secret=b"x" * 32, cluster=c.cluster_id) == \
+            {"error": "status proof refused: wrong cluster secret"}
+        assert "error" in query_status(host, port, secret=c.secret, cluster=b"another cluster")
+    finally:
+        c.stop_all()
+
+
+def test_a_lone_replica_has_no_secret_to_check(server):
+    assert query_status(server.host, server.port, secret=b"s" * 32) == \
+        {"error": "this replica runs alone, without a cluster secret"}
+    assert query_status(server.host, server.port)["role"] == "primary"
