@@ -14,6 +14,7 @@ from .config import (
     DEFAULT_BASE_DIR,
     DEFAULT_PEERS,
     DEFAULT_SECRET_FILE,
+    Address,
     ConfigError,
     Limits,
     cluster_id,
@@ -43,10 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--peers", default=DEFAULT_PEERS,
-                        help=f"every replica's HOST:PORT, comma separated, in priority order (default: {DEFAULT_PEERS})")
+    parser.add_argument("--peers", default=None,
+                        help=f"every replica's HOST:PORT, comma separated, in priority order (default: {DEFAULT_PEERS}; "
+                             "with --port or --host alone, naming no entry of it: just that address, one unreplicated server)")
     parser.add_argument("--host", help="this replica's address (default: the --peers entry matching --port)")
     parser.add_argument("--port", type=int, help="this replica's port (default: the first of --peers)")
+    parser.add_argument("--replicas", type=int, default=None, metavar="N",
+                        help="with --local: start N replicas (ports 1538, 2538, ... or --base-port P, P+1, ...)")
+    parser.add_argument("--base-port", type=int, default=None, metavar="P",
+                        help="with --local --replicas N: the first replica's port; the others follow it")
     parser.add_argument("--data-dir",
                         help=f"this replica's store directory (default: ./{DEFAULT_BASE_DIR}/<port>); "
                              f"with --local, the parent of every replica's directory (default: ./{DEFAULT_BASE_DIR})")
@@ -93,6 +99,39 @@ def build_parser() -> argparse.ArgumentParser:
 
 LIMIT_FLAGS = ("max_queued_chats", "max_accounts", "max_list_names", "max_connections", "max_per_address",
                "handshake_timeout", "idle_timeout")
+
+
+def choose_peers(args: argparse.Namespace) -> list[Address]:
+    """The cluster this command runs in.
+
+    ``--peers`` given: that list.  ``--local --replicas N``: N local replicas (the seed's ports
+    1538, 2538, ... or ``--base-port P``, P+1, ...).  Otherwise the seed's three replicas —
+    unless ``--port``/``--host`` name an address outside them: then one unreplicated server at
+    that address (``chatserver --port 5000`` is what anyone tries first)."""
+    if args.replicas is not None or args.base_port is not None:
+        if not args.local or args.peers is not None:
+            raise ConfigError("--replicas and --base-port go with --local and without --peers")
+        return local_peers(3 if args.replicas is None else args.replicas, args.base_port)
+    if args.peers is not None:
+        return parse_peers(args.peers)
+    seed = parse_peers(DEFAULT_PEERS)
+    if args.local or (args.port is None and args.host is None):
+        return seed
+    host = args.host or seed[0].host
+    if any(a.host == host and (args.port is None or a.port == args.port) for a in seed):
+        return seed  # an entry of the seed's cluster, as documented for --host/--port
+    if args.port is None:
+        raise ConfigError(f"--host {host} alone names no replica of {DEFAULT_PEERS}; give --port too")
+    return [Address(host, args.port)]
+
+
+def local_peers(n: int, base_port: int | None) -> list[Address]:
+    if not 1 <= n <= 64:
+        raise ConfigError("--replicas must be between 1 and 64")
+    ports = [base_port + i for i in range(n)] if base_port is not None else [1538 + 1000 * i for i in range(n)]
+    if ports[0] < 1 or ports[-1] > 65535:
+        raise ConfigError(f"--base-port {base_port} with --replicas {n} leaves the port range")
+    return [Address("127.0.0.1", port) for port in ports]
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -180,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return status_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
-        peers = parse_peers(args.peers)
+        peers = choose_peers(args)
         limits = limits_from(args)
         if args.local:
             from .launcher import run_local

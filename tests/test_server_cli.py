@@ -1,0 +1,80 @@
+"""`chatserver`'s command-line forms: which cluster each form means (unit), a plain single server
+from `--port P` alone, and a local cluster of N replicas on chosen ports (real processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from chatnet.server.cli import build_parser, choose_peers, query_status
+from chatnet.server.config import Address, ConfigError
+from chatnet.testing import CHATCLIENT, CHATSERVER, ServerProcess, free_port, port_open, wait_until
+
+SEED = [Address("127.0.0.1", 1538), Address("127.0.0.1", 2538), Address("127.0.0.1", 3538)]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    ([], SEED),                                          # the seed's three replicas
+    (["--port", "2538"], SEED),                          # an entry of them, as documented
+    (["--port", "5000"], [Address("127.0.0.1", 5000)]),  # anything else: one plain server
+    (["--host", "0.0.0.0", "--port", "5000"], [Address("0.0.0.0", 5000)]),
+    (["--port", "5000", "--peers", "127.0.0.1:1538"], [Address("127.0.0.1", 1538)]),  # explicit list
+    (["--local", "--replicas", "2", "--base-port", "7000"],
+     [Address("127.0.0.1", 7000), Address("127.0.0.1", 7001)]),
+    (["--local", "--replicas", "4"], SEED + [Address("127.0.0.1", 4538)]),
+])
+def test_which_cluster_each_form_means(argv, expected):
+    assert choose_peers(build_parser().parse_args(argv)) == expected
+
+
+@pytest.mark.parametrize("argv", [["--replicas", "2"], ["--local", "--replicas", "0"],
+                                  ["--local", "--replicas", "2", "--peers", "127.0.0.1:1538"],
+                                  ["--host", "10.0.0.9"]])
+def test_forms_that_make_no_sense_say_why(argv):
+    with pytest.raises(ConfigError):
+        choose_peers(build_parser().parse_args(argv))
+
+
+def test_port_alone_runs_one_plain_server(tmp_path):
+    server = ServerProcess(str(tmp_path / "data"), peers="")  # exactly `--port P --host H`, no --peers
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "client")}  # the client keeps its state there
+    with server:
+        chat = subprocess.run([sys.executable, CHATCLIENT, "--servers", f"{server.host}:{server.port}"],
+                              input="create|alice\nlist\n", capture_output=True, text=True, timeout=30, env=env)
+        assert "ok: Account created! Logged in as alice." in chat.stdout, chat.stdout + chat.stderr
+        status = query_status(server.host, server.port)
+        assert status["role"] == "primary" and status["serving"] is True
+
+
+def _two_free_consecutive_ports() -> int:
+    for _ in range(50):
+        base = free_port()
+        if base < 65535 and not port_open("127.0.0.1", base + 1):
+            return base
+    raise AssertionError("no two consecutive free ports")
+
+
+def test_local_cluster_of_n_replicas_on_chosen_ports(tmp_path):
+    base = _two_free_consecutive_ports()
+    proc = subprocess.Popen([sys.executable, CHATSERVER, "--local", "--replicas", "2", "--base-port", str(base),
+                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        for port in (base, base + 1):
+            wait_until(lambda port=port: query_status("127.0.0.1", port), timeout=30,
+                       what=f"replica on {port} answering")
+        wait_until(lambda: any((query_status("127.0.0.1", p) or {}).get("serving") for p in (base, base + 1)),
+                   timeout=30, what="one of the two serving")
+        assert sorted(os.listdir(tmp_path)) == sorted([str(base), str(base + 1), "cluster.secret"])
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert not port_open("127.0.0.1", base) and not port_open("127.0.0.1", base + 1)
