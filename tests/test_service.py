@@ -1,60 +1,73 @@
-"""The chat service and state machine in memory: every op, every reference text, delivery rules.
+"""The chat service and state machine, every op, every reference text, delivery rules — driven
+through the production replica host.
 
-A tiny host stands in for the reactor: it feeds requests, commits proposals in log order the way
-the server does (apply, then release answers), and records the frames each connection got.
+``Host`` below is a thin test harness around :class:`chatnet.server.host.ReplicaHost` (a
+single replica over the simulator's in-memory disk): requests go through ``ReplicaHost.receive``
+and every commit through ``ReplicaHost.cycle`` — propose, persist, apply, release answers — so
+these tests exercise the same loop body as ``bin/chatserver``, not a copy of it.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 
 from chatnet.protocol import texts
 from chatnet.protocol.codec import RequestDecoder, decode_frames
+from chatnet.replication.simdisk import SimDisk
 from chatnet.server import service as sv
 from chatnet.server import state as sm
 from chatnet.server.config import ConfigError, Limits
-from chatnet.server.state import ChatState, Mail, decode_command, encode_command
+from chatnet.server.host import ReplicaHost
+from chatnet.server.state import ChatState, Mail, decode_command
+from chatnet.server.storage import Batch
 
 
 class Host:
     def __init__(self, state: ChatState | None = None, limits: Limits | None = None):
-        self.service = sv.ChatService(state or ChatState(), limits=limits or Limits())
-        self.index = 0
+        disk = SimDisk()
+        if state is not None:  # start from a given state, as a store holding it would
+            disk.commit(Batch(snapshot=(0, 0, state), sync=True))
+        tokens = itertools.count(1)
+        self.replica_host = ReplicaHost(0, (0,), disk, limits=limits or Limits(),
+                                        new_token=lambda: f"token{next(tokens)}")
+        self.replica_host.on_applied = lambda index, data: self.log.append(decode_command(data))
+        self.service = self.replica_host.service
         self.out: dict[int, list] = {}
         self.closed: set[int] = set()
         self.marks: dict[int, list] = {}
-        self.log: list[tuple] = []
-        self.changes: list = []
+        self.log: list[tuple] = []  # every committed command, in log order
+        self.commit()  # a lone replica serves at once
+        assert self.replica_host.serves_clients
 
     def open(self, conn: int) -> int:
-        self.service.connection_opened(conn)
+        self.replica_host.open(conn)
         self.out[conn] = []
         self.marks[conn] = []
         return conn
 
     def close(self, conn: int) -> None:
-        self.service.connection_closed(conn)
+        self.replica_host.close_connection(conn)
 
     def send(self, conn: int, text: str, commit: bool = True):
         decoder = RequestDecoder()
         decoder.receive_data(text.encode())
-        self.service.receive(conn, decoder.next_event())
-        self.drain()
+        self.record(self.replica_host.receive(conn, decoder.next_event()), deliver=True)
         if commit:
             self.commit()
 
     def commit(self, deliver: bool = True):
-        for cmd, conn in self.service.take_proposals():
-            self.index += 1
-            # Commands cross the log as bytes; round-trip them as the server does.
-            cmd = decode_command(encode_command(cmd))
-            self.log.append(cmd)
-            self.service.bind(self.index, cmd, conn)
-            self.changes.extend(self.service.apply(self.index, cmd))
-        self.drain(deliver)
+        """Run host cycles until nothing more is pending (proposals committed and answered)."""
+        for _ in range(16):
+            result = self.replica_host.cycle()
+            self.record(result.effects, deliver)
+            if not result.more and not self.service.proposals:
+                return
+        raise AssertionError("the host did not settle in 16 cycles")
 
-    def drain(self, deliver: bool = True):
-        for effect in self.service.take_effects():
+    def record(self, effects, deliver: bool):
+        for effect in effects:
             if isinstance(effect, sv.Close):
                 self.closed.add(effect.conn)
             else:
@@ -63,6 +76,10 @@ class Host:
                     self.marks[effect.conn].append(effect.delivered)
                     if deliver:
                         self.service.frames_written(effect.delivered)
+
+    def drain(self, deliver: bool = True):
+        """Effects the service produced outside a request or a cycle (a drained congestion)."""
+        self.record(self.service.take_effects(), deliver)
 
     def take(self, conn: int) -> list[tuple[int, int, str]]:
         frames, self.out[conn] = self.out[conn], []
