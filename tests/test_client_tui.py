@@ -20,6 +20,13 @@ KEY_HOME, KEY_END, KEY_DELETE = "\x1bOH", "\x1bOF", "\x1b[3~"
 KEY_PGUP, KEY_PGDN = "\x1b[5~", "\x1b[6~"
 
 
+@pytest.fixture(autouse=True)
+def private_state(tmp_path, monkeypatch):
+    """Every client of these tests keeps its state (chatclient's default: on) under the test's
+    own directory, never in the real ~/.local/share."""
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+
+
 def client_env():
     env = dict(os.environ, TERM="xterm", LC_ALL="C.UTF-8", LANG="C.UTF-8")
     for name in ("LINES", "COLUMNS", "NO_COLOR", "CHATNET_SERVERS"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import codecs
 import os
 import sys
+from collections import deque
 
 from .commands import HELP_TEXT, OP_EXIT, Command, Help, Refusal, ShowHistory, parse_command
 from .driver import SocketDriver
@@ -42,6 +43,9 @@ class PlainUI:
         self.partial = ""
         self.eof_at: float | None = None
         self.status = 0
+        # Lines held behind a local command (history NAME) that waits for the answers before it,
+        # so that its output comes where the line was typed; None stands for the end of input.
+        self.held: deque[str | None] = deque()
 
     def run(self) -> int:
         self.driver.add_reader(self.fd, self._on_stdin)
@@ -55,6 +59,7 @@ class PlainUI:
                     self._show(self.driver.take_events())
                     break
                 self._show(self.driver.step(1.0))
+                self._release()
         except KeyboardInterrupt:
             self.session.close(self.driver.clock())
             self._show(self.driver.take_events())
@@ -77,14 +82,38 @@ class PlainUI:
             self.partial = ""
             self.driver.remove_reader(self.fd)
             self.eof_at = self.driver.clock()
-            self.session.submit(Command(OP_EXIT, (), "exit"), self.driver.clock())
-            self.driver.pump()
+            if self.held:
+                self.held.append(None)
+            else:
+                self._exit_at_eof()
 
-    def _line(self, line: str) -> None:
+    def _exit_at_eof(self) -> None:
+        self.session.submit(Command(OP_EXIT, (), "exit"), self.driver.clock())
+        self.driver.pump()
+
+    def _release(self) -> None:
+        """Go on with held lines once every answer the first of them waits for has come."""
+        while self.held and (self.session.idle or self.session.closed):
+            line = self.held.popleft()
+            if line is None:
+                self._exit_at_eof()
+            else:
+                self._line(line, held=True)
+
+    def _line(self, line: str, held: bool = False) -> None:
         if self.session.state in (State.EXITING, State.CLOSED):
+            return
+        if self.held and not held:
+            self.held.append(line)
             return
         result = parse_command(line)
         if result is None:
+            return
+        if isinstance(result, ShowHistory) and not (self.session.idle or self.session.closed):
+            if held:
+                self.held.appendleft(line)      # still first in line
+            else:
+                self.held.append(line)
             return
         if isinstance(result, Help):
             self._print(HELP_TEXT)
