@@ -22,3 +22,10 @@ def servers(tmp_path):
 @pytest.fixture
 def server(servers):
     return servers()
+
+
+@pytest.fixture
+def replica(servers):
+    """``replica(*flags)``: one ``bin/chatserver`` with extra flags on a free port, killed by PID
+    after the test."""
+    return lambda *args: servers(args=list(args))

@@ -24,85 +24,18 @@ from __future__ import annotations
 import os
 import random
 import re
-import shutil
-import signal
 import socket
 import struct
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
 import pytest
 
 from chatnet.protocol.codec import NEED_DATA, ProtocolError, ResponseDecoder
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHATSERVER = os.path.join(ROOT, "bin", "chatserver")
+from chatnet.testing import FrameTimeout, RawClient, ServerProcess
 
 HOSTILE_THREADS = 3
 ANSWER_DEADLINE = float(os.environ.get("CHATNET_FUZZ_DEADLINE", "3"))  # seconds, well-behaved clients
-
-
-# ------------------------------------------------------------------------------ the replica
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Replica:
-    """One ``bin/chatserver`` on a free port with its own data directory; killed by PID."""
-
-    def __init__(self, *args: str) -> None:
-        self.port = free_port()
-        self.dir = tempfile.mkdtemp(prefix="chatnet-fuzz-")
-        self.log_path = os.path.join(self.dir, "server.log")
-        cmd = [sys.executable, CHATSERVER, "--peers", f"127.0.0.1:{self.port}", "--port", str(self.port),
-               "--data-dir", os.path.join(self.dir, "data"), *args]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 15
-        while not self._accepts():
-            assert self.proc.poll() is None, f"replica exited at start:\n{self.log()}"
-            assert time.monotonic() < deadline, f"replica not listening after 15 s:\n{self.log()}"
-            time.sleep(0.02)
-
-    def _accepts(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
-            return True
-        except OSError:
-            return False
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def log(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-@pytest.fixture
-def replica():
-    started = []
-
-    def start(*args: str) -> Replica:
-        started.append(Replica(*args))
-        return started[-1]
-
-    yield start
-    for r in started:
-        r.kill()
 
 
 # ---------------------------------------------------------------------------- generators
@@ -344,27 +277,19 @@ class Watcher:
         self.rounds = 0
         self.worst = 0.0
 
-    def _connect(self, name: str):
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=ANSWER_DEADLINE)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(f"\n1|{name}\n".encode())
-        conn = (sock, ResponseDecoder())
-        self._expect(conn, f"Account created! Logged in as {name}.")
-        return conn
+    def _connect(self, name: str) -> RawClient:
+        client = RawClient("127.0.0.1", self.port, timeout=ANSWER_DEADLINE)
+        client.send(f"1|{name}")
+        self._expect(client, f"Account created! Logged in as {name}.")
+        return client
 
-    def _expect(self, conn, message: str) -> None:
-        sock, decoder = conn
-        deadline = time.monotonic() + ANSWER_DEADLINE
-        while (frame := decoder.next_event()) is NEED_DATA:
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no answer within {ANSWER_DEADLINE}s (expected {message!r})"
-            sock.settimeout(remaining)
-            try:
-                data = sock.recv(65536)
-            except socket.timeout:
-                continue
-            assert data, f"server closed a well-behaved connection (expected {message!r})"
-            decoder.receive_data(data)
+    def _expect(self, client: RawClient, message: str) -> None:
+        try:
+            frame = client.frame()
+        except FrameTimeout:
+            raise AssertionError(f"no answer within {ANSWER_DEADLINE}s (expected {message!r})") from None
+        except EOFError:
+            raise AssertionError(f"server closed a well-behaved connection (expected {message!r})") from None
         assert frame.message == message, f"expected {message!r}, got {frame}"
 
     def run(self, stop: threading.Event, failures: Failures) -> None:
@@ -372,10 +297,10 @@ class Watcher:
             a, b = self._connect(self.a), self._connect(self.b)
             while not stop.is_set():
                 start = time.monotonic()
-                a[0].sendall(f"3|{self.b}|ping {self.rounds}\n".encode())
+                a.send(f"3|{self.b}|ping {self.rounds}")
                 self._expect(a, f"Message sent to {self.b}.")
                 self._expect(b, f"{self.a}|ping {self.rounds}")
-                b[0].sendall(f"4|{self.a}\n".encode())
+                b.send(f"4|{self.a}")
                 self._expect(b, f"\n- {self.a}\n")
                 self.worst = max(self.worst, time.monotonic() - start)
                 self.rounds += 1
@@ -393,7 +318,7 @@ def _seed(variable: str = "CHATNET_FUZZ_SEED") -> int:
     return int(value) if value else random.SystemRandom().randrange(1, 10**9)
 
 
-def fuzz(replica: Replica, seed: int, seconds: float) -> None:
+def fuzz(replica: ServerProcess, seed: int, seconds: float) -> None:
     """Run the hostile threads and the watcher for ``seconds``; fail naming the seed."""
     print(f"\nfuzzing 127.0.0.1:{replica.port} for {seconds:g}s with seed {seed} "
           f"(rerun: CHATNET_FUZZ_SEED={seed})")

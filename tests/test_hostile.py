@@ -8,63 +8,27 @@ service path is covered, not only the service in memory.
 
 from __future__ import annotations
 
-import socket
-import time
-
-import pytest
-from test_fuzz import Replica
-
 from chatnet.protocol import texts
-from chatnet.protocol.codec import NEED_DATA, ResponseDecoder
 from chatnet.server import cli
+from chatnet.testing import RawClient, ServerProcess
 
 
-@pytest.fixture
-def replica():
-    started = []
-
-    def start(*args: str) -> Replica:
-        started.append(Replica(*args))
-        return started[-1]
-
-    yield start
-    for r in started:
-        r.kill()
-
-
-class Conn:
-    """A raw client connection: write bytes, read frames with a deadline."""
+class Conn(RawClient):
+    """A raw client that reads frames as (status, indicator, message) tuples."""
 
     def __init__(self, port: int, preface: bytes = b"\n") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.decoder = ResponseDecoder()
+        super().__init__("127.0.0.1", port, line_mode=False, timeout=5.0)
         if preface:
-            self.sock.sendall(preface)
+            self.send_bytes(preface)
 
     def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+        self.send_bytes(data)
 
-    def frames(self, n: int, timeout: float = 5.0) -> list[tuple[int, int, str]]:
-        out = []
-        deadline = time.monotonic() + timeout
-        while len(out) < n:
-            frame = self.decoder.next_event()
-            if frame is not NEED_DATA:
-                out.append((frame.status, frame.indicator, frame.message))
-                continue
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"timed out after {out}"
-            self.sock.settimeout(remaining)
-            data = self.sock.recv(65536)
-            assert data, f"the server closed the connection after {out}"
-            self.decoder.receive_data(data)
-        return out
-
-    def close(self) -> None:
-        self.sock.close()
+    def frames(self, n: int) -> list[tuple[int, int, str]]:
+        return [(f.status, f.indicator, f.message) for f in super().frames(n)]
 
 
-def _still_serving(r: Replica, name: str) -> None:
+def _still_serving(r: ServerProcess, name: str) -> None:
     assert r.alive(), r.log()
     c = Conn(r.port)
     c.send(f"4|{name}\n".encode())
