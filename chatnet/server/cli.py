@@ -29,12 +29,26 @@ EPILOG = """\
 examples:
   chatserver --local                      start the seed's three replicas on this machine
   chatserver --port 2538                  start one replica of the default three-replica cluster
-  chatserver --peers 127.0.0.1:4000 --port 4000   a single replica (no replication)
+  chatserver --port 5000                  a single server (no replication) on 127.0.0.1:5000
+  chatserver --local --replicas 5 --base-port 7000   five local replicas on 7000-7004
   chatserver status                       role, view and log position of every replica
 
 Every replica of a cluster must be given the same --peers list (same order: it is the
 election tie-break priority) and the same secret file.
 """
+
+
+# Every field of Limits as a flag of the same name: (field, type, metavar, help); see
+# docs/operations.md for what a client sees at each limit.
+LIMIT_FLAGS = (
+    ("max_queued_chats", int, "N", "refuse a send to a recipient with N chats already waiting for it"),
+    ("max_accounts", int, "N", "refuse to create accounts beyond N"),
+    ("max_list_names", int, "N", f"names in one list answer; more are paged, 1 to {Limits.MAX_LIST_NAMES}"),
+    ("max_connections", int, "N", "client connections at once; more are told the server is full"),
+    ("max_per_address", int, "N", "client connections from one IP address, 0 for no cap"),
+    ("handshake_timeout", float, "SECONDS", "close a connection that sends no complete first request in time"),
+    ("idle_timeout", float, "SECONDS", "close a connection that is not logged in and silent this long"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,30 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="disconnect a client that reads nothing for this long while chat piles up (default: 60)")
     limits = Limits()
-    parser.add_argument("--max-queued-chats", type=int, default=limits.max_queued_chats, metavar="N",
-                        help="refuse a send to a recipient with N chats already waiting for it "
-                             f"(default: {limits.max_queued_chats})")
-    parser.add_argument("--max-accounts", type=int, default=limits.max_accounts, metavar="N",
-                        help=f"refuse to create accounts beyond N (default: {limits.max_accounts})")
-    parser.add_argument("--max-list-names", type=int, default=limits.max_list_names, metavar="N",
-                        help=f"names in one list answer; more are paged, 1 to {Limits.MAX_LIST_NAMES} "
-                             f"(default: {limits.max_list_names})")
-    parser.add_argument("--max-connections", type=int, default=limits.max_connections, metavar="N",
-                        help=f"client connections at once; more are told the server is full "
-                             f"(default: {limits.max_connections})")
-    parser.add_argument("--max-per-address", type=int, default=limits.max_per_address, metavar="N",
-                        help=f"client connections from one IP address, 0 for no cap (default: {limits.max_per_address})")
-    parser.add_argument("--handshake-timeout", type=float, default=limits.handshake_timeout, metavar="SECONDS",
-                        help=f"close a connection that sends no complete first request in time "
-                             f"(default: {limits.handshake_timeout:g})")
-    parser.add_argument("--idle-timeout", type=float, default=limits.idle_timeout, metavar="SECONDS",
-                        help=f"close a connection that is not logged in and silent this long "
-                             f"(default: {limits.idle_timeout:g})")
+    for name, kind, metavar, text in LIMIT_FLAGS:
+        default = getattr(limits, name)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, metavar=metavar,
+                            help=f"{text} (default: {default:g})")
     return parser
 
 
-LIMIT_FLAGS = ("max_queued_chats", "max_accounts", "max_list_names", "max_connections", "max_per_address",
-               "handshake_timeout", "idle_timeout")
 
 
 def choose_peers(args: argparse.Namespace) -> list[Address]:
@@ -136,7 +133,7 @@ def local_peers(n: int, base_port: int | None) -> list[Address]:
 
 def limits_from(args: argparse.Namespace) -> Limits:
     """The Limits of the parsed flags (ConfigError names the bad flag)."""
-    return Limits(**{name: getattr(args, name) for name in LIMIT_FLAGS})
+    return Limits(**{name: getattr(args, name) for name, *_ in LIMIT_FLAGS})
 
 
 def status_main(argv: list[str]) -> int:
@@ -229,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
                      "--log-retain", str(args.log_retain), *(["--naive"] if args.naive else []),
                      "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout)]
-            for name in LIMIT_FLAGS:  # every limit flag reaches every child replica
+            for name, *_ in LIMIT_FLAGS:  # every limit flag reaches every child replica
                 extra += ["--" + name.replace("_", "-"), str(getattr(limits, name))]
             return run_local(peers, base, secret_file, extra)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
