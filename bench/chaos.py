@@ -46,42 +46,13 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 from bench.workload import ExtWorker, History, Registry, SeedWorker, wait_for  # noqa: E402
-from chatnet.server.cli import query_status  # noqa: E402
-from chatnet.server.config import cluster_id, parse_peers, read_secret  # noqa: E402
+from chatnet.testing import Cluster  # noqa: E402
 
-CHATSERVER = os.path.join(ROOT, "bin", "chatserver")
 NO_RECIPIENT = "Recipient username cannot be found."
 LOGIN_UNKNOWN_PREFIX = "Unable to login: This username does not exist."
 
-# Runs in the child before the server: die with the runner (even on SIGKILL), then exec.
-_LAUNCHER = (
-    "import ctypes, os, signal, sys\n"
-    "try:\n"
-    "    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG\n"
-    "except Exception:\n"
-    "    pass\n"
-    "if os.getppid() != int(sys.argv[1]):\n"
-    "    sys.exit(1)\n"
-    "os.execvp(sys.argv[2], sys.argv[2:])\n"
-)
-
-
 def log(message: str) -> None:
     print(f"chaos: {message}", file=sys.stderr, flush=True)
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def port_open(host: str, port: int) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------ network namespaces
@@ -213,141 +184,14 @@ class Netns:
 # ---------------------------------------------------------------------------------- cluster
 
 
-class Replica:
-    """One ``bin/chatserver`` process (optionally inside a network namespace)."""
-
-    def __init__(self, index: int, host: str, port: int, data_dir: str, peers: str, secret_file: str,
-                 prefix: list[str], extra_args: list[str]) -> None:
-        self.index = index
-        self.host = host
-        self.port = port
-        self.data_dir = data_dir
-        self.peers = peers
-        self.secret_file = secret_file
-        self.prefix = prefix
-        self.extra_args = extra_args
-        self.proc: subprocess.Popen | None = None
-        self.state = "down"          # up / stopped / killed (or down before the first start)
-        os.makedirs(data_dir, exist_ok=True)
-        self.log_path = os.path.join(data_dir, "server.log")
-
-    def start(self) -> None:
-        cmd = [*self.prefix, sys.executable, CHATSERVER, "--host", self.host, "--port", str(self.port),
-               "--data-dir", self.data_dir, "--peers", self.peers, "--secret-file", self.secret_file,
-               *self.extra_args]
-        with open(self.log_path, "ab") as out:
-            out.write(f"--- start {time.strftime('%H:%M:%S')} ---\n".encode())
-            out.flush()
-            self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(os.getpid()), *cmd],
-                                         stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=ROOT, start_new_session=True)
-        self.state = "up"
-
-    def log_tail(self, lines: int = 15) -> str:
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                return "".join(f.readlines()[-lines:])
-        except OSError:
-            return ""
-
-    def log_problems(self, limit: int = 5) -> list[str]:
-        """ERROR/CRITICAL lines and tracebacks in the replica's log (a handler that failed)."""
-        found = []
-        try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as f:
-                for line in f:
-                    if " ERROR " in line or " CRITICAL " in line or line.startswith("Traceback"):
-                        found.append(line.rstrip()[:300])
-                        if len(found) >= limit:
-                            break
-        except OSError:
-            pass
-        return found
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc else None
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                try:
-                    os.kill(self.proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        self.state = "killed"
-
-    def pause(self) -> None:
-        if self.running():
-            os.kill(self.proc.pid, signal.SIGSTOP)
-        self.state = "stopped"
-
-    def resume(self) -> None:
-        if self.running():
-            os.kill(self.proc.pid, signal.SIGCONT)
-        self.state = "up"
-
-    def status(self, timeout: float = 1.0) -> dict | None:
-        if self.state != "up" or not self.running():
-            return None
-        return query_status(self.host, self.port, timeout=timeout, secret=read_secret(self.secret_file),
-                            cluster=cluster_id(parse_peers(self.peers)).encode())
-
-
-class ChaosCluster:
-    def __init__(self, base_dir: str, hosts: list[str], netns: Netns | None, extra_args: list[str]) -> None:
-        self.secret_file = os.path.join(base_dir, "cluster.secret")
-        with open(self.secret_file, "w") as f:
-            f.write(os.urandom(32).hex())
-        os.chmod(self.secret_file, 0o600)
-        ports = [1538 if netns else free_port(h) for h in hosts]
-        self.addresses = list(zip(hosts, ports))
-        peers = ",".join(f"{h}:{p}" for h, p in self.addresses)
-        self.replicas = [Replica(i, h, p, os.path.join(base_dir, f"r{i}"), peers, self.secret_file,
-                                 netns.prefix(i) if netns else [], extra_args)
-                         for i, (h, p) in enumerate(self.addresses)]
-
-    def start(self) -> None:
-        for r in self.replicas:
-            r.start()
-        deadline = time.monotonic() + 20
-        for r in self.replicas:
-            while not port_open(r.host, r.port):
-                if not r.running():
-                    raise RuntimeError(f"replica {r.index} exited at start: see {r.log_path}")
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"replica {r.index} does not listen on {r.host}:{r.port}")
-                time.sleep(0.05)
-
-    def statuses(self, timeout: float = 1.0) -> list[dict | None]:
-        return [r.status(timeout) for r in self.replicas]
-
-    def primary(self) -> int | None:
-        serving = [i for i, s in enumerate(self.statuses(0.5)) if s and s.get("serving")]
-        return serving[0] if len(serving) == 1 else None
-
-    def in_sync(self) -> bool:
-        """One view with every replica a member, one serving primary, the rest backups."""
-        statuses = self.statuses()
-        if any(s is None for s in statuses):
-            return False
-        views = {(s["view"], tuple(sorted(s["members"])), s["primary"]) for s in statuses}
-        roles = sorted(s["role"] for s in statuses)
-        return (len(views) == 1 and len(next(iter(views))[1]) == len(statuses)
-                and roles == ["backup"] * (len(statuses) - 1) + ["primary"]
-                and sum(1 for s in statuses if s.get("serving")) == 1)
-
-    def kill_all(self) -> None:
-        for r in self.replicas:
-            if r.proc is not None and r.proc.poll() is None:
-                r.kill()
+def make_cluster(workdir: str, hosts: list[str], netns: Netns | None, args) -> Cluster:
+    """The harness's cluster on ``hosts``: in namespaces every replica listens on 1538 of its
+    own address (which the runner's namespace cannot bind to probe), with ``ip netns exec``
+    before its command; the secret file is the harness's (0600 from the start)."""
+    extra = [] if args.log_retain is None else ["--log-retain", str(args.log_retain)]
+    return Cluster(workdir, hosts=hosts, extra_args=extra, log_level="INFO",
+                   ports=[1538] * len(hosts) if netns else None,
+                   prefixes=[netns.prefix(i) for i in range(len(hosts))] if netns else None)
 
 
 # ---------------------------------------------------------------------------------- nemesis
@@ -358,7 +202,7 @@ class Nemesis:
     the same four numbers (kind, target, duration, prefer-the-primary) whatever happens, so a
     seed gives the same schedule of decisions (the cluster's timing still varies a little)."""
 
-    def __init__(self, cluster: ChaosCluster, rng: random.Random, history: History, *,
+    def __init__(self, cluster: Cluster, rng: random.Random, history: History, *,
                  mean_gap: float = 1.5, max_down: int | None = None, max_kill: float = 6.0,
                  max_stop: float = 5.0) -> None:
         self.cluster = cluster
@@ -391,23 +235,25 @@ class Nemesis:
 
     def check_alive(self) -> None:
         """A replica that exited without being killed is a crash bug: record it (an error for
-        the checker) and count it as killed, so it is restarted like one."""
-        for r in self.cluster.replicas:
-            if r.state in ("up", "stopped") and r.proc is not None and r.proc.poll() is not None:
-                self.history.write("error", message=f"replica {r.index} (pid {r.pid}) exited by itself with "
-                                                    f"status {r.proc.returncode}; log tail: {r.log_tail()!r}")
-                r.state = "killed"
-                self.recover_at.setdefault(r.index, time.monotonic() + 1.0)
+        the checker) and count it as killed (reaped), so it is restarted like one."""
+        for i, r in enumerate(self.cluster.replicas):
+            code = r.exited()
+            if code is not None:
+                self.history.write("error", message=f"replica {i} (pid {r.pid}) exited by itself with "
+                                                    f"status {code}; log tail: {r.log_tail(15)!r}")
+                r.kill()
+                self.recover_at.setdefault(i, time.monotonic() + 1.0)
 
     def down(self) -> list[int]:
-        return [r.index for r in self.cluster.replicas if r.state != "up"]
+        """The replicas killed or paused (each counts against the N-1 limit)."""
+        return [i for i, r in enumerate(self.cluster.replicas) if r.state != "up"]
 
     def inject(self) -> None:
         """One fault, if fewer than N-1 replicas are down.  The four draws happen whatever is
         decided, so the schedule of decisions depends on the seed only.  Another kind of fault
         (a partition, say) is one more branch here, with its undo in :meth:`recover`."""
         r_kind, r_target, r_duration, r_primary = (self.rng.random() for _ in range(4))
-        up = [r.index for r in self.cluster.replicas if r.state == "up"]
+        up = [i for i, r in enumerate(self.cluster.replicas) if r.state == "up"]
         if len(self.down()) >= self.max_down or not up:
             return
         target, role = self.choose_target(up, r_target, r_primary)
@@ -430,7 +276,7 @@ class Nemesis:
     def choose_target(self, up: list[int], r_target: float, r_primary: float) -> tuple[int, str]:
         """The serving primary half of the time (when it is up), else a random replica that is up."""
         if r_primary < 0.5:
-            primary = self.cluster.primary()
+            primary = self.cluster.primary(timeout=0.5)
             if primary in up:
                 return primary, "primary"
         return up[min(int(r_target * len(up)), len(up) - 1)], "any"
@@ -445,18 +291,17 @@ class Nemesis:
     def recover(self, i: int) -> None:
         self.recover_at.pop(i, None)
         replica = self.cluster.replicas[i]
-        if replica.state == "stopped":
+        if replica.state == "paused":
             replica.resume()
             self.history.write("nemesis", action="cont", replica=i, pid=replica.pid, down=self.down())
         elif replica.state == "killed":
-            replica.start()
+            self.cluster.restart(i, wait=False)
             self.history.write("nemesis", action="restart", replica=i, pid=replica.pid, down=self.down())
 
     def heal(self) -> None:
         self.check_alive()
-        for r in self.cluster.replicas:
-            if r.state != "up":
-                self.recover(r.index)
+        for i in self.down():
+            self.recover(i)
         self.recover_at.clear()
 
 
@@ -932,17 +777,10 @@ def make_network(args) -> tuple[list[str], Netns | None]:
     return hosts, candidate
 
 
-def replica_args(args) -> list[str]:
-    extra = ["--log-level", "INFO"]
-    if args.log_retain is not None:
-        extra += ["--log-retain", str(args.log_retain)]
-    return extra
-
-
-def workload_phase(args, cluster: ChaosCluster, history: History, workers: list) -> Nemesis:
+def workload_phase(args, cluster: Cluster, history: History, workers: list) -> Nemesis:
     """Start the cluster and the clients (appended to ``workers`` at once, so the caller can
     stop them whatever happens), then inject faults for ``--duration`` seconds."""
-    cluster.start()
+    cluster.start(timeout=20)
     if not wait_for(cluster.in_sync, 30, interval=0.1):
         raise RuntimeError("the cluster did not elect a primary at start")
     history.write("phase", name="workload")
@@ -956,7 +794,7 @@ def workload_phase(args, cluster: ChaosCluster, history: History, workers: list)
     return nemesis
 
 
-def heal_phase(args, cluster: ChaosCluster, history: History, workers: list, nemesis: Nemesis) -> None:
+def heal_phase(args, cluster: Cluster, history: History, workers: list, nemesis: Nemesis) -> None:
     """Stop the clients, undo every fault, wait for one primary with every replica in its
     view (a liveness check: an error if not), and let each client finish its session."""
     history.write("phase", name="heal")
@@ -985,7 +823,7 @@ def drain_phase(history: History, workers: list) -> None:
             history.write("error", message="a drain did not finish within 90 s")
 
 
-def converge_phase(args, cluster: ChaosCluster, history: History) -> None:
+def converge_phase(args, cluster: Cluster, history: History) -> None:
     """Wait until every replica is in one view at one applied index, and record the statuses
     of the round of queries that showed it (those digests are the ones compared)."""
     history.write("phase", name="converge")
@@ -1013,16 +851,16 @@ class RunResult:
     interrupted: bool = False
 
 
-def tear_down(workers: list, cluster: ChaosCluster | None, netns: Netns | None, history: History) -> None:
+def tear_down(workers: list, cluster: Cluster | None, netns: Netns | None, history: History) -> None:
     """Stop the clients, kill every replica by PID (recording what their logs say went wrong)
     and remove the namespaces: whatever happened before."""
     for w in workers:
         w.stop()
     if cluster is not None:
-        cluster.kill_all()
-        for r in cluster.replicas:
+        cluster.stop_all()
+        for i, r in enumerate(cluster.replicas):
             for line in r.log_problems():
-                history.write("error", message=f"replica {r.index} logged: {line}")
+                history.write("error", message=f"replica {i} logged: {line}")
     if netns is not None:
         netns.cleanup()
     history.close()
@@ -1039,7 +877,7 @@ def run(args) -> RunResult:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        cluster = ChaosCluster(result.workdir, hosts, netns, replica_args(args))
+        cluster = make_cluster(result.workdir, hosts, netns, args)
         history.write("meta", seed=args.seed, replicas=args.replicas, clients=args.clients, duration=args.duration,
                       netns=netns is not None, addresses=[f"{h}:{p}" for h, p in cluster.addresses],
                       replay=replay_command(args), workdir=result.workdir)
