@@ -137,7 +137,19 @@ def one_run(rng, server, state, clients, bob, shown_before):
 
 
 def test_sigkill_at_random_moments_every_chat_shown_once_in_order(server, clients, tmp_path):
-    rng = random.Random(int(os.environ.get("CHATNET_TEST_SEED", "15")))
+    kill_loop(random.Random(int(os.environ.get("CHATNET_TEST_SEED", "15"))), server, clients, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(100, 120))
+def test_sigkill_loop_over_many_seeds(seed, server, clients, tmp_path):
+    kill_loop(random.Random(seed), server, clients, tmp_path)
+
+
+def kill_loop(rng, server, clients, tmp_path):
+    """alice's client is SIGKILLed at least 8 times while bob sends her 200 chats; across the
+    runs every chat is shown once, in order, or was stored just before a kill (then it is in
+    the history the next login shows)."""
     state = tmp_path / "state"
     first = clients(server, state)
     first.send("create|alice")
