@@ -689,6 +689,42 @@ class Worker:
     def drain(self) -> None:
         raise NotImplementedError
 
+    def operate(self, name: str, do_list, do_send, pause) -> None:
+        """A session's operations, the same for both kinds of client so that a seed draws the
+        same decisions from ``rng`` whichever client runs them: ``randint(*ops_per_session)``
+        times (until :meth:`stop`), ``do_list(pattern)`` or ``do_send(recipient, text)``, then
+        ``pause(think_time)``."""
+        for _ in range(self.rng.randint(*self.ops_per_session)):
+            if self.stopping.is_set():
+                break
+            if self.rng.random() < self.list_share:
+                do_list(self.pick_pattern())
+            else:
+                recipient = self.pick_recipient(name)
+                if recipient is not None:
+                    do_send(recipient, self.next_text(name))
+            pause(self.rng.uniform(*self.think))
+
+    def first_time(self, name: str) -> bool:
+        """Whether this session creates ``name`` (no create of it was tried yet: it is recorded
+        as tried now) rather than logging in."""
+        create = name not in self.created and name not in self.attempted
+        if create:
+            self.attempted.add(name)
+        return create
+
+    def identified(self, name: str, create: bool, ok: bool, answer: str | None) -> bool:
+        """Book-keep a create's or login's outcome: an account created or logged in to is one
+        others may send to; a refused login returns whether the account was never created
+        after all (:meth:`_never_created`)."""
+        if not ok:
+            return not create and self._never_created(name, answer)
+        if create:
+            self._mark_created(name)
+        else:
+            self.registry.add(name)
+        return False
+
     def _mark_created(self, name: str) -> None:
         self.created.add(name)
         self.registry.add(name)
@@ -719,43 +755,35 @@ class ExtWorker(Worker):
         """Create or log in; the op id if that succeeded, else None (``last_never_created``
         tells whether a login was refused because the account was never created)."""
         self.last_never_created = False
-        if create:
-            self.attempted.add(name)
         op = user.request(f"{'create' if create else 'login'}|{name}", "create" if create else "login")
         if not wait_for(lambda: user.outcome(op) is not None, timeout):
             return None
-        if user.outcome(op) != "ok":
-            self.last_never_created = not create and self._never_created(name, user.answers.get(op))
-            return None
-        if create:
-            self._mark_created(name)
-        else:
-            self.registry.add(name)
-        return op
+        ok = user.outcome(op) == "ok"
+        self.last_never_created = self.identified(name, create, ok, user.answers.get(op))
+        return op if ok else None
 
     def session(self, name: str) -> None:
-        create = name not in self.created and name not in self.attempted
+        create = self.first_time(name)
         user = self._user(name)
+
+        def pause(seconds: float) -> None:
+            wait_for(lambda: user.outstanding() < self.window, 30.0)  # at most `window` unanswered
+            self._sleep(seconds)
+
         try:
             if self._identify(user, name, create) is None:
                 return
-            for _ in range(self.rng.randint(*self.ops_per_session)):
-                if self.stopping.is_set():
-                    break
-                if self.rng.random() < self.list_share:
-                    user.request(f"list|{self.pick_pattern()}", "list")
-                else:
-                    recipient = self.pick_recipient(name)
-                    if recipient is not None:
-                        user.send(recipient, self.next_text(name))
-                # keep at most `window` commands unanswered
-                wait_for(lambda: user.outstanding() < self.window, 30.0)
-                self._sleep(self.rng.uniform(*self.think))
+            self.operate(name, lambda pattern: user.request(f"list|{pattern}", "list"), user.send, pause)
             wait_for(user.idle, 30.0, interval=0.05)
-            user.request("exit", "logout")
-            wait_for(lambda: user.session.closed, 10.0, interval=0.05)
+            self._exit(user)
         finally:
             user.stop()
+
+    @staticmethod
+    def _exit(user: SimUser) -> None:
+        """``exit`` (which logs the account out), and wait until the server closed."""
+        user.request("exit", "logout")
+        wait_for(lambda: user.session.closed, 10.0, interval=0.05)
 
     def drain(self) -> None:
         """Log every account in once more; wait for the missed-messages note (every queued
@@ -770,8 +798,7 @@ class ExtWorker(Worker):
                 ok = op is not None and wait_for(lambda: op in user.noted, 20.0, interval=0.05)
                 ok = ok and wait_for(user.idle, 20.0, interval=0.05)
                 self.history.write("drain", user=name, kind="ext", ok=bool(ok))
-                user.request("exit", "logout")
-                wait_for(lambda: user.session.closed, 10.0, interval=0.05)
+                self._exit(user)
             finally:
                 user.stop()
 
@@ -782,30 +809,15 @@ class SeedWorker(Worker):
     kind = "seed"
 
     def session(self, name: str) -> None:
-        create = name not in self.created and name not in self.attempted
+        create = self.first_time(name)
         client = SeedClient(name, self.addresses, self.history, self.new_run(), self.client)
         try:
-            if create:
-                self.attempted.add(name)
-            if not client.login(name, create):
-                if not create:
-                    self._never_created(name, client.last_answer)
+            ok = client.login(name, create)
+            self.identified(name, create, ok, client.last_answer)
+            if not ok:
                 return
-            if create:
-                self._mark_created(name)
-            else:
-                self.registry.add(name)
-            for _ in range(self.rng.randint(*self.ops_per_session)):
-                if self.stopping.is_set():
-                    break
-                if self.rng.random() < self.list_share:
-                    client.call(f"4|{self.pick_pattern()}", "list")
-                else:
-                    recipient = self.pick_recipient(name)
-                    if recipient is not None:
-                        text = self.next_text(name)
-                        client.call(f"3|{recipient}|{text}", "send", to=recipient, msg=text)
-                client.poll(self.rng.uniform(*self.think))
+            self.operate(name, lambda pattern: client.call(f"4|{pattern}", "list"),
+                         lambda to, text: client.call(f"3|{to}|{text}", "send", to=to, msg=text), client.poll)
             client.exit()
         finally:
             client.close()

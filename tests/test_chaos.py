@@ -12,12 +12,15 @@ import io
 import json
 import os
 import shlex
+import signal
+import stat
 import subprocess
 import sys
 
 import pytest
 
 from bench import chaos
+from chatnet.testing import Cluster, RawClient, ServerProcess, wait_until, write_secret
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "chaos.py")
@@ -331,6 +334,66 @@ def test_check_command_reads_a_history_file_and_exits_non_zero_on_violations(tmp
         if code:
             assert "replay: python3 bench/chaos.py --seed 0" in proc.stdout
             assert "alice#9" in proc.stdout
+
+
+# ------------------------------------------------------- the harness the runner drives
+
+
+def process_state(pid: int) -> str:
+    """The kernel's one-letter state of ``pid`` (``T`` = stopped by a signal)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(") ", 1)[1][0]
+
+
+def test_replica_behind_a_prefix_is_paused_resumed_killed_and_restarted_with_one_log(tmp_path):
+    """What the nemesis relies on: a command prefix (``ip netns exec NS`` in a real run; ``env``
+    here), SIGSTOP/SIGCONT with a state, a crash told from a kill, one log across restarts."""
+    r = ServerProcess(str(tmp_path / "r"), prefix=["env", "CHATNET_PREFIXED=1"])
+    try:
+        assert r.command()[:2] == ["env", "CHATNET_PREFIXED=1"] and r.state == "down"
+        r.start()
+        with open(f"/proc/{r.pid}/environ", "rb") as f:
+            assert b"CHATNET_PREFIXED=1" in f.read().split(b"\0")
+        r.pause()
+        assert r.state == "paused"
+        wait_until(lambda: process_state(r.pid) == "T", 5, what="the process to stop")
+        r.resume()
+        assert r.state == "up"
+        wait_until(lambda: process_state(r.pid) != "T", 5, what="the process to continue")
+        with RawClient(r.host, r.port) as c:
+            assert c.request("1|alice").status == 0
+        r.kill()
+        assert r.state == "killed" and r.exited() is None   # a fault the harness injected
+        r.start()
+        os.kill(r.pid, signal.SIGKILL)                       # one it did not: a crash
+        assert wait_until(lambda: r.exited(), what="the crash to be seen") == -signal.SIGKILL
+        assert r.log().count("--- start ") == 2 and r.log_problems() == []
+    finally:
+        r.stop()
+    assert r.state == "down"
+
+
+def test_cluster_status_skips_a_paused_replica_and_in_sync_needs_it_back(tmp_path):
+    c = Cluster(str(tmp_path / "c"), n=2).start()
+    try:
+        wait_until(c.in_sync, 15, what="two replicas in one view")
+        paused = 1 - c.primary()
+        c.replicas[paused].pause()
+        assert c.status(paused) is None and not c.in_sync()
+        c.replicas[paused].resume()
+        wait_until(c.in_sync, 15, what="the resumed replica back in the view")
+        assert all(s["applied"] >= 0 for s in c.statuses())
+    finally:
+        c.stop()
+
+
+def test_write_secret_leaves_an_existing_file_owner_only(tmp_path):
+    path = tmp_path / "cluster.secret"
+    path.write_text("old")
+    path.chmod(0o644)
+    write_secret(str(path))
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert len(path.read_text()) == 64 and path.read_text() != "old"
 
 
 # ----------------------------------------------------------------------- namespaces

@@ -2,16 +2,20 @@
 
 * :func:`free_port`, :func:`port_open`, :func:`wait_until` (raises :class:`WaitTimeout` naming
   what it waited for) — ``chatnet.testing.waiting``;
-* :class:`ServerProcess` — one ``chatserver`` process on a free port with a data dir and a log,
-  stopped and reaped by PID — ``chatnet.testing.process``;
-* :class:`Cluster` — N replicas sharing a 0600 secret file: start/kill/restart one, status,
-  ``wait_primary``, ``wait_in_sync`` — ``chatnet.testing.cluster``;
+* :class:`ServerProcess` — one ``chatserver`` process on a free port with a data dir and a log
+  appended across restarts, stopped and reaped by PID; killed, paused (SIGSTOP) and resumed
+  with a ``state``, optionally behind a command prefix (``ip netns exec NS``) —
+  ``chatnet.testing.process``;
+* :class:`Cluster` — N replicas sharing a 0600 secret file (:func:`write_secret`): start,
+  kill/restart one, status with the cluster secret, ``wait_primary``, ``wait_in_sync``; fixed
+  ports and per-replica prefixes for replicas in network namespaces — ``chatnet.testing.cluster``;
 * :class:`RawClient` — the seed protocol on a blocking socket, frames decoded by the codec;
   :class:`FailoverClient` — finds the primary and retries across failovers —
   ``chatnet.testing.rawclient``.
 
 It ships in the package so ``tests/`` and ``bench/`` import it the same way after
-``pip install -e .``; it is not used by the product itself.
+``pip install -e .``; it is not used by the product itself.  Its users: the tests, the
+benchmarks (``bench/common.py``) and the chaos runner (``bench/chaos.py``).
 """
 
 from chatnet.testing.cluster import Cluster, write_secret
