@@ -342,6 +342,53 @@ def test_vote_refused_to_a_less_complete_candidate():
     assert votes and not votes[0].granted and r.promised == 6
 
 
+def _heartbeat_to(r, *, status, view, promised, primary, last_index=1, last_view=None):
+    """A heartbeat that answers ``r``'s latest probe (so its sender counts as alive)."""
+    return Heartbeat(inc=11, seq=r._ticks, echo_inc=r._inc, echo_seq=r._ticks, promised=promised,
+                     view=view, primary=primary, members=(1, 2, 3),
+                     status=core.STATUS_CODES[status], serving=status == PRIMARY,
+                     last_view=view if last_view is None else last_view,
+                     last_index=last_index, commit=0)
+
+
+def test_backup_waits_for_its_primarys_view_change_and_ignores_stale_heartbeats():
+    """A backup goes electing only when its primary's heartbeat shows it lost the view
+    (restarted or stalled), not while it changes the view (its ViewChange will come) nor
+    for a heartbeat sent before it established the backup's view (delivery reorders)."""
+    r, p = _backup_in_view(6)          # primary 1
+    r.step(p, _heartbeat_to(r, status=ELECTING, view=6, promised=9, primary=1))
+    r.step(p, _heartbeat_to(r, status=RECOVERING, view=3, promised=4, primary=2))
+    drain(r)
+    assert r.role == BACKUP
+    r.step(p, _heartbeat_to(r, status=RECOVERING, view=6, promised=9, primary=1))
+    drain(r)
+    assert r.role == ELECTING
+
+
+def test_a_voter_does_not_campaign_against_the_live_candidate_it_voted_for():
+    """Node 2 is preferred to node 3 on an equal log; once it granted 3's view change
+    (a live primary re-adding a replica), it waits for 3 rather than run itself -- until 3
+    is seen restarted."""
+    r, p = _backup_in_view(8)          # primary 3; I am node 2, preferred to it
+    r.step(3, ViewChange(view=11, est_view=8, last_view=8, last_index=1, failover=False))
+    msgs, _ = drain(r)
+    assert any(isinstance(m, Vote) and m.granted for _, m in msgs)
+    assert r.role == ELECTING and r.status()["following"] == 3
+    for _ in range(3 * r.failure_ticks):
+        r.tick()
+        r.step(3, _heartbeat_to(r, status=ELECTING, view=8, promised=11, primary=3))
+        r.step(1, _heartbeat_to(r, status=ELECTING, view=8, promised=11, primary=3))
+        msgs, _ = drain(r)
+        assert not any(isinstance(m, ViewChange) for _, m in msgs)
+    r.step(3, _heartbeat_to(r, status=RECOVERING, view=8, promised=11, primary=3))
+    campaigned = False
+    for _ in range(2 * r.failure_ticks):
+        r.tick()
+        msgs, _ = drain(r)
+        campaigned |= any(isinstance(m, ViewChange) for _, m in msgs)
+    assert campaigned
+
+
 def test_primary_steps_down_on_hearing_a_newer_view():
     sim_primary = None
     from chatnet.replication.sim import Simulation

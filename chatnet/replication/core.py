@@ -274,6 +274,7 @@ class Replica:
         self._echo: dict[int, tuple[int, int]] = {}
         self._fresh: set[int] = set()
         self._info: dict[int, Heartbeat] = {}
+        self._heard: dict[int, int] = {}      # tick its last heartbeat arrived
 
         # --- roles
         self._status = RECOVERING
@@ -295,6 +296,8 @@ class Replica:
         self._snap_in: _SnapIn | None = None        # the one I am receiving
         self._snap_done: tuple[int, int, int] | None = None   # (sender, view, id) last received
         self._learners: set[int] = set()
+        self._learner_acked: set[int] = set()
+        self._ready_since: int | None = None
         self._backoff = 0
         self._probing: dict[int, int] = {}
         self._force_snap: set[int] = set()
@@ -408,6 +411,7 @@ class Replica:
         self._echo = {}
         self._fresh = set()
         self._info = {}
+        self._heard = {}
 
     def _sorted(self, ids) -> tuple[int, ...]:
         return tuple(sorted(set(ids), key=self._rank.__getitem__))
@@ -434,6 +438,8 @@ class Replica:
         self._probing: dict[int, int] = {}
         self._force_snap: set[int] = set()
         self._learners = set()
+        self._learner_acked: set[int] = set()    # learners that acknowledged an Append
+        self._ready_since: int | None = None    # tick the first learner was in sync
 
     def _become_sole_primary(self) -> None:
         self._status = PRIMARY
@@ -562,6 +568,7 @@ class Replica:
                 self._answered[p] = m.echo_seq
             self._fresh.add(p)
         self._info[p] = m
+        self._heard[p] = self._ticks
         self._observe_view(m.promised)
         status = _CODE_STATUS.get(m.status)
         if m.view > self._view and status in (PRIMARY, BACKUP) and self.me not in m.members \
@@ -570,10 +577,14 @@ class Replica:
             self._become_recovering()
         if self._status == RECOVERING and p == self._following and status != PRIMARY:
             self._following = None     # it no longer leads: stop waiting for it
-        if self._status == BACKUP and p == self._primary and status != PRIMARY \
-                and p in self._fresh:
-            # my primary restarted, stalled or is changing the view: it no longer serves.
+        if self._status == BACKUP and p == self._primary and p in self._fresh \
+                and self._primary_gone(m, status):
             self._become_electing()
+        if self._status == ELECTING and p == self._following and m.promised >= self._promised \
+                and status not in (PRIMARY, ELECTING):
+            # The candidate I voted for restarted, stalled or follows another view since (the
+            # promise check skips heartbeats it sent before asking me): stop waiting for it.
+            self._following = None
         if self._status == PRIMARY and p not in self._members and p in self._fresh \
                 and status == RECOVERING and m.promised <= self._promised:
             if p not in self._learners:
@@ -582,6 +593,20 @@ class Replica:
                 self._match[p] = 0
                 self._progress[p] = False
                 self._sent_commit[p] = -1
+
+    def _primary_gone(self, m: Heartbeat, status: str | None) -> bool:
+        """Does my primary's heartbeat show that it no longer leads my view?
+
+        Not when the heartbeat was sent before it established my view (``m.view`` older than
+        mine: delivery reorders), and not while it runs a view change from my view (adding a
+        rejoined replica, or removing a failed one): its ``ViewChange`` reaches me, or its new
+        view tells me I was removed.  Going electing then would let me -- preferred by
+        ``--peers`` order on an equal log -- campaign against a live primary, and every
+        re-add would cost a second view change and the primary role.  It does, if it
+        restarted or stalled (recovering) or follows another primary."""
+        if status == PRIMARY or m.view < self._view:
+            return False
+        return not (status == ELECTING and m.view == self._view)
 
     # ------------------------------------------------------------------ primary
     def _tick_primary(self) -> None:
@@ -602,14 +627,39 @@ class Replica:
                     self._probing[p] = self._next[p]
                 self._progress[p] = False
                 self._send_append(p, force=True)
-        # a learner in sync is re-added by a view change (the service pauses only for that)
-        if self._serving:
-            # "in sync" = within one batch of my log: under steady load a learner is never
-            # exactly level; the rest is shipped before the new view serves.
-            ready = [p for p in self._learners
-                     if self._match.get(p, 0) >= min(self._commit, self.last_index - self.max_batch)]
-            if ready:
-                self._start_campaign(failover=False, add=set(ready))
+        self._readd_learners()
+
+    def _readd_learners(self) -> None:
+        """Re-add learners in sync by one view change (the service pauses only for that).
+
+        "In sync" = it has acknowledged a position within one batch of my log: under steady
+        load a learner is never exactly level, and the rest is shipped before the new view
+        serves.  Replicas that restart together become learners together but catch up at
+        different speeds, and every view change pauses the service; so the first learner in
+        sync waits, up to half a failure timeout, for the others to be in sync too, and
+        they are all added by one view change."""
+        if not self._serving:
+            return
+        floor = max(0, min(self._commit, self.last_index - self.max_batch))
+        ready = {p for p in self._learners
+                 if p in self._learner_acked and self._match.get(p, 0) >= floor}
+        if not ready:
+            self._ready_since = None
+            return
+        if self._ready_since is None:
+            self._ready_since = self._ticks
+        if ready >= self._rejoining() or self._ticks - self._ready_since >= self.failure_ticks // 2:
+            self._start_campaign(failover=False, add=ready)
+
+    def _rejoining(self) -> set[int]:
+        """Learners, and non-members heard recovering in the last two heartbeats (a replica
+        that restarted is heard before it has answered a probe, i.e. before it can be a
+        learner)."""
+        recent = 2 * self.heartbeat_ticks
+        return self._learners | {
+            p for p, i in self._info.items()
+            if p not in self._members and _CODE_STATUS.get(i.status) == RECOVERING
+            and self._ticks - self._heard.get(p, -recent - 1) <= recent}
 
     def _followers(self) -> list[int]:
         return [p for p in self._members if p != self.me] + sorted(self._learners)
@@ -667,6 +717,8 @@ class Replica:
             return
         if m.ok:
             self._probing.pop(p, None)
+            if p in self._learners:
+                self._learner_acked.add(p)
             if m.match > self._match.get(p, 0):
                 self._match[p] = min(m.match, self.last_index)
                 self._progress[p] = True
@@ -1054,6 +1106,9 @@ class Replica:
         self._set_hard(promised=m.view)
         if self._status in (PRIMARY, BACKUP, ELECTING):
             self._become_electing()
+            # Wait for the candidate I voted for rather than run against it (it is at least
+            # as up to date as I am): _tick_electing waits while it is alive and reachable.
+            self._following = p
         self._send(p, Vote(m.view, True, self._promised, *my))
 
     def _on_vote(self, p: int, m: Vote) -> None:
