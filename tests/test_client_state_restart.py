@@ -198,7 +198,7 @@ def test_after_a_kill_login_resumes_and_history_is_printed_only_when_asked(serve
     alice.send("send|bob|got them")
     wait_until(lambda: "ok: Message sent to bob." in alice.lines, what="the reply sent")
     names = os.listdir(state)
-    assert {n.rsplit(".", 1)[-1] for n in names} == {"sqlite3", "sqlite3-wal", "sqlite3-shm"}
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"sqlite3", "sqlite3-wal", "sqlite3-shm", "lock"}
     assert all(private(state / n) == 0o600 for n in names) and private(state) == 0o700
     alice.kill()
     bob.send(1)
@@ -233,16 +233,37 @@ def test_a_refused_saved_token_falls_back_to_a_fresh_login_and_says_so(server, c
     alice.send("create|alice")
     wait_until(lambda: any("Logged in as alice" in line for line in alice.lines), what="alice created")
     alice.kill()
-    other = RawClient(server.host, server.port)
-    assert other.request("2|alice").status == 0                   # supersedes the saved token
-    other.send("6")
-    other.close()
+    def log_in_elsewhere():                                       # supersedes the saved token
+        with RawClient(server.host, server.port) as other:        # (once the server saw the kill)
+            if other.request("2|alice").status != 0:
+                return False
+            other.send("6")
+            return True
+    wait_until(log_in_elsewhere, what="a login of alice elsewhere")
     again = clients(server, state)
     again.send("login|alice")
     assert again.finish() == 0
     text = "\n".join(again.lines)
     assert "could not be resumed" in text and "logging in afresh" in text
     assert "ok: Logged in as alice." in again.lines
+
+
+def test_a_second_client_for_the_same_account_does_not_take_over_the_session(server, clients, tmp_path):
+    """Two clients resuming with one saved token would take the session from each other on
+    every reconnect; the second one logs in normally instead (and is refused, as before)."""
+    state = tmp_path / "state"
+    alice = clients(server, state)
+    alice.send("create|alice")
+    wait_until(lambda: any("Logged in as alice" in line for line in alice.lines), what="alice created")
+    second = clients(server, state)
+    second.send("login|alice")
+    assert second.finish() == 0
+    assert any("another chatclient on this computer is logged in as alice" in line for line in second.lines)
+    assert any(line.startswith("error: ") and "already connected" in line for line in second.lines), \
+        second.lines
+    alice.send("list")
+    wait_until(lambda: any(line.startswith("ok: 1 account") for line in alice.lines), what="alice still served")
+    assert not any("connection" in line and "lost" in line for line in alice.lines)
 
 
 def test_a_corrupt_state_file_gives_a_clear_message_and_a_fresh_start(server, tmp_path):

@@ -11,6 +11,10 @@ Showing history: when the user submits ``login|NAME``, :meth:`HistoryKeeper.logi
 notes where the store ends, so that on the login's :class:`~chatnet.client.events.UserChanged`
 the front end shows the conversation *before* this login — the chat that arrives with the login
 is stored at once (before its ack) but is shown as new, not as history.
+
+It also claims the account for this process (:meth:`StateStore.claim`): if another running
+client on this computer is logged in as NAME, the saved token is not used (both would resume
+the same session and take it from each other on every reconnect); the login is an ordinary one.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 
 from . import events as ev
 from .commands import OP_LOGIN, OP_SEND, Command
+from .identity import SavedResume
 from .state import HistoryRow, StateStore
 
 __all__ = ["HistoryKeeper", "HistoryView", "row_text", "row_time", "NO_HISTORY"]
@@ -76,6 +81,10 @@ class HistoryKeeper:
     # ---------------------------------------------------------------------------- recording
     def observe(self, event, user: str | None) -> None:
         """Record what ``event`` shows that is worth keeping (``user``: the session's user)."""
+        if isinstance(event, ev.UserChanged) and self.store is not None:
+            self.store.release_others(event.user)
+            if event.user is not None:
+                self.store.claim(event.user)      # after a create too: ours while logged in
         if not self.enabled or user is None or not isinstance(event, ev.FrameReceived):
             return
         if event.kind == "chat":
@@ -92,10 +101,20 @@ class HistoryKeeper:
             self.store.record(user, "note", recipient, f"not sent to {recipient} ({event.message}): {text}")
 
     # ------------------------------------------------------------------------------ showing
-    def login_submitted(self, command: Command) -> None:
-        """The user asked to log in: remember where the account's history ends now."""
-        if self.enabled and command.op == OP_LOGIN:
-            self._bounds[command.params[0]] = self.store.next_id()
+    def login_submitted(self, command: Command, saved: dict | None = None) -> str | None:
+        """The user asked to log in: remember where the account's history ends now, and claim
+        the account; if another client holds it, drop the token from ``saved`` (the session's)
+        and return what to tell the user."""
+        if command.op != OP_LOGIN or self.store is None or not self.store.enabled:
+            return None
+        name = command.params[0]
+        if self.store.history:
+            self._bounds[name] = self.store.next_id()
+        if self.store.claim(name) or saved is None or name not in saved or not saved[name].token:
+            return None
+        saved[name] = SavedResume(None, saved[name].last_seq)
+        return (f"another chatclient on this computer is logged in as {name}: logging in, "
+                "not resuming the session it saved")
 
     def on_login(self, user: str, limit: int) -> HistoryView | None:
         """``user`` logged in (a UserChanged): the last ``limit`` lines stored before the login

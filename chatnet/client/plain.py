@@ -124,7 +124,9 @@ class PlainUI:
         elif isinstance(result, Refusal):
             self._emit(DisplayLine("refused", result.message))
         else:
-            self.history.login_submitted(result)
+            told = self.history.login_submitted(result, self.session.saved)
+            if told:
+                self._emit(DisplayLine("info", told))
             self.session.submit(result, self.driver.clock())
             self.driver.pump()
 

@@ -17,12 +17,17 @@ needs the token and the last sequence number shown) and to show the conversation
   is corrupt is moved aside as ``NAME.bad-TIME`` with its ``-wal``/``-shm``, and a fresh one is
   made; :attr:`StateStore.notices` says so.  An I/O error later disables the store (with a
   notice) rather than crash the client: chat is still shown, only not kept.
+* :meth:`StateStore.claim`: one running client per account may resume with the saved token.
+  Two clients resuming with the same token would take the session from each other on every
+  reconnect, so a client holds an ``flock`` on ``FILE.<digest>.lock`` (0600) for the account it
+  logs in as; the kernel drops it when the process dies, even by SIGKILL.
 
 The session never touches this module (it is sans-I/O): the driver and the front ends do.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import os
 import sqlite3
@@ -93,6 +98,7 @@ class StateStore:
         self.history = history
         self.notices: list[str] = []     # what the user should be told (a file moved aside...)
         self.db: sqlite3.Connection | None = None
+        self._locks: dict[str, int] = {}     # account -> descriptor of its held lock file
 
     @classmethod
     def open(cls, directory: str, servers, history: bool = True) -> StateStore:
@@ -182,7 +188,32 @@ class StateStore:
         self.db = None
         self.notices.append(f"{why}; nothing is kept on disk in this run")
 
+    # ------------------------------------------------------------------------ claims
+    def claim(self, account: str) -> bool:
+        """Hold ``account``'s lock (until :meth:`release_others` or exit); False when another
+        running client holds it.  True when the store is disabled (nothing to share)."""
+        if self.db is None or account in self._locks:
+            return True
+        digest = hashlib.sha256(account.encode("utf-8")).hexdigest()[:16]
+        try:
+            fd = os.open(f"{self.path}.{digest}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError:
+            return True                      # cannot tell: as without the lock
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return False
+        self._locks[account] = fd
+        return True
+
+    def release_others(self, account: str | None) -> None:
+        """Let go of every account lock but ``account``'s."""
+        for name in [name for name in self._locks if name != account]:
+            os.close(self._locks.pop(name))
+
     def close(self) -> None:
+        self.release_others(None)
         if self.db is not None:
             self.db.close()
             self.db = None

@@ -297,7 +297,9 @@ class CursesUI:
             self.add(DisplayLine("refused", result.message))
         else:
             self.add(own_line(result))
-            self.history.login_submitted(result)
+            told = self.history.login_submitted(result, self.session.saved)
+            if told:
+                self.add(DisplayLine("info", told))
             waiting = len(self.session.queued)
             if self.session.submit(result, self.driver.clock()) is not None and result.op == OP_EXIT \
                     and not self.session.closed:
