@@ -8,7 +8,10 @@
   :mod:`.identity` (who we are, resume state, the handshake of each connection), :mod:`.outbox`
   (queued and in-flight commands, request ids), :mod:`.acks` (exactly-once chat),
   :mod:`.listing` (list answers over several frames); :mod:`.events` holds what it emits.
-* :mod:`.driver` executes the session's decisions on a non-blocking socket (selectors).
+* :mod:`.driver` executes the session's decisions on a non-blocking socket (selectors), and
+  hands its :class:`~.events.Persist` actions (durable state, ``ClientSession(saved=...)``; off by
+  default) to :mod:`.state`, the SQLite store ``chatclient`` keeps per server list, before the
+  acknowledgement that follows them; :mod:`.history` is the front ends' side of it.
 * :mod:`.present` turns session events into display lines for the curses and plain UIs
   (:mod:`.tui`, :mod:`.plain`; :mod:`.cli` is the ``chatclient`` command).
 
