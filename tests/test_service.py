@@ -194,7 +194,10 @@ def test_queued_chat_is_delivered_oldest_first_at_login(host):
         chat("alice|m2"),
         note("You have 3 missed messages above."),
     ]
-    # The frames were written, so the next round commits them as delivered.
+    # Written is not read: they stay queued until bob's next request shows he read them.
+    host.commit()
+    assert host.service.state.pending_count("bob") == 3
+    host.send(c, "4|nobody")
     host.commit()
     assert host.service.state.pending_count("bob") == 0
     assert host.log[-1][0] == "delivered"
@@ -606,7 +609,9 @@ def test_mailbox_quota_refuses_sends_until_chat_is_delivered():
     c = host.open(3)
     host.send(c, "2|bob")
     assert [f[2] for f in host.take(c)][1:3] == ["alice|m0", "alice|m1"]
-    host.commit()  # the written chat is confirmed delivered
+    host.send(c, "4|nobody")  # bob's next request: he read the chat written before it
+    host.commit()  # the read chat is confirmed delivered
+    host.take(c)
     host.send(a, "3|bob|m3")
     assert host.take(a) == [ok("Message sent to bob.")]
     assert host.take(c) == [chat("alice|m3")]
@@ -658,3 +663,106 @@ def test_a_full_page_of_the_longest_names_fits_one_frame():
     host.send(a, "4|" + "*" * 270)
     (frame,) = host.take(a)
     assert frame[2].count("\n- ") == Limits.MAX_LIST_NAMES and frame[2].endswith(" for the next page.\n")
+
+
+# ------------------------------------------------------------- arrival order (issue 11)
+
+
+def test_a_login_after_a_create_on_another_connection_succeeds(host):
+    """`1|bob` on one connection, closed at once; `2|bob` on another, received before the create
+    committed: the login is judged after the create, as it arrived."""
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|bob", commit=False)
+    host.close(a)
+    host.send(b, "2|bob", commit=False)
+    assert host.take(b) == []  # not answered from the state before the create
+    host.commit()
+    assert host.take(b)[0] == ok("Logged in as bob.")
+
+
+def test_a_list_after_creates_on_short_lived_connections_shows_them_all(host):
+    for conn, name in enumerate(["w", "x", "y", "z"], start=1):
+        host.open(conn)
+        host.send(conn, f"1|{name}", commit=False)
+        host.close(conn)
+    lister = host.open(9)
+    host.send(lister, "4", commit=False)
+    assert host.take(lister) == [] and host.service.waiting(lister)
+    host.commit()
+    assert host.take(lister) == [ok("\n- w\n- x\n- y\n- z\n")]
+    assert not host.service.waiting(lister)
+
+
+def test_a_read_with_nothing_in_flight_is_answered_at_once(host):
+    a = host.open(1)
+    host.send(a, "1|alice")
+    b = host.open(2)
+    host.send(b, "4", commit=False)
+    assert host.take(b) == [ok("\n- alice\n")]
+
+
+def test_an_empty_chat_to_an_account_being_created_is_refused_for_emptiness(host):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|alice")
+    host.take(a)
+    host.send(b, "1|bob", commit=False)
+    host.send(a, "3|bob|", commit=False)
+    assert host.take(a) == []
+    host.commit()
+    assert host.take(a) == [err(sv.T_EMPTY_MESSAGE)]
+
+
+def test_a_refused_send_does_not_spend_its_request_id(host):
+    ext_client(host, 1, "alice")
+    host.send(1, "0|send|r1|bob|hi")
+    b = host.open(2)
+    host.send(b, "1|bob")
+    host.send(1, "0|send|r1|bob|hi")  # the same id, now that bob exists: sent, not "duplicate"
+    assert [f[2] for f in host.take(1)][-2:] == [sv.T_NO_RECIPIENT, "Message sent to bob."]
+    assert [m.text for m in host.service.state.mail_after("bob", 0)] == ["hi"]
+
+
+# ------------------------------------------- at-least-once for seed-style recipients (issue 11)
+
+
+def seed_user_with_chat(host, n=3):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|alice")
+    host.send(b, "1|bob")
+    host.take(b)
+    for i in range(n):
+        host.send(a, f"3|bob|m{i}")
+    assert [f[2] for f in host.take(b)] == [f"alice|m{i}" for i in range(n)]  # written to bob's socket
+    return a, b
+
+
+def test_chat_written_to_a_connection_that_resets_is_delivered_again(host):
+    _, b = seed_user_with_chat(host)
+    host.commit()
+    host.close(b)  # a reset, unread chat lost in its socket buffer: no evidence it was read
+    host.commit()
+    c = host.open(3)
+    host.send(c, "2|bob")
+    assert [f[2] for f in host.take(c)][1:4] == ["alice|m0", "alice|m1", "alice|m2"]
+
+
+def test_a_later_request_or_a_clean_exit_is_evidence_of_reading(host):
+    _, b = seed_user_with_chat(host, 2)
+    host.send(b, "4|nobody")  # a later request: the chat before it was read
+    host.commit()
+    assert host.service.state.pending_count("bob") == 0
+    a = 1
+    host.send(a, "3|bob|m9")
+    assert host.take(b)[-1] == chat("alice|m9")
+    host.send(b, "6")  # a clean exit
+    host.commit()
+    assert host.service.state.pending_count("bob") == 0
+
+
+def test_our_clients_still_confirm_by_ack_only(host):
+    ext_client(host, 1, "alice")
+    ext_client(host, 2, "bob")
+    host.send(1, "3|bob|hello")
+    host.send(2, "4|nobody")  # a request is no evidence for an extended session: acks are
+    host.commit()
+    assert host.service.state.pending_count("bob") == 1

@@ -179,6 +179,8 @@ class ReplicaHost:
                 service.bind(index, cmd, conn_id, replica.view)
         elif self.mode == HOLDING:
             self._held = proposals  # proposed once the view is re-established
+        elif proposals:
+            service.abandon_proposals()  # nobody serves here: none of them will ever apply
 
     def _collect(self, rd: Ready, batch: Batch, messages: list) -> None:
         """Fold one Ready into this iteration's batch and advance the core past it."""

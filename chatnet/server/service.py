@@ -80,11 +80,14 @@ from ..protocol.texts import (
 )
 from . import state as sm
 from .config import Limits
+from .ordering import ArrivalOrder
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 # Accounts one `list` answer examines at most (besides its page-size limit), so that a pattern
 # matching few names does not walk every account: about a millisecond of work per answer.
 LIST_SCAN_LIMIT = 10_000
+READ_OPS = frozenset({4, 7})  # list, resume: answered from the state, no log entry of their own
+READ = -2  # Session.waiting_for of a connection whose read waits for earlier commands
 
 
 def _list_cursor(pattern: str) -> tuple[str, int]:
@@ -131,7 +134,8 @@ class Session:
     name: str | None = None
     order: int = 0  # incarnation of the logged-in account
     sent_upto: int = 0  # highest seq already put into this connection's output
-    waiting_for: int | None = None  # log index whose answer this connection waits for
+    waiting_for: int | None = None  # log index whose answer this connection waits for (READ: a read)
+    written: tuple | None = None  # (name, order, seq) written to a seed-style socket, not yet evidenced
     congested: bool = False
     extended: bool = False  # negotiated extension 1: tokens, sequence numbers, acks
 
@@ -161,6 +165,7 @@ class ChatService:
     _delivered: dict[tuple, int] = field(default_factory=dict)  # (name, order) -> highest written seq
     _list_cache: list = field(default_factory=list)  # accounts in creation order, see _accounts_in_order
     _list_cache_key: tuple | None = None
+    _order: ArrivalOrder = field(default_factory=ArrivalOrder)  # reads wait for earlier commands
 
     # -- connection life cycle -------------------------------------------------------------
     def connection_opened(self, conn: int) -> None:
@@ -183,6 +188,7 @@ class ChatService:
     def receive(self, conn: int, event) -> None:
         """Handle one decoded request (or decoding error) of a connection."""
         session = self.sessions[conn]
+        self._evidence(session)  # a later request: the chat written before it was read
         if isinstance(event, BadRequest):
             self._reply(conn, STATUS_ERROR, event.text)
             return
@@ -190,17 +196,36 @@ class ChatService:
         handler = self._handlers.get(event.op)
         if handler is None:
             self._reply(conn, STATUS_ERROR, T_UNSUPPORTED)
-            return
-        handler(self, session, *event.args)
+        elif event.op in READ_OPS:
+            self._read(session, handler, event.args)
+        else:
+            handler(self, session, *event.args)
+
+    def _read(self, session: Session, handler, args: tuple) -> None:
+        """Answer a request without a log entry from a state that includes every command
+        received before it (chatnet/server/ordering.py): at once when nothing is in flight,
+        else once the log is applied that far; the connection waits meanwhile."""
+        if self._order.settled():
+            handler(self, session, *args)
+        else:
+            session.waiting_for = READ
+            self._order.defer((session.conn, handler, args))
+
+    def _answer_read(self, read: tuple) -> None:
+        conn, handler, args = read
+        session = self.sessions.get(conn)
+        if session is None or session.waiting_for != READ:
+            return  # closed, or sent away, meanwhile
+        session.waiting_for = None
+        self._unblocked.append(conn)
+        handler(self, session, *args)
 
     def _create(self, session: Session, name: str) -> None:
         if session.name is not None:
             self._reply(session.conn, STATUS_ERROR, T_CREATE_LOGGED_IN.format(me=session.name))
         elif username_problem(name):
             self._reply(session.conn, STATUS_ERROR, T_CREATE_BAD_NAME)
-        elif self.state.exists(name):
-            self._reply(session.conn, STATUS_ERROR, T_CREATE_TAKEN)
-        elif len(self.state.accounts) >= self.limits.max_accounts:
+        elif len(self.state.accounts) >= self.limits.max_accounts and not self.state.exists(name):
             self._reply(session.conn, STATUS_ERROR, T_CREATE_FULL)
         else:
             self._propose(sm.cmd_create(name, self.new_token()), session)
@@ -208,7 +233,7 @@ class ChatService:
     def _login(self, session: Session, name: str) -> None:
         if session.name is not None:
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_LOGGED_IN.format(me=session.name))
-        elif username_problem(name) or not self.state.exists(name):
+        elif username_problem(name):  # whether it exists is decided when the login applies
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_UNKNOWN)
         elif name in self.online or name in self._logging_in:
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_CONNECTED)
@@ -238,14 +263,16 @@ class ChatService:
             self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
         elif recipient == session.name:
             self._reply(session.conn, STATUS_ERROR, T_TO_SELF)
-        elif not self.state.exists(recipient):
-            self._reply(session.conn, STATUS_ERROR, T_NO_RECIPIENT)
-        elif not text:
-            self._reply(session.conn, STATUS_ERROR, T_EMPTY_MESSAGE)
+        elif not text:  # the seed says "no such recipient" first: a read of the state
+            self._read(session, ChatService._refuse_empty_send, (recipient,))
         elif self._mailbox_full(recipient) and not self._retried(session.name, request_id):
             self._reply(session.conn, STATUS_ERROR, T_MAILBOX_FULL.format(recipient=recipient))
         else:
             self._propose(sm.cmd_send(session.name, recipient, text, request_id), session)
+
+    def _refuse_empty_send(self, session: Session, recipient: str) -> None:
+        text = T_EMPTY_MESSAGE if self.state.exists(recipient) else T_NO_RECIPIENT
+        self._reply(session.conn, STATUS_ERROR, text)
 
     def _mailbox_full(self, recipient: str) -> bool:
         """Checked here, on the replica that received the send, never in ``apply``: replicas
@@ -318,8 +345,9 @@ class ChatService:
     def _exit(self, session: Session) -> None:
         # The account goes offline at once; the host stops feeding this connection after Close.
         # Exiting ends the session for good: its resume token is cleared (replicated).
+        self._evidence(session)  # a clean exit: everything written to it was read
         if session.name is not None:
-            self.proposals.append((sm.cmd_logout(session.name), None))
+            self._enqueue(sm.cmd_logout(session.name), None)
         self._log_out(session)
         self.effects.append(Close(session.conn))
 
@@ -375,9 +403,13 @@ class ChatService:
 
     # -- commands ---------------------------------------------------------------------------
     def _propose(self, cmd: tuple, session: Session | None) -> None:
-        self.proposals.append((cmd, session.conn if session else None))
+        self._enqueue(cmd, session.conn if session else None)
         if session is not None:
             session.waiting_for = -1  # set to the real index by bind()
+
+    def _enqueue(self, cmd: tuple, conn: int | None) -> None:
+        self.proposals.append((cmd, conn))
+        self._order.queued()
 
     def has_delivery_marks(self) -> bool:
         return bool(self._delivered)
@@ -387,11 +419,14 @@ class ChatService:
         proposals, self.proposals = self.proposals, []
         if self._delivered:
             proposals.append((sm.cmd_delivered_many((name, order, seq) for (name, order), seq in self._delivered.items()), None))
+            self._order.queued()
             self._delivered.clear()
         return proposals
 
     def bind(self, index: int, cmd: tuple, conn: int | None, view: int = 0) -> None:
-        """The host appended ``cmd`` at log ``index`` in ``view``; its answer goes to ``conn``."""
+        """The host appended ``cmd`` at log ``index`` in ``view``; its answer goes to ``conn``.
+        Commands are bound in the order take_proposals returned them."""
+        self._order.bound(index)
         if conn is not None:
             self._waiters[index] = (conn, view)
             session = self.sessions.get(conn)
@@ -414,6 +449,7 @@ class ChatService:
         self._waiters.clear()
         self.proposals.clear()
         self._logging_in.clear()
+        self._order.reset()
 
     def apply(self, index: int, cmd: tuple, view: int = 0) -> list:
         """Apply a committed command; queue its answer and live chat; return the store's row changes.
@@ -439,9 +475,8 @@ class ChatService:
             self._deliver_live(cmd[2], result)
         if session is not None:
             self._answer(session, cmd, result)
-        elif kind == "delete" and result == sm.OK:
-            # The owner's connection went away before the answer; nothing else to do.
-            pass
+        for read in self._order.applied(index):  # reads that waited for this command
+            self._answer_read(read)
         return changes
 
     def _answer(self, session: Session, cmd: tuple, result) -> None:
@@ -488,8 +523,26 @@ class ChatService:
                 self._send_chats(session, pending)
 
     def frames_written(self, delivered: tuple) -> None:
-        """The host wrote all bytes of a Reply whose ``delivered`` was (name, order, seq)."""
-        self._mark_delivered(*delivered)
+        """The host wrote all bytes of a Reply whose ``delivered`` was (name, order, seq).
+
+        Written is not read: a client that resets its connection loses what sat unread in its
+        socket buffer.  So a seed-style session's chat counts as delivered only on evidence that
+        the client read it — a later request on the same connection, or a clean exit
+        (``_evidence``); a connection that ends otherwise leaves it queued for the next login
+        (at-least-once, docs/protocol.md)."""
+        name, order, seq = delivered
+        conn = self.online.get(name)
+        session = self.sessions.get(conn) if conn is not None else None
+        if session is None or session.order != order or session.extended:
+            return
+        if session.written is None or seq > session.written[2]:
+            session.written = delivered
+
+    def _evidence(self, session: Session) -> None:
+        """The client sent a request (or exited cleanly) after its chat was written: it read it."""
+        if session.written is not None:
+            self._mark_delivered(*session.written)
+            session.written = None
 
     def _mark_delivered(self, name: str, order: int, seq: int) -> None:
         key = (name, order)

@@ -204,6 +204,9 @@ class ChatState:
         return OK, [("token", name, token)]
 
     def _send(self, sender: str, recipient: str, text: str, request_id: str | None):
+        account = self.accounts.get(recipient)
+        if account is None:  # refused: its request id is not spent (a retry is refused again)
+            return NO_SUCH_RECIPIENT, []
         sender_account = self.accounts.get(sender)
         changes = []
         if request_id is not None and sender_account is not None:
@@ -217,9 +220,6 @@ class ChatState:
                 oldest = next(iter(sender_account.request_ids))
                 del sender_account.request_ids[oldest]
                 changes.append(("rid-", sender, pos - RECENT_REQUEST_IDS))
-        account = self.accounts.get(recipient)
-        if account is None:
-            return NO_SUCH_RECIPIENT, changes
         mail = Mail(account.next_seq, sender, text)
         account.next_seq += 1
         self.mailboxes[recipient].append(mail)
