@@ -606,6 +606,55 @@ class LoginError(Exception):
     pass
 
 
+class _Logins:
+    """One :func:`login_many` in progress: the connections opened so far, how many are
+    connecting or waiting for their answer, how many are logged in, and what failed."""
+
+    def __init__(self, loop: Loop, addr, names: list[str], op: int, concurrency: int) -> None:
+        self.loop, self.addr, self.names, self.op, self.concurrency = loop, addr, names, op, concurrency
+        self.conns: list[Conn | None] = [None] * len(names)
+        self.done = 0
+        self.failures: list[str] = []
+        self.next_i = 0
+        self.in_flight = 0
+
+    def open_more(self) -> None:
+        """Connect the next names, up to ``concurrency`` handshakes in flight."""
+        while self.next_i < len(self.names) and self.in_flight < self.concurrency:
+            conn = self.loop.connect(self.addr)
+            conn.tag = self.next_i
+            conn.handler, conn.on_connect, conn.on_close = self.handler, self.on_connect, self.on_close
+            self.conns[self.next_i] = conn
+            if conn.closed:
+                raise LoginError(f"connect failed: {conn.error}")
+            self.next_i += 1
+            self.in_flight += 1
+
+    def on_connect(self, conn: Conn) -> None:
+        conn.write(b"\n%d|%s\n" % (self.op, self.names[conn.tag].encode()))
+
+    def handler(self, conn: Conn, frames, t_ns) -> None:
+        for status, indicator, payload in frames:
+            if conn.state == "ok":
+                continue  # e.g. chat already arriving; the owner installs its own handler
+            if status == 1:
+                self.failures.append(f"{self.names[conn.tag]}: {payload.decode('utf-8', 'replace')}")
+                conn.state = "failed"
+                self.in_flight -= 1
+                return
+            if self.op == 1 or status == 2:  # op 1: the single answer; op 2: the closing note
+                conn.state = "ok"
+                self.done += 1
+                self.in_flight -= 1
+
+    def on_close(self, conn: Conn) -> None:
+        if conn.state is None:
+            self.in_flight -= 1
+        if conn.state != "failed":
+            self.failures.append(f"{self.names[conn.tag]}: connection lost ({conn.error})")
+        conn.state = "failed"
+
+
 def login_many(loop: Loop, addr, names, *, op: int = 1, concurrency: int = 256, timeout: float = 120.0,
                progress=None) -> list[Conn]:
     """Open one connection per name and log it in; return the connections in ``names`` order.
@@ -615,62 +664,23 @@ def login_many(loop: Loop, addr, names, *, op: int = 1, concurrency: int = 256, 
     for their answer at once, so the server's accept queue never overflows.  Raises
     :class:`LoginError` on any refusal, lost connection or timeout.
     """
-    names = list(names)
-    conns: list[Conn | None] = [None] * len(names)
-    done = 0
-    failures: list[str] = []
-    next_i = 0
-    in_flight = 0
-
-    def on_connect(conn: Conn) -> None:
-        conn.write(b"\n%d|%s\n" % (op, names[conn.tag].encode()))
-
-    def handler(conn: Conn, frames, t_ns) -> None:
-        nonlocal done, in_flight
-        for status, indicator, payload in frames:
-            if conn.state == "ok":
-                continue  # e.g. chat already arriving; the owner installs its own handler
-            if status == 1:
-                failures.append(f"{names[conn.tag]}: {payload.decode('utf-8', 'replace')}")
-                conn.state = "failed"
-                in_flight -= 1
-                return
-            if op == 1 or status == 2:  # op 1: the single answer; op 2: the closing note
-                conn.state = "ok"
-                done += 1
-                in_flight -= 1
-
-    def on_close(conn: Conn) -> None:
-        nonlocal in_flight
-        if conn.state is None:
-            in_flight -= 1
-        if conn.state != "failed":
-            failures.append(f"{names[conn.tag]}: connection lost ({conn.error})")
-        conn.state = "failed"
-
+    logins = _Logins(loop, addr, list(names), op, concurrency)
+    total = len(logins.names)
     deadline = time.monotonic() + timeout
     last_report = time.monotonic()
-    while done < len(names):
-        if failures:
-            raise LoginError(f"{len(failures)} logins failed, e.g. {failures[0]}")
-        while next_i < len(names) and in_flight < concurrency:
-            conn = loop.connect(addr)
-            conn.tag = next_i
-            conn.handler, conn.on_connect, conn.on_close = handler, on_connect, on_close
-            conns[next_i] = conn
-            if conn.closed:
-                raise LoginError(f"connect failed: {conn.error}")
-            next_i += 1
-            in_flight += 1
+    while logins.done < total:
+        if logins.failures:
+            raise LoginError(f"{len(logins.failures)} logins failed, e.g. {logins.failures[0]}")
+        logins.open_more()
         if time.monotonic() > deadline:
-            raise LoginError(f"only {done}/{len(names)} logged in after {timeout}s")
+            raise LoginError(f"only {logins.done}/{total} logged in after {timeout}s")
         loop.poll(0.05)
         if progress is not None and time.monotonic() - last_report > 1.0:
             last_report = time.monotonic()
-            progress(done, len(names))
-    for conn in conns:
+            progress(logins.done, total)
+    for conn in logins.conns:
         conn.handler = conn.on_connect = conn.on_close = None
-    return conns
+    return logins.conns
 
 
 # --------------------------------------------------------------------------- self check
