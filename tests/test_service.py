@@ -766,3 +766,13 @@ def test_our_clients_still_confirm_by_ack_only(host):
     host.send(2, "4|nobody")  # a request is no evidence for an extended session: acks are
     host.commit()
     assert host.service.state.pending_count("bob") == 1
+
+
+def test_a_connection_whose_input_ended_does_not_hold_its_account_online(host):
+    a, b = host.open(1), host.open(2)
+    host.send(a, "1|bob", commit=False)
+    host.service.input_ended(a)  # the seed client wrote its request and closed
+    host.send(b, "2|bob", commit=False)
+    host.commit()
+    assert host.take(a) == [ok("Account created! Logged in as bob.")]  # still answered
+    assert host.take(b)[0] == ok("Logged in as bob.")

@@ -136,6 +136,7 @@ class Session:
     sent_upto: int = 0  # highest seq already put into this connection's output
     waiting_for: int | None = None  # log index whose answer this connection waits for (READ: a read)
     written: tuple | None = None  # (name, order, seq) written to a seed-style socket, not yet evidenced
+    input_ended: bool = False  # the client sent EOF: it leaves once its requests are answered
     congested: bool = False
     extended: bool = False  # negotiated extension 1: tokens, sequence numbers, acks
 
@@ -175,6 +176,14 @@ class ChatService:
         session = self.sessions.pop(conn, None)
         if session and session.name is not None and self.online.get(session.name) == conn:
             del self.online[session.name]
+
+    def input_ended(self, conn: int) -> None:
+        """The client closed its side: no request can follow, so a create or login still in
+        flight answers but does not put the account online — another connection may log in
+        as it at once (the seed client's connect, write one request, close)."""
+        session = self.sessions.get(conn)
+        if session is not None:
+            session.input_ended = True
 
     def waiting(self, conn: int) -> bool:
         session = self.sessions.get(conn)
@@ -564,7 +573,8 @@ class ChatService:
         session.name = name
         session.order = self.state.accounts[name].order
         session.sent_upto = 0  # everything still in the mailbox is owed to this session
-        self.online[name] = session.conn
+        if not session.input_ended:
+            self.online[name] = session.conn
 
     def _log_out(self, session: Session) -> None:
         if session.name is not None and self.online.get(session.name) == session.conn:
