@@ -589,6 +589,7 @@ class Replica:
                 and status == RECOVERING and m.promised <= self._promised:
             if p not in self._learners:
                 self._learners.add(p)
+                self._learner_acked.discard(p)
                 self._next[p] = min(m.last_index, self.last_index) + 1
                 self._match[p] = 0
                 self._progress[p] = False
@@ -617,6 +618,7 @@ class Replica:
         for p in list(self._learners):
             if self.suspected(p) or p in self._members:
                 self._learners.discard(p)
+                self._learner_acked.discard(p)
             if self.suspected(p):
                 self._snap_out.pop(p, None)
         self._retry_snapshots()
