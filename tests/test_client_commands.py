@@ -237,3 +237,12 @@ def test_format_list_answer_and_own_lines():
     assert format_list_answer("\n- alice\n", None) == "1 account: alice"
     assert own_line(c.parse_command("send|bob|hi")) == DisplayLine("own", "-> bob: hi")
     assert own_line(c.parse_command("list|a*")) == DisplayLine("own", "> list|a*")
+
+
+def test_list_pages_are_asked_for_and_shown_in_the_client_syntax():
+    command = c.parse_command("list|a*|117")
+    assert command.wire == "4|a*|117"
+    more = "\n- ann\n- abe\nMore accounts: request 4|a*|117 for the next page.\n"
+    assert format_list_answer(more, "a*") == "2 accounts matching a*: ann, abe (more: list|a*|117)"
+    assert format_list_answer("\nMore accounts: request 4|*|9 for the next page.\n", None) == \
+        "no accounts (more: list|*|9)"

@@ -129,7 +129,9 @@ def _build(op: int, args: list[str], line: str, check_length: bool = True) -> Co
         command = Command(op, (recipient, args[1]), line)
     elif op == OP_LIST:
         pattern = args[0] if args else ""
-        command = Command(op, (pattern,) if pattern else (), line)
+        page = args[1] if len(args) > 1 and args[1].isascii() and args[1].isdigit() else ""
+        # `list|a*|117` asks for the page after account number 117 (the server's continuation)
+        command = Command(op, (pattern or "*", page) if page else ((pattern,) if pattern else ()), line)
     else:                                      # delete, exit: parameters are ignored
         command = Command(op, (), line)
     if check_length and len(command.wire) > MAX_REQUEST_CHARS:

@@ -20,6 +20,7 @@ countdown; ``verbose=True`` reports every attempt.  Line kinds:
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from . import events as ev
@@ -45,13 +46,21 @@ def own_line(command: Command) -> DisplayLine:
     return DisplayLine("own", f"> {command.line.strip() or command}")
 
 
+_MORE = re.compile(r"^More accounts: request 4\|(?P<pattern>.*)\|(?P<after>\d+) for the next page\.$", re.M)
+
+
 def format_list_answer(message: str, pattern: str | None) -> str:
-    """``"\\n- alice\\n- bob\\n"`` -> ``"2 accounts: alice, bob"`` (usernames have no spaces)."""
+    """``"\\n- alice\\n- bob\\n"`` -> ``"2 accounts: alice, bob"`` (usernames have no spaces).
+
+    A page cut short by the server (docs/protocol.md §1.5) ends with how to ask for the next
+    one, in the client's own syntax: ``... (more: list|a*|117)``."""
     names = [line[2:] for line in message.split("\n") if line.startswith("- ")]
     where = f" matching {pattern}" if pattern and pattern != "*" else ""
+    more = _MORE.search(message)
+    tail = f" (more: list|{more['pattern']}|{more['after']})" if more else ""
     if not names:
-        return f"no accounts{where}"
-    return f"{len(names)} account{'s' if len(names) != 1 else ''}{where}: {', '.join(names)}"
+        return f"no accounts{where}{tail}"
+    return f"{len(names)} account{'s' if len(names) != 1 else ''}{where}: {', '.join(names)}{tail}"
 
 
 def _quote(pending: Pending) -> str:
