@@ -19,6 +19,7 @@ given seq is found by arithmetic rather than search.
 from __future__ import annotations
 
 import json
+import marshal
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -90,12 +91,41 @@ def cmd_delete(name: str) -> tuple:
     return ("delete", name)
 
 
+# Encoding of a command in a log entry.  Version 1 is one version byte, then the tuple in
+# ``marshal`` format 4: C code in both directions, 5-8x cheaper than the JSON it replaced
+# (measured in docs/benchmarks.md, "Faster than the seed?"), and generic, so a command that
+# grows a field needs no codec change.  Format 4 has been written and read unchanged by
+# every CPython since 3.4, and it is pinned here, so replicas on different Pythons agree.
+# Entries written before it are JSON arrays (first byte ``[``) and are still read.  Entry
+# bytes come only from our own disk and from HMAC-authenticated peers, and ``marshal`` is
+# not for untrusted input; what it decodes is still checked to be a command-shaped tuple.
+COMMAND_V1 = 0x01
+_MARSHAL_FORMAT = 4
+_V1 = bytes([COMMAND_V1])
+
+
 def encode_command(cmd: tuple) -> bytes:
-    return json.dumps(cmd, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return _V1 + marshal.dumps(cmd, _MARSHAL_FORMAT)
 
 
 def decode_command(data: bytes) -> tuple:
-    return tuple(json.loads(data.decode("utf-8")))
+    """Decode a log entry of either encoding (a version byte, or a JSON array)."""
+    if data[:1] == _V1:
+        try:
+            cmd = marshal.loads(data[1:])
+        except (EOFError, ValueError, TypeError) as exc:
+            raise ValueError(f"corrupt command entry: {exc}") from None
+        if type(cmd) is not tuple or not cmd or type(cmd[0]) is not str:
+            raise ValueError(f"corrupt command entry: decodes to {type(cmd).__name__}")
+        return cmd
+    if data[:1] == b"[":
+        return _decode_json_command(data)
+    raise ValueError(f"unknown command encoding (first byte {bytes(data[:1])!r})")
+
+
+def _decode_json_command(data: bytes) -> tuple:
+    """A command as the JSON array the first versions wrote (nested tuples came back as lists)."""
+    return tuple(json.loads(bytes(data).decode("utf-8")))
 
 
 class ChatState:
