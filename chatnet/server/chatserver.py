@@ -49,6 +49,7 @@ from ..protocol.texts import (
 from ..replication.transport import PeerTransport
 from .config import Address, Limits, cluster_id
 from .host import ReplicaHost
+from .metrics import PUBLISH_INTERVAL, MetricsServer, ReplicaMetrics, TimedStorage
 from .service import Close, Reply, frame
 from .status import MAX_LINE, StatusChallenge, json_line, public_status
 from .store import Store
@@ -168,6 +169,7 @@ class ChatServer:
         log_retain: int = 10_000,
         naive: bool = False,
         limits: Limits | None = None,
+        metrics_port: int | None = None,
     ):
         self.peers, self.me = peers, me
         self.host, self.port = peers[me].host, peers[me].port
@@ -186,13 +188,24 @@ class ChatServer:
         self.secret = secret
         self.cluster_id = cluster_id(peers).encode()
         self.status_queries: set[_StatusQuery] = set()
+        # -- metrics (--metrics-port): chatnet/server/metrics.py ------------------------------
+        self.metrics = ReplicaMetrics() if metrics_port is not None else None
+        self.metrics_port, self.metrics_server = metrics_port, None
+        self._limit_logged = (float("-inf"), 0)  # (last connection-limit line, refusals since)
+        storage = Store(data_dir)
+        if self.metrics is not None:
+            storage = TimedStorage(storage, self.metrics)
+        # -- end metrics
         self.replica_host = ReplicaHost(
-            me, range(len(peers)), Store(data_dir), network=self.transport, addresses=peers,
+            me, range(len(peers)), storage, network=self.transport, addresses=peers,
             failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
             naive=naive, limits=limits,
         )
         self.service = self.replica_host.service
         self.replica = self.replica_host.replica
+        if self.metrics is not None:
+            self.replica_host.events.metrics = self.metrics
+            self.replica_host.on_applied = self.metrics.applied
         self.conns: dict[int, ClientConnection] = {}
         self._ids = itertools.count(1)
         self._dirty: set[ClientConnection] = set()
@@ -224,10 +237,17 @@ class ChatServer:
             self.transport.start()
         self.reactor.timers.call_later(self.heartbeat, self._tick)
         self.reactor.timers.call_later(SWEEP_INTERVAL, self._sweep)
+        if self.metrics is not None:  # the HTTP thread only ever reads published snapshots
+            self.metrics_server = MetricsServer(self.metrics.registry, self.host, self.metrics_port,
+                                                self.replica_host.storage.path)
+            self.metrics_server.start()
+            self._publish_metrics()
         log.info(
             "chatnet replica %d of %d listening on %s:%d, data in %s (%d accounts, log at %d, view %d)",
             self.me, len(self.peers), self.host, self.port, self.data_dir,
             len(self.service.state.accounts), self.replica.last_index, self.replica.view,
+            extra={"event": "started", "address": f"{self.host}:{self.port}", "data_dir": self.data_dir,
+                   "metrics_port": self.metrics_server.port if self.metrics_server else None},
         )
 
     def serve_forever(self) -> None:
@@ -238,7 +258,10 @@ class ChatServer:
             self.shutdown()
 
     def shutdown(self) -> None:
-        log.info("shutting down (%s)", self.reactor.stop_reason or "stopped")
+        log.info("shutting down (%s)", self.reactor.stop_reason or "stopped",
+                 extra={"event": "shutdown", "reason": str(self.reactor.stop_reason or "stopped")})
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
         if self.listener is not None:
             self.reactor.forget(self.listener)
             self.listener.close()
@@ -321,6 +344,7 @@ class ChatServer:
             return
         if data and not conn.admitted and (refusal := self._admit(conn)) is not None:
             self._refuse(conn, refusal)  # over a cap, and not a peer: say why and go
+            self._limit_reached(conn, "max_connections" if refusal == T_SERVER_FULL else "max_per_address")
             return
         self._receive(conn, data)
         if data and not conn.decoder.line_mode and not (conn.closed or conn.eof):
@@ -458,6 +482,8 @@ class ChatServer:
                 self._dirty.add(conn)
                 return
             conn.identified = True
+            if self.metrics is not None:
+                self.metrics.request_started(conn.id, getattr(event, "op", None))
             self._apply_effects(host.receive(conn.id, event))
         self._backlog.add(conn)
 
@@ -478,11 +504,13 @@ class ChatServer:
             if conn.closing or conn.closed:
                 continue
             if not conn.identified and now - conn.opened > limits.handshake_timeout:
-                log.info("closing %r: no complete request within %gs", conn, limits.handshake_timeout)
+                log.info("closing %r: no complete request within %gs", conn, limits.handshake_timeout,
+                         extra={"event": "connection_timeout", "limit": "handshake_timeout", "client": conn.addr[0]})
                 self._refuse(conn, T_HANDSHAKE_TIMEOUT.format(seconds=limits.handshake_timeout))
             elif now - conn.last_active > limits.idle_timeout and service.logged_in_as(conn.id) is None \
                     and not service.waiting(conn.id):
-                log.info("closing %r: idle for %gs without logging in", conn, limits.idle_timeout)
+                log.info("closing %r: idle for %gs without logging in", conn, limits.idle_timeout,
+                         extra={"event": "connection_timeout", "limit": "idle_timeout", "client": conn.addr[0]})
                 self._refuse(conn, T_IDLE_TIMEOUT.format(seconds=limits.idle_timeout))
         self._flush_dirty()
         self.reactor.timers.call_later(SWEEP_INTERVAL, self._sweep)
@@ -510,6 +538,8 @@ class ChatServer:
                 continue
             if isinstance(effect, Reply):
                 conn.io.write(effect.data, effect.delivered)
+                if self.metrics is not None:
+                    self.metrics.answered(effect.conn, effect.data)
             elif isinstance(effect, Close):
                 conn.closing = True
             self._dirty.add(conn)
@@ -520,7 +550,10 @@ class ChatServer:
         self.reactor.timers.call_later(self.heartbeat, self._tick)
 
     def _on_stall(self, late: float) -> None:
-        log.warning("this replica's loop stalled for %.2fs (paused?); rejoining as recovering", late)
+        log.warning("this replica's loop stalled for %.2fs (paused?); rejoining as recovering", late,
+                    extra={"event": "stalled", "seconds": round(late, 3)})
+        if self.metrics is not None:
+            self.metrics.stalls.inc()
         self.replica_host.stalled()
 
     def _on_peer_message(self, peer: int, msg) -> None:
@@ -539,7 +572,11 @@ class ChatServer:
         for conn in backlog:
             if not conn.closed:
                 self._feed(conn)
+        if self.metrics is not None:
+            started, last_before = self.metrics.clock(), self.replica.last_index
         result = self.replica_host.cycle()
+        if self.metrics is not None:
+            self.metrics.cycle(started, last_before, self.replica)
         if self.transport is not None:
             self.transport.flush()
         self._apply_effects(result.effects)
@@ -589,7 +626,11 @@ class ChatServer:
 
     def _drop_slow(self, conn: ClientConnection) -> None:
         if not conn.closed and conn.congested:
-            log.info("disconnecting %r: it did not read for %.0fs; its chat stays queued", conn, self.slow_client_timeout)
+            log.info("disconnecting %r: it did not read for %.0fs; its chat stays queued", conn, self.slow_client_timeout,
+                     extra={"event": "slow_client_dropped", "client": f"{conn.addr[0]}:{conn.addr[1]}",
+                            "account": self.service.logged_in_as(conn.id), "seconds": self.slow_client_timeout})
+            if self.metrics is not None:
+                self.metrics.slow_dropped.inc()
             self.close_connection(conn, "slow reader")
 
     def _forget_address(self, conn: ClientConnection) -> None:
@@ -618,6 +659,33 @@ class ChatServer:
         self._dirty.discard(conn)
         self._backlog.discard(conn)
         self.replica_host.close_connection(conn.id)
+        if self.metrics is not None:
+            self.metrics.closed(conn.id)
+
+    # -- operator events and metrics (chatnet/server/events.py, metrics.py) --------------------
+    def _limit_reached(self, conn: ClientConnection, limit: str) -> None:
+        """A client refused at a connection limit: counted, and logged at most once per
+        ACCEPT_LOG_INTERVAL with the number refused since (a connection storm is one line)."""
+        if self.metrics is not None:
+            self.metrics.refused.inc(limit)
+        now = self.reactor.clock()
+        last, count = self._limit_logged
+        count += 1
+        if now - last >= ACCEPT_LOG_INTERVAL:
+            log.warning("refused %d client connection(s) at a limit, latest %s from %s (%d clients now)",
+                        count, limit, conn.addr[0], self._clients,
+                        extra={"event": "connection_limit", "limit": limit, "client": conn.addr[0],
+                               "refused": count, "clients": self._clients})
+            last, count = now, 0
+        self._limit_logged = (last, count)
+
+    def _publish_metrics(self) -> None:
+        """Every PUBLISH_INTERVAL: sample the gauges and publish a snapshot for the HTTP thread."""
+        status = self.replica_host.status()
+        match = getattr(self.replica, "_match", None) or {}  # the primary's view of each follower
+        self.metrics.sample(status, [str(p) for p in self.peers], dict(match), self._clients, len(self.conns))
+        self.metrics.registry.publish()
+        self.reactor.timers.call_later(PUBLISH_INTERVAL, self._publish_metrics)
 
 
 def raise_fd_limit() -> None:

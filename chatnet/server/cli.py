@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import time
 
 from ..protocol.texts import STATUS_AUTH_PREFACE, STATUS_PREFACE
 from .config import (
@@ -22,6 +23,8 @@ from .config import (
     parse_peers,
     read_secret,
 )
+from .logformat import setup_logging
+from .metrics import MetricsError
 from .status import status_proof
 from .store import StoreError
 
@@ -31,7 +34,10 @@ examples:
   chatserver --port 2538                  start one replica of the default three-replica cluster
   chatserver --port 5000                  a single server (no replication) on 127.0.0.1:5000
   chatserver --local --replicas 5 --base-port 7000   five local replicas on 7000-7004
-  chatserver status                       role, view and log position of every replica
+  chatserver status [--watch]             role, view and log position of every replica
+  chatserver --local --metrics-port 9100  replicas serve Prometheus metrics on 9100, 9101, ...
+  chatserver backup backup.sqlite3 --data-dir chatnet-data/1538   a consistent copy of a running replica
+  chatserver restore backup.sqlite3 --data-dir new-data           seed a new replica (a new cluster) from it
 
 Every replica of a cluster must be given the same --peers list (same order: it is the
 election tie-break priority) and the same secret file.
@@ -86,6 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "(no group commit, no pipelining); never use it in production")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="logging threshold (default: INFO)")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text lines, or one JSON object per line with each event's fields (default: text)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                        help="serve Prometheus metrics on http://HOST:P/metrics (with --local: P, P+1, ... "
+                             "for the replicas in order)")
     parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="disconnect a client that reads nothing for this long while chat piles up (default: 60)")
     limits = Limits()
@@ -138,6 +149,7 @@ def limits_from(args: argparse.Namespace) -> Limits:
 
 def status_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="chatserver status", description="Show every replica's state.")
+    parser.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
     parser.add_argument("--peers", default=DEFAULT_PEERS, help=f"replicas to ask (default: {DEFAULT_PEERS})")
     parser.add_argument("--json", action="store_true", help="one JSON object per replica")
     parser.add_argument("--secret-file", default=None,
@@ -153,19 +165,43 @@ def status_main(argv: list[str]) -> int:
     if secret is None:
         print("chatserver status: no cluster secret (--secret-file): showing role and primary only",
               file=sys.stderr)
+    if args.watch:
+        return watch_status(peers, secret, args.json)
+    return 0 if status_table(peers, secret, args.json) else 1
+
+
+def watch_status(peers, secret: bytes | None, as_json: bool) -> int:
+    """``status --watch``: the table again every second (the screen cleared first on a
+    terminal), until Ctrl-C."""
+    clear = sys.stdout.isatty() and not as_json
+    try:
+        while True:
+            started = time.monotonic()
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(time.strftime("%H:%M:%S"))
+            status_table(peers, secret, as_json)
+            sys.stdout.flush()
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return 0
+
+
+def status_table(peers, secret: bytes | None, as_json: bool) -> int:
+    """Print one line per replica; how many answered."""
     answered = 0
-    if not args.json:
+    if not as_json:
         print(f"{'replica':<22} {'role':<11} {'view':>5} {'primary':<22} {'last':>7} {'commit':>7}  members")
     for addr in peers:
         status = query_status(addr.host, addr.port, secret=secret, cluster=cluster_id(peers).encode())
-        if args.json:
+        if as_json:
             print(json.dumps({"address": str(addr), **(status or {"answered": False})}))
         else:
             print(status_row(addr, status, peers))
         answered += status is not None
-    if not args.json:
+    if not as_json:
         print("(* = serving clients)")
-    return 0 if answered else 1
+    return answered
 
 
 def status_row(addr, status: dict | None, peers) -> str:
@@ -214,6 +250,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
+    if argv[:1] in (["backup"], ["restore"]):
+        from .backup import backup_main, restore_main
+
+        return (backup_main if argv[0] == "backup" else restore_main)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         peers = choose_peers(args)
@@ -225,10 +265,11 @@ def main(argv: list[str] | None = None) -> int:
             secret_file = args.secret_file or os.path.join(base, "cluster.secret")
             extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
                      "--log-retain", str(args.log_retain), *(["--naive"] if args.naive else []),
-                     "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout)]
+                     "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout),
+                     "--log-format", args.log_format]
             for name, *_ in LIMIT_FLAGS:  # every limit flag reaches every child replica
                 extra += ["--" + name.replace("_", "-"), str(getattr(limits, name))]
-            return run_local(peers, base, secret_file, extra)
+            return run_local(peers, base, secret_file, extra, metrics_port=args.metrics_port)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
         secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None
         if args.heartbeat_ms <= 0 or args.failure_timeout_ms < 2 * args.heartbeat_ms:
@@ -239,11 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"chatserver: {exc}", file=sys.stderr)
         return 2
     port = peers[me].port
-    logging.basicConfig(
-        level=args.log_level,
-        format=f"%(asctime)s {port} %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    setup_logging(args.log_level, args.log_format, str(peers[me]), port)
     data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(port))
     from .chatserver import ChatServer
 
@@ -251,10 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         server = ChatServer(
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
-            log_retain=args.log_retain, naive=args.naive, limits=limits,
+            log_retain=args.log_retain, naive=args.naive, limits=limits, metrics_port=args.metrics_port,
         )
         server.start()
-    except StoreError as exc:
+    except (StoreError, MetricsError) as exc:
         logging.getLogger("chatnet").error("%s", exc)
         return 1
     except OSError as exc:

@@ -36,6 +36,7 @@ from typing import Protocol
 from ..protocol.codec import STATUS_NOTE
 from ..protocol.texts import T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
 from ..replication.core import PRIMARY, DurableState, Entry, HardState, Ready, Replica
+from .events import HostEvents
 from .service import ChatService, Close, Reply, frame
 from .state import ChatState, decode_command, encode_command
 from .storage import Batch, Loaded, Storage
@@ -94,10 +95,12 @@ class ReplicaHost:
         self.mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
         self._held: list = []  # commands waiting for the view to be re-established
         self.on_applied = None  # observer (index, data) -> None; the simulator's checker uses it
+        self.events = HostEvents(self)  # operator events: logs and metrics (chatnet/server/events.py)
 
     # -- inputs --------------------------------------------------------------------------------
     def tick(self) -> None:
         self.replica.tick()
+        self.events.tick()
 
     def stalled(self) -> None:
         """The loop did not run for a long time (paused): rejoin as recovering."""
@@ -161,6 +164,7 @@ class ReplicaHost:
         self._follow_role()
         if batch:
             self.storage.commit(batch)
+        self.events.after_cycle()  # logged once durable
         for peer, msg in messages:
             self.network.send(peer, msg)
         service = self.service
@@ -197,6 +201,7 @@ class ReplicaHost:
             batch.applied_index = None  # the snapshot's own index is written with it
             batch.meta.update(snapshot_index=rd.snapshot.index, snapshot_view=rd.snapshot.view)
             batch.sync = True
+            self.events.snapshot_installed(rd.snapshot.index, len(rd.snapshot.data))
         if rd.truncate_after is not None:
             batch.truncate_after = rd.truncate_after if batch.truncate_after is None \
                 else min(batch.truncate_after, rd.truncate_after)
@@ -215,8 +220,9 @@ class ReplicaHost:
         batch.sync |= bool(rd.hard_state or rd.entries or rd.truncate_after is not None)
         messages.extend(rd.messages)
         for peer in rd.snapshot_requests:
-            replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index),
-                                  service.state.to_snapshot())
+            data = service.state.to_snapshot()
+            replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index), data)
+            self.events.snapshot_sent(peer, self.applied_index, len(data))
         replica.advance(rd)
         compact = replica.suggested_compaction()
         if compact is not None:
@@ -241,11 +247,15 @@ class ReplicaHost:
         replica = self.replica
         if mode == SERVING:
             log.info("serving clients as primary of view %d (members %s)", replica.view,
-                     ",".join(str(self._name(m)) for m in replica.members))
+                     ",".join(str(self._name(m)) for m in replica.members),
+                     extra={"event": "serving", "view": replica.view,
+                            "members": [str(self._name(m)) for m in replica.members]})
         elif mode == HOLDING:
-            log.info("view change in progress (from view %d); clients wait", replica.view)
+            log.info("view change in progress (from view %d); clients wait", replica.view,
+                     extra={"event": "holding", "view": replica.view})
         elif previous != AWAY or self.service.sessions:
-            log.warning("not serving clients (role %s, view %d)", replica.role, replica.view)
+            log.warning("not serving clients (role %s, view %d)", replica.role, replica.view,
+                        extra={"event": "not_serving", "role": replica.role, "view": replica.view})
             self._held = []
             self.service.abandon_proposals()
             for conn in list(self.service.sessions):

@@ -46,7 +46,10 @@ def child_command(peers: list[Address], me: Address, base_dir: str, secret_file:
     ]
 
 
-def run_local(peers: list[Address], base_dir: str, secret_file: str, extra: list[str]) -> int:
+def run_local(peers: list[Address], base_dir: str, secret_file: str, extra: list[str],
+              metrics_port: int | None = None) -> int:
+    """Run every replica of ``peers`` as a child until Ctrl-C; with ``metrics_port`` P the
+    i-th replica serves its metrics on P+i."""
     if ensure_secret(secret_file):
         print(f"created cluster secret {secret_file}", flush=True)
     if len(peers) > 1:
@@ -56,8 +59,10 @@ def run_local(peers: list[Address], base_dir: str, secret_file: str, extra: list
     env["PYTHONUNBUFFERED"] = "1"
     children: dict[int, tuple[Address, subprocess.Popen]] = {}
     sel = selectors.DefaultSelector()
-    for me in peers:
+    for i, me in enumerate(peers):
         cmd = child_command(peers, me, base_dir, secret_file, extra)
+        if metrics_port is not None:
+            cmd += ["--metrics-port", str(metrics_port + i)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         children[proc.pid] = (me, proc)
         sel.register(proc.stdout, selectors.EVENT_READ, me)
