@@ -54,6 +54,39 @@ T_RESUME_BAD_TOKEN = "Unable to resume: the session token is not valid. Please l
 T_RESUME_UNKNOWN = "Unable to resume: This username does not exist."
 T_RESUME_LOGGED_IN = "Unable to resume: You are already logged in as {me}."
 T_RESUME_TOKEN_NOT_ASCII = "Unable to resume: a session token is ASCII text. Please log in again."
+# Extension 2 (docs/protocol.md): account passwords.
+PASSWORD_EXTENSION = "2"
+T_EXT_PASSWORDS = "ext|" + PASSWORD_EXTENSION
+MAX_PASSWORD_CHARS = 128
+PASSWORD_RULE = f"Passwords are 1 to {MAX_PASSWORD_CHARS} characters with no '|' or control characters."
+T_CREATE_BAD_PASSWORD = "Unable to create account: " + PASSWORD_RULE
+T_LOGIN_WRONG_PASSWORD = "Unable to login: wrong password. Your next attempt will wait {seconds:g} s."
+T_LOGIN_NEEDS_PASSWORD = (
+    "Unable to login: this account has a password. Log in with a client that asks for it "
+    "(chatnet's chatclient)."
+)
+T_LOGIN_PASSWORD_CHANGED = "Unable to login: the password changed meanwhile. Please try again."
+T_DELETE_NEEDS_PASSWORD = (
+    "Unable to delete account: this account has a password. Delete it with a client that asks for it "
+    "(chatnet's chatclient)."
+)
+T_DELETE_WRONG_PASSWORD = "Unable to delete account: wrong password. Your next attempt will wait {seconds:g} s."
+T_PASSWORD_CHANGED = "Password changed."
+T_PASSWD_BAD = "Unable to change password: " + PASSWORD_RULE
+T_PASSWD_WRONG = "Unable to change password: wrong password. Your next attempt will wait {seconds:g} s."
+T_PASSWD_RACE = "Unable to change password: the password changed meanwhile. Please try again."
+# --require-passwords: what seed-style clients (and password-less accounts) are told.
+T_POLICY_CREATE = (
+    "Unable to create account: this server requires a password for every account. "
+    "Use a client that asks for one (chatnet's chatclient)."
+)
+T_POLICY_LOGIN = (
+    "Unable to login: this server requires passwords. Use a client that asks for one (chatnet's chatclient)."
+)
+T_POLICY_NO_PASSWORD = (
+    "Unable to login: this account has no password, and this server requires one. "
+    "It can be used again only where password-less accounts are allowed."
+)
 # The backups' notes (status 2, indicator 0), specified by the replication design.
 T_BACKUP_KNOWS = "This server is a backup. The primary is at {address}."
 T_BACKUP_UNKNOWN = "This server is a backup and knows no primary yet. Try again shortly."

@@ -50,6 +50,7 @@ from ..replication.transport import PeerTransport
 from .config import Address, Limits, cluster_id
 from .host import ReplicaHost
 from .metrics import PUBLISH_INTERVAL, MetricsServer, ReplicaMetrics, TimedStorage
+from .passwords import ThreadHasher
 from .service import Close, Reply, frame
 from .status import MAX_LINE, StatusChallenge, json_line, public_status
 from .store import Store
@@ -196,10 +197,13 @@ class ChatServer:
         if self.metrics is not None:
             storage = TimedStorage(storage, self.metrics)
         # -- end metrics
+        # -- passwords: scrypt off the loop thread; the hasher's socket wakes the loop (passwords.py)
+        self.hasher = ThreadHasher()
+        self.reactor.set_interest(self.hasher.wake_sock, READ, self.hasher)
         self.replica_host = ReplicaHost(
             me, range(len(peers)), storage, network=self.transport, addresses=peers,
             failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
-            naive=naive, limits=limits,
+            naive=naive, limits=limits, hasher=self.hasher,
         )
         self.service = self.replica_host.service
         self.replica = self.replica_host.replica
@@ -273,6 +277,7 @@ class ChatServer:
             query.close()
         if self.transport is not None:
             self.transport.stop()
+        self.reactor.forget(self.hasher.wake_sock)  # passwords: the host closes the hasher
         self.replica_host.close()
         self.reactor.close()
 
@@ -296,7 +301,7 @@ class ChatServer:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, CLIENT_SNDBUF)
             conn = ClientConnection(self, next(self._ids), sock, addr)
             self.conns[conn.id] = conn
-            self.replica_host.open(conn.id)
+            self.replica_host.open(conn.id, addr[0])  # the address: password back-off
             self._update_interest(conn)
 
     def _admit(self, conn: ClientConnection) -> str | None:

@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "for the replicas in order)")
     parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
                         help="disconnect a client that reads nothing for this long while chat piles up (default: 60)")
+    parser.add_argument("--require-passwords", action="store_true",
+                        help="refuse creating and logging into accounts without a password (seed-style "
+                             "clients are told why); see README, Passwords")
     limits = Limits()
     for name, kind, metavar, text in LIMIT_FLAGS:
         default = getattr(limits, name)
@@ -144,7 +147,8 @@ def local_peers(n: int, base_port: int | None) -> list[Address]:
 
 def limits_from(args: argparse.Namespace) -> Limits:
     """The Limits of the parsed flags (ConfigError names the bad flag)."""
-    return Limits(**{name: getattr(args, name) for name, *_ in LIMIT_FLAGS})
+    return Limits(**{name: getattr(args, name) for name, *_ in LIMIT_FLAGS},
+                  require_passwords=getattr(args, "require_passwords", False))
 
 
 def status_main(argv: list[str]) -> int:
@@ -269,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                      "--log-format", args.log_format]
             for name, *_ in LIMIT_FLAGS:  # every limit flag reaches every child replica
                 extra += ["--" + name.replace("_", "-"), str(getattr(limits, name))]
+            extra += ["--require-passwords"] if limits.require_passwords else []
             return run_local(peers, base, secret_file, extra, metrics_port=args.metrics_port)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
         secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None

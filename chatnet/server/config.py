@@ -133,6 +133,9 @@ class Limits:
     # Seconds a connection that is not logged in may stay silent before it is closed.
     idle_timeout: float = 300.0
     PEER_RESERVE: ClassVar[int] = 64
+    # --require-passwords: creating or logging into an account without a password is refused
+    # (seed-style clients are told why); docs/protocol.md, extension 2.
+    require_passwords: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_queued_chats", "max_accounts", "max_list_names", "max_connections"):

@@ -37,6 +37,7 @@ from ..protocol.codec import STATUS_NOTE
 from ..protocol.texts import T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
 from ..replication.core import PRIMARY, DurableState, Entry, HardState, Ready, Replica
 from .events import HostEvents
+from .passwords import InlineHasher
 from .service import ChatService, Close, Reply, frame
 from .state import ChatState, decode_command, encode_command
 from .storage import Batch, Loaded, Storage
@@ -72,7 +73,7 @@ class ReplicaHost:
     def __init__(self, me: int, cluster, storage: Storage, *, network: Network | None = None,
                  addresses=None, failure_ticks: int = 10, rng: random.Random | None = None,
                  retain_entries: int = 10_000, naive: bool = False, limits=None,
-                 new_token=None):
+                 new_token=None, hasher=None, clock=None):
         self.me = me
         self.cluster = tuple(cluster)
         self.storage = storage
@@ -82,7 +83,12 @@ class ReplicaHost:
         service_args = {"limits": limits} if limits is not None else {}
         if new_token is not None:
             service_args["new_token"] = new_token
+        if clock is not None:  # the password back-off's clock (passwords.Throttle)
+            service_args["clock"] = clock
         self.service = ChatService(loaded.state, **service_args)
+        # Password hashing (extension 2) runs here, off the service: ThreadHasher in the real
+        # server (off the loop thread), InlineHasher in tests and the simulator (deterministic).
+        self.hasher = hasher or InlineHasher()
         self.applied_index = loaded.applied_index
         # Benchmark baseline (--naive): one command per iteration (one fsync per command) and
         # one entry in flight per backup (stop-and-wait) instead of group commit + pipelining.
@@ -100,6 +106,7 @@ class ReplicaHost:
     # -- inputs --------------------------------------------------------------------------------
     def tick(self) -> None:
         self.replica.tick()
+        self.service.tick()  # password checks whose back-off is over
         self.events.tick()
 
     def stalled(self) -> None:
@@ -115,8 +122,8 @@ class ReplicaHost:
         else:
             self.replica.peer_disconnected(peer)
 
-    def open(self, conn: int) -> None:
-        self.service.connection_opened(conn)
+    def open(self, conn: int, address: str | None = None) -> None:
+        self.service.connection_opened(conn, address)
 
     def close_connection(self, conn: int) -> None:
         self.service.connection_closed(conn)
@@ -151,6 +158,7 @@ class ReplicaHost:
         Effects the service queued before this call (answers that need no commit, such as a
         ``list``) are included first, in order."""
         self._follow_role()
+        self._hash_passwords()
         self._propose()
         batch, messages = Batch(), []
         rounds = 0
@@ -169,8 +177,15 @@ class ReplicaHost:
             self.network.send(peer, msg)
         service = self.service
         more = bool(service.proposals or self._held and self.mode == SERVING) \
-            or service.has_delivery_marks() or rounds == MAX_READY_ROUNDS
+            or service.has_delivery_marks() or rounds == MAX_READY_ROUNDS or self.hasher.has_done()
         return CycleResult(service.take_effects(), service.take_unblocked(), more)
+
+    def _hash_passwords(self) -> None:
+        """Hand finished password jobs back to the service, then start the ones it queued."""
+        for job in self.hasher.take_done():
+            self.service.hashed(job)
+        for job in self.service.take_hash_jobs():
+            self.hasher.submit(job)
 
     def _propose(self) -> None:
         replica, service = self.replica, self.service
@@ -277,10 +292,12 @@ class ReplicaHost:
 
     def status(self) -> dict:
         status = self.replica.status()
-        status.update(accounts=len(self.service.state.accounts), applied=self.applied_index)
+        status.update(accounts=len(self.service.state.accounts), applied=self.applied_index,
+                      passwords=self.service.password_stats())
         return status
 
     def close(self) -> None:
+        self.hasher.close()
         self.storage.close()
 
 

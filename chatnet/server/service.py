@@ -22,16 +22,25 @@ Rules the service keeps:
   has seen).
 * A congested recipient (its output over the high-water mark) gets no live chat; it stays in
   the mailbox and is pumped again when the host reports the output drained.
+* Passwords (extension 2) are hashed and checked off the loop: the service queues a
+  :class:`~.passwords.HashJob` (``take_hash_jobs``), the host runs it on its hasher and hands it
+  back (``hashed``); meanwhile the connection waits.  Only the scrypt record ever enters a
+  command.  A password check reads the replicated record after every command received before
+  it (``_read``), and the command it leads to names the record it checked, so a password
+  changed in between is never bypassed.  Failed checks are slowed down per account and per
+  address (:class:`~.passwords.Throttle`): an early attempt waits (``tick``), it is never refused.
 """
 
 from __future__ import annotations
 
 import bisect
 import fnmatch
+import heapq
 import hmac
 import itertools
 import re
 import secrets
+import time
 from dataclasses import dataclass, field
 
 from ..protocol.codec import (
@@ -50,24 +59,39 @@ from ..protocol.codec import (
 from ..protocol.texts import (
     EXTENSION,
     MAX_USERNAME_CHARS,
+    PASSWORD_EXTENSION,
     T_CREATE_BAD_NAME,
+    T_CREATE_BAD_PASSWORD,
     T_CREATE_FULL,
     T_CREATE_LOGGED_IN,
     T_CREATE_TAKEN,
     T_CREATED,
+    T_DELETE_NEEDS_PASSWORD,
+    T_DELETE_WRONG_PASSWORD,
     T_DELETED,
     T_EMPTY_MESSAGE,
     T_EXT,
+    T_EXT_PASSWORDS,
     T_LIST_MORE,
     T_LOGGED_IN,
     T_LOGIN_CONNECTED,
     T_LOGIN_LOGGED_IN,
+    T_LOGIN_NEEDS_PASSWORD,
+    T_LOGIN_PASSWORD_CHANGED,
     T_LOGIN_UNKNOWN,
+    T_LOGIN_WRONG_PASSWORD,
     T_MAILBOX_FULL,
     T_MISSED,
     T_MUST_LOGIN,
     T_NO_MISSED,
     T_NO_RECIPIENT,
+    T_PASSWD_BAD,
+    T_PASSWD_RACE,
+    T_PASSWD_WRONG,
+    T_PASSWORD_CHANGED,
+    T_POLICY_CREATE,
+    T_POLICY_LOGIN,
+    T_POLICY_NO_PASSWORD,
     T_RESUME_BAD_TOKEN,
     T_RESUME_LOGGED_IN,
     T_RESUME_TOKEN_NOT_ASCII,
@@ -81,6 +105,7 @@ from ..protocol.texts import (
 from . import state as sm
 from .config import Limits
 from .ordering import ArrivalOrder
+from .passwords import HashJob, Throttle, password_problem
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 # Accounts one `list` answer examines at most (besides its page-size limit), so that a pattern
@@ -88,6 +113,8 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 LIST_SCAN_LIMIT = 10_000
 READ_OPS = frozenset({4, 7})  # list, resume: answered from the state, no log entry of their own
 READ = -2  # Session.waiting_for of a connection whose read waits for earlier commands
+HASHING = -3  # ... whose password is being hashed or checked off the loop
+THROTTLED = -4  # ... whose password check waits for its back-off (passwords.Throttle)
 
 
 def _list_cursor(pattern: str) -> tuple[str, int]:
@@ -139,6 +166,8 @@ class Session:
     input_ended: bool = False  # the client sent EOF: it leaves once its requests are answered
     congested: bool = False
     extended: bool = False  # negotiated extension 1: tokens, sequence numbers, acks
+    passwords: bool = False  # negotiated extension 2: the password verbs of op 0
+    address: str | None = None  # the client's IP address (per-address back-off)
 
 
 def frame(status: int, message: str) -> bytes:
@@ -167,10 +196,17 @@ class ChatService:
     _list_cache: list = field(default_factory=list)  # accounts in creation order, see _accounts_in_order
     _list_cache_key: tuple | None = None
     _order: ArrivalOrder = field(default_factory=ArrivalOrder)  # reads wait for earlier commands
+    clock: object = field(default=time.monotonic)  # only for the password back-off
+    throttle: Throttle = field(default_factory=Throttle)
+    hash_jobs: list = field(default_factory=list)  # HashJobs for the host's hasher
+    _hash_epoch: int = 0  # bumped when this replica stops serving: older jobs are void
+    _throttled: list = field(default_factory=list)  # heap of (when, n, conn, check) waiting for back-off
+    _throttle_ids: object = field(default_factory=itertools.count)
+    _creating: dict = field(default_factory=dict)  # name -> requests waiting for its hashing create
 
     # -- connection life cycle -------------------------------------------------------------
-    def connection_opened(self, conn: int) -> None:
-        self.sessions[conn] = Session(conn)
+    def connection_opened(self, conn: int, address: str | None = None) -> None:
+        self.sessions[conn] = Session(conn, address=address)
 
     def connection_closed(self, conn: int) -> None:
         session = self.sessions.pop(conn, None)
@@ -230,27 +266,50 @@ class ChatService:
         handler(self, session, *args)
 
     def _create(self, session: Session, name: str) -> None:
-        if session.name is not None:
-            self._reply(session.conn, STATUS_ERROR, T_CREATE_LOGGED_IN.format(me=session.name))
-        elif username_problem(name):
-            self._reply(session.conn, STATUS_ERROR, T_CREATE_BAD_NAME)
-        elif len(self.state.accounts) >= self.limits.max_accounts and not self.state.exists(name):
-            self._reply(session.conn, STATUS_ERROR, T_CREATE_FULL)
-        else:
+        refusal = self._create_refusal(session, name, T_POLICY_CREATE if self.limits.require_passwords else None)
+        if refusal is not None:
+            self._reply(session.conn, STATUS_ERROR, refusal)
+        elif not self._behind_create(session, ChatService._create, (name,), name):
             self._propose(sm.cmd_create(name, self.new_token()), session)
 
-    def _login(self, session: Session, name: str) -> None:
+    def _create_refusal(self, session: Session, name: str, policy: str | None = None) -> str | None:
+        """The reference checks of a create (the name's being taken is decided at apply)."""
         if session.name is not None:
-            self._reply(session.conn, STATUS_ERROR, T_LOGIN_LOGGED_IN.format(me=session.name))
-        elif username_problem(name):  # whether it exists is decided when the login applies
-            self._reply(session.conn, STATUS_ERROR, T_LOGIN_UNKNOWN)
-        elif name in self.online or name in self._logging_in:
+            return T_CREATE_LOGGED_IN.format(me=session.name)
+        if username_problem(name):
+            return T_CREATE_BAD_NAME
+        if policy is not None:
+            return policy
+        if len(self.state.accounts) >= self.limits.max_accounts and not self.state.exists(name):
+            return T_CREATE_FULL
+        return None
+
+    def _login(self, session: Session, name: str) -> None:
+        refusal = self._login_refusal(session, name)
+        if refusal is None and self.limits.require_passwords:
+            refusal = T_POLICY_LOGIN  # a seed-style login can only reach a password-less account
+        if refusal is not None:
+            self._reply(session.conn, STATUS_ERROR, refusal)
+        elif not self._behind_create(session, ChatService._login, (name,), name):
+            self._propose_login(session, name, sm.cmd_login(name, self.new_token()))
+
+    def _login_refusal(self, session: Session, name: str) -> str | None:
+        if session.name is not None:
+            return T_LOGIN_LOGGED_IN.format(me=session.name)
+        if username_problem(name):  # whether it exists is decided when the login applies
+            return T_LOGIN_UNKNOWN
+        if name in self.online or name in self._logging_in:
+            return T_LOGIN_CONNECTED
+        return None
+
+    def _propose_login(self, session: Session, name: str, cmd: tuple) -> None:
+        # A login is replicated: its new token supersedes every earlier session's.  Only one
+        # login of an account may be in flight, or a loser's token would replace the winner's.
+        if name in self.online or name in self._logging_in:
             self._reply(session.conn, STATUS_ERROR, T_LOGIN_CONNECTED)
-        else:
-            # A login is replicated: its new token supersedes every earlier session's.  Only one
-            # login of an account may be in flight, or a loser's token would replace the winner's.
-            self._logging_in.add(name)
-            self._propose(sm.cmd_login(name, self.new_token()), session)
+            return
+        self._logging_in.add(name)
+        self._propose(cmd, session)
 
     def _logged_in(self, session: Session, name: str) -> None:
         """The login committed: answer, then the queued chat, then the note."""
@@ -348,6 +407,8 @@ class ChatService:
     def _delete(self, session: Session) -> None:
         if session.name is None:
             self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
+        elif self.state.accounts[session.name].password is not None:
+            self._reply(session.conn, STATUS_ERROR, T_DELETE_NEEDS_PASSWORD)
         else:
             self._propose(sm.cmd_delete(session.name), session)
 
@@ -365,6 +426,11 @@ class ChatService:
         if verb == "ext" and args == (EXTENSION,):
             session.extended = True
             self._reply(session.conn, STATUS_OK, T_EXT)
+        elif verb == "ext" and args == (PASSWORD_EXTENSION,):
+            session.passwords = True
+            self._reply(session.conn, STATUS_OK, T_EXT_PASSWORDS)
+        elif verb in _PASSWORD_VERBS and session.passwords:
+            _PASSWORD_VERBS[verb](self, session, *args)
         elif verb == "ack" and session.extended and len(args) == 1 and parse_number(args[0]) is not None:
             if session.name is not None:
                 seq = min(parse_number(args[0]), session.sent_upto)
@@ -391,6 +457,8 @@ class ChatService:
             self._reply(session.conn, STATUS_ERROR, T_RESUME_TOKEN_NOT_ASCII)
         elif account.token is None or not hmac.compare_digest(account.token.encode(), token.encode("ascii")):
             self._reply(session.conn, STATUS_ERROR, T_RESUME_BAD_TOKEN)
+        elif self.limits.require_passwords and account.password is None:
+            self._reply(session.conn, STATUS_ERROR, T_POLICY_NO_PASSWORD)
         else:
             old = self.online.get(name)
             if old is not None:  # the dead session this one replaces
@@ -409,6 +477,160 @@ class ChatService:
             self._reply(session.conn, STATUS_OK, T_TOKEN.format(token=self.state.accounts[session.name].token))
 
     _handlers = {0: _extension, 1: _create, 2: _login, 3: _send, 4: _list, 5: _delete, 6: _exit, 7: _resume}
+
+    # -- extension 2: passwords -------------------------------------------------------------
+    def _create_password(self, session: Session, name: str = "", password: str = "", *rest: str) -> None:
+        """``0|create|NAME|PASSWORD``: op 1, with the scrypt record made off the loop first."""
+        refusal = INVALID_REQUEST_TEXT if rest else self._create_refusal(session, name)
+        if refusal is None and password_problem(password):
+            refusal = T_CREATE_BAD_PASSWORD
+        if refusal is not None:
+            self._reply(session.conn, STATUS_ERROR, refusal)
+        elif not self._behind_create(session, ChatService._create_password, (name, password), name):
+            self._creating[name] = []  # same-name creates and logins wait for this one
+            self._hash(session, HashJob(password), "create", name)
+
+    def _login_password(self, session: Session, name: str = "", password: str = "", *rest: str) -> None:
+        """``0|login|NAME|PASSWORD``: op 2 for an account with (or without) a password."""
+        refusal = INVALID_REQUEST_TEXT if rest else self._login_refusal(session, name)
+        if refusal is not None:
+            self._reply(session.conn, STATUS_ERROR, refusal)
+        elif not self._behind_create(session, ChatService._login_password, (name, password), name):
+            self._check(session, name, password, "login")
+
+    def _delete_password(self, session: Session, password: str = "", *rest: str) -> None:
+        """``0|delete|PASSWORD``: op 5, once the password is checked again."""
+        if rest:
+            self._reply(session.conn, STATUS_ERROR, INVALID_REQUEST_TEXT)
+        elif session.name is None:
+            self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
+        else:
+            self._check(session, session.name, password, "delete")
+
+    def _passwd(self, session: Session, old: str = "", new: str = "", *rest: str) -> None:
+        """``0|passwd|OLD|NEW``: check OLD (not for an account without a password), hash NEW."""
+        if rest:
+            self._reply(session.conn, STATUS_ERROR, INVALID_REQUEST_TEXT)
+        elif session.name is None:
+            self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
+        elif password_problem(new):
+            self._reply(session.conn, STATUS_ERROR, T_PASSWD_BAD)
+        else:
+            self._check(session, session.name, old, "passwd", new)
+
+    def _behind_create(self, session: Session, handler, args: tuple, name: str) -> bool:
+        """A create of ``name`` is being hashed: this create or login of the same name waits
+        until it is proposed, then goes after it (arrival order for the name)."""
+        if name not in self._creating:
+            return False
+        session.waiting_for = HASHING
+        self._creating[name].append((session.conn, handler, args))
+        return True
+
+    def _hash(self, session: Session, job: HashJob, kind: str, *context) -> None:
+        """Queue ``job`` for the host's hasher; the connection waits for ``hashed``."""
+        job.context = (self._hash_epoch, kind, session.conn, *context)
+        session.waiting_for = HASHING
+        self.hash_jobs.append(job)
+
+    def take_hash_jobs(self) -> list:
+        jobs, self.hash_jobs = self.hash_jobs, []
+        return jobs
+
+    def hashed(self, job: HashJob) -> None:
+        """The host's hasher finished ``job``: go on with the request that queued it."""
+        epoch, kind, conn, *context = job.context
+        if epoch != self._hash_epoch:
+            return  # queued before this replica stopped serving: nobody waits for it here
+        session = self.sessions.get(conn)
+        if session is not None and session.waiting_for == HASHING:
+            session.waiting_for = None
+            self._unblocked.append(conn)
+        elif kind == "create":
+            session = None  # the client left; its create still takes effect (arrival order)
+        else:
+            return
+        getattr(self, f"_{kind}_hashed")(session, job.result, *context)
+
+    def _create_hashed(self, session: Session | None, record: str | None, name: str) -> None:
+        if record is not None:
+            self._propose(sm.cmd_create(name, self.new_token(), record), session)
+        elif session is not None:  # the hasher failed (a bug): refuse rather than store no password
+            self._reply(session.conn, STATUS_ERROR, T_CREATE_BAD_PASSWORD)
+        for conn, handler, args in self._creating.pop(name, []):
+            waiting = self.sessions.get(conn)
+            if waiting is not None and waiting.waiting_for == HASHING:
+                waiting.waiting_for = None
+                self._unblocked.append(conn)
+                handler(self, waiting, *args)
+
+    def _check(self, session: Session, name: str, password: str, purpose: str, extra: str = "") -> None:
+        """Check ``password`` for ``name``, after the account's and the address's back-off."""
+        now = self.clock()
+        when = self.throttle.when(name, session.address, now)
+        args = (name, password, purpose, extra)
+        if when > now:
+            session.waiting_for = THROTTLED
+            heapq.heappush(self._throttled, (when, next(self._throttle_ids), session.conn, args))
+        else:
+            self._read(session, ChatService._check_stored, args)
+
+    def tick(self) -> None:
+        """Release the password checks whose back-off is over (the host calls this every tick)."""
+        if not (self._throttled or self.throttle.accounts or self.throttle.addresses):
+            return
+        now = self.clock()
+        while self._throttled and self._throttled[0][0] <= now:
+            _, _, conn, args = heapq.heappop(self._throttled)
+            session = self.sessions.get(conn)
+            if session is not None and session.waiting_for == THROTTLED:
+                session.waiting_for = None
+                self._unblocked.append(conn)
+                self._read(session, ChatService._check_stored, args)
+        self.throttle.prune(now)
+
+    def _check_stored(self, session: Session, name: str, password: str, purpose: str, extra: str) -> None:
+        """A read: the record as applied after every command received before the request."""
+        account = self.state.accounts.get(name)
+        if account is None:
+            self._reply(session.conn, STATUS_ERROR, T_LOGIN_UNKNOWN if purpose == "login" else T_MUST_LOGIN)
+        elif account.password is None:
+            self._passed(session, purpose, name, None, extra)
+        elif password_problem(password):  # cannot be right: a failure, without scrypt
+            self._verify_hashed(session, False, purpose, name, account.password_salt, extra)
+        else:
+            job = HashJob(password, account.password)
+            self._hash(session, job, "verify", purpose, name, account.password_salt, extra)
+
+    def _verify_hashed(self, session: Session, right: bool, purpose: str, name: str, salt: str, extra: str) -> None:
+        if right:
+            self.throttle.succeeded(name, session.address)
+            self._passed(session, purpose, name, salt, extra)
+        else:
+            wait = self.throttle.failed(name, session.address, self.clock())
+            self._reply(session.conn, STATUS_ERROR, _WRONG_PASSWORD[purpose].format(seconds=wait))
+
+    def _passed(self, session: Session, purpose: str, name: str, checked: str | None, extra: str) -> None:
+        """The password is right (or the account has none): the request goes on."""
+        if purpose == "login":
+            if checked is None and self.limits.require_passwords:
+                self._reply(session.conn, STATUS_ERROR, T_POLICY_NO_PASSWORD)
+            else:
+                self._propose_login(session, name, sm.cmd_login(name, self.new_token(), checked, verified=True))
+        elif purpose == "delete":
+            self._propose(sm.cmd_delete(name), session)
+        else:
+            self._hash(session, HashJob(extra), "passwd", name, checked)
+
+    def _passwd_hashed(self, session: Session, record: str | None, name: str, checked: str | None) -> None:
+        if record is None:  # the hasher failed (a bug)
+            self._reply(session.conn, STATUS_ERROR, T_PASSWD_BAD)
+        else:
+            self._propose(sm.cmd_password(name, record, checked), session)
+
+    def password_stats(self) -> dict:
+        """Counters for the replica's status (never a name or a password)."""
+        return {**self.throttle.stats(), "waiting_for_backoff": len(self._throttled)}
 
     # -- commands ---------------------------------------------------------------------------
     def _propose(self, cmd: tuple, session: Session | None) -> None:
@@ -459,6 +681,10 @@ class ChatService:
         self.proposals.clear()
         self._logging_in.clear()
         self._order.reset()
+        self._hash_epoch += 1  # jobs still out come back void
+        self.hash_jobs.clear()
+        self._throttled.clear()
+        self._creating.clear()
 
     def apply(self, index: int, cmd: tuple, view: int = 0) -> list:
         """Apply a committed command; queue its answer and live chat; return the store's row changes.
@@ -501,7 +727,10 @@ class ChatService:
             if result == sm.OK:
                 self._logged_in(session, cmd[1])
             else:
-                self._reply(session.conn, STATUS_ERROR, T_LOGIN_UNKNOWN)
+                self._reply(session.conn, STATUS_ERROR, _LOGIN_REFUSALS[result])
+        elif kind == "password":
+            self._reply(session.conn, *((STATUS_OK, T_PASSWORD_CHANGED) if result == sm.OK
+                                        else (STATUS_ERROR, T_PASSWD_RACE)))
         elif kind == "send":
             if isinstance(result, sm.Mail) or result == sm.DUPLICATE:
                 self._reply(session.conn, STATUS_OK, T_SENT.format(recipient=cmd[2]))
@@ -588,3 +817,10 @@ class ChatService:
     def take_effects(self) -> list:
         effects, self.effects = self.effects, []
         return effects
+
+
+_PASSWORD_VERBS = {"create": ChatService._create_password, "login": ChatService._login_password,
+                   "delete": ChatService._delete_password, "passwd": ChatService._passwd}
+_LOGIN_REFUSALS = {sm.NO_SUCH_ACCOUNT: T_LOGIN_UNKNOWN, sm.PASSWORD_REQUIRED: T_LOGIN_NEEDS_PASSWORD,
+                   sm.PASSWORD_CHANGED: T_LOGIN_PASSWORD_CHANGED}
+_WRONG_PASSWORD = {"login": T_LOGIN_WRONG_PASSWORD, "delete": T_DELETE_WRONG_PASSWORD, "passwd": T_PASSWD_WRONG}

@@ -29,6 +29,8 @@ NAME_TAKEN = "name-taken"
 NO_SUCH_ACCOUNT = "no-such-account"
 NO_SUCH_RECIPIENT = "no-such-recipient"
 DUPLICATE = "duplicate"  # a send whose request id the sender already used: acknowledged, not delivered again
+PASSWORD_REQUIRED = "password-required"  # a login without a password checked, of an account that has one
+PASSWORD_CHANGED = "password-changed"  # the password checked before proposing is no longer the account's
 
 RECENT_REQUEST_IDS = 1024  # per account: how far back a retried send is recognised
 
@@ -55,17 +57,34 @@ class Account:
     token: str | None = None  # resume token of the latest login; None after a logout
     request_ids: dict = field(default_factory=dict)  # recent send request ids -> position, oldest first
     next_rid_pos: int = 1
+    password: str | None = None  # scrypt record (chatnet/server/passwords.py), never the password
+
+    @property
+    def password_salt(self) -> str | None:
+        """The salt of the current record: what a login or a change checked against."""
+        return None if self.password is None else self.password.split("$")[4]
 
 
 # Commands.  They travel through the replicated log as bytes, so they are plain tuples with a
 # compact JSON encoding rather than objects.
-def cmd_create(name: str, token: str | None = None) -> tuple:
-    return ("create", name, token)
+def cmd_create(name: str, token: str | None = None, password: str | None = None) -> tuple:
+    """``password`` is the scrypt record made by the receiving replica (never the password)."""
+    return ("create", name, token) if password is None else ("create", name, token, password)
 
 
-def cmd_login(name: str, token: str) -> tuple:
-    """A login: the new token supersedes any earlier session's (the primary draws it)."""
-    return ("login", name, token)
+def cmd_login(name: str, token: str, checked: str | None = None, *, verified: bool = False) -> tuple:
+    """A login: the new token supersedes any earlier session's (the primary draws it).
+
+    Without ``verified`` (a seed-style login) it applies only to an account without a password.
+    With it, the receiving replica checked the password against the record whose salt is
+    ``checked`` (None: the account had none), and the login applies only if that is still the
+    account's record, so a password changed in between is never bypassed."""
+    return ("login", name, token, checked) if verified else ("login", name, token)
+
+
+def cmd_password(name: str, record: str, checked: str | None) -> tuple:
+    """Change ``name``'s password to ``record`` if its record's salt is still ``checked``."""
+    return ("password", name, record, checked)
 
 
 def cmd_logout(name: str) -> tuple:
@@ -137,8 +156,9 @@ class ChatState:
         self._next_order = 1
 
     # -- loading (used by the store when it rebuilds the state from its tables) ------------
-    def load_account(self, name: str, order: int, next_seq: int, token: str | None = None) -> None:
-        self.accounts[name] = Account(name, order, next_seq, token)
+    def load_account(self, name: str, order: int, next_seq: int, token: str | None = None,
+                     password: str | None = None) -> None:
+        self.accounts[name] = Account(name, order, next_seq, token, password=password)
         self.mailboxes[name] = deque()
         self._next_order = max(self._next_order, order + 1)
 
@@ -152,11 +172,13 @@ class ChatState:
 
     # -- snapshots (catch-up of a replica that is behind the compacted log) -----------------
     def to_snapshot(self) -> bytes:
-        """The whole state as bytes: accounts in creation order, each with its mailbox."""
+        """The whole state as bytes: accounts in creation order, each with its mailbox (and its
+        password record, as a seventh field, only when it has one)."""
         accounts = [
             [a.name, a.order, a.next_seq,
              [[m.seq, m.sender, m.text, int(m.sender_deleted)] for m in self.mailboxes[a.name]],
              a.token, [[pos, rid] for rid, pos in a.request_ids.items()]]
+            + ([a.password] if a.password is not None else [])
             for a in self.accounts.values()
         ]
         return json.dumps({"v": 1, "next_order": self._next_order, "accounts": accounts},
@@ -168,8 +190,8 @@ class ChatState:
         if doc.get("v") != 1:
             raise ValueError(f"unknown snapshot version {doc.get('v')!r}")
         state = cls()
-        for name, order, next_seq, mails, token, request_ids in doc["accounts"]:
-            state.load_account(name, order, next_seq, token)
+        for name, order, next_seq, mails, token, request_ids, *password in doc["accounts"]:
+            state.load_account(name, order, next_seq, token, password[0] if password else None)
             for seq, sender, text, deleted in mails:
                 state.load_mail(name, Mail(seq, sender, text, bool(deleted)))
             for pos, rid in request_ids:
@@ -201,11 +223,13 @@ class ChatState:
         """Apply one command; return (result, row changes for the store)."""
         kind = cmd[0]
         if kind == "create":
-            return self._create(cmd[1], cmd[2])
+            return self._create(cmd[1], cmd[2], cmd[3] if len(cmd) > 3 else None)
         if kind == "send":
             return self._send(cmd[1], cmd[2], cmd[3], cmd[4])
         if kind == "login":
-            return self._set_token(cmd[1], cmd[2])
+            return self._login(cmd)
+        if kind == "password":
+            return self._set_password(cmd[1], cmd[2], cmd[3])
         if kind == "logout":
             return self._set_token(cmd[1], None)
         if kind == "delivered":
@@ -217,14 +241,38 @@ class ChatState:
             return self._delete(cmd[1])
         raise ValueError(f"unknown command {kind!r}")
 
-    def _create(self, name: str, token: str | None):
+    def _create(self, name: str, token: str | None, password: str | None):
         if name in self.accounts:
             return NAME_TAKEN, []
         order = self._next_order
         self._next_order += 1
-        self.accounts[name] = Account(name, order, token=token)
+        self.accounts[name] = Account(name, order, token=token, password=password)
         self.mailboxes[name] = deque()
-        return OK, [("account+", name, order, token)]
+        changes = [("account+", name, order, token)]
+        if password is not None:
+            changes.append(("password", name, password))
+        return OK, changes
+
+    def _login(self, cmd: tuple):
+        """``("login", name, token)`` (seed-style: only without a password) or ``("login", name,
+        token, checked)`` (the password was checked against the record with salt ``checked``)."""
+        account = self.accounts.get(cmd[1])
+        if account is None:
+            return NO_SUCH_ACCOUNT, []
+        if len(cmd) < 4 and account.password is not None:
+            return PASSWORD_REQUIRED, []
+        if len(cmd) >= 4 and account.password_salt != cmd[3]:
+            return PASSWORD_CHANGED, []
+        return self._set_token(cmd[1], cmd[2])
+
+    def _set_password(self, name: str, record: str, checked: str | None):
+        account = self.accounts.get(name)
+        if account is None:
+            return NO_SUCH_ACCOUNT, []
+        if account.password_salt != checked:
+            return PASSWORD_CHANGED, []
+        account.password = record
+        return OK, [("password", name, record)]
 
     def _set_token(self, name: str, token: str | None):
         account = self.accounts.get(name)

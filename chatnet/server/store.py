@@ -10,7 +10,8 @@ are only deleted up to the applied index, it can never point past the log either
 Tables:
     meta(key, value)                       applied_index, view, primary, members, snapshot_*
     log(idx, view, data)                   replicated log entries (a bounded tail is kept)
-    accounts(name, ord, next_seq, token)   the chat state machine's accounts
+    accounts(name, ord, next_seq, token, password)   the chat state machine's accounts (password:
+                                           the scrypt record, chatnet/server/passwords.py)
     request_ids(account, pos, rid)         each account's recent send request ids
     mail(recipient, seq, sender, text, sender_deleted)   acknowledged, undelivered chat
 """
@@ -77,6 +78,9 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
+            columns = {row[1] for row in self._db.execute("PRAGMA table_info(accounts)")}
+            if "password" not in columns:  # a store made before passwords (extension 2)
+                self._db.execute("ALTER TABLE accounts ADD COLUMN password TEXT")
             self._sync = True
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
@@ -85,8 +89,9 @@ class Store:
     def load(self) -> Loaded:
         db = self._db
         state = ChatState()
-        for name, order, next_seq, token in db.execute("SELECT name, ord, next_seq, token FROM accounts ORDER BY ord"):
-            state.load_account(name, order, next_seq, token)
+        for name, order, next_seq, token, password in db.execute(
+                "SELECT name, ord, next_seq, token, password FROM accounts ORDER BY ord"):
+            state.load_account(name, order, next_seq, token, password)
         for account, pos, rid in db.execute("SELECT account, pos, rid FROM request_ids ORDER BY account, pos"):
             state.load_request_id(account, pos, rid)
         for recipient, seq, sender, text, deleted in db.execute(
@@ -155,10 +160,11 @@ class Store:
         ("rid+", "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)"),
         ("next_seq", "UPDATE accounts SET next_seq = ? WHERE name = ?"),
         ("token", "UPDATE accounts SET token = ? WHERE name = ?"),
+        ("password", "UPDATE accounts SET password = ? WHERE name = ?"),
         ("mail-", "DELETE FROM mail WHERE recipient = ? AND seq <= ?"),
         ("rid-", "DELETE FROM request_ids WHERE account = ? AND pos <= ?"),
     )
-    _LAST_WINS = {"next_seq", "token"}  # per account, only the last value of a run matters
+    _LAST_WINS = {"next_seq", "token", "password"}  # per account, only the last value of a run matters
 
     def _apply_changes(self, changes) -> None:
         db = self._db
@@ -167,7 +173,7 @@ class Store:
             kind = change[0]
             if kind in ("mail+", "rid+", "mail-", "rid-"):
                 run.setdefault(kind, []).append(change[1:])
-            elif kind in self._LAST_WINS:
+            elif kind in self._LAST_WINS:  # (an account's password follows its account+ barrier)
                 run.setdefault(kind, {})[change[1]] = change[2]
             else:  # a barrier: account created or deleted, a sender's chat marked deleted
                 self._flush_run(run)
@@ -199,8 +205,8 @@ class Store:
         for table in ("accounts", "mail", "request_ids", "log"):
             db.execute(f"DELETE FROM {table}")
         db.executemany(
-            "INSERT INTO accounts(name, ord, next_seq, token) VALUES (?, ?, ?, ?)",
-            [(a.name, a.order, a.next_seq, a.token) for a in state.accounts.values()],
+            "INSERT INTO accounts(name, ord, next_seq, token, password) VALUES (?, ?, ?, ?, ?)",
+            [(a.name, a.order, a.next_seq, a.token, a.password) for a in state.accounts.values()],
         )
         db.executemany(
             "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)",
