@@ -209,7 +209,6 @@ class ChatServer:
         self.replica = self.replica_host.replica
         if self.metrics is not None:
             self.replica_host.events.metrics = self.metrics
-            self.replica_host.on_applied = self.metrics.applied
         self.conns: dict[int, ClientConnection] = {}
         self._ids = itertools.count(1)
         self._dirty: set[ClientConnection] = set()

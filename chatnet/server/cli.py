@@ -214,7 +214,9 @@ def status_row(addr, status: dict | None, peers) -> str:
         return f"{str(addr):<22} {'no answer':<11}"
     if "error" in status:
         return f"{str(addr):<22} {'refused':<11} {status['error']}"
-    members = ",".join(str(peers[m].port) if m < len(peers) else str(m) for m in status.get("members", []))
+    one_host = len({p.host for p in peers}) == 1  # ports alone say it; else whole addresses
+    members = ",".join((str(peers[m].port) if one_host else str(peers[m])) if m < len(peers) else str(m)
+                       for m in status.get("members", []))
     role = status["role"] + ("*" if status.get("serving") else "")
     return (f"{str(addr):<22} {role:<11} {status.get('view', ''):>5} {status.get('primary_address') or '-':<22} "
             f"{status.get('last_index', ''):>7} {status.get('commit_index', ''):>7}  {members}")

@@ -21,7 +21,6 @@ import threading
 import time
 
 from ..protocol.codec import STATUS_ERROR, STATUS_NOTE, STATUS_OK
-from .state import decode_command
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,8 @@ class ReplicaMetrics:
     def __init__(self, clock=time.monotonic) -> None:
         self.clock = clock
         r = self.registry = Registry()
-        self.chats = r.counter("chatnet_chats_total", "chats committed and applied on this replica")
+        self.chats = r.counter("chatnet_chats_total", "chats stored on this replica (committed sends that "
+                                                      "reached a mailbox)")
         self.requests = r.counter("chatnet_requests_total", "client requests handled, by op and outcome",
                                   ("op", "outcome"))
         self.request_seconds = r.histogram("chatnet_request_seconds",
@@ -270,14 +270,6 @@ class ReplicaMetrics:
             for _, at in proposed[:cut]:
                 self.replication_seconds.observe(now - at)
             del proposed[:cut]
-
-    def applied(self, index: int, data: bytes) -> None:
-        """Every committed entry applied here (host.on_applied): count the chats."""
-        try:
-            if decode_command(data)[0] == "send":
-                self.chats.inc()
-        except (ValueError, IndexError):
-            pass  # the host itself fails loudly on an entry it cannot decode
 
     def sample(self, status: dict, peers, match: dict, clients: int, connections: int) -> None:
         """Gauges from the replica's status (called on the loop thread before publishing)."""
@@ -372,8 +364,9 @@ def _handler_class(server: MetricsServer):
 
 
 class TimedStorage:
-    """A store whose transactions are timed into ``chatnet_store_commit_seconds``; everything
-    else goes to the store itself."""
+    """A store whose transactions are timed into ``chatnet_store_commit_seconds`` and whose new
+    chats (``mail+`` row changes: a committed send that reached a mailbox) are counted;
+    everything else goes to the store itself."""
 
     def __init__(self, storage, metrics: ReplicaMetrics):
         self._storage, self._metrics = storage, metrics
@@ -383,6 +376,9 @@ class TimedStorage:
         started = clock()
         self._storage.commit(batch)
         self._metrics.store_seconds.observe(clock() - started)
+        chats = sum(1 for change in batch.changes if change[0] == "mail+")
+        if chats:
+            self._metrics.chats.inc(amount=chats)
 
     def __getattr__(self, name: str):
         return getattr(self._storage, name)

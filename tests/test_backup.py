@@ -1,0 +1,103 @@
+"""`chatserver backup` / `restore`: a copy of a running replica taken under load, restored into a
+new single replica, holds every chat acknowledged before the backup started (real processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import stat
+import subprocess
+import sys
+
+import pytest
+from cluster_support import Load
+
+from chatnet.server.backup import BackupError, backup, restore
+from chatnet.testing import CHATSERVER, Cluster, FailoverClient, ServerProcess, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def chatserver(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, CHATSERVER, *args], capture_output=True, text=True, timeout=60)
+
+
+def mode(path: str) -> int:
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def restored_mailbox(tmp_path, src: str, name: str) -> list[str]:
+    """Restore ``src`` into a new data dir (with the CLI), start one replica on it, and drain
+    ``name``'s mailbox."""
+    data_dir = str(tmp_path / f"restored-{os.path.basename(src)}")
+    done = chatserver("restore", src, "--data-dir", data_dir)
+    assert done.returncode == 0, done.stderr
+    assert mode(data_dir) == 0o700 and mode(os.path.join(data_dir, "chatnet.sqlite3")) == 0o600
+    db = sqlite3.connect(os.path.join(data_dir, "chatnet.sqlite3"))
+    meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    db.close()
+    assert "members" not in meta and "primary" not in meta  # a new cluster
+    assert meta["applied_index"] == meta["snapshot_index"] and meta["view"] >= meta["snapshot_view"]
+    server = ServerProcess(data_dir, keep_dir=True).start()
+    try:
+        client = FailoverClient([server.addr], name)
+        texts = [f.message.split("|", 1)[1] for f in client.pending]
+        client.close()
+    finally:
+        server.stop()
+    return texts
+
+
+def test_backup_under_load_restores_every_acknowledged_chat(tmp_path):
+    c = Cluster(str(tmp_path / "cluster"), n=3, extra_args=["--log-format", "json"])
+    c.start()
+    try:
+        primary = c.wait_primary()
+        c.wait_in_sync(range(3))
+        FailoverClient(c.addresses, "sink", create=True).close()
+        load = Load(c.addresses, "sink", senders=4).start()
+        wait_until(lambda: load.total() >= 150, timeout=30, what="acknowledged chat")
+        with load.lock:  # every chat acknowledged before the backups start
+            before = [t for texts in load.acked.values() for t in texts]
+        backup_replica = next(i for i in range(3) if i != primary)
+        copies = {}
+        for i in (primary, backup_replica):  # both while the senders keep going
+            dest = str(tmp_path / f"backup-{i}.sqlite3")
+            done = chatserver("backup", dest, "--data-dir", c.replicas[i].data_dir)
+            assert done.returncode == 0, done.stderr
+            assert mode(dest) == 0o600 and not os.path.exists(dest + ".tmp")
+            copies[i] = dest
+        wait_until(lambda: load.total() >= len(before) + 50, timeout=30, what="chat after the backups")
+        load.stop()
+        events = [json.loads(line) for r in c.replicas for line in r.log().splitlines()
+                  if line.startswith("{")]
+        assert any(e.get("event") == "serving" for e in events)
+        assert any(e.get("event") == "view_change" and e["view"] >= 1 and len(e["members"]) == 3 for e in events)
+    finally:
+        c.stop_all()
+    for i, dest in copies.items():
+        got = set(restored_mailbox(tmp_path, dest, "sink"))
+        missing = [t for t in before if t not in got]
+        assert not missing, f"backup of replica {i}: {len(missing)} acknowledged chats missing, e.g. {missing[:5]}"
+
+
+def test_backup_and_restore_refuse_to_overwrite(tmp_path):
+    server = ServerProcess(str(tmp_path / "s"), keep_dir=True).start()
+    try:
+        client = FailoverClient([server.addr], "alice", create=True)
+        client.close()
+        dest = str(tmp_path / "b.sqlite3")
+        summary = backup(server.data_dir, dest)
+        assert summary["accounts"] == 1
+        with pytest.raises(BackupError, match="exists"):
+            backup(server.data_dir, dest)
+        with pytest.raises(BackupError, match="no store"):
+            backup(str(tmp_path / "nothing"), str(tmp_path / "c.sqlite3"))
+        with pytest.raises(BackupError, match="exists"):
+            restore(dest, server.data_dir)  # a live replica's store is never replaced
+        in_dir = backup(server.data_dir, str(tmp_path))  # a directory: a time-stamped file in it
+        assert os.path.dirname(in_dir["path"]) == str(tmp_path)
+    finally:
+        server.stop()
+    assert restore(dest, str(tmp_path / "new"))["accounts"] == 1
