@@ -235,7 +235,8 @@ def test_a_refused_saved_token_falls_back_to_a_fresh_login_and_says_so(server, c
     alice.kill()
     def log_in_elsewhere():                                       # supersedes the saved token
         with RawClient(server.host, server.port) as other:        # (once the server saw the kill)
-            if other.request("2|alice").status != 0:
+            other.request("0|ext|2")                               # alice has client_env's password
+            if other.request(f"0|login|alice|{client_env()['CHATNET_PASSWORD']}").status != 0:
                 return False
             other.send("6")
             return True

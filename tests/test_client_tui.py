@@ -29,8 +29,11 @@ def private_state(tmp_path, monkeypatch):
 
 def client_env():
     env = dict(os.environ, TERM="xterm", LC_ALL="C.UTF-8", LANG="C.UTF-8")
-    for name in ("LINES", "COLUMNS", "NO_COLOR", "CHATNET_SERVERS"):
+    for name in ("LINES", "COLUMNS", "NO_COLOR", "CHATNET_SERVERS", "CHATNET_NEW_PASSWORD"):
         env.pop(name, None)
+    # Passwords (extension 2): every account these tests make has this one, so the window does
+    # not stop to ask (tests/test_passwords_client.py types them into the hidden prompt).
+    env["CHATNET_PASSWORD"] = "test-password"
     return env
 
 

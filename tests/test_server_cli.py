@@ -41,7 +41,8 @@ def test_forms_that_make_no_sense_say_why(argv):
 
 def test_port_alone_runs_one_plain_server(tmp_path):
     server = ServerProcess(str(tmp_path / "data"), peers="")  # exactly `--port P --host H`, no --peers
-    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "client")}  # the client keeps its state there
+    env = {**os.environ, "XDG_DATA_HOME": str(tmp_path / "client"),  # the client keeps its state there
+           "CHATNET_PASSWORD": "test-password"}  # passwords (extension 2): not asked on a terminal
     with server:
         chat = subprocess.run([sys.executable, CHATCLIENT, "--servers", f"{server.host}:{server.port}"],
                               input="create|alice\nlist\n", capture_output=True, text=True, timeout=30, env=env)

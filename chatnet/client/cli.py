@@ -40,8 +40,15 @@ commands (the seed's syntax; checked before sending, at most 280 characters):
   exit                   leave
   history NAME           show your stored conversation with NAME (local, nothing is sent)
   help                   show the commands
+  passwd                 change your password
   shortcuts: /msg NAME MESSAGE (/m), /create NAME, /login NAME, /list [PATTERN],
-             /delete, /quit, /history NAME, /help
+             /delete, /passwd, /quit, /history NAME, /help
+
+passwords: create, login, delete and passwd ask for passwords with hidden input (never
+shown, never kept in the history or on disk).  Plain mode takes them from $CHATNET_PASSWORD
+(passwd's new one from $CHATNET_NEW_PASSWORD) when set, else asks on the terminal; the
+window uses them too when set.  Enter on an empty password logs in to (or deletes) an
+account without one.  --no-extension sends no passwords (the seed protocol).
 
 keys (curses mode):
   Enter send the line     Left/Right, Home/End (Ctrl-A/Ctrl-E) move
@@ -138,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         backoff=Backoff(base=min(0.5, args.max_backoff), cap=args.max_backoff),
         connect_timeout=args.connect_timeout,
         extension=not args.no_extension,
+        passwords=not args.no_extension,
         saved=store.load_accounts() if durable else None,
     )
     driver = SocketDriver(session, persist=store.persist if durable else None)

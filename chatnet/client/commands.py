@@ -14,26 +14,38 @@ what the server counts; :func:`request_length` gives that number to an input edi
 Fields are stripped of surrounding white space, as the server does.  A message keeps any ``|``
 it contains (everything after the second ``|``); a username is passed on as typed, since only
 the server knows its rules.
+
+Passwords (extension 2) are never part of a typed line: ``create|NAME``, ``login|NAME``,
+``delete`` and ``passwd`` are parsed as usual, and the user interface then asks for the
+password with hidden input (:func:`needs_password`) and attaches it with :func:`with_secret`.
+A command's ``secret`` is left out of its ``line``, ``str()``, ``repr()`` and ``wire``: only
+the outbox puts it on the wire (``0|login|NAME|PASSWORD``), so it can never be echoed,
+shown or stored in history.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from ..protocol.codec import MAX_REQUEST_CHARS, encode_request
 
 __all__ = [
     "OP_EXT", "OP_CREATE", "OP_LOGIN", "OP_SEND", "OP_LIST", "OP_DELETE", "OP_EXIT", "OP_RESUME",
-    "Command", "Refusal", "Help", "ShowHistory", "parse_command", "request_length", "HELP_TEXT",
+    "OP_PASSWD", "Command", "Refusal", "Help", "ShowHistory", "parse_command", "request_length", "HELP_TEXT",
+    "needs_password", "with_secret", "password_refusal",
 ]
 
 OP_CREATE, OP_LOGIN, OP_SEND, OP_LIST, OP_DELETE, OP_EXIT = 1, 2, 3, 4, 5, 6
 # Extension 1 (docs/protocol.md): op 0 is the extension control op (negotiation, acks, sends
 # with a request id), op 7 resumes a session.  The session sends them itself; users never type them.
 OP_EXT, OP_RESUME = 0, 7
+# Extension 2: change the password.  A client-side code only: it goes as ``0|passwd|OLD|NEW``.
+OP_PASSWD = 8
 
 _OP_NAMES = {OP_CREATE: "create", OP_LOGIN: "login", OP_SEND: "send", OP_LIST: "list",
-             OP_DELETE: "delete", OP_EXIT: "exit", OP_EXT: "ext", OP_RESUME: "resume"}
+             OP_DELETE: "delete", OP_EXIT: "exit", OP_EXT: "ext", OP_RESUME: "resume",
+             OP_PASSWD: "passwd"}
+MAX_PASSWORD_CHARS = 128  # texts.MAX_PASSWORD_CHARS
 
 
 @dataclass(frozen=True)
@@ -46,6 +58,7 @@ class Command:
     op: int
     params: tuple[str, ...] = ()
     line: str = ""
+    secret: tuple[str, ...] = field(default=(), repr=False, compare=False)  # passwords, extension 2
 
     @property
     def name(self) -> str:
@@ -65,6 +78,31 @@ class Command:
     def __str__(self) -> str:
         """The command in the seed's syntax (``send|bob|hello``)."""
         return "|".join((self.name, *self.params))
+
+
+def needs_password(command: Command) -> bool:
+    """Whether the UI asks for a password before submitting ``command`` (passwords on)."""
+    return command.op in (OP_CREATE, OP_LOGIN, OP_DELETE, OP_PASSWD)
+
+
+def password_refusal(password: str, required: bool = True) -> Refusal | None:
+    """Why ``password`` cannot be sent (the server's rule, texts.PASSWORD_RULE), or None.  An
+    empty one is refused only when ``required`` (a login or delete without one is seed-style)."""
+    if not password:
+        return Refusal("A password is needed. Nothing was sent.") if required else None
+    if len(password) > MAX_PASSWORD_CHARS or "|" in password or any(not c.isprintable() for c in password):
+        return Refusal(f"Passwords are 1 to {MAX_PASSWORD_CHARS} characters with no '|' or control "
+                       "characters. Nothing was sent.")
+    return None
+
+
+def with_secret(command: Command, *secret: str) -> Command:
+    """``command`` carrying its passwords (stripped, as the server strips fields); empty ones
+    are dropped from a login or delete, which then go seed-style."""
+    secret = tuple(s.strip() for s in secret)
+    if command.op != OP_PASSWD and not any(secret):
+        secret = ()
+    return replace(command, secret=secret)
 
 
 @dataclass(frozen=True)
@@ -88,16 +126,17 @@ class ShowHistory:
 
 HELP_TEXT = """\
 Commands (the seed's syntax):
-  create|NAME           create an account and log in as it
-  login|NAME            log in; chat sent while you were away follows
+  create|NAME           create an account with a password and log in as it
+  login|NAME            log in (asks for your password); chat sent while away follows
   send|NAME|MESSAGE     send a chat to NAME (queued until NAME logs in)
   list  or  list|PAT    list accounts, optionally matching a wildcard (a*, ?b*)
-  delete                delete your account and log out
+  delete                delete your account and log out (asks for your password)
+  passwd                change your password (or give a password-less account one)
   exit                  leave (Ctrl-C and Ctrl-D leave too)
   history NAME          show your stored conversation with NAME (kept on this computer)
   help                  this text
 Shortcuts: /msg NAME MESSAGE (or /m), /create NAME, /login NAME, /list [PAT],
-  /delete, /quit, /history NAME, /help.  A request may have at most 280 characters."""
+  /delete, /passwd, /quit, /history NAME, /help.  A request may have at most 280 characters."""
 
 
 def _too_long(length: int) -> Refusal:
@@ -108,7 +147,7 @@ def _too_long(length: int) -> Refusal:
 def _unknown(word: str) -> Refusal:
     shown = word if len(word) <= 20 else word[:20] + "..."
     return Refusal(f'Unknown command "{shown}". Commands: create|NAME, login|NAME, '
-                   "send|NAME|MESSAGE, list|PATTERN, delete, exit, help.")
+                   "send|NAME|MESSAGE, list|PATTERN, delete, passwd, exit, help.")
 
 
 def _build(op: int, args: list[str], line: str, check_length: bool = True) -> Command | Refusal:
@@ -132,7 +171,7 @@ def _build(op: int, args: list[str], line: str, check_length: bool = True) -> Co
         page = args[1] if len(args) > 1 and args[1].isascii() and args[1].isdigit() else ""
         # `list|a*|117` asks for the page after account number 117 (the server's continuation)
         command = Command(op, (pattern or "*", page) if page else ((pattern,) if pattern else ()), line)
-    else:                                      # delete, exit: parameters are ignored
+    else:                                      # delete, exit, passwd: parameters are ignored
         command = Command(op, (), line)
     if check_length and len(command.wire) > MAX_REQUEST_CHARS:
         return _too_long(len(command.wire))
@@ -141,7 +180,8 @@ def _build(op: int, args: list[str], line: str, check_length: bool = True) -> Co
 
 _SEED_WORDS = {name: op for op, name in _OP_NAMES.items() if op not in (OP_EXT, OP_RESUME)}
 _SLASH_WORDS = {"create": OP_CREATE, "login": OP_LOGIN, "msg": OP_SEND, "m": OP_SEND,
-                "list": OP_LIST, "delete": OP_DELETE, "quit": OP_EXIT, "exit": OP_EXIT}
+                "list": OP_LIST, "delete": OP_DELETE, "quit": OP_EXIT, "exit": OP_EXIT,
+                "passwd": OP_PASSWD}
 
 
 def parse_command(line: str) -> Command | Refusal | Help | ShowHistory | None:

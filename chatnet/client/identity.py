@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import enum
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..protocol import texts
 from ..protocol.codec import STATUS_OK, Frame
@@ -30,7 +30,7 @@ from .outbox import Pending
 __all__ = [
     "ResumeState", "SavedResume", "Handshake", "Verdict", "retried_create_taken", "name_from",
     "PROBE_COMMAND", "EXT_COMMAND", "EXT_ANSWER", "ALREADY_CONNECTED_TEXT", "CREATE_TAKEN_TEXT",
-    "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT", "TOKEN_PREFIX",
+    "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT", "TOKEN_PREFIX", "PASSWORDS_COMMAND", "PASSWORDS_ANSWER",
 ]
 
 ALREADY_CONNECTED_TEXT = texts.T_LOGIN_CONNECTED
@@ -40,6 +40,9 @@ PROBE_COMMAND = Command(OP_LIST, ("|",), "")
 # Extension 1 (docs/protocol.md, "Extension 1: sessions that survive failover").
 EXT_COMMAND = Command(OP_EXT, ("ext", "1"), "")
 EXT_ANSWER = texts.T_EXT
+# Extension 2, passwords: asked right after extension 1 when the session uses passwords.
+PASSWORDS_COMMAND = Command(OP_EXT, ("ext", texts.PASSWORD_EXTENSION), "")
+PASSWORDS_ANSWER = texts.T_EXT_PASSWORDS
 RESUME_BAD_TOKEN_TEXT = texts.T_RESUME_BAD_TOKEN
 RESUME_UNKNOWN_TEXT = texts.T_RESUME_UNKNOWN
 TOKEN_PREFIX = "token|"
@@ -67,6 +70,9 @@ class ResumeState:
     user: str | None = None
     token: str | None = None     # extension 1: the resume token of ``user``
     last_seq: int = 0            # highest chat sequence number received for ``user``
+    # Extension 2: the password ``user`` logged in with, kept in memory only (never persisted,
+    # shown or logged) to log in again after a failover when the session cannot be resumed.
+    password: str | None = field(default=None, repr=False)
 
     def switch(self, user: str | None) -> bool:
         """Become ``user``; whether that is a change.  A token and sequence numbers belong to
@@ -76,6 +82,7 @@ class ResumeState:
         self.user = user
         self.token = None
         self.last_seq = 0
+        self.password = None
         return True
 
     def identify_command(self, extended: bool) -> Command | None:
@@ -86,7 +93,7 @@ class ResumeState:
             return None
         if extended and self.token is not None:
             return Command(OP_RESUME, (self.user, self.token, str(self.last_seq)))
-        return Command(OP_LOGIN, (self.user,))
+        return Command(OP_LOGIN, (self.user,), secret=(self.password,) if self.password else ())
 
 
 @dataclass(frozen=True)

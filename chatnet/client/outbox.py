@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .commands import OP_CREATE, OP_EXIT, OP_EXT, OP_LOGIN, OP_RESUME, OP_SEND, Command
+from .commands import OP_CREATE, OP_DELETE, OP_EXIT, OP_EXT, OP_LOGIN, OP_PASSWD, OP_RESUME, OP_SEND, Command
 
 if TYPE_CHECKING:
     from .identity import SavedResume
@@ -86,21 +86,24 @@ class Outbox:
     def new(self, command: Command, auto: bool = False) -> Pending:
         return Pending(command, next(self._ids), auto=auto)
 
-    def write(self, pending: Pending, extended: bool) -> bytes:
+    def write(self, pending: Pending, extended: bool, passwords: bool = False) -> bytes:
         """Count an attempt of ``pending`` on the current connection; its bytes.  An exit is
         never in flight: op 6 has no answer (the server closes)."""
         pending.attempts += 1
         if pending.command.op != OP_EXIT:
             self.in_flight.append(pending)
-        return self.wire(pending, extended)
+        return self.wire(pending, extended, passwords)
 
-    def wire(self, pending: Pending, extended: bool) -> bytes:
+    def wire(self, pending: Pending, extended: bool, passwords: bool = False) -> bytes:
         """The bytes of ``pending``: a send with its request id on an extended connection (the
-        same id on every attempt), else the command itself."""
+        same id on every attempt), a command with a password in extension 2's form on a
+        connection that negotiated it (seed-style otherwise), else the command itself."""
         command = pending.command
         if command.op == OP_LOGIN and pending.resume is not None and extended:
             saved = pending.resume
             return Command(OP_RESUME, (command.params[0], saved.token, str(saved.last_seq))).encode()
+        if command.op == OP_PASSWD or (command.secret and passwords):
+            return password_wire(command)
         if command.op == OP_SEND and extended:
             if pending.rid is None:
                 pending.rid = self.rid_prefix + _base36(next(self._rids))
@@ -157,3 +160,15 @@ class Outbox:
         self.queue.clear()
         self.in_flight.clear()
         return unsent, unanswered
+
+
+_PASSWORD_VERBS = {OP_CREATE: "create", OP_LOGIN: "login", OP_DELETE: "delete", OP_PASSWD: "passwd"}
+
+
+def password_wire(command: Command) -> bytes:
+    """Extension 2: ``0|create|NAME|PW``, ``0|login|NAME|PW``, ``0|delete|PW``,
+    ``0|passwd|OLD|NEW`` (passwords stripped, without ``|``: the UI checked them)."""
+    params = command.params[:1] if command.op in (OP_CREATE, OP_LOGIN) else ()
+    secret = command.secret if command.op == OP_PASSWD else command.secret[:1]
+    secret = (*secret, "", "")[:2] if command.op == OP_PASSWD else secret
+    return Command(OP_EXT, (_PASSWORD_VERBS[command.op], *params, *secret)).encode()

@@ -7,11 +7,16 @@ pending answers and exits: status 0, or 1 if some commands could never be sent.
 Stored history is printed only when asked: ``--history N`` prints the last N lines stored
 before a login when that login succeeds, ``history NAME`` the conversation with NAME, each line
 as ``history: YYYY-MM-DD HH:MM <NAME> TEXT``.  Problems with the state file go to stderr.
+
+Passwords (``create``, ``login``, ``delete``, ``passwd``) come from ``$CHATNET_PASSWORD`` (and
+``$CHATNET_NEW_PASSWORD`` for passwd's new one) when set, else from a prompt on the terminal
+(``/dev/tty``, not echoed); with neither, the line is refused and says so.
 """
 
 from __future__ import annotations
 
 import codecs
+import getpass
 import os
 import sys
 from collections import deque
@@ -21,6 +26,7 @@ from .driver import SocketDriver
 from .editor import sanitize
 from .events import SessionClosed, UserChanged
 from .history import HistoryKeeper, row_text, row_time
+from .passwords import ENV, NEW_ENV, finish, from_environment, questions, terminal_available
 from .present import DisplayLine, Presenter
 from .session import ClientSession, State
 
@@ -123,12 +129,29 @@ class PlainUI:
             self._print_rows(rows)
         elif isinstance(result, Refusal):
             self._emit(DisplayLine("refused", result.message))
+        elif isinstance(result := self._with_password(result), Refusal):
+            self._emit(DisplayLine("refused", result.message))
         else:
             told = self.history.login_submitted(result, self.session.saved)
             if told:
                 self._emit(DisplayLine("info", told))
             self.session.submit(result, self.driver.clock())
             self.driver.pump()
+
+    def _with_password(self, command: Command) -> Command | Refusal:
+        """``command`` with the passwords it needs (environment, else the terminal), if the
+        session uses passwords."""
+        asked = questions(command, self.session.user) if self.session.passwords else []
+        if not asked:
+            return command
+        answers = from_environment(command)
+        if answers is None:
+            if not terminal_available():
+                extra = f" (and {NEW_ENV})" if len(asked) > 2 else ""
+                return Refusal(f"{command} needs a password: set {ENV}{extra}, or run chatclient on a "
+                               "terminal to be asked. Nothing was sent.")
+            answers = [getpass.getpass(question.label) for question in asked]
+        return finish(command, asked, answers)
 
     def _show(self, events) -> None:
         for event in events:

@@ -68,6 +68,16 @@ Extension 1 — sessions that survive failover (``docs/protocol.md``, last secti
   new one but not delivered twice.  The 280-character limit applies to the op 3 equivalent, so
   every send that the seed would accept goes with a request id.
 
+Extension 2 — passwords (``passwords=True``, off by default; ``bin/chatclient`` turns it on):
+
+* **Negotiation.**  Right after ``ext|1``, the session asks ``0|ext|2``; ``ext|2`` makes
+  :attr:`ClientSession.password_ext` true for this connection.  Nothing else is sent meanwhile.
+* **Passwords on the wire only.**  A command the UI gave a ``secret`` (create, login, delete,
+  passwd) goes as ``0|create|NAME|PW`` and so on when the connection negotiated extension 2,
+  seed-style otherwise.  The password a create or login succeeded with is kept in memory
+  (``ResumeState.password``, never in a :class:`Persist`) to log in again after a failover when
+  the session cannot be resumed; a successful ``passwd`` replaces it.
+
 Durable state (``saved=``, off by default; ``bin/chatclient`` turns it on):
 
 * **Persist before the ack.**  With ``saved`` (a dict of account -> :class:`SavedResume`, what a
@@ -116,7 +126,7 @@ from ..protocol.codec import (
     ResponseDecoder,
 )
 from .acks import AckTracker, SequencedChat, parse_sequenced
-from .commands import OP_CREATE, OP_DELETE, OP_EXIT, OP_LOGIN, OP_RESUME, Command
+from .commands import OP_CREATE, OP_DELETE, OP_EXIT, OP_LOGIN, OP_PASSWD, OP_RESUME, Command
 from .events import (
     AllServersDown,
     CommandQueued,
@@ -149,6 +159,8 @@ from .identity import (
     CREATE_TAKEN_TEXT,
     EXT_ANSWER,
     EXT_COMMAND,
+    PASSWORDS_ANSWER,
+    PASSWORDS_COMMAND,
     PROBE_COMMAND,
     RESUME_BAD_TOKEN_TEXT,
     RESUME_UNKNOWN_TEXT,
@@ -221,6 +233,7 @@ class ClientSession:
     extension: bool = True                 # negotiate extension 1 on every connection
     rid_prefix: str | None = None          # default: random_rid_prefix()
     saved: dict[str, SavedResume] | None = None   # durable state on: what earlier runs stored
+    passwords: bool = False                # negotiate extension 2 (passwords) after extension 1
 
     def __post_init__(self) -> None:
         self.servers = tuple(Server(*s) for s in self.servers)
@@ -234,6 +247,7 @@ class ClientSession:
         self.role: str | None = None        # "primary" once it served us, "backup" if it said so
         self.retry_at: float | None = None
         self.extended: bool | None = None   # the connection speaks extension 1 (None: not known yet)
+        self.password_ext = False           # the connection speaks extension 2 (passwords)
         self.resumed = False                # the current connection resumed the session (op 7)
         self.resume = ResumeState()         # who we are; outlives connections
         self._chooser = ServerChooser(self.servers, self.backoff, self.rng)
@@ -280,6 +294,7 @@ class ClientSession:
         self._decoder = ResponseDecoder()
         self._chooser.connected()
         self.extended = None
+        self.password_ext = False
         self.resumed = False
         self._acks.connection_made()
         self._events.append(Connected(self.server))
@@ -479,7 +494,7 @@ class ClientSession:
     def _write(self, pending: Pending) -> None:
         if pending.command.op == OP_LOGIN and not pending.auto:
             pending.resume = self._restorable(pending)
-        self._actions.append(Send(self._outbox.write(pending, bool(self.extended))))
+        self._actions.append(Send(self._outbox.write(pending, bool(self.extended), self.password_ext)))
         if not pending.auto:
             self._events.append(CommandSent(pending))
 
@@ -575,8 +590,9 @@ class ClientSession:
             name = pending.command.params[0]
             self._events.append(CreateRecovered(name))
             self._set_user(name)
+            self.resume.password = pending.command.secret[0] if pending.command.secret else None
             self.state = State.IDENTIFYING
-            self._identify_with(Command(OP_LOGIN, (name,)))
+            self._identify_with(Command(OP_LOGIN, (name,), secret=pending.command.secret))
             return
         if pending is self._handshake.negotiate:
             self._on_negotiated(frame, now)
@@ -590,9 +606,16 @@ class ClientSession:
             self._flush(now)
 
     def _on_negotiated(self, frame: Frame, now: float) -> None:
-        self._handshake.negotiate = None
-        self.extended = frame.status == STATUS_OK and frame.message == EXT_ANSWER
-        self._events.append(Negotiated(self.server, self.extended))
+        asked, self._handshake.negotiate = self._handshake.negotiate, None
+        if asked.command == PASSWORDS_COMMAND:
+            self.password_ext = frame.status == STATUS_OK and frame.message == PASSWORDS_ANSWER
+        else:
+            self.extended = frame.status == STATUS_OK and frame.message == EXT_ANSWER
+            self._events.append(Negotiated(self.server, self.extended))
+            if self.extended and self.passwords:  # extension 2 next, before anything else
+                self._handshake.negotiate = self._outbox.new(PASSWORDS_COMMAND, auto=True)
+                self._write(self._handshake.negotiate)
+                return
         self._begin_identify(now)      # no probe needed: this server has just answered
 
     def _on_identify_answer(self, pending: Pending, frame: Frame, now: float) -> None:
@@ -625,11 +648,14 @@ class ClientSession:
         op = pending.command.op
         if op in (OP_CREATE, OP_LOGIN):
             self._set_user(name_from(frame, pending))
+            self.resume.password = pending.command.secret[0] if pending.command.secret else None
             if op == OP_LOGIN:
                 self._login_note = pending
                 self._restore_seq()
         elif op == OP_DELETE:
             self._forget()
+        elif op == OP_PASSWD:
+            self.resume.password = pending.command.secret[1] if len(pending.command.secret) > 1 else None
         else:
             self._listing.answered(pending, frame)
 
@@ -655,6 +681,7 @@ class ClientSession:
         name = pending.command.params[0]
         if frame.status == STATUS_OK:
             self._set_user(name)
+            self.resume.password = pending.command.secret[0] if pending.command.secret else None
             self.resume.token = pending.resume.token
             self._restore_seq()
             self.resumed = True

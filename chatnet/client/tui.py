@@ -20,13 +20,15 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 
 from ..protocol.codec import MAX_REQUEST_CHARS
-from .commands import HELP_TEXT, OP_EXIT, Help, Refusal, ShowHistory, parse_command, request_length
+from .commands import HELP_TEXT, OP_EXIT, Command, Help, Refusal, ShowHistory, parse_command, request_length
 from .driver import SocketDriver
 from .editor import LineEditor, clip, sanitize, text_width, wrap
 from .events import SessionClosed, UserChanged
 from .history import HistoryKeeper, HistoryView, row_text, row_time
+from .passwords import Question, finish, from_environment, questions
 from .present import DisplayLine, Presenter, own_line
 from .session import ClientSession, State
 
@@ -41,6 +43,16 @@ _PREFIX = {"chat": "", "own": "", "ok": "-- ", "note": "** ", "error": "!! ", "r
            "info": "== ", "help": "   ", "history": ""}
 _STAMP_WIDTH = 6      # "HH:MM "
 _MAX_LINES = 5000
+
+
+@dataclass(eq=False)
+class _Asking:
+    """A command waiting for its passwords, typed blind into the input line."""
+
+    command: Command
+    questions: list[Question]
+    answers: list[str] = field(default_factory=list, repr=False)
+    typed: list[str] = field(default_factory=list, repr=False)
 
 
 class CursesUI:
@@ -59,6 +71,7 @@ class CursesUI:
         self.quit = False
         self.resized = False
         self.leftovers: list[DisplayLine] = []
+        self.asking: _Asking | None = None               # a password being typed (hidden)
         self._init_attrs(color)
         self.height, self.width = self.scr.getmaxyx()
 
@@ -206,6 +219,14 @@ class CursesUI:
 
     def _draw_input(self) -> None:
         y = self.height - 1
+        if self.asking is not None:  # hidden input: the question only, nothing of the answer
+            label = clip(self.asking.questions[len(self.asking.answers)].label, max(2, self.width - 1))
+            self._put(y, 0, label + " " * (self.width - text_width(label) - 1), curses.A_BOLD)
+            try:
+                self.scr.move(y, min(self.width - 1, text_width(label)))
+            except curses.error:
+                pass
+            return
         prompt = "> "
         visible, col = self.editor.view(max(2, self.width - len(prompt) - 1))
         self._put(y, 0, prompt + visible, curses.A_NORMAL)
@@ -230,6 +251,9 @@ class CursesUI:
 
     def key(self, key) -> None:
         """One key from ``get_wch``: a character (str) or a curses key code (int)."""
+        if self.asking is not None:
+            self._secret_key(key)
+            return
         action = self._char_action(key) if isinstance(key, str) else self._key_action(key)
         if action is not None:
             action()
@@ -297,6 +321,41 @@ class CursesUI:
             self.add(DisplayLine("refused", result.message))
         else:
             self.add(own_line(result))
+            self._ask_or_send(result)
+
+    # passwords (extension 2): asked with hidden input, never echoed nor kept in the history ----
+    def _ask_or_send(self, command: Command) -> None:
+        asked = questions(command, self.session.user) if self.session.passwords else []
+        answers = from_environment(command) if asked else None
+        if asked and answers is None:
+            self.asking = _Asking(command, asked)
+            return
+        self._send(finish(command, asked, answers) if asked else command)
+
+    def _secret_key(self, key) -> None:
+        """A key while a password is asked: typed blind; Enter answers, Esc cancels."""
+        asking = self.asking
+        if key in ("\n", "\r") or key == curses.KEY_ENTER:
+            asking.answers.append("".join(asking.typed))
+            asking.typed.clear()
+            if len(asking.answers) == len(asking.questions):
+                self.asking = None
+                self._send(finish(asking.command, asking.questions, asking.answers))
+        elif key in ("\x7f", "\x08") or key == curses.KEY_BACKSPACE:
+            if asking.typed:
+                asking.typed.pop()
+        elif key == "\x15":  # Ctrl-U
+            asking.typed.clear()
+        elif key in ("\x1b", "\x03", "\x04"):  # Esc, Ctrl-C, Ctrl-D: not sent
+            self.asking = None
+            self.add(DisplayLine("refused", f"{asking.command}: cancelled, nothing was sent."))
+        elif isinstance(key, str) and key >= " " and len(asking.typed) < 1000:
+            asking.typed.append(key)
+
+    def _send(self, result) -> None:
+        if isinstance(result, Refusal):
+            self.add(DisplayLine("refused", result.message))
+        else:
             told = self.history.login_submitted(result, self.session.saved)
             if told:
                 self.add(DisplayLine("info", told))
