@@ -101,3 +101,29 @@ def test_backup_and_restore_refuse_to_overwrite(tmp_path):
     finally:
         server.stop()
     assert restore(dest, str(tmp_path / "new"))["accounts"] == 1
+
+
+def test_a_new_three_replica_cluster_grows_from_one_restored_store(tmp_path):
+    """Restore into one replica's data dir, start the new cluster with the others empty: the
+    restored one is the most up to date, serves, and the others catch up from it."""
+    server = ServerProcess(str(tmp_path / "old"), keep_dir=True).start()
+    try:
+        alice = FailoverClient([server.addr], "alice", create=True)
+        FailoverClient([server.addr], "bob", create=True).close()
+        for i in range(5):
+            assert alice.request(f"3|bob|hi {i}").message.startswith("Message sent")
+        alice.close()
+        backup(server.data_dir, str(tmp_path / "b.sqlite3"))
+    finally:
+        server.stop()
+    c = Cluster(str(tmp_path / "new"), n=3)
+    restore(str(tmp_path / "b.sqlite3"), c.replicas[1].data_dir)
+    c.start()
+    try:
+        assert c.wait_primary() == 1
+        c.wait_in_sync(range(3))
+        bob = FailoverClient(c.addresses, "bob")
+        assert [f.message for f in bob.pending] == [f"alice|hi {i}" for i in range(5)]
+        bob.close()
+    finally:
+        c.stop_all()

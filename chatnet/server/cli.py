@@ -189,6 +189,9 @@ def watch_status(peers, secret: bytes | None, as_json: bool) -> int:
             time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
     except KeyboardInterrupt:
         return 0
+    except BrokenPipeError:  # `status --watch | head`: the reader is gone
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def status_table(peers, secret: bytes | None, as_json: bool) -> int:
