@@ -632,7 +632,7 @@ class ClientSession:
             # The queue keeps waiting; chat seen before is still dropped by sequence number.
             self.resume.token = None
             self._events.append(ResumeRefused(user, frame.message))
-            self._identify_with(Command(OP_LOGIN, (user,)))
+            self._identify_with(self.resume.identify_command(False))  # 2|NAME, or with the password
             return
         elif verdict is Verdict.RETRY_LATER:
             self._timers.identify = now + self.backoff.delay(self._handshake.refusals - 1, self.rng)

@@ -407,7 +407,7 @@ class ChatService:
     def _delete(self, session: Session) -> None:
         if session.name is None:
             self._reply(session.conn, STATUS_ERROR, T_MUST_LOGIN)
-        elif self.state.accounts[session.name].password is not None:
+        elif getattr(self.state.accounts.get(session.name), "password", None) is not None:
             self._reply(session.conn, STATUS_ERROR, T_DELETE_NEEDS_PASSWORD)
         else:
             self._propose(sm.cmd_delete(session.name), session)
