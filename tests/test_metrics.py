@@ -99,3 +99,30 @@ def test_a_replica_serves_its_metrics(replica):
     assert not undocumented, f"metrics missing from docs/operations.md: {undocumented}"
     with pytest.raises(urllib.error.HTTPError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/secret", timeout=5)
+
+
+def test_timed_storage_covers_commit_and_submit():
+    from chatnet.server.metrics import TimedStorage
+    from chatnet.server.storage import Batch
+
+    class Later:  # a writer that finishes batches when told to
+        durable, submitted = 0, 0
+
+        def submit(self, batch):
+            self.submitted += 1
+            return self.submitted
+
+        def commit(self, batch):
+            pass
+
+    now = [0.0]
+    m = ReplicaMetrics(clock=lambda: now[0])
+    inner = Later()
+    store = TimedStorage(inner, m)
+    store.commit(Batch(changes=[("mail+", "bob", 1, "alice", "hi")]))
+    assert store.submit(Batch(changes=[("mail+", "bob", 2, "alice", "hi"), ("next_seq", "bob", 3)])) == 1
+    assert m.chats.values[()] == 2 and m.store_seconds.values[()][2] == 1
+    now[0], inner.durable = 0.5, 1
+    store.poll()
+    assert m.store_seconds.values[()][2] == 2 and m.store_seconds.values[()][1] == 0.5
+    assert store.durable == 1  # everything else is the store's own

@@ -14,6 +14,7 @@ docs/operations.md, "Metrics"); the registry and :func:`render` are generic and 
 from __future__ import annotations
 
 import bisect
+import collections
 import http.server
 import logging
 import os
@@ -231,6 +232,7 @@ class ReplicaMetrics:
         self.role = r.gauge("chatnet_role", "1 for this replica's current role", ("role",))
         self.peer_lag = r.gauge("chatnet_peer_lag_entries", "primary: entries a follower lacks", ("peer",))
         self.peer_reachable = r.gauge("chatnet_peer_reachable", "1 when the peer answers heartbeats", ("peer",))
+        self.timed_storage = None  # the TimedStorage feeding chatnet_store_commit_seconds, if any
         self._pending: dict[int, tuple[str, float]] = {}  # conn -> (op, handed to the service at)
         self._proposed: list[tuple[int, float]] = []  # primary: (log index, appended at), in order
 
@@ -258,6 +260,8 @@ class ReplicaMetrics:
     def cycle(self, started: float, last_before: int, replica) -> None:
         """After one loop iteration: entries this primary appended in it were proposed at
         ``started``; every recorded entry now committed has taken its replication time."""
+        if self.timed_storage is not None:
+            self.timed_storage.poll()
         proposed = self._proposed
         if replica.serving and replica.last_index > last_before:
             proposed.extend((i, started) for i in range(last_before + 1, replica.last_index + 1))
@@ -366,19 +370,45 @@ def _handler_class(server: MetricsServer):
 class TimedStorage:
     """A store whose transactions are timed into ``chatnet_store_commit_seconds`` and whose new
     chats (``mail+`` row changes: a committed send that reached a mailbox) are counted;
-    everything else goes to the store itself."""
+    everything else goes to the store itself.  All of it runs on the loop thread.
+
+    Both storage interfaces are covered: ``commit(batch)`` (durable when it returns), and
+    ``submit(batch)`` returning a batch number with ``durable`` counting the batches on disk
+    (a writer that may finish later): a submitted batch's time runs until the loop sees it
+    durable (:meth:`poll`, after each loop iteration)."""
 
     def __init__(self, storage, metrics: ReplicaMetrics):
         self._storage, self._metrics = storage, metrics
+        self._waiting: collections.deque = collections.deque()  # (batch number, submitted at)
+        metrics.timed_storage = self
+
+    def _count_chats(self, batch) -> None:
+        chats = sum(1 for change in batch.changes if change[0] == "mail+")
+        if chats:
+            self._metrics.chats.inc(amount=chats)
 
     def commit(self, batch) -> None:
         clock = self._metrics.clock
         started = clock()
         self._storage.commit(batch)
         self._metrics.store_seconds.observe(clock() - started)
-        chats = sum(1 for change in batch.changes if change[0] == "mail+")
-        if chats:
-            self._metrics.chats.inc(amount=chats)
+        self._count_chats(batch)
+
+    def submit(self, batch) -> int:
+        started = self._metrics.clock()
+        number = self._storage.submit(batch)
+        self._waiting.append((number, started))
+        self._count_chats(batch)
+        self.poll()
+        return number
+
+    def poll(self) -> None:
+        durable = getattr(self._storage, "durable", None)
+        if not self._waiting or durable is None:
+            return
+        now = self._metrics.clock()
+        while self._waiting and self._waiting[0][0] <= durable:
+            self._metrics.store_seconds.observe(now - self._waiting.popleft()[1])
 
     def __getattr__(self, name: str):
         return getattr(self._storage, name)
