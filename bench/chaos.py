@@ -28,12 +28,9 @@ import argparse
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -47,138 +44,13 @@ if ROOT not in sys.path:
 
 from bench.workload import ExtWorker, History, Registry, SeedWorker, wait_for  # noqa: E402
 from chatnet.testing import Cluster  # noqa: E402
+from chatnet.testing.netns import Netns, NetnsError  # noqa: E402,F401 - NetnsError: bench/netns_cluster.py
 
 NO_RECIPIENT = "Recipient username cannot be found."
 LOGIN_UNKNOWN_PREFIX = "Unable to login: This username does not exist."
 
 def log(message: str) -> None:
     print(f"chaos: {message}", file=sys.stderr, flush=True)
-
-
-# ------------------------------------------------------------------------ network namespaces
-
-
-class NetnsError(Exception):
-    pass
-
-
-class Netns:
-    """N network namespaces ``chaos-PID-rI``, each with a veth pair whose other end is on a
-    bridge ``czPIDbr`` in the runner's namespace (addresses 10.213.X.I+1/24, the bridge .254):
-    the replicas are separate hosts, reachable from the runner and from each other."""
-
-    PREFIX = "chaos-"
-
-    def __init__(self, n: int) -> None:
-        self.n = n
-        pid = os.getpid()
-        self.tag = f"cz{pid}"
-        self.bridge = f"{self.tag}br"
-        self.names = [f"{self.PREFIX}{pid}-r{i}" for i in range(n)]
-        self.host_ends = [f"{self.tag}h{i}" for i in range(n)]
-        self.ns_ends = [f"{self.tag}n{i}" for i in range(n)]
-        self.subnet: str | None = None
-        self.made_ns: list[str] = []
-        self.made_links: list[str] = []
-
-    @staticmethod
-    def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=20)
-        if check and proc.returncode != 0:
-            raise NetnsError(f"`ip {' '.join(args)}` failed: {proc.stderr.strip() or proc.returncode}")
-        return proc
-
-    def _pick_subnet(self) -> str:
-        used = self._ip("-o", "-4", "addr", "show", check=False).stdout
-        start = os.getpid() % 250
-        for k in range(250):
-            third = (start + k) % 250 + 1
-            subnet = f"10.213.{third}"
-            if f" {subnet}." not in used:
-                return subnet
-        raise NetnsError("no free 10.213.X.0/24 subnet")
-
-    def setup(self) -> list[str]:
-        """Create everything; return the replicas' addresses.  On failure remove what was made
-        and raise NetnsError saying why."""
-        if shutil.which("ip") is None:
-            raise NetnsError("the `ip` command (iproute2) is not installed")
-        if os.geteuid() != 0:
-            raise NetnsError("creating network namespaces needs root")
-        try:
-            self.sweep_stale()
-            self.subnet = self._pick_subnet()
-            self._ip("link", "add", self.bridge, "type", "bridge")
-            self.made_links.append(self.bridge)
-            self._ip("addr", "add", f"{self.subnet}.254/24", "dev", self.bridge)
-            self._ip("link", "set", self.bridge, "up")
-            hosts = []
-            for i, ns in enumerate(self.names):
-                self._ip("netns", "add", ns)
-                self.made_ns.append(ns)
-                self._ip("-n", ns, "link", "set", "lo", "up")
-                self._ip("link", "add", self.host_ends[i], "type", "veth", "peer", "name", self.ns_ends[i])
-                self.made_links.append(self.host_ends[i])
-                self._ip("link", "set", self.ns_ends[i], "netns", ns)
-                self._ip("link", "set", self.host_ends[i], "master", self.bridge)
-                self._ip("link", "set", self.host_ends[i], "up")
-                address = f"{self.subnet}.{i + 1}"
-                self._ip("-n", ns, "addr", "add", f"{address}/24", "dev", self.ns_ends[i])
-                self._ip("-n", ns, "link", "set", self.ns_ends[i], "up")
-                hosts.append(address)
-            self._check_reachable(hosts)
-            return hosts
-        except (NetnsError, OSError, subprocess.SubprocessError) as exc:
-            self.cleanup()
-            raise NetnsError(str(exc)) from None
-
-    def _check_reachable(self, hosts: list[str]) -> None:
-        """A listener in the first namespace must be reachable from the runner (bridge up,
-        nothing filtering bridged traffic)."""
-        probe = subprocess.Popen(
-            ["ip", "netns", "exec", self.names[0], sys.executable, "-c",
-             "import socket,sys; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1);"
-             f"s.bind(({hosts[0]!r}, 1537)); s.listen(); s.settimeout(10); c,_=s.accept(); c.sendall(b'ok')"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                try:
-                    with socket.create_connection((hosts[0], 1537), timeout=1) as c:
-                        if c.recv(2) == b"ok":
-                            return
-                except OSError:
-                    time.sleep(0.1)
-            raise NetnsError(f"{hosts[0]} is not reachable through the bridge")
-        finally:
-            if probe.poll() is None:
-                probe.kill()
-            probe.wait(timeout=5)
-
-    def prefix(self, i: int) -> list[str]:
-        return ["ip", "netns", "exec", self.names[i]]
-
-    def cleanup(self) -> None:
-        for link in reversed(self.made_links):
-            self._ip("link", "del", link, check=False)
-        for ns in reversed(self.made_ns):
-            self._ip("netns", "del", ns, check=False)
-        self.made_links.clear()
-        self.made_ns.clear()
-
-    @classmethod
-    def sweep_stale(cls) -> None:
-        """Remove namespaces and links left by runners that died without cleaning up."""
-        listing = cls._ip("netns", "list", check=False).stdout
-        for line in listing.splitlines():
-            m = re.match(rf"({re.escape(cls.PREFIX)}(\d+)-r\d+)\b", line.strip())
-            if m and not os.path.exists(f"/proc/{m.group(2)}"):
-                cls._ip("netns", "del", m.group(1), check=False)
-        links = cls._ip("-o", "link", "show", check=False).stdout
-        for line in links.splitlines():
-            m = re.match(r"\d+:\s+(cz(\d+)(?:br|h\d+))[@:]", line)
-            if m and not os.path.exists(f"/proc/{m.group(2)}"):
-                cls._ip("link", "del", m.group(1), check=False)
 
 
 # ---------------------------------------------------------------------------------- cluster

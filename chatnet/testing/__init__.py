@@ -9,16 +9,20 @@
 * :class:`Cluster` — N replicas sharing a 0600 secret file (:func:`write_secret`): start,
   kill/restart one, status with the cluster secret, ``wait_primary``, ``wait_in_sync``; fixed
   ports and per-replica prefixes for replicas in network namespaces — ``chatnet.testing.cluster``;
+* :class:`Netns` — replicas on separate "machines": N network namespaces on a bridge, and
+  partitions between them (one-way and symmetric cuts, links down, heal) —
+  ``chatnet.testing.netns``;
 * :class:`RawClient` — the seed protocol on a blocking socket, frames decoded by the codec;
   :class:`FailoverClient` — finds the primary and retries across failovers —
   ``chatnet.testing.rawclient``.
 
 It ships in the package so ``tests/`` and ``bench/`` import it the same way after
 ``pip install -e .``; it is not used by the product itself.  Its users: the tests, the
-benchmarks (``bench/common.py``) and the chaos runner (``bench/chaos.py``).
+benchmarks (``bench/common.py``) and the chaos runner (``bench/chaos.py``), the partition tests (``tests/test_partitions.py``).
 """
 
 from chatnet.testing.cluster import Cluster, write_secret
+from chatnet.testing.netns import Netns, NetnsError
 from chatnet.testing.process import (
     CHATCLIENT,
     CHATSERVER,
@@ -38,6 +42,6 @@ from chatnet.testing.waiting import WaitTimeout, free_port, port_open, wait_unti
 
 __all__ = [
     "CHATCLIENT", "CHATSERVER", "ROOT", "REDIRECT", "Cluster", "FailoverClient", "FrameTimeout", "NoPrimary",
-    "RawClient", "ServerProcess", "WaitTimeout", "free_port", "port_open", "redirect_target", "server_command",
-    "wait_until", "write_secret",
+    "Netns", "NetnsError", "RawClient", "ServerProcess", "WaitTimeout", "free_port", "port_open", "redirect_target",
+    "server_command", "wait_until", "write_secret",
 ]
