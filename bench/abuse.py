@@ -646,7 +646,10 @@ def rss_figures(m: dict, windows: list[dict]) -> dict:
                               if i == primary and any(a <= t < b for a, b in spans)), default=0)
     mib = lambda kib: round(kib / 1024, 1)  # noqa: E731
     return {"primary_before_mib": mib(m["rss_before_kib"]), "primary_max_quiet_mib": mib(per_kind["quiet"]),
-            "primary_max_abuse_mib": mib(per_kind["abuse"]), "peak_mib": [mib(k) for k in m["peak_rss_kib"]],
+            "primary_max_abuse_mib": mib(per_kind["abuse"]),
+            # VmHWM can lag VmRSS a little (the kernel syncs its RSS counters lazily): take both
+            "peak_mib": [mib(max(k, *(rss for _t, i, _s, _ms, rss in m["watch"] if i == n), 0))
+                         for n, k in enumerate(m["peak_rss_kib"])],
             "end_mib": [mib(k) for k in m["rss_end_kib"]]}
 
 
