@@ -97,7 +97,7 @@ def test_local_launcher_forwards_the_limit_flags(monkeypatch):
     from chatnet.server import launcher
 
     seen = {}
-    monkeypatch.setattr(launcher, "run_local", lambda peers, base, secret, extra: seen.setdefault("extra", extra) and 0)
+    monkeypatch.setattr(launcher, "run_local", lambda peers, base, secret, extra, **_: seen.setdefault("extra", extra) and 0)
     cli.main(["--local", "--max-accounts", "7", "--max-queued-chats", "8", "--max-list-names", "9"])
     extra = seen["extra"]
     for flag, value in (("--max-accounts", "7"), ("--max-queued-chats", "8"), ("--max-list-names", "9")):

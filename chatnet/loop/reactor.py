@@ -96,6 +96,14 @@ class Reactor:
     def _on_signal(self, signum, frame) -> None:
         self.stop(signal.Signals(signum).name)
 
+    def wake(self) -> None:
+        """Make a select() in progress return at once.  Safe to call from any thread (the
+        storage thread calls it when a batch is durable): one byte into a socket pair."""
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # the buffer is full (the loop is awake anyway) or we are closing
+            pass
+
     def stop(self, reason: str = "stop requested") -> None:
         self.stopping = True
         self.stop_reason = reason

@@ -41,6 +41,12 @@ class SimDisk:
     unsynced: list = field(default_factory=list)
     snapshots: int = 0  # snapshots installed (the simulator's statistics)
     fail_after_commit: bool = False  # crash injection: the next commit lands, then the "machine" dies
+    # Asynchronous commits, as BackgroundStorage makes them: submitted batches wait in
+    # ``in_flight`` until the simulator calls complete(); a crash loses those still waiting.
+    delay_commits: bool = False
+    in_flight: list = field(default_factory=list)  # (record, sync), oldest first
+    durable: int = 0  # batches made durable so far (the Storage interface)
+    error = None
 
     # -- Storage --------------------------------------------------------------------------------
     def load(self) -> Loaded:
@@ -51,18 +57,42 @@ class SimDisk:
                 state.apply(decode_command(data))
         return Loaded(state, applied, dict(self.meta), list(self.log))
 
+    def submit(self, batch: Batch) -> int:
+        """Queue ``batch``; with ``delay_commits`` it lands only when complete() says so."""
+        record = self._freeze(batch)
+        if self.delay_commits:
+            self.in_flight.append((record, batch.sync))
+            return self.durable + len(self.in_flight)
+        self._land(record, batch.sync)
+        self.durable += 1
+        return self.durable
+
+    def complete(self, n: int = 1) -> None:
+        """The oldest ``n`` submitted batches reach the disk (a crash may still lose the
+        un-synced ones, as after any commit)."""
+        done, self.in_flight = self.in_flight[:n], self.in_flight[n:]
+        for record, sync in done:
+            self._land(record, sync)
+            self.durable += 1
+
     def commit(self, batch: Batch) -> None:
+        """Write ``batch`` now (restore and test setups; the host uses submit())."""
+        self._land(self._freeze(batch), batch.sync)
+
+    def _freeze(self, batch: Batch) -> _Record:
         meta = dict(batch.meta)
         if batch.applied_index is not None:
             meta["applied_index"] = batch.applied_index
         snap = None
         if batch.snapshot is not None:
             index, view, state = batch.snapshot
-            snap = (index, view, state.to_snapshot())
+            snap = (index, view, state if isinstance(state, (bytes, bytearray)) else state.to_snapshot())
             self.snapshots += 1
-        record = _Record(snap, batch.truncate_after, list(batch.entries), meta, batch.compact_upto)
+        return _Record(snap, batch.truncate_after, list(batch.entries), meta, batch.compact_upto)
+
+    def _land(self, record: _Record, sync: bool) -> None:
         self.unsynced.append(record)
-        if batch.sync:
+        if sync:
             self.sync()
         if self.fail_after_commit:
             self.fail_after_commit = False
@@ -81,8 +111,9 @@ class SimDisk:
         """The machine dies: a random prefix of the un-synced batches survives.  Returns how
         many were lost."""
         keep = rng.randint(0, len(self.unsynced))
-        lost = len(self.unsynced) - keep
+        lost = len(self.unsynced) - keep + len(self.in_flight)
         self.unsynced = self.unsynced[:keep]
+        self.in_flight = []
         self.sync()
         return lost
 

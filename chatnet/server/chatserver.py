@@ -47,13 +47,14 @@ from ..protocol.texts import (
     T_SERVER_FULL,
 )
 from ..replication.transport import PeerTransport
+from .background import BackgroundStorage
 from .config import Address, Limits, cluster_id
 from .host import ReplicaHost
 from .metrics import PUBLISH_INTERVAL, MetricsServer, ReplicaMetrics, TimedStorage
 from .passwords import ThreadHasher
 from .service import Close, Reply, frame
 from .status import MAX_LINE, StatusChallenge, json_line, public_status
-from .store import Store
+from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +194,9 @@ class ChatServer:
         self.metrics = ReplicaMetrics() if metrics_port is not None else None
         self.metrics_port, self.metrics_server = metrics_port, None
         self._limit_logged = (float("-inf"), 0)  # (last connection-limit line, refusals since)
-        storage = Store(data_dir)
+        # Durable writes on the storage thread, so the loop never waits for fsync (the --naive
+        # baseline keeps the synchronous store: one fsync per command, on the loop).
+        storage = Store(data_dir) if naive else BackgroundStorage(Store(data_dir), wake=self.reactor.wake)
         if self.metrics is not None:
             storage = TimedStorage(storage, self.metrics)
         # -- end metrics
@@ -269,7 +272,12 @@ class ChatServer:
             self.reactor.forget(self.listener)
             self.listener.close()
             self.listener = None
-        self._before_sleep()  # persist what is pending and write the answers we can
+        try:  # persist what is pending, wait for the disk, and write the answers we can
+            self._before_sleep()
+            self.replica_host.flush()
+            self._before_sleep()
+        except StoreError as exc:
+            log.error("%s", exc)
         for conn in list(self.conns.values()):
             self.close_connection(conn, "server shutdown")
         for query in list(self.status_queries):
@@ -625,7 +633,8 @@ class ChatServer:
                 conn.slow_timer.cancel()
                 conn.slow_timer = None
             self.service.set_congested(conn.id, False)
-            self._apply_effects(self.service.take_effects())  # the chat it missed, from the mailbox
+            # the chat it missed, from the mailbox (behind any batch still on its way to disk)
+            self._apply_effects(self.replica_host.behind_durability(self.service.take_effects()))
             self._backlog.add(conn)  # and the requests it sent meanwhile
 
     def _drop_slow(self, conn: ClientConnection) -> None:

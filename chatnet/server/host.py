@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,12 +41,13 @@ from .events import HostEvents
 from .passwords import InlineHasher
 from .service import ChatService, Close, Reply, frame
 from .state import ChatState, decode_command, encode_command
-from .storage import Batch, Loaded, Storage
+from .storage import Batch, Loaded, Storage, StoreError
 
 log = logging.getLogger(__name__)
 
 SERVING, HOLDING, AWAY = "serving", "holding", "away"
 MAX_READY_ROUNDS = 16  # Ready rounds folded into one transaction before the loop moves on
+MAX_BATCHES_IN_FLIGHT = 8  # iterations waiting for the disk before new commands wait too
 
 
 class Network(Protocol):
@@ -56,6 +58,16 @@ class Network(Protocol):
 class _NoPeers:
     def send(self, peer: int, msg: object) -> None:  # a lone replica has nobody to talk to
         pass
+
+
+@dataclass
+class _Output:
+    """What one loop iteration may send and answer once its batch (number ``batch``) is durable."""
+
+    batch: int
+    messages: list
+    effects: list
+    unblocked: list
 
 
 @dataclass
@@ -99,6 +111,8 @@ class ReplicaHost:
             **({"max_batch": 1, "max_inflight": 1} if naive else {}),
         )
         self.mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
+        self._submitted = storage.durable  # number of the last batch handed to the storage
+        self._outputs: deque[_Output] = deque()  # per iteration: what leaves once it is durable
         self._held: list = []  # commands waiting for the view to be re-established
         self.on_applied = None  # observer (index, data) -> None; the simulator's checker uses it
         self.events = HostEvents(self)  # operator events: logs and metrics (chatnet/server/events.py)
@@ -132,9 +146,9 @@ class ReplicaHost:
         """One decoded client request; returns the effects that need no commit (an error, a
         ``list``, a backup's redirect).  Answers of commands come out of :meth:`cycle`."""
         if not self.serves_clients:
-            return self.redirect(conn)
+            return self.behind_durability(self.redirect(conn))
         self.service.receive(conn, event)
-        return self.service.take_effects()
+        return self.behind_durability(self.service.take_effects())
 
     @property
     def serves_clients(self) -> bool:
@@ -159,7 +173,9 @@ class ReplicaHost:
         ``list``) are included first, in order."""
         self._follow_role()
         self._hash_passwords()
-        self._propose()
+        throttled = len(self._outputs) >= MAX_BATCHES_IN_FLIGHT  # the disk is behind: let it catch up
+        if not throttled:
+            self._propose()
         batch, messages = Batch(), []
         rounds = 0
         while rounds < MAX_READY_ROUNDS:
@@ -171,14 +187,53 @@ class ReplicaHost:
             self._collect(rd, batch, messages)
         self._follow_role()
         if batch:
-            self.storage.commit(batch)
-        self.events.after_cycle()  # logged once durable
-        for peer, msg in messages:
-            self.network.send(peer, msg)
+            self._submitted = self.storage.submit(batch)
+        self.events.after_cycle()
         service = self.service
-        more = bool(service.proposals or self._held and self.mode == SERVING) \
-            or service.has_delivery_marks() or rounds == MAX_READY_ROUNDS or self.hasher.has_done()
-        return CycleResult(service.take_effects(), service.take_unblocked(), more)
+        self._outputs.append(_Output(self._submitted, messages, service.take_effects(), service.take_unblocked()))
+        effects, unblocked = self.release()
+        more = not throttled and bool(service.proposals or self._held and self.mode == SERVING) \
+            or service.has_delivery_marks() and not throttled or rounds == MAX_READY_ROUNDS \
+            or self.hasher.has_done()
+        return CycleResult(effects, unblocked, more)
+
+    def release(self) -> tuple[list, list]:
+        """Send the peer messages and hand back the client effects of every iteration whose
+        batch is durable now, in order (persist before send, answer after commit).  A failure
+        of the storage writer stops the replica here, before anything else is acknowledged."""
+        if self.storage.error is not None:
+            raise StoreError(f"the store failed: {self.storage.error}") from self.storage.error
+        durable, effects, unblocked = self.storage.durable, [], []
+        outputs = self._outputs
+        while outputs and outputs[0].batch <= durable:
+            out = outputs.popleft()
+            for peer, msg in out.messages:
+                self.network.send(peer, msg)
+            effects += out.effects
+            unblocked += out.unblocked
+        return effects, unblocked
+
+    def behind_durability(self, effects: list) -> list:
+        """Effects produced outside a cycle (an answer that needs no commit, chat pumped from
+        a mailbox): returned at once when nothing is waiting for the disk, else queued behind
+        the last iteration still in flight, so nothing that state is exposed before it is
+        durable."""
+        if not self._outputs:
+            return effects
+        self._outputs[-1].effects.extend(effects)
+        return []
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Wait until every submitted batch is durable (shutdown); then release() hands out
+        what they held back."""
+        flush = getattr(self.storage, "flush", None)
+        if flush is not None:
+            flush(timeout)
+
+    @property
+    def waiting_for_disk(self) -> int:
+        """Iterations whose batch is submitted but not yet durable."""
+        return len(self._outputs)
 
     def _hash_passwords(self) -> None:
         """Hand finished password jobs back to the service, then start the ones it queued."""
@@ -208,7 +263,7 @@ class ReplicaHost:
             state = ChatState.from_snapshot(rd.snapshot.data)
             service.replace_state(state)
             self.applied_index = rd.snapshot.index
-            batch.snapshot = (rd.snapshot.index, rd.snapshot.view, state)
+            batch.snapshot = (rd.snapshot.index, rd.snapshot.view, rd.snapshot.data)  # bytes, not the live state
             batch.entries.clear()  # the snapshot replaces the whole log
             batch.changes.clear()  # and the whole state
             batch.truncate_after = None

@@ -25,7 +25,9 @@ class Loaded:
 class Batch:
     """Everything one loop iteration must make durable, written as one transaction."""
 
-    snapshot: tuple | None = None  # (index, view, ChatState) replacing state and log
+    # (index, view, state) replacing state and log; the host passes the snapshot's bytes, never
+    # its live ChatState, so a background writer never reads state the loop is changing
+    snapshot: tuple | None = None
     truncate_after: int | None = None
     entries: list = field(default_factory=list)  # (idx, view, data)
     changes: list = field(default_factory=list)  # row changes from ChatState.apply
@@ -39,12 +41,36 @@ class Batch:
                     or self.applied_index is not None or self.meta or self.compact_upto is not None)
 
 
+class StoreError(Exception):
+    """The store cannot be opened or written; the replica must stop rather than guess."""
+
+
 class Storage(Protocol):
-    """Durable storage of one replica (see :class:`Batch`)."""
+    """Durable storage of one replica (see :class:`Batch`).
+
+    ``submit`` queues a batch and returns its number; ``durable`` is how many batches are on
+    disk.  A synchronous store (:class:`Synchronous`) makes each durable before ``submit``
+    returns; :class:`~.background.BackgroundStorage` does it on a thread, and the simulator's
+    disk can complete them later.  The host releases a batch's outputs only once ``durable``
+    covers it; ``error`` is a failure of the writer, re-raised on the loop thread."""
+
+    durable: int
+    error: BaseException | None
 
     def load(self) -> Loaded: ...
 
-    def commit(self, batch: Batch) -> None:
-        """Write ``batch`` atomically; with ``batch.sync``, return only once it is durable."""
+    def submit(self, batch: Batch) -> int: ...
 
     def close(self) -> None: ...
+
+
+class Synchronous:
+    """``submit`` for a store whose ``commit(batch)`` returns once the batch is durable."""
+
+    durable = 0
+    error = None
+
+    def submit(self, batch: Batch) -> int:
+        self.commit(batch)
+        self.durable += 1
+        return self.durable

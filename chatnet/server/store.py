@@ -25,7 +25,7 @@ import os
 import sqlite3
 
 from .state import ChatState, Mail
-from .storage import Batch, Loaded
+from .storage import Batch, Loaded, StoreError, Synchronous  # noqa: F401 (StoreError re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ CREATE INDEX IF NOT EXISTS mail_by_sender ON mail(sender);
 """
 
 
-class StoreError(Exception):
-    """The store cannot be opened or written; the replica must stop rather than guess."""
-
-
 def _private_files(path: str) -> None:
     """Create the database file 0600 if missing, and take group and other access away from it
     and its -wal and -shm files if they have any (stores made before modes were enforced).
@@ -62,7 +58,7 @@ def _private_files(path: str) -> None:
             os.chmod(name, mode & 0o700)
 
 
-class Store:
+class Store(Synchronous):
     def __init__(self, data_dir: str):
         # The store holds every account's resume token and all undelivered chat: only the
         # user running the replica may read it.  Its directory is created 0700 (an existing
@@ -121,36 +117,45 @@ class Store:
 
     # -- writing -----------------------------------------------------------------------------
     def commit(self, batch: Batch) -> None:
-        """Write one loop iteration's work (:class:`~.storage.Batch`) in one transaction.
+        """Write one loop iteration's work (:class:`~.storage.Batch`) in one transaction."""
+        self.commit_many([batch])
 
-        With ``batch.sync`` (log entries, truncation, hard state or an installed snapshot
-        inside) it returns only once the transaction is on disk (synchronous=FULL).  Without
-        it — only applying entries that are already durable in the log — the commit skips the
-        fsync: a crash can lose it, but atomically (applied index and rows together), and the
-        entries are applied again from the log at restart.  WAL order keeps it before any
-        later synced transaction.
+    def commit_many(self, batches: list[Batch]) -> None:
+        """Write ``batches`` in order, in one transaction (group commit across iterations).
+
+        When any of them is ``sync`` (log entries, truncation, hard state or an installed
+        snapshot inside) it returns only once the transaction is on disk (synchronous=FULL).
+        Otherwise — only applying entries that are already durable in the log — the commit
+        skips the fsync: a crash can lose it, but atomically (applied index and rows together),
+        and the entries are applied again from the log at restart.  WAL order keeps it before
+        any later synced transaction.
         """
-        db = self._db
-        if batch.sync != self._sync:
-            db.execute(f"PRAGMA synchronous={'FULL' if batch.sync else 'NORMAL'}")
-            self._sync = batch.sync
+        sync = any(batch.sync for batch in batches)
+        if sync != self._sync:
+            self._db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+            self._sync = sync
         with self._transaction("write"):
-            if batch.snapshot is not None:
-                self._replace_state(*batch.snapshot)
-            if batch.truncate_after is not None:
-                db.execute("DELETE FROM log WHERE idx > ?", (batch.truncate_after,))
-            if batch.entries:
-                db.executemany("INSERT OR REPLACE INTO log(idx, view, data) VALUES (?, ?, ?)", batch.entries)
-            self._apply_changes(batch.changes)
-            meta = dict(batch.meta)
-            if batch.applied_index is not None:
-                meta["applied_index"] = batch.applied_index
-            if meta:
-                db.executemany(
-                    "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()]
-                )
-            if batch.compact_upto is not None:
-                db.execute("DELETE FROM log WHERE idx <= ?", (batch.compact_upto,))
+            for batch in batches:
+                self._write(batch)
+
+    def _write(self, batch: Batch) -> None:
+        db = self._db
+        if batch.snapshot is not None:
+            self._replace_state(*batch.snapshot)
+        if batch.truncate_after is not None:
+            db.execute("DELETE FROM log WHERE idx > ?", (batch.truncate_after,))
+        if batch.entries:
+            db.executemany("INSERT OR REPLACE INTO log(idx, view, data) VALUES (?, ?, ?)", batch.entries)
+        self._apply_changes(batch.changes)
+        meta = dict(batch.meta)
+        if batch.applied_index is not None:
+            meta["applied_index"] = batch.applied_index
+        if meta:
+            db.executemany(
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()]
+            )
+        if batch.compact_upto is not None:
+            db.execute("DELETE FROM log WHERE idx <= ?", (batch.compact_upto,))
 
     # Row changes that commute with each other between two barriers: within a run they are
     # written table by table with executemany (inserts before deletes: a delivered mark never
@@ -198,9 +203,11 @@ class Store:
                 self._db.executemany(sql, rows)
         run.clear()
 
-    def _replace_state(self, index: int, view: int, state: ChatState) -> None:
+    def _replace_state(self, index: int, view: int, state: ChatState | bytes) -> None:
         """Replace the whole chat state and the log with a snapshot taken at ``index``
         (inside the caller's transaction)."""
+        if isinstance(state, (bytes, bytearray)):
+            state = ChatState.from_snapshot(state)
         db = self._db
         for table in ("accounts", "mail", "request_ids", "log"):
             db.execute(f"DELETE FROM {table}")
