@@ -43,6 +43,11 @@ class BackgroundStorage:
     def load(self) -> Loaded:
         return self.store.load()
 
+    @property
+    def path(self) -> str:
+        """The database file (metrics read its size)."""
+        return self.store.path
+
     def submit(self, batch: Batch) -> int:
         """Queue ``batch``; its number, which :attr:`durable` reaches once it is on disk."""
         with self._cv:
