@@ -47,6 +47,7 @@ from chatnet.testing import Cluster  # noqa: E402
 from chatnet.testing.netns import Netns, NetnsError  # noqa: E402,F401 - NetnsError: bench/netns_cluster.py
 
 NO_RECIPIENT = "Recipient username cannot be found."
+FAILURE_TIMEOUT = 1.0      # the replicas' default --failure-timeout-ms, in seconds
 LOGIN_UNKNOWN_PREFIX = "Unable to login: This username does not exist."
 
 def log(message: str) -> None:
@@ -61,6 +62,8 @@ def make_cluster(workdir: str, hosts: list[str], netns: Netns | None, args) -> C
     own address (which the runner's namespace cannot bind to probe), with ``ip netns exec``
     before its command; the secret file is the harness's (0600 from the start)."""
     extra = [] if args.log_retain is None else ["--log-retain", str(args.log_retain)]
+    if args.quorum:
+        extra += ["--quorum", args.quorum]
     return Cluster(workdir, hosts=hosts, extra_args=extra, log_level="INFO",
                    ports=[1538] * len(hosts) if netns else None,
                    prefixes=[netns.prefix(i) for i in range(len(hosts))] if netns else None)
@@ -71,12 +74,18 @@ def make_cluster(workdir: str, hosts: list[str], netns: Netns | None, args) -> C
 
 class Nemesis:
     """Faults at random moments, all decided by one ``random.Random``: every injection draws
-    the same four numbers (kind, target, duration, prefer-the-primary) whatever happens, so a
-    seed gives the same schedule of decisions (the cluster's timing still varies a little)."""
+    the same four numbers (kind, target, duration, prefer-the-primary) whatever happens — five
+    with ``partitions`` (the fifth picks the partition's shape) — so a seed gives the same
+    schedule of decisions (the cluster's timing still varies a little).
+
+    With ``partitions`` (and ``netns``, the namespaces the replicas run in) a share of the
+    faults are network partitions between replicas (see :meth:`partition`): one at a time,
+    each undone after a bounded time, so every one heals within the run."""
 
     def __init__(self, cluster: Cluster, rng: random.Random, history: History, *,
                  mean_gap: float = 1.5, max_down: int | None = None, max_kill: float = 6.0,
-                 max_stop: float = 5.0) -> None:
+                 max_stop: float = 5.0, netns: Netns | None = None, partitions: bool = False,
+                 max_partition: float = 6.0) -> None:
         self.cluster = cluster
         self.rng = rng
         self.history = history
@@ -88,6 +97,10 @@ class Nemesis:
         self.recover_at: dict[int, float] = {}
         self.faults = 0
         self.max_seen_down = 0
+        self.netns = netns
+        self.partitions = partitions and netns is not None
+        self.max_partition = max_partition
+        self.partition_until: float | None = None    # when the current partition heals
 
     def run(self, until: float) -> None:
         next_fault = time.monotonic() + self.rng.expovariate(1 / self.mean_gap)
@@ -97,12 +110,15 @@ class Nemesis:
             for i, when in sorted(self.recover_at.items(), key=lambda kv: kv[1]):
                 if when <= now:
                     self.recover(i)
+            if self.partition_until is not None and self.partition_until <= now:
+                self.heal_partition()
             if now >= until:
                 return
             if now >= next_fault:
                 self.inject()
                 next_fault = time.monotonic() + self.rng.expovariate(1 / self.mean_gap)
-            wake = min([next_fault, until, *self.recover_at.values()])
+            pending = [] if self.partition_until is None else [self.partition_until]
+            wake = min([next_fault, until, *self.recover_at.values(), *pending])
             time.sleep(max(0.0, min(wake - time.monotonic(), 0.25)))
 
     def check_alive(self) -> None:
@@ -125,7 +141,15 @@ class Nemesis:
         decided, so the schedule of decisions depends on the seed only.  Another kind of fault
         (a partition, say) is one more branch here, with its undo in :meth:`recover`."""
         r_kind, r_target, r_duration, r_primary = (self.rng.random() for _ in range(4))
+        r_shape = self.rng.random() if self.partitions else 0.0
         up = [i for i, r in enumerate(self.cluster.replicas) if r.state == "up"]
+        if self.partitions and r_kind >= 0.6:
+            if self.partition_until is None and up:
+                target, role = self.choose_target(up, r_target, r_primary)
+                self.partition(target, role, r_shape, r_duration)
+            return
+        if self.partitions:
+            r_kind /= 0.6           # kills and stops keep their shares among themselves
         if len(self.down()) >= self.max_down or not up:
             return
         target, role = self.choose_target(up, r_target, r_primary)
@@ -170,11 +194,49 @@ class Nemesis:
             self.cluster.restart(i, wait=False)
             self.history.write("nemesis", action="restart", replica=i, pid=replica.pid, down=self.down())
 
+    # Partition shapes around a target replica T (the others: O), by the fifth draw.
+    SHAPES = ((0.35, "isolate"),   # T <-/-> O: T cut off both ways
+              (0.55, "out"),       # T --/-> O: what T sends is dropped, it still hears O
+              (0.75, "in"),        # O --/-> T: T hears nobody, O still hears T
+              (1.01, "pair"))      # T <-/-> one other; the third still reaches both (a bridge)
+
+    def partition(self, target: int, role: str, r_shape: float, r_duration: float) -> None:
+        """Cut the network around ``target`` (a shape of :attr:`SHAPES`) for a bounded time:
+        30 % of them shorter than the failure timeout (they must go unnoticed), the rest
+        1.2 s up to ``max_partition``."""
+        shape = next(name for bound, name in self.SHAPES if r_shape < bound)
+        others = [j for j in range(len(self.cluster.replicas)) if j != target]
+        if shape == "isolate":
+            pairs = [(target, j) for j in others] + [(j, target) for j in others]
+        elif shape == "out":
+            pairs = [(target, j) for j in others]
+        elif shape == "in":
+            pairs = [(j, target) for j in others]
+        else:
+            j = others[min(int((r_shape - 0.75) / 0.26 * len(others)), len(others) - 1)]
+            pairs = [(target, j), (j, target)]
+        for src, dst in pairs:
+            self.netns.cut(src, dst)
+        duration = (0.2 + r_duration / 0.3 * 0.6 if r_duration < 0.3
+                    else 1.2 + (r_duration - 0.3) / 0.7 * (self.max_partition - 1.2))
+        self.partition_until = time.monotonic() + duration
+        self.faults += 1
+        self.history.write("nemesis", action="partition", shape=shape, replica=target, role=role,
+                           cuts=sorted(pairs), duration=round(duration, 3), down=self.down())
+
+    def heal_partition(self) -> None:
+        """Undo the current partition (every cut)."""
+        self.partition_until = None
+        if self.netns is not None and self.netns.cuts:
+            self.netns.heal()
+            self.history.write("nemesis", action="heal", down=self.down())
+
     def heal(self) -> None:
         self.check_alive()
         for i in self.down():
             self.recover(i)
         self.recover_at.clear()
+        self.heal_partition()
 
 
 # ---------------------------------------------------------------------------------- checker
@@ -212,6 +274,7 @@ class Facts:
     by_msg: dict = field(default_factory=lambda: defaultdict(list))   # msg -> [(position, record)]
     final: dict | None = None
     faults: int = 0
+    partitions: int = 0                               # of the faults, partitions
     drains_failed: list = field(default_factory=list)
     errors: list = field(default_factory=list)        # (message, record)
 
@@ -242,8 +305,9 @@ class Facts:
         elif kind == "deliver":
             self.deliveries.append((pos, r))
             self.by_msg[r["msg"]].append((pos, r))
-        elif kind == "nemesis" and r.get("action") in ("kill", "stop"):
+        elif kind == "nemesis" and r.get("action") in ("kill", "stop", "partition"):
             self.faults += 1
+            self.partitions += r["action"] == "partition"
         elif kind == "final":
             self.final = r
         elif kind == "drain" and not r.get("ok"):
@@ -441,12 +505,66 @@ def check_digests(facts: Facts) -> list[Violation]:
 
 
 def check_divergences(facts: Facts) -> list[Violation]:
-    """No replica replaced applied state by a forced snapshot: only a partition may cause
-    that, and partitions are not injected."""
+    """No replica replaced applied state by a forced snapshot.  Only a split brain may cause
+    that, so it is allowed (and counted in the summary) when partitions were injected in the
+    default mode, whose documented trade-off a split brain is; never in majority mode."""
+    if facts.meta.get("partitions") and facts.meta.get("quorum", "all") != "majority":
+        return []
     statuses = (facts.final or {}).get("statuses") or []
     return [Violation("divergences", f"r{i}", f"{s['divergences']} forced snapshot(s) over applied state",
                       (facts.final,))
             for i, s in enumerate(statuses) if s and s.get("divergences")]
+
+
+# Writes whose acknowledgement means a primary committed them (reads are not counted).
+ACKED_WRITES = ("send", "create", "login")
+
+
+def ack_periods(facts: Facts) -> dict[str, list[tuple[float, float, list]]]:
+    """Per replica (the ``server`` of its ``ok`` answers), its periods of acknowledging
+    writes: runs of acks with no gap of a failure timeout or more between one answer and the
+    next request (a new primary is only elected after such a silence of the old one).  Each
+    period is (start, end, acks) where [start, end] is the part of it that is certain: the
+    first ack answered by ``start`` and the last requested at ``end`` or later."""
+    gap = float(facts.meta.get("failure_timeout") or FAILURE_TIMEOUT)
+    acks: dict[str, list[tuple[float, float, dict]]] = defaultdict(list)
+    for op, (_, r) in facts.results.items():
+        inv = facts.invokes.get(op, (0, {}))[1]
+        if r["type"] == "ok" and r.get("server") and inv.get("f") in ACKED_WRITES:
+            acks[r["server"]].append((inv["t"], r["t"], inv))
+    periods: dict[str, list] = {}
+    for server, items in acks.items():
+        items.sort(key=lambda a: a[1])
+        runs: list[list] = [[items[0]]]
+        for a in items[1:]:
+            if a[0] - runs[-1][-1][1] < gap:
+                runs[-1].append(a)
+            else:
+                runs.append([a])
+        periods[server] = [(run[0][1], max(a[0] for a in run), run) for run in runs]
+    return periods
+
+
+def check_split_brain(facts: Facts) -> list[Violation]:
+    """Majority mode: no two replicas acknowledge writes in overlapping time — the certain
+    parts of two replicas' acknowledging periods (see :func:`ack_periods`) never intersect.
+    In the default mode a partition may give two acknowledging sides (the mode's documented
+    trade-off), so this is checked only when the history's meta says ``quorum=majority``."""
+    if facts.meta.get("quorum") != "majority":
+        return []
+    spans = [(start, end, server, run) for server, ps in ack_periods(facts).items()
+             for start, end, run in ps if end > start]
+    spans.sort(key=lambda x: x[0])
+    found = []
+    for k, (start, end, server, run) in enumerate(spans):
+        for start2, end2, server2, run2 in spans[k + 1:]:
+            if start2 >= end:
+                break
+            if server2 != server:
+                found.append(Violation("split", f"{server} & {server2}",
+                                       f"both acknowledged writes between t={start2:.3f} and "
+                                       f"t={min(end, end2):.3f}", (run[-1][2], run2[0][2])))
+    return found
 
 
 def check_drained(facts: Facts) -> list[Violation]:
@@ -479,6 +597,8 @@ PROPERTIES = (
     ("divergences", check_divergences, "DIVERGENCES: {n} replica(s) had to replace applied state by a forced "
                                        "snapshot, which only a partition (not injected) may cause"),
     ("digests", check_digests, "STATE: replicas do not hold identical state after healing"),
+    ("split", check_split_brain, "SPLIT BRAIN: {n} time(s) two replicas acknowledged writes in overlapping "
+                                 "time (majority mode)"),
 )
 
 
@@ -496,6 +616,7 @@ class Report:
     acked_sends: int = 0
     delivered: int = 0
     faults: int = 0
+    partitions: int = 0
     violations: dict = field(default_factory=dict)     # property -> [Violation]
     repeats: dict = field(default_factory=dict)        # allowed repeat class -> extra copies
     state: FinalState = field(default_factory=FinalState)
@@ -520,6 +641,8 @@ class Report:
     def summary(self) -> str:
         m, n = self.meta, (lambda prop: len(self.of(prop)))
         divergences = f" divergences={self.state.divergences}" if self.state.divergences else ""
+        if m.get("partitions"):
+            divergences += f" quorum={m.get('quorum', 'all')} partitions={self.partitions} split={n('split')}"
         return (f"chaos: seed={m.get('seed', '?')} replicas={m.get('replicas', '?')} clients={m.get('clients', '?')} "
                 f"ops={self.ops} acked={self.acked} unknown={self.unknown} sends={self.sends} "
                 f"delivered={self.delivered} lost={n('lost')} dup={n('dup')} phantom={n('phantom')} "
@@ -532,7 +655,7 @@ def check(records: list[dict]) -> Report:
     """Read a history (see :class:`bench.workload.History`), run every property of
     ``PROPERTIES`` on it and count what the summary line shows."""
     facts = Facts.of(records)
-    report = Report(meta=facts.meta, faults=facts.faults, state=final_state(facts))
+    report = Report(meta=facts.meta, faults=facts.faults, partitions=facts.partitions, state=final_state(facts))
     # A seed-style client's automatic re-login on each new connection is part of finding the
     # primary (many of them meet a backup's note): not counted as an operation of its own.
     user_ops = [op for op, (_, r) in facts.invokes.items() if not r.get("auto")]
@@ -610,6 +733,10 @@ def replay_command(args) -> str:
              "--replicas", str(args.replicas), "--clients", str(args.clients)]
     if args.netns:
         parts.append("--netns")
+    if args.partitions:
+        parts.append("--partitions")
+    if args.quorum:
+        parts += ["--quorum", args.quorum]
     for flag, value, default in (("--accounts", args.accounts, 2), ("--mean-gap", args.mean_gap, 1.5),
                                  ("--log-retain", args.log_retain, None)):
         if value != default and value is not None:
@@ -643,15 +770,19 @@ def make_network(args) -> tuple[list[str], Netns | None]:
     try:
         hosts = candidate.setup()
     except NetnsError as exc:
+        if args.partitions:
+            log(f"--partitions needs network namespaces, which cannot be made here: {exc}")
+            raise SystemExit(2) from None
         log(f"network namespaces unavailable ({exc}); falling back to loopback addresses 127.0.0.x")
         return hosts, None
     log(f"replicas in network namespaces {', '.join(candidate.names)} on bridge {candidate.bridge}")
     return hosts, candidate
 
 
-def workload_phase(args, cluster: Cluster, history: History, workers: list) -> Nemesis:
+def workload_phase(args, cluster: Cluster, history: History, workers: list, netns: Netns | None = None) -> Nemesis:
     """Start the cluster and the clients (appended to ``workers`` at once, so the caller can
-    stop them whatever happens), then inject faults for ``--duration`` seconds."""
+    stop them whatever happens), then inject faults for ``--duration`` seconds.  In majority
+    mode at most ⌊(N−1)/2⌋ replicas are killed or stopped at once (what the mode tolerates)."""
     cluster.start(timeout=20)
     if not wait_for(cluster.in_sync, 30, interval=0.1):
         raise RuntimeError("the cluster did not elect a primary at start")
@@ -661,7 +792,9 @@ def workload_phase(args, cluster: Cluster, history: History, workers: list) -> N
     workers.extend(make_workers(args, cluster.addresses, history, Registry()))
     for w in workers:
         w.start()
-    nemesis = Nemesis(cluster, random.Random(args.seed), history, mean_gap=args.mean_gap)
+    nemesis = Nemesis(cluster, random.Random(args.seed), history, mean_gap=args.mean_gap,
+                      max_down=(args.replicas - 1) // 2 if args.quorum == "majority" else None,
+                      netns=netns, partitions=args.partitions)
     nemesis.run(until=time.monotonic() + args.duration)
     return nemesis
 
@@ -752,8 +885,9 @@ def run(args) -> RunResult:
         cluster = make_cluster(result.workdir, hosts, netns, args)
         history.write("meta", seed=args.seed, replicas=args.replicas, clients=args.clients, duration=args.duration,
                       netns=netns is not None, addresses=[f"{h}:{p}" for h, p in cluster.addresses],
+                      quorum=args.quorum or "all", partitions=args.partitions, failure_timeout=FAILURE_TIMEOUT,
                       replay=replay_command(args), workdir=result.workdir)
-        nemesis = workload_phase(args, cluster, history, workers)
+        nemesis = workload_phase(args, cluster, history, workers, netns)
         heal_phase(args, cluster, history, workers, nemesis)
         drain_phase(history, workers)
         converge_phase(args, cluster, history)
@@ -799,6 +933,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for a primary / for convergence after healing (default 30)")
     p.add_argument("--netns", action="store_true",
                    help="run each replica in a network namespace of its own (root; falls back to 127.0.0.x)")
+    p.add_argument("--partitions", action="store_true",
+                   help="the nemesis also cuts the network between replicas (one-way and symmetric; needs --netns)")
+    p.add_argument("--quorum", choices=("all", "majority"), default=None,
+                   help="passed to the replicas (default: not passed, the server's default, all)")
     p.add_argument("--history", metavar="FILE", help="write the history here (default: in the run's temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the replicas' data and logs even when the run passes")
     p.add_argument("--check", metavar="FILE", help="only check an existing history file")
@@ -811,6 +949,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.check and (args.replicas < 1 or args.clients < 1 or args.duration <= 0):
         parser.error("--replicas, --clients and --duration must be positive")
+    if args.partitions and not args.netns:
+        parser.error("--partitions needs --netns (partitions are cut between the replicas' namespaces)")
     return args
 
 

@@ -64,7 +64,8 @@ class History:
     Every record has ``t`` (seconds since the history began, monotonic clock) and ``type``:
     ``invoke`` (a request: ``op`` id, ``client``, ``run``, ``kind`` ext/seed, ``user``, ``f``
     create/login/send/list/logout, for sends ``to`` and ``msg``), ``ok`` / ``fail`` /
-    ``unknown`` (its outcome: ``op``, ``answer``), ``deliver`` (a chat shown to ``user`` by
+    ``unknown`` (its outcome: ``op``, ``answer``; ``server``, the replica that answered, on
+    ``ok`` and ``fail``), ``deliver`` (a chat shown to ``user`` by
     client run ``run``: ``from``, ``msg``, ``seq`` for our client), and the runner's own
     ``meta``, ``nemesis``, ``phase``, ``drain``, ``status`` and ``client`` records."""
 
@@ -322,7 +323,9 @@ class SimUser:
                 outcome = "ok" if e.kind == "ok" else "fail"
             self.outcomes[op] = outcome
             self.answers[op] = e.message
-            history.result(op, outcome, answer=e.message[:200], attempts=e.answer_to.attempts)
+            server = self.session.server
+            history.result(op, outcome, answer=e.message[:200], attempts=e.answer_to.attempts,
+                           server=str(server) if server is not None else None)
         elif isinstance(e, s.SessionClosed):
             for pending in e.unsent:
                 tracked = self._ops.get(pending)
@@ -404,7 +407,8 @@ class SeedClient:
             outcome = "ok" if frame.status == 0 else "fail"
             if f == "create" and frame.message == CREATE_TAKEN and attempts > 1:
                 outcome = "ok"                                   # our first attempt created it
-            self.history.result(op, outcome, answer=frame.message[:200], attempts=attempts)
+            server = f"{self.conn.host}:{self.conn.port}" if self.conn is not None else None
+            self.history.result(op, outcome, answer=frame.message[:200], attempts=attempts, server=server)
             return frame
         self.history.result(op, "unknown", answer="no answer in time", attempts=attempts)
         return None

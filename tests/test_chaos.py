@@ -121,7 +121,7 @@ def test_clean_history_passes_every_property():
 
 def test_every_property_is_checked_and_reported():
     assert list(PROPERTY) == ["lost", "dup", "phantom", "reorder", "lostacct", "undrained", "errors",
-                              "divergences", "digests"]
+                              "divergences", "digests", "split"]
     assert set(clean().check().violations) == set(PROPERTY)
 
 
@@ -396,6 +396,111 @@ def test_write_secret_leaves_an_existing_file_owner_only(tmp_path):
     assert len(path.read_text()) == 64 and path.read_text() != "old"
 
 
+# ------------------------------------------------------------------ partitions (issue 11)
+
+
+def acks_by(h, *acks):
+    """Acknowledged sends answered by given replicas: (sender, server, requested at, answered
+    at), times in seconds; the history's own times are those given."""
+    for k, (sender, server, asked, answered) in enumerate(acks):
+        h.op += 1
+        msg = f"p-{sender}#{k}"
+        h.records.append({"t": asked, "type": "invoke", "op": h.op, "client": "c0", "run": f"{sender}.1",
+                          "kind": "ext", "user": sender, "f": "send", "to": "bob", "msg": msg})
+        h.records.append({"t": answered, "type": "ok", "op": h.op, "answer": "Message sent to bob.",
+                          "server": server})
+        h.deliver("bob", sender, msg, seq=100 + k, run="bob.p")
+
+
+def majority(h, quorum="majority"):
+    h.records[0].update(quorum=quorum, partitions=True, failure_timeout=1.0)
+    return h
+
+
+def test_split_brain_two_replicas_acknowledging_in_overlapping_time():
+    h = majority(clean())
+    acks_by(h, *[("alice", "A", 20 + 0.2 * k, 20.1 + 0.2 * k) for k in range(10)],
+            *[("carol", "B", 20.5 + 0.2 * k, 20.6 + 0.2 * k) for k in range(5)])
+    found = only(h, "split")
+    assert found[0].subject == "A & B" and "both acknowledged" in found[0].why
+    assert " split=1 " in h.check().summary()
+
+
+def test_split_brain_a_handover_after_a_silence_is_not_one_and_default_mode_allows_overlap():
+    handover = majority(clean())      # A acks until 22, silence, B from 23.5: a failover
+    acks_by(handover, *[("alice", "A", 20 + 0.2 * k, 20.1 + 0.2 * k) for k in range(10)],
+            *[("carol", "B", 23.5 + 0.2 * k, 23.6 + 0.2 * k) for k in range(5)])
+    assert chaos.check_split_brain(handover.facts()) == []
+    one_ack = majority(clean())       # a lone ack's certain span is empty: it proves nothing
+    acks_by(one_ack, ("alice", "A", 20, 25), *[("carol", "B", 21 + 0.2 * k, 21.1 + 0.2 * k) for k in range(5)])
+    assert chaos.check_split_brain(one_ack.facts()) == []
+    default = majority(clean(), quorum="all")
+    acks_by(default, *[("alice", "A", 20 + 0.2 * k, 20.1 + 0.2 * k) for k in range(10)],
+            *[("carol", "B", 20.5 + 0.2 * k, 20.6 + 0.2 * k) for k in range(5)])
+    report = default.check()
+    assert report.ok and " quorum=all partitions=0 split=0 " in report.summary()
+
+
+def test_divergences_are_allowed_with_partitions_in_default_mode_only():
+    for quorum, allowed in (("all", True), ("majority", False)):
+        h = majority(clean(), quorum=quorum)
+        h.records[-1]["statuses"][1]["divergences"] = 1
+        assert (chaos.check_divergences(h.facts()) == []) is allowed
+
+
+class _FakeNet:
+    def __init__(self):
+        self.cuts = set()
+
+    def cut(self, src, dst):
+        self.cuts.add((src, dst))
+
+    def heal(self):
+        self.cuts.clear()
+
+
+class _FakeReplica:
+    state, pid = "up", 1
+
+
+class _FakeCluster:
+    replicas = [_FakeReplica(), _FakeReplica(), _FakeReplica()]
+
+    def primary(self, timeout=None):
+        return 0
+
+
+def test_partition_nemesis_shapes_are_bounded_and_healed():
+    """Every shape cuts only around its target, at most one partition at a time, each for a
+    bounded time; heal() undoes it.  Without --partitions the schedule draws four numbers per
+    fault, as before (old seeds replay the same)."""
+    net = _FakeNet()
+    nemesis = chaos.Nemesis(_FakeCluster(), chaos.random.Random(5), chaos.History(), netns=net, partitions=True)
+    shapes = set()
+    for _ in range(200):
+        nemesis.partition_until = None
+        net.heal()
+        nemesis.partition(1, "any", nemesis.rng.random(), nemesis.rng.random())
+        record = nemesis.history.records[-1]
+        shapes.add(record["shape"])
+        assert set(map(tuple, record["cuts"])) == net.cuts and all(1 in c for c in net.cuts)
+        assert 0.2 <= record["duration"] <= nemesis.max_partition
+    assert shapes == {"isolate", "out", "in", "pair"}
+    nemesis.heal_partition()
+    assert not net.cuts and nemesis.partition_until is None
+    plain = chaos.Nemesis(_FakeCluster(), chaos.random.Random(5), chaos.History())
+    assert not plain.partitions
+
+
+def test_partitions_need_netns_and_round_trip_with_quorum():
+    with pytest.raises(SystemExit) as exc:
+        chaos.parse_args(["--partitions"])
+    assert exc.value.code == 2
+    argv = ["--seed", "3", "--duration", "60", "--replicas", "3", "--clients", "8", "--netns", "--partitions",
+            "--quorum", "majority"]
+    assert shlex.split(chaos.replay_command(chaos.parse_args(argv)))[2:] == argv
+
+
 # ----------------------------------------------------------------------- namespaces
 
 
@@ -459,3 +564,19 @@ def test_ten_minute_chaos_run(tmp_path):
     summary, _ = run_chaos(tmp_path, "--seed", seed, "--duration", "600", "--replicas", "3", "--clients", "8",
                            "--netns", timeout=1100)
     assert "digests=equal" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("quorum", ["all", "majority"])
+def test_partition_chaos_run(tmp_path, quorum):
+    """60 s with the partition nemesis (replicas in network namespaces; skipped where they
+    cannot be made): no acknowledged chat lost in either mode, and in majority mode no two
+    replicas acknowledging in overlapping time."""
+    if chaos.Netns.unavailable():
+        pytest.skip(f"network namespaces cannot be made here: {chaos.Netns.unavailable()}")
+    seed = os.environ.get("CHATNET_CHAOS_SEED", "41")
+    summary, records = run_chaos(tmp_path, "--seed", seed, "--duration", "60", "--replicas", "3", "--clients", "8",
+                                 "--netns", "--partitions", "--quorum", quorum, timeout=280)
+    assert any(r["type"] == "nemesis" and r["action"] == "partition" for r in records), summary
+    assert f" quorum={quorum} " in summary and " split=0 " in summary
