@@ -2,6 +2,7 @@
 """Chaos runner and history checker for chatnet (Jepsen-style; see docs/chaos.md).
 
     python3 bench/chaos.py --seed 7 --duration 60 --replicas 3 --clients 8 [--netns] [--history out.jsonl]
+    python3 bench/chaos.py --seed 41 --duration 60 --netns --partitions [--quorum majority]
     python3 bench/chaos.py --check out.jsonl
 
 A run starts N replicas as processes (with ``--netns``, each in a network namespace of its own,
@@ -10,15 +11,17 @@ addresses 127.0.0.x otherwise, or when namespaces cannot be made), runs a bounde
 clients — our client library (extension 1) and seed-style raw-socket clients mixed: creates,
 logins, logouts, sends and lists — while a nemesis driven by one ``random.Random(seed)``
 kills -9, restarts, SIGSTOPs and SIGCONTs replicas at random moments, never more than N−1
-down at once and each for a bounded time.  Then it heals everything, waits for a primary and
+down at once and each for a bounded time — with ``--partitions`` it also cuts the network
+between the replicas' namespaces, one way or both, one partition at a time, each for a bounded
+time.  Then it heals everything, waits for a primary and
 for every replica to be in its view, lets every account log in once more to drain its mailbox,
 waits until all replicas have applied the same log index, and records their state digests.
 
 Every request (``invoke``), its outcome (``ok`` / ``fail`` / ``unknown``) and every chat
 delivery is recorded, time-stamped, in a JSON-lines history.  The checker reads it and reports
 acknowledged-but-lost sends, duplicated deliveries for our client, delivered-but-never-sent
-chats, per sender→recipient reorders, lost accounts, and whether the healed replicas hold
-identical state.  The last line is a one-line summary; the exit status is 1 on any violation
+chats, per sender→recipient reorders, lost accounts, whether the healed replicas hold
+identical state, and in majority mode whether two replicas acknowledged in overlapping time.  The last line is a one-line summary; the exit status is 1 on any violation
 (the replay command is printed), 2 when the run could not be made at all.
 """
 
