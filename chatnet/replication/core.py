@@ -82,12 +82,15 @@ from .messages import (
     Entry,
     Heartbeat,
     InstallSnapshot,
+    Reapply,
+    ReapplyAck,
     SnapshotAck,
     ViewChange,
     Vote,
 )
 
 __all__ = ["Replica", "Ready", "DurableState", "HardState", "Snapshot", "Entry",
+           "QUORUM_ALL", "QUORUM_MAJORITY", "QUORUMS",
            "PRIMARY", "BACKUP", "ELECTING", "RECOVERING", "STATUS_CODES",
            "SNAPSHOT_CHUNK", "SNAPSHOT_WINDOW"]
 
@@ -101,6 +104,11 @@ SNAPSHOT_CHUNK = 256 * 1024
 SNAPSHOT_WINDOW = 16
 
 PRIMARY, BACKUP, ELECTING, RECOVERING = "primary", "backup", "electing", "recovering"
+# Quorum modes (docs/replication.md section 10): "all" forms a view of whoever is alive (N-1
+# crashes tolerated, a partition can split the cluster); "majority" forms a view only with a
+# majority of the cluster as members ((N-1)/2 crashes tolerated, never two acknowledging sides).
+QUORUM_ALL, QUORUM_MAJORITY = "all", "majority"
+QUORUMS = (QUORUM_ALL, QUORUM_MAJORITY)
 STATUS_CODES = {PRIMARY: 0, BACKUP: 1, ELECTING: 2, RECOVERING: 3}
 _CODE_STATUS = {v: k for k, v in STATUS_CODES.items()}
 
@@ -153,6 +161,9 @@ class Ready:
     # internal bookkeeping for advance()
     _last_index: int = 0
     _applied_to: int = 0
+    # Entries a healed split brain's losing replicas handed over (primary only): the host
+    # proposes them again and calls ``reapply_done(peer, upto)`` once they are resolved.
+    reapply: list = field(default_factory=list)   # [(peer, upto, entries)]
 
     def __bool__(self) -> bool:  # a Ready is never empty
         return True
@@ -189,6 +200,19 @@ class _SnapIn:
 
 
 @dataclass
+class _Handover:
+    """Losing side of a healed split brain: entries that may hold acknowledged writes the
+    winner lacks, handed to its primary before they are dropped here."""
+    primary: int
+    view: int
+    after: int
+    upto: int
+    entries: tuple
+    sent: int = -(10 ** 9)     # tick of the last (re)transmission
+    acked: bool = False
+
+
+@dataclass
 class _Campaign:
     view: int
     required: set[int]
@@ -213,8 +237,12 @@ class Replica:
                  heartbeat_ticks: int = 1, failure_ticks: int = 10,
                  rng: random.Random | None = None, max_batch: int = 256,
                  max_inflight: int = 4096, retain_entries: int = 10_000,
-                 snapshot_chunk: int | None = None, snapshot_window: int | None = None) -> None:
+                 snapshot_chunk: int | None = None, snapshot_window: int | None = None,
+                 quorum: str = QUORUM_ALL) -> None:
         cluster = tuple(cluster)
+        if quorum not in QUORUMS:
+            raise ValueError(f"quorum must be one of {', '.join(QUORUMS)}")
+        self.quorum = quorum
         if me not in cluster or len(set(cluster)) != len(cluster) or not cluster:
             raise ValueError("me must be one of the distinct ids in cluster")
         if heartbeat_ticks < 1 or failure_ticks < 2:
@@ -299,6 +327,12 @@ class Replica:
         self._learner_acked: set[int] = set()
         self._ready_since: int | None = None
         self._backoff = 0
+        # --- healing a split brain (all mode; docs/replication.md section 10)
+        self._lost_to: tuple[int, ...] | None = None   # the winning side's members, if I lost
+        self._handover: _Handover | None = None
+        self._reapply_in: list = []
+        self.split_losses = 0         # times this replica found its side lost a split brain
+        self.handed_over = 0          # entries handed to a winning primary (first sending)
         self._probing: dict[int, int] = {}
         self._force_snap: set[int] = set()
 
@@ -377,6 +411,9 @@ class Replica:
             "campaign": None if self._campaign is None else self._campaign.view,
             "learners": sorted(self._learners),
             "divergences": self.divergences,
+            "quorum": self.quorum,
+            "split_losses": self.split_losses,
+            "handed_over": self.handed_over,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -479,6 +516,7 @@ class Replica:
         self._serving = False
         self._campaign = None
         self._following = primary
+        self._lost_to = None      # synced into the winner's view (a handover may still be due)
 
     def _observe_view(self, promised: int) -> None:
         """Somebody promised ``promised``: a serving primary of an older view steps down."""
@@ -496,6 +534,7 @@ class Replica:
             return
         if self._snap_in is not None and self._snap_in.view < self._promised:
             self._snap_in = None     # its later chunks would be refused: free the memory
+        self._retry_handover()
         if self._ticks % self.heartbeat_ticks == 0:
             for p in self.peers:
                 self._send_heartbeat(p)
@@ -550,6 +589,10 @@ class Replica:
             self._on_snapshot(sender, msg)
         elif isinstance(msg, SnapshotAck):
             self._on_snapshot_ack(sender, msg)
+        elif isinstance(msg, Reapply):
+            self._on_reapply(sender, msg)
+        elif isinstance(msg, ReapplyAck):
+            self._on_reapply_ack(sender, msg)
         # anything else is ignored
 
     # ------------------------------------------------------------------ heartbeats
@@ -569,10 +612,18 @@ class Replica:
             self._fresh.add(p)
         self._info[p] = m
         self._heard[p] = self._ticks
-        self._observe_view(m.promised)
+        split = self._split_side(m) if self._status in (PRIMARY, BACKUP, ELECTING) else 0
+        if split > 0 and self._status in (PRIMARY, BACKUP):
+            # A smaller side of a split brain: its promises fence none of my members (only
+            # they can stop my commits), so they do not depose me however high they are.
+            self._max_seen = max(self._max_seen, m.promised)
+        else:
+            self._observe_view(m.promised)
+        if split < 0:
+            self._lose_split(m)
         status = _CODE_STATUS.get(m.status)
         if m.view > self._view and status in (PRIMARY, BACKUP) and self.me not in m.members \
-                and self._status != RECOVERING and self.n > 1:
+                and self._status != RECOVERING and self.n > 1 and split <= 0:
             # a newer view was established without me: I was removed.
             self._become_recovering()
         if self._status == RECOVERING and p == self._following and status != PRIMARY:
@@ -594,6 +645,32 @@ class Replica:
                 self._match[p] = 0
                 self._progress[p] = False
                 self._sent_commit[p] = -1
+
+    def _split_side(self, m: Heartbeat) -> int:
+        """Which side wins if ``m`` shows an active view disjoint from my established one.
+
+        Two established views with no member in common are the two sides of a split brain
+        (consecutive views always share their candidate; majorities always intersect, so
+        this happens in all mode only).  The side with more members wins, a tie goes to the
+        side holding the replica first in ``--peers``: +1 mine wins, -1 theirs, 0 no split
+        brain.  Comparing view numbers instead would let a lone replica -- whose campaigns
+        need nobody's vote, so its numbers race ahead -- override the larger side."""
+        status = _CODE_STATUS.get(m.status)
+        theirs = set(m.members)
+        if status not in (PRIMARY, BACKUP) or not theirs or self._primary is None \
+                or theirs & set(self._members) or not theirs <= set(self._rank):
+            return 0
+        mine = (len(self._members), -min(self._rank[q] for q in self._members))
+        other = (len(theirs), -min(self._rank[q] for q in theirs))
+        return 1 if mine > other else -1
+
+    def _lose_split(self, m: Heartbeat) -> None:
+        """My side lost a healed split brain: stop serving, never campaign while the winner
+        is reachable, and let its primary sync me -- handing it first whatever my side may
+        have acknowledged that it lacks (``_may_drop``)."""
+        self.split_losses += 1
+        self._lost_to = tuple(m.members)
+        self._become_recovering()
 
     def _primary_gone(self, m: Heartbeat, status: str | None) -> bool:
         """Does my primary's heartbeat show that it no longer leads my view?
@@ -745,8 +822,13 @@ class Replica:
         else:
             # mismatch: probe backwards with one batch at a time until an ok arrives;
             # rejects of batches sent before the probe started are ignored.
-            at = max(min(self._next.get(p, 1), m.hint + 1), self._match.get(p, 0) + 1, 1)
-            if p in self._probing and at >= self._probing[p]:
+            nxt = self._next.get(p, 1)
+            at = max(min(nxt, m.hint + 1), self._match.get(p, 0) + 1, 1)
+            if m.hint >= nxt:
+                # The follower cannot check entries before its snapshot point (it installed
+                # one while my next index was rewound behind it): go there, never wait.
+                at = m.hint + 1
+            elif p in self._probing and at >= self._probing[p]:
                 return
             self._probing[p] = at
             self._next[p] = at
@@ -891,25 +973,21 @@ class Replica:
             self._send(p, AppendResp(m.view, False, 0, self._snap_index, False))
             return
         if prev >= self._snap_index and self.entry_view(prev) != m.prev_view:
-            if prev <= self._commit:
-                self._diverge(p, m.view)
-                return
-            # retry from before the conflicting view's entries
-            cv = self.entry_view(prev)
-            hint = prev - 1
-            while hint > max(self._commit, self._snap_index) and self.entry_view(hint) == cv:
-                hint -= 1
-            self._send(p, AppendResp(m.view, False, 0, hint, False))
+            self._prev_mismatch(p, m.view, prev)
             return
         for e in m.entries:
             if e.index <= self._snap_index:
                 if e.index == self._snap_index and e.view != self._snap_view:
-                    self._diverge(p, m.view)   # my compacted prefix is another history
+                    # my compacted prefix is another history
+                    if self._may_drop(p, m.view, self._snap_index):
+                        self._diverge(p, m.view)
                     return
                 continue
             if e.index <= self.last_index:
                 if self.entry_view(e.index) == e.view:
                     continue
+                if not self._may_drop(p, m.view, e.index - 1):
+                    return
                 if e.index <= self._commit:
                     self._diverge(p, m.view)
                     return
@@ -925,6 +1003,84 @@ class Replica:
             self._commit = newc
         self._after_sync(p, m.view, m.members, m.start, match, m.echo_inc)
         self._send(p, AppendResp(m.view, True, match, 0, False))
+
+    def _prev_mismatch(self, p: int, view: int, prev: int) -> None:
+        """My entry at ``prev`` is of another view than the primary's: tell it where to retry,
+        from before the conflicting view's entries.  Below my commit index only a healed split
+        brain gets here; then the search goes on through committed entries too, down to my
+        snapshot point, so that the point where the histories part -- and with it exactly
+        which of my entries the winner lacks -- is known."""
+        cv = self.entry_view(prev)
+        floor = self._snap_index if prev <= self._commit else max(self._commit, self._snap_index)
+        hint = prev - 1
+        while hint > floor and self.entry_view(hint) == cv:
+            hint -= 1
+        if prev > self._snap_index:
+            self._send(p, AppendResp(view, False, 0, hint, False))
+        elif self._may_drop(p, view, self._snap_index):   # nothing left to compare
+            self._diverge(p, view)
+
+    def _may_drop(self, p: int, view: int, after: int) -> bool:
+        """My entries after ``after`` are about to be dropped for the primary ``p``'s history.
+
+        If they may hold acknowledged writes of a split brain's losing side -- committed
+        ones, or any at all once my side lost (a backup's commit index lags its primary's
+        acknowledgements) -- they are handed to ``p`` first (``Reapply``), which proposes
+        them again.  I keep a copy and resend it every half timeout (to whichever primary I
+        follow) until it acknowledges them committed.  Not waiting for that before syncing
+        keeps the merge from deadlocking: the primary may need me synced before it can
+        serve and commit anything.  Always True; the name says what the caller asks."""
+        if not (after < self._commit or (self._lost_to is not None and after < self.last_index)):
+            return True
+        new = self._log[max(0, after - self._snap_index):]
+        h = self._handover
+        if h is None:
+            h = self._handover = _Handover(p, view, after, self.last_index, ())
+        have = {(e.index, e.view) for e in h.entries}
+        fresh = tuple(e for e in new if (e.index, e.view) not in have)
+        if fresh or (h.primary, h.view) != (p, view):
+            self.handed_over += len(fresh)
+            h.entries += fresh
+            h.primary, h.view, h.acked, h.sent = p, view, False, -(10 ** 9)
+            h.upto = max(h.upto, self.last_index)
+        if not h.acked and self._ticks - h.sent >= max(1, self.failure_ticks // 2):
+            self._send_handover()
+        return True
+
+    def _send_handover(self) -> None:
+        h = self._handover
+        if h is None or h.acked:
+            return
+        h.sent = self._ticks
+        self._send(h.primary, Reapply(h.view, h.upto, h.entries))
+
+    def _retry_handover(self) -> None:
+        """Resend an unacknowledged handover every half timeout, to the primary I follow now
+        (in the view I promised: a new primary of the winning side takes it over)."""
+        h = self._handover
+        if h is None or self._ticks - h.sent < max(1, self.failure_ticks // 2):
+            return
+        if h.acked:
+            self._handover = None
+            return
+        if self._following is not None and self._following != self.me:
+            h.primary, h.view = self._following, self._promised
+            self._send_handover()
+
+    def _on_reapply(self, p: int, m: Reapply) -> None:
+        if self._status == PRIMARY and m.view == self._view and p != self.me:
+            self._reapply_in.append((p, m.upto, tuple(m.entries)))
+
+    def _on_reapply_ack(self, p: int, m: ReapplyAck) -> None:
+        h = self._handover
+        if h is not None and h.primary == p and h.view == m.view and m.upto >= h.upto:
+            h.acked = True
+
+    def reapply_done(self, peer: int, upto: int) -> None:
+        """Host: every entry ``peer`` handed over up to ``upto`` is committed again (or was
+        found present, or reported as not applicable): the loser may drop its copies."""
+        if self._status == PRIMARY:
+            self._send(peer, ReapplyAck(self._view, upto))
 
     def _diverge(self, p: int, view: int) -> None:
         """A committed entry conflicts with the primary's log: only possible after a network
@@ -973,7 +1129,10 @@ class Replica:
         if data is None:
             return
         mine = self.entry_view(m.index)     # None: inside my compacted prefix, or past my log
-        if mine is not None and mine != m.snap_view and m.index <= self._commit:
+        split = mine is not None and mine != m.snap_view and m.index <= self._commit
+        if (split or self._lost_to is not None and mine != m.snap_view) and not self._diverged:
+            self._may_drop(p, m.view, self._snap_index)
+        if split:
             self._diverged = True          # my committed history is another one (split brain)
             self.divergences += 1
         if mine is not None and mine == m.snap_view and not (self._diverged or m.force):
@@ -1006,11 +1165,20 @@ class Replica:
 
     # ------------------------------------------------------------------ elections
     def _start_campaign(self, failover: bool, add: set[int] = frozenset()) -> None:
+        required = {p for p in self._members if p != self.me and not self.suspected(p)}
+        required |= {p for p in add if not self.suspected(p)}
+        if self.quorum == QUORUM_MAJORITY and not self._is_majority(required):
+            # The view must hold a majority of the cluster: ask the reachable non-members too
+            # (they are synced before the view serves).  Cut off from a majority, do not even
+            # promise a new view number -- it would only disrupt the majority's view later.
+            required |= {p for p in self.peers if p in self._fresh and not self.suspected(p)}
+            if not self._is_majority(required):
+                if self._status == PRIMARY:
+                    self._become_electing()   # stop acknowledging: no majority to fence others
+                return
         w = self._next_view_number()
         self._set_hard(promised=w)
         self._serving = False
-        required = {p for p in self._members if p != self.me and not self.suspected(p)}
-        required |= {p for p in add if not self.suspected(p)}
         self._campaign = _Campaign(w, required, {}, failover, self._ticks)
         self._status = ELECTING
         self._following = None
@@ -1024,6 +1192,9 @@ class Replica:
         if c is not None:
             c.required = {p for p in c.required if not self.suspected(p)}
             if self._maybe_establish():
+                return
+            if self.quorum == QUORUM_MAJORITY and not self._is_majority(c.required):
+                self._become_electing(backoff=self._rank[self.me] + 1)   # no majority left
                 return
             if self._ticks - c.started > 3 * self.failure_ticks:
                 self._become_electing(backoff=self._rank[self.me] + 1)
@@ -1059,10 +1230,16 @@ class Replica:
         if best == self.me or self._elect_wait <= 0:
             self._start_campaign(failover=True)
 
+    def _is_majority(self, others) -> bool:
+        """Would a view of me and ``others`` hold a majority of the cluster?"""
+        return 2 * (1 + len(set(others) - {self.me})) > self.n
+
     def _maybe_establish(self) -> bool:
         c = self._campaign
         if c is None or not c.required.issubset(c.granted):
             return False
+        if self.quorum == QUORUM_MAJORITY and not self._is_majority(c.required):
+            return False      # a voter was dropped (suspected): no majority, no view
         members = self._sorted([self.me] + [p for p in c.required])
         self._campaign = None
         self._set_hard(view=c.view, primary=self.me, members=members, promised=c.view)
@@ -1132,6 +1309,11 @@ class Replica:
                 self._following = None
             else:
                 return
+        if self._lost_to is not None:
+            if any(self._ticks - self._heard.get(q, -self.failure_ticks - 1) <= self.failure_ticks
+                   for q in self._lost_to if q != self.me):
+                return   # the winner of the split brain is heard from: it syncs me
+            self._lost_to = None  # the winner is gone again (partitioned): decide afresh
         # newest established view anybody reachable knows of
         best_view, best_members = self._view, self._members
         infos = {p: self._info[p] for p in self._fresh if p in self._info and not self.suspected(p)}
@@ -1141,8 +1323,8 @@ class Replica:
         active = [p for p, i in infos.items() if i.view >= best_view and (
             _CODE_STATUS.get(i.status) == PRIMARY
             or (_CODE_STATUS.get(i.status) == BACKUP and i.primary != self.me))]
-        if active:
-            return  # the view goes on: its primary will sync (and re-add) me
+        if active or any(self._split_side(i) < 0 for i in infos.values()):
+            return  # the view goes on (or a larger side's does): its primary will sync me
         if self._brand_new() and best_view == 0 and all(_fresh_info(i) for i in infos.values()) \
                 and 2 * (1 + len(infos)) > self.n \
                 and all(self.suspected(q) for q in self.peers if q not in infos):
@@ -1171,7 +1353,7 @@ class Replica:
         entries = self._log[self._unstable_from - self._snap_index - 1:] \
             if self._unstable_from <= self.last_index else []
         if not (self._hs_dirty or self._pending_snapshot or self._pending_trunc is not None
-                or entries or self._msgs or committed or self._snap_requests):
+                or entries or self._msgs or committed or self._snap_requests or self._reapply_in):
             return None
         rd = Ready(
             hard_state=HardState(self._view, self._primary, self._members, self._promised)
@@ -1184,7 +1366,9 @@ class Replica:
             snapshot_requests=self._snap_requests,
             _last_index=self.last_index,
             _applied_to=self._commit if committed else self._apply_cursor,
+            reapply=self._reapply_in,
         )
+        self._reapply_in = []
         self._hs_dirty = False
         self._pending_snapshot = None
         self._pending_trunc = None

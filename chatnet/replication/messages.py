@@ -36,7 +36,7 @@ from typing import Any
 
 __all__ = [
     "Entry", "Heartbeat", "Append", "AppendResp", "ViewChange", "Vote", "InstallSnapshot",
-    "SnapshotAck", "PeerHello", "PeerChallenge", "PeerProof",
+    "SnapshotAck", "Reapply", "ReapplyAck", "PeerHello", "PeerChallenge", "PeerProof",
     "encode_message", "decode_message", "DecodeError", "PeerFramer", "FrameError",
     "frame", "MAX_PAYLOAD", "WIRE_VERSION",
 ]
@@ -169,6 +169,27 @@ class SnapshotAck:
 
 
 @dataclass(frozen=True)
+class Reapply:
+    """Replica of a healed split brain's losing side -> the winning side's primary: the log
+    entries it holds that the winner's history lacks (its side may have acknowledged them),
+    to be proposed again there as new commands (docs/replication.md section 10).  ``view`` is
+    the winner's view; ``upto`` the last index handed over; each entry keeps its original
+    (index, view), its origin, by which the winner recognises one it already re-applied."""
+    view: int
+    upto: int
+    entries: tuple[Entry, ...]
+
+
+@dataclass(frozen=True)
+class ReapplyAck:
+    """Winning primary -> losing replica: every entry of its ``Reapply`` up to ``upto`` has
+    been committed again (or found present, or reported as not applicable), so the loser may
+    now drop its divergent log."""
+    view: int
+    upto: int
+
+
+@dataclass(frozen=True)
 class PeerHello:
     """Peer handshake, step 1 (dialler -> listener); see :mod:`chatnet.replication.handshake`.
 
@@ -203,6 +224,8 @@ _SCHEMA: dict[type, tuple[int, str]] = {
     Vote: (5, "ubuuuu"),
     InstallSnapshot: (6, "uuuuuIuuuBub"),
     SnapshotAck: (7, "uuu"),
+    Reapply: (8, "uuE"),       # added within version 2: an older replica closes the link
+    ReapplyAck: (9, "uu"),     # on receiving one (only sent while a split brain heals)
     PeerHello: (16, "uuBB"),
     PeerChallenge: (17, "uBB"),
     PeerProof: (18, "B"),

@@ -102,6 +102,7 @@ class Node:
         self.phase = 0
         self.sends: dict[tuple, tuple[int, bytes]] = {}  # (sender, recipient, text) -> (index, entry)
         self.snapshots_seen = 0
+        self.hist: dict[int, bytes] = {}  # its applied history (kept across crashes, like its disk)
         self.seen: tuple[str, int] | None = None  # (role, view) last noted in the trace
 
     @property
@@ -147,19 +148,27 @@ class ChatOutcome:
 
 class Simulation:
     def __init__(self, seed: int, n: int = 3, *, steps: int = 600, faults=DEFAULT_FAULTS,
-                 partitions: bool = False, failure_ticks: int = 10, retain: int = 40,
+                 partitions: bool = False, failure_ticks: int = 10, retain: int | None = None,
                  max_down: int | None = None, heal: bool = True, intensity: float = 1.0,
-                 trace: bool = False) -> None:
+                 trace: bool = False, quorum: str = "all") -> None:
         self.seed, self.n, self.steps = seed, n, steps
+        self.quorum = quorum
+        self.retain_set = retain is not None
         self.faults = tuple(f for f in ALL_FAULTS if f in set(faults) | ({"partition"} if partitions else set()))
         unknown = set(faults) - set(ALL_FAULTS)
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; choose from {','.join(ALL_FAULTS)}")
         self.rng = random.Random(seed)
         self.partitions = "partition" in self.faults
-        self.strict = not self.partitions
+        # Majority mode allows no split brain, so every check holds with partitions too; all
+        # mode's split brain is checked for convergence and for no acknowledged chat lost.
+        self.strict = not self.partitions or quorum == "majority"
         self.failure_ticks = failure_ticks
-        self.retain = retain
+        # Small, so that snapshot catch-up happens often.  A healed split brain re-applies only
+        # what both sides still hold in their logs (docs/replication.md section 10), so with
+        # partitions in all mode the logs keep a whole run.
+        self.retain = retain if retain is not None else (
+            2000 if self.partitions and quorum == "all" else 40)
         self.max_down = n - 1 if max_down is None else max_down
         self.heal = heal
         self.intensity = intensity
@@ -177,6 +186,8 @@ class Simulation:
         self.p_dup = 0.01 if "dup" in self.faults else 0.0
         self.history: dict[int, bytes] = {}     # index -> data, the one applied history
         self.acked: dict[int, bytes] = {}       # acknowledged chats: index -> entry
+        self.acked_chats: dict[tuple, tuple[int, int]] = {}   # (sender, recipient, text) -> (index, node)
+        self.scheduled: list[tuple[int, int, list]] = []       # flapping cuts: (from, until, links)
         self.write_no = 0
         self._conn_ids = 0
         self.max_commit_view = -1
@@ -191,6 +202,8 @@ class Simulation:
     def replay(self) -> str:
         return (f"python -m chatnet.replication.sim --seed {self.seed} --steps {self.steps} "
                 f"--n {self.n} --intensity {self.intensity} --faults {','.join(self.faults)}"
+                + (f" --quorum {self.quorum}" if self.quorum != "all" else "")
+                + (f" --retain {self.retain}" if self.retain_set else "")
                 + (f" --max-down {self.max_down}" if self.max_down != self.n - 1 else ""))
 
     def fail(self, what: str) -> None:
@@ -209,7 +222,7 @@ class Simulation:
         nd.host = ReplicaHost(i, self.cluster, nd.disk, network=nd.net,
                               failure_ticks=self.failure_ticks,
                               rng=random.Random(self.rng.getrandbits(64)), retain_entries=self.retain,
-                              new_token=lambda: "%016x" % token_rng.getrandbits(64))
+                              new_token=lambda: "%016x" % token_rng.getrandbits(64), quorum=self.quorum)
         nd.host.on_applied = lambda index, data, i=i: self.on_apply(i, index, data)
         nd.seen = (nd.replica.role, nd.replica.view)
         nd.served_view = None
@@ -317,16 +330,21 @@ class Simulation:
             self.fail(f"node {i} acknowledged {chat!r} that it never applied")
         index, data = got
         self.acked[index] = data
+        self.acked_chats[chat] = (index, i)
         self.stats["acked"] += 1
         sender, recipient, text = chat
         self.note(f"ack {index} {text if recipient == SINK else f'{sender}->{recipient}: {text}'} by {i}")
         if self.strict:
-            self._check_acked_on_primaries(index, data)
+            self._check_acked_on_primaries(index, data, self.nodes[i].replica.view)
         return index, i
 
-    def _check_acked_on_primaries(self, index: int, data: bytes) -> None:
+    def _check_acked_on_primaries(self, index: int, data: bytes, view: int) -> None:
+        """I1.  With partitions (majority mode), a primary cut off from the majority still
+        says it serves until it suspects the others, though it can commit nothing: only the
+        primaries of the acknowledging view and newer ones must hold the write."""
         for nd in self.nodes.values():
-            if nd.up and nd.paused_until < 0 and nd.replica.serving and not self.holds(nd.id, index, data):
+            if nd.up and nd.paused_until < 0 and nd.replica.serving and not self.holds(nd.id, index, data) \
+                    and not (self.partitions and nd.replica.view < view):
                 self.fail(f"I1: serving primary {nd.id} lacks acked write {index}")
 
     def _connect(self, c: SimClient, target: int | None) -> None:
@@ -404,7 +422,10 @@ class Simulation:
             self.history[index] = data
         elif h != data:
             self.fail(f"agreement: node {i} applied {data!r} at {index}, history has {h!r}")
+        self.nodes[i].hist[index] = data
         cmd = decode_command(data)
+        if cmd[0] == "reapply":   # a healed split brain's command, applied again at a new index
+            cmd = cmd[3]
         if cmd[0] == "send":
             self.nodes[i].sends[tuple(cmd[1:4])] = (index, data)
 
@@ -416,11 +437,20 @@ class Simulation:
         nd.snapshots_seen = nd.disk.snapshots
         if nd.up:
             self.note(f"node {i} installs a snapshot at index {nd.host.applied_index}")
+            self._copy_history(i)
         if self.strict and nd.up:
             expected = self.reference_state(nd.host.applied_index)
             if expected is not None and expected != nd.host.service.state.to_snapshot():
                 self.fail(f"agreement: node {i} installed a snapshot at {nd.host.applied_index} "
                           f"that differs from replaying the history")
+
+    def _copy_history(self, i: int) -> None:
+        """Node ``i`` installed a snapshot: its applied history up to there is its sender's."""
+        nd = self.nodes[i]
+        src = nd.replica.status()["following"] or nd.replica.primary
+        upto = nd.host.applied_index
+        if src is not None and self.nodes[src].up:
+            nd.hist = {k: v for k, v in self.nodes[src].hist.items() if k <= upto}
 
     def reference_state(self, upto: int) -> bytes | None:
         """The chat state of replaying the one history up to ``upto`` (None if unknown)."""
@@ -489,6 +519,8 @@ class Simulation:
     def unit(self) -> None:
         """Advance the clock by one time unit."""
         self.now += 1
+        if self.scheduled:
+            self._apply_scheduled_cuts()
         for nd in self.nodes.values():
             if nd.up and 0 <= nd.paused_until <= self.now:
                 self.resume(nd)
@@ -548,6 +580,9 @@ class Simulation:
 
     def random_cut(self) -> None:
         rng = self.rng
+        if self.partitions and rng.random() < 0.5:
+            self.random_partition()
+            return
         a, b = rng.sample(self.cluster, 2)
         if self.partitions:
             length = rng.randint(1, 4 * self.failure_ticks) * TICK
@@ -558,6 +593,37 @@ class Simulation:
             self.blocked[(b, a)] = self.now + length
         self.stats["partitions"] += 1
         self.note(f"cut {a}<->{b} for {length // TICK} ticks")
+
+    def random_partition(self) -> None:
+        """A partition of the whole cluster: a random side against the rest, symmetric,
+        one-way (the side's messages to the rest are lost, the rest's arrive), or flapping
+        (cut and healed several times, each time within about a failure timeout)."""
+        rng = self.rng
+        side = set(rng.sample(self.cluster, rng.randint(1, self.n - 1)))
+        out = [(a, b) for a in side for b in self.cluster if b not in side]
+        kind = rng.choice(["symmetric", "one-way", "flapping"])
+        links = out if kind == "one-way" else out + [(b, a) for a, b in out]
+        if kind == "flapping":
+            t = self.now
+            for _ in range(rng.randint(2, 5)):
+                cut = rng.randint(self.failure_ticks // 2, 2 * self.failure_ticks) * TICK
+                self.scheduled.append((t, t + cut, links))
+                t += cut + rng.randint(1, self.failure_ticks) * TICK
+            length = t - self.now
+        else:
+            length = rng.randint(1, 4 * self.failure_ticks) * TICK
+            for link in links:
+                self.blocked[link] = max(self.blocked.get(link, -1), self.now + length)
+        self.stats["partitions"] += 1
+        self.note(f"{kind} partition {' '.join(map(str, sorted(side)))} | rest for {length // TICK} ticks")
+
+    def _apply_scheduled_cuts(self) -> None:
+        due = [c for c in self.scheduled if c[0] <= self.now]
+        if due:
+            self.scheduled = [c for c in self.scheduled if c[0] > self.now]
+            for _, until, links in due:
+                for link in links:
+                    self.blocked[link] = max(self.blocked.get(link, -1), until)
 
     def crash_mid_loop(self, i: int) -> None:
         """Crash a host inside a cycle: after its store commit, or part-way through sending."""
@@ -627,6 +693,7 @@ class Simulation:
     def heal_network(self) -> None:
         """Restore every link cut by :meth:`partition` or a nemesis cut (faults stay as set)."""
         self.blocked.clear()
+        self.scheduled = []
         self.note("heal: every link restored")
 
     def named_client(self, name: str) -> SimClient:
@@ -700,6 +767,7 @@ class Simulation:
 
     def heal_and_check(self, max_ticks: int = 400) -> None:
         self.blocked.clear()
+        self.scheduled = []
         self.p_drop = 0.0
         self.p_dup = 0.0
         for nd in self.nodes.values():
@@ -740,6 +808,7 @@ class Simulation:
         if len(states) != 1:
             self.fail("convergence: applied states differ after healing")
         if not self.strict:
+            self.check_chats_kept(prim[0])
             return True
         if self.reference_state(top) not in states:
             self.fail("convergence: the common state is not the replay of the history")
@@ -748,6 +817,28 @@ class Simulation:
                 if not self.holds(nd.id, idx, d):
                     self.fail(f"I1: after healing node {nd.id} lacks acked write {idx}")
         return True
+
+
+    def check_chats_kept(self, nd: Node) -> None:
+        """All mode after a split brain healed: every acknowledged chat is in the merged
+        history (perhaps re-applied at another index), and none twice."""
+        seen: dict[tuple, int] = {}
+        for index in range(1, nd.host.applied_index + 1):
+            data = nd.hist.get(index)
+            if data is None:
+                continue
+            cmd = decode_command(data)
+            cmd = cmd[3] if cmd[0] == "reapply" else cmd
+            if cmd[0] == "send":
+                key = tuple(cmd[1:4])
+                if key in seen and key in self.acked_chats:
+                    self.fail(f"after healing {key!r} is applied twice (indexes {seen[key]}, {index})")
+                seen[key] = index
+        if len(nd.hist) < nd.host.applied_index:
+            self.fail(f"checker: node {nd.id}'s applied history has gaps")
+        for chat, (index, node) in self.acked_chats.items():
+            if chat not in seen:
+                self.fail(f"after healing, chat {chat!r} acknowledged by {node} at index {index} is lost")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -760,6 +851,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"comma-separated fault kinds from {','.join(ALL_FAULTS)}")
     ap.add_argument("--partitions", action="store_true",
                     help="same as adding 'partition' to --faults (split brain allowed)")
+    ap.add_argument("--retain", type=int, default=None,
+                    help="log entries retained behind the applied state (default 40; 2000 with "
+                         "partitions in all mode)")
+    ap.add_argument("--quorum", default="all", choices=["all", "majority"],
+                    help="the replicas' quorum mode (majority: no split brain, checked strictly)")
     ap.add_argument("--max-down", type=int, default=None, help="most replicas down at once (N-1)")
     ap.add_argument("--seeds", type=int, default=1, help="run this many seeds from --seed")
     ap.add_argument("--trace", action="store_true", help="print every event")
@@ -773,7 +869,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = 0
     for s in range(a.seed, a.seed + a.seeds):
         sim = Simulation(s, a.n, steps=a.steps, faults=faults, partitions=a.partitions,
-                         intensity=a.intensity, max_down=a.max_down, trace=a.trace)
+                         intensity=a.intensity, max_down=a.max_down, trace=a.trace, quorum=a.quorum,
+                         retain=a.retain)
         try:
             sim.run()
             print(f"seed {s}: ok {sim.stats} final commit "

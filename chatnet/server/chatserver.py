@@ -172,6 +172,7 @@ class ChatServer:
         naive: bool = False,
         limits: Limits | None = None,
         metrics_port: int | None = None,
+        quorum: str = "all",
     ):
         self.peers, self.me = peers, me
         self.host, self.port = peers[me].host, peers[me].port
@@ -206,7 +207,7 @@ class ChatServer:
         self.replica_host = ReplicaHost(
             me, range(len(peers)), storage, network=self.transport, addresses=peers,
             failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
-            naive=naive, limits=limits, hasher=self.hasher,
+            naive=naive, limits=limits, hasher=self.hasher, quorum=quorum,
         )
         self.service = self.replica_host.service
         self.replica = self.replica_host.replica

@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval (default: 100)")
     parser.add_argument("--failure-timeout-ms", type=int, default=1000,
                         help="declare a silent peer failed after this long (default: 1000)")
+    parser.add_argument("--quorum", default="all", choices=["all", "majority"],
+                        help="all: a view is whoever is alive, N-1 crashes tolerated, a partition can split "
+                             "the cluster; majority: a view needs a majority of --peers, (N-1)/2 crashes "
+                             "tolerated, never two acknowledging sides (default: all; docs/replication.md)")
     parser.add_argument("--log-retain", type=int, default=10_000, metavar="ENTRIES",
                         help="log entries kept behind the applied state for catch-up; a replica further "
                              "behind is sent a snapshot (default: 10000)")
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = ["--heartbeat-ms", str(args.heartbeat_ms), "--failure-timeout-ms", str(args.failure_timeout_ms),
                      "--log-retain", str(args.log_retain), *(["--naive"] if args.naive else []),
                      "--log-level", args.log_level, "--slow-client-timeout", str(args.slow_client_timeout),
-                     "--log-format", args.log_format]
+                     "--log-format", args.log_format, "--quorum", args.quorum]
             for name, *_ in LIMIT_FLAGS:  # every limit flag reaches every child replica
                 extra += ["--" + name.replace("_", "-"), str(getattr(limits, name))]
             extra += ["--require-passwords"] if limits.require_passwords else []
@@ -299,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
             log_retain=args.log_retain, naive=args.naive, limits=limits, metrics_port=args.metrics_port,
+            quorum=args.quorum,
         )
         server.start()
     except (StoreError, MetricsError) as exc:

@@ -85,7 +85,7 @@ class ReplicaHost:
     def __init__(self, me: int, cluster, storage: Storage, *, network: Network | None = None,
                  addresses=None, failure_ticks: int = 10, rng: random.Random | None = None,
                  retain_entries: int = 10_000, naive: bool = False, limits=None,
-                 new_token=None, hasher=None, clock=None):
+                 new_token=None, hasher=None, clock=None, quorum: str = "all"):
         self.me = me
         self.cluster = tuple(cluster)
         self.storage = storage
@@ -107,10 +107,11 @@ class ReplicaHost:
         self.naive = naive
         self.replica = Replica(
             me, self.cluster, durable_state(loaded), heartbeat_ticks=1, failure_ticks=failure_ticks,
-            rng=rng or random.Random(), retain_entries=retain_entries,
+            rng=rng or random.Random(), retain_entries=retain_entries, quorum=quorum,
             **({"max_batch": 1, "max_inflight": 1} if naive else {}),
         )
         self.mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
+        self.reapply = Reapplier(self, loaded)  # a healed split brain's losing side, re-applied here
         self._submitted = storage.durable  # number of the last batch handed to the storage
         self._outputs: deque[_Output] = deque()  # per iteration: what leaves once it is durable
         self._held: list = []  # commands waiting for the view to be re-established
@@ -248,6 +249,7 @@ class ReplicaHost:
         if self.naive and len(proposals) > 1:
             proposals, self._held = proposals[:1], proposals[1:]
         if replica.serving:
+            self.reapply.propose()
             for cmd, conn_id in proposals:
                 index = replica.propose(encode_command(cmd))
                 service.bind(index, cmd, conn_id, replica.view)
@@ -280,7 +282,7 @@ class ReplicaHost:
         for entry in rd.committed:
             if entry.index <= self.applied_index:
                 continue  # already in the applied state (replayed after a snapshot)
-            batch.changes.extend(service.apply(entry.index, decode_command(entry.data), entry.view))
+            batch.changes.extend(self.reapply.apply(entry))
             self.applied_index = entry.index
             batch.applied_index = entry.index
             if self.on_applied is not None:
@@ -289,6 +291,8 @@ class ReplicaHost:
             batch.meta.update(hard_state_meta(rd.hard_state))
         batch.sync |= bool(rd.hard_state or rd.entries or rd.truncate_after is not None)
         messages.extend(rd.messages)
+        if rd.reapply:
+            self.reapply.take(rd.reapply)
         for peer in rd.snapshot_requests:
             data = service.state.to_snapshot()
             replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index), data)
@@ -327,6 +331,7 @@ class ReplicaHost:
             log.warning("not serving clients (role %s, view %d)", replica.role, replica.view,
                         extra={"event": "not_serving", "role": replica.role, "view": replica.view})
             self._held = []
+            self.reapply.lost_primacy()
             self.service.abandon_proposals()
             for conn in list(self.service.sessions):
                 self.service.effects.extend(self.redirect(conn))
@@ -348,12 +353,117 @@ class ReplicaHost:
     def status(self) -> dict:
         status = self.replica.status()
         status.update(accounts=len(self.service.state.accounts), applied=self.applied_index,
-                      passwords=self.service.password_stats())
+                      passwords=self.service.password_stats(), reapply=dict(self.reapply.counts))
         return status
 
     def close(self) -> None:
         self.hasher.close()
         self.storage.close()
+
+
+class Reapplier:
+    """Commands of a healed split brain's losing side, applied again on the winning side
+    (all mode; docs/replication.md section 10).
+
+    The losing replicas hand the winner's primary the log entries it lacks (``Reapply``);
+    each is proposed again as ``("reapply", view, index, command)``, its origin being its
+    original (view, index).  An origin already in the log (another loser handed the same
+    entry, or a handover was resent) or an entry the winner holds itself is skipped; one the
+    winner cannot check (inside its compacted prefix) and delivery marks (sequence numbers
+    of the other side's mailboxes) are dropped; a re-applied command that no longer applies
+    (a name taken meanwhile, an unknown account, a request id already used) changes
+    nothing.  Every such case is logged and counted in ``status()["reapply"]``.  Once every
+    entry of a handover is resolved -- committed again, or skipped or dropped -- the loser
+    is told (``reapply_done``) and may drop its copies."""
+
+    def __init__(self, host: "ReplicaHost", loaded: Loaded) -> None:
+        self.host = host
+        self.applied: set[tuple[int, int]] = set()   # origins applied here
+        self.proposed: set[tuple[int, int]] = set()  # origins proposed while serving (or queued)
+        self.queue: list[tuple] = []                 # commands to propose as primary
+        self.waiting: dict[int, tuple[int, set]] = {}   # loser -> (upto, origins not yet applied)
+        self.counts = {"reapplied": 0, "skipped": 0, "dropped": 0, "no_effect": 0}
+        for index, _, data in loaded.log:  # origins re-applied in the retained log
+            cmd = decode_command(bytes(data))
+            if cmd[0] == "reapply" and index <= loaded.applied_index:
+                self.applied.add((cmd[1], cmd[2]))
+
+    def take(self, handovers: list) -> None:
+        """The primary's core received handovers: queue what must be proposed again."""
+        replica = self.host.replica
+        in_log = self._origins_in_log()
+        for peer, upto, entries in handovers:
+            pending = set()
+            for e in entries:
+                cmd = decode_command(e.data)
+                origin = (e.view, e.index)
+                if cmd[0] == "reapply":  # re-applied on the losing side already: keep its origin
+                    origin, cmd = (cmd[1], cmd[2]), cmd[3]
+                if origin in self.applied or replica.entry_view(e.index) == e.view:
+                    self.counts["skipped"] += 1   # a duplicate, or not divergent after all
+                elif origin in self.proposed or origin in in_log:
+                    pending.add(origin)           # in my log, not committed yet: wait for it
+                elif e.index <= replica.snapshot_index or cmd[0] == "delivered":
+                    self._report("dropped", origin, cmd, "delivery marks are the other side's"
+                                 if cmd[0] == "delivered" else "inside my compacted log, cannot be checked")
+                else:
+                    self.proposed.add(origin)
+                    self.queue.append(("reapply", origin[0], origin[1], cmd))
+                    pending.add(origin)
+            old_upto, old = self.waiting.get(peer, (0, set()))
+            self.waiting[peer] = (max(upto, old_upto), pending | old)
+        self._acknowledge()
+
+    def _origins_in_log(self) -> set:
+        """Origins of re-applied commands in my log beyond what I applied."""
+        replica, found = self.host.replica, set()
+        for index in range(self.host.applied_index + 1, replica.last_index + 1):
+            e = replica.entry(index)
+            cmd = decode_command(e.data) if e is not None else ("",)
+            if cmd[0] == "reapply":
+                found.add((cmd[1], cmd[2]))
+        return found
+
+    def propose(self) -> None:
+        """Serving: propose the queued commands (before the clients' new ones)."""
+        replica = self.host.replica
+        for cmd in self.queue:
+            replica.propose(encode_command(cmd))
+        self.queue = []
+
+    def apply(self, entry) -> list:
+        """Apply one committed entry (a re-applied command unwrapped); its row changes."""
+        cmd = decode_command(entry.data)
+        origin = None
+        if cmd[0] == "reapply":
+            origin, cmd = (cmd[1], cmd[2]), cmd[3]
+            self.applied.add(origin)
+        changes = self.host.service.apply(entry.index, cmd, entry.view)
+        if origin is not None:
+            self.counts["reapplied"] += 1
+            if not changes:
+                self._report("no_effect", origin, cmd, "no longer applies")
+            for upto, pending in self.waiting.values():
+                pending.discard(origin)
+            self._acknowledge()
+        return changes
+
+    def _acknowledge(self) -> None:
+        for peer, (upto, pending) in list(self.waiting.items()):
+            if not pending:
+                del self.waiting[peer]
+                self.host.replica.reapply_done(peer, upto)
+
+    def lost_primacy(self) -> None:
+        """No longer serving: the losers hand their entries to the next primary."""
+        self.queue, self.waiting, self.proposed = [], {}, set()
+
+    def _report(self, what: str, origin: tuple, cmd: tuple, why: str) -> None:
+        self.counts[what] += 1
+        log.warning("split brain healed: %s command %s of view %d index %d: %s",
+                    "dropped" if what == "dropped" else "re-applied", cmd[0], origin[0], origin[1], why,
+                    extra={"event": "reapply_" + what, "view": origin[0], "index": origin[1],
+                           "command": cmd[0]})
 
 
 def hard_state_meta(hs: HardState) -> dict:

@@ -239,6 +239,8 @@ class ChatState:
             return OK, changes
         if kind == "delete":
             return self._delete(cmd[1])
+        if kind == "reapply":  # ("reapply", view, index, command): a healed split brain's losing
+            return self.apply(cmd[3])  # side, re-applied (docs/replication.md section 10)
         raise ValueError(f"unknown command {kind!r}")
 
     def _create(self, name: str, token: str | None, password: str | None):
