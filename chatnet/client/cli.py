@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import ssl
 import sys
 
+from ..loop.tls import client_context
 from .driver import SocketDriver
 from .history import HistoryKeeper
 from .plain import PlainUI
@@ -63,6 +65,11 @@ meanwhile are sent afterwards.  With a chatnet server (protocol extension 1) no 
 or shown twice and a send retried after a failover is delivered once; with other servers
 (or --no-extension) it logs in again and delivery is at-least-once.
 
+TLS: --tls-ca FILE (the CA that signed the servers' certificates) or --tls (the system's trust
+store) encrypts every connection and checks that the certificate names the address dialled;
+a server that fails the check is not used ("TLS: certificate verify failed: ...").  Without
+them, everything, passwords included, crosses the network in clear text.
+
 state: per server list, the resume token, the last chat sequence number and the history of
 each account are kept in $XDG_DATA_HOME/chatnet (default ~/.local/share/chatnet; --state-dir),
 a chat being written there before it is acknowledged.  login|NAME after a restart of the client
@@ -104,8 +111,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eof-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="plain mode: at the end of input, wait at most this long for pending "
                              "answers (default: 30)")
+    parser.add_argument("--tls-ca", metavar="FILE", default=os.environ.get("CHATNET_TLS_CA"),
+                        help="use TLS, verifying the servers with the CA certificates in FILE "
+                             "(default: $CHATNET_TLS_CA)")
+    parser.add_argument("--tls", action="store_true",
+                        help="use TLS, verifying the servers with the system's trust store")
     _add_state_arguments(parser)
     return parser
+
+
+def tls_context(args, parser: argparse.ArgumentParser) -> ssl.SSLContext | None:
+    """The TLS context of --tls-ca / --tls, or None (plaintext); a bad CA file is a usage error."""
+    if not (args.tls_ca or args.tls):
+        return None
+    try:
+        return client_context(args.tls_ca or None)
+    except (OSError, ssl.SSLError) as exc:
+        parser.error(f"--tls-ca {args.tls_ca}: {exc}")
 
 
 def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
@@ -138,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-backoff and --connect-timeout must be positive")
     if args.history < 0:
         parser.error("--history must be 0 or more")
+    tls = tls_context(args, parser)
     store = open_state(args, servers)
     durable = store is not None and store.enabled
     session = ClientSession(
@@ -148,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         passwords=not args.no_extension,
         saved=store.load_accounts() if durable else None,
     )
-    driver = SocketDriver(session, persist=store.persist if durable else None)
+    driver = SocketDriver(session, persist=store.persist if durable else None, tls=tls)
     presenter = Presenter(verbose=args.verbose)
     history = HistoryKeeper(store)
     plain = args.plain or not (sys.stdin.isatty() and sys.stdout.isatty())

@@ -15,6 +15,14 @@ the chat it covers is on disk.  Without ``persist`` the action is dropped.
 Writes follow asyncio's transports: ``send()`` at once, keep only what the kernel did not take,
 and watch EVENT_WRITE only while something is left.  Name resolution (``getaddrinfo``) is the
 one blocking call; use numeric addresses where that matters.
+
+With ``tls`` (an ``ssl.SSLContext``, see :func:`chatnet.loop.tls.client_context`) every
+connection is TLS, through the sans-I/O :class:`~chatnet.loop.tls.TLSEndpoint`: the socket
+stays non-blocking, the session is told of the connection only once the handshake completed
+and the server's certificate checked out for the host name (or IP address) dialled, so the
+session's connect timeout covers the handshake; a failed handshake is a failed connection
+attempt whose reason says why (``TLS: certificate verify failed: ...``), and the session goes
+on to the next server as for any other failure.
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ import errno
 import os
 import selectors
 import socket
+import ssl
 import time
 from typing import Callable
 
+from ..loop.tls import TLSEndpoint, TLSError
 from .events import Connect, Disconnect, Persist, Send
 from .servers import Server
 from .session import ClientSession
@@ -42,8 +52,11 @@ class SocketDriver:
 
     def __init__(self, session: ClientSession, clock: Callable[[], float] = time.monotonic,
                  selector: selectors.BaseSelector | None = None,
-                 persist: Callable[[Persist], None] | None = None) -> None:
+                 persist: Callable[[Persist], None] | None = None,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.session = session
+        self.tls_context = tls
+        self.tls: TLSEndpoint | None = None  # the current connection's TLS session
         self.persist = persist
         self.clock = clock
         self.selector = selector or selectors.DefaultSelector()
@@ -160,6 +173,7 @@ class SocketDriver:
             return
         self.sock = sock
         self._connecting = True
+        self._server_host = server.host  # what the certificate must name
         self._out.clear()
         self._mask = selectors.EVENT_WRITE
         self.selector.register(sock, self._mask, _SOCKET)
@@ -174,6 +188,9 @@ class SocketDriver:
             if err:
                 self._close(flush=False)
                 self.session.connect_failed(now(), os.strerror(err))
+                return
+            if self.tls_context is not None:
+                self._start_tls()
                 return
             self._update_mask()
             self.session.connection_made(now())
@@ -196,14 +213,55 @@ class SocketDriver:
             if not data:
                 self._lost("server closed the connection")
                 return
+            more = len(data) == _RECV_SIZE
+            if self.tls is not None and (data := self._decrypt(data)) is None:
+                if not more:
+                    return
+                continue
             self.session.data_received(data, self.clock())
             self.pump()
-            if len(data) < _RECV_SIZE:
+            if not more:
                 return
 
+    # -- TLS ------------------------------------------------------------------------------------
+    def _start_tls(self) -> None:
+        """The TCP connection is up: send the ClientHello; the session hears of the connection
+        once the handshake is done (:meth:`_decrypt`)."""
+        try:
+            self.tls = TLSEndpoint(self.tls_context, server_side=False, server_hostname=self._server_host)
+        except (ssl.SSLError, ValueError) as exc:
+            self._lost(f"TLS: {exc}")
+            return
+        self._out += self.tls.data_to_send()
+        self._write()
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """Plaintext carried by ``data`` (None if none, or the connection failed); completes
+        the handshake and tells the session the connection is made."""
+        tls, handshaking = self.tls, not self.tls.established
+        try:
+            plain = tls.receive(data)
+        except TLSError as exc:
+            self._out += tls.data_to_send()   # the alert that tells the server why
+            self._close(flush=True)
+            self.session.connection_lost(self.clock(), f"TLS: {exc}")
+            return None
+        self._out += tls.data_to_send()
+        if handshaking and tls.established:
+            self.session.connection_made(self.clock())
+            self.pump()
+        if self.sock is not None:
+            self._write()
+        return plain or None
     def _send(self, data: bytes) -> None:
         if self.sock is None:
             return                     # the session will hear of the loss from the socket
+        if self.tls is not None:
+            try:
+                data = self.tls.send(data)   # the session sends only once the handshake is done
+            except TLSError as exc:
+                self._lost(f"TLS: {exc}")
+                return
         self._out += data
         if not self._connecting:
             self._write()
@@ -236,6 +294,9 @@ class SocketDriver:
         sock, self.sock = self.sock, None
         if sock is None:
             return
+        tls, self.tls = self.tls, None
+        if tls is not None and flush:
+            self._out += tls.close()       # close_notify after the last request
         if flush and self._out and not self._connecting:
             try:
                 sock.send(self._out)       # best effort, e.g. the exit request

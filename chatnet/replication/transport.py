@@ -15,6 +15,13 @@ bytes, and a refused peer is logged and closed.  The handshake also carries the 
 (a digest of the ordered ``--peers`` list): replicas started with different lists refuse each
 other and log both ids.
 
+With TLS (``chatserver --tls-cert``), every link is TLS: a replica dials its peers with TLS,
+verifying that each peer's certificate names the address of its ``--peers`` entry (``--tls-ca``),
+and the preface and the HMAC handshake then travel inside the TLS session, unchanged (the HMAC
+still decides who is a peer; TLS keeps what they say unreadable and unalterable on the way).
+A TLS failure (say, a certificate that does not verify) is logged like a ``--peers`` mismatch,
+once a minute, and the link is redialled as usual.
+
 Whatever a peer sends can only cost that peer its link: any exception while decoding its
 bytes or handling one of its messages closes that link with a logged reason (the peer redials,
 or is redialled, later); it never reaches the reactor, let alone stops the replica.
@@ -28,7 +35,7 @@ import os
 import socket
 import time
 
-from ..loop.connection import BufferedSocket, ConnectionLost
+from ..loop.connection import BufferedSocket, ConnectionLost, TLSFailed
 from ..loop.reactor import READ, WRITE, Reactor
 from ..protocol.texts import PEER_PREFACE
 from ..server.config import Address, cluster_id, format_peers
@@ -58,9 +65,9 @@ PEER_SNDBUF = 4 * 1024 * 1024
 class _Link:
     """State shared by outbound and inbound links: a socket, a framer and the reactor hooks."""
 
-    def __init__(self, transport: PeerTransport, sock: socket.socket, peer: int | None):
+    def __init__(self, transport: PeerTransport, sock: socket.socket | BufferedSocket, peer: int | None):
         self.transport = transport
-        self.io = BufferedSocket(sock)
+        self.io = sock if isinstance(sock, BufferedSocket) else BufferedSocket(sock)  # TLS: already wrapped
         self.framer = PeerFramer(HANDSHAKE_MAX_PAYLOAD)
         self.peer = peer
         self.closed = False
@@ -88,10 +95,16 @@ class _Link:
         if mask & READ and not self.closed:
             try:
                 data = self.io.recv()
+            except TLSFailed as exc:
+                self.transport.log_mismatch(self.describe(), str(exc))
+                self.close(str(exc))
+                return
             except ConnectionLost as exc:
                 self.close(str(exc))
                 return
-            if data is None:
+            if self.io.tls is not None:  # handshake records to answer, or plaintext queued for after it
+                self.flush()
+            if data is None or self.closed:
                 return
             if not data:
                 self.close("connection closed by peer")
@@ -157,6 +170,10 @@ class _Link:
     def describe(self) -> str:
         return f"node {self.peer}" if self.peer is not None else "?"
 
+    def tls_note(self) -> str:
+        tls = self.io.tls
+        return f" ({tls.version()}, {tls.cipher()})" if tls is not None else ""
+
 
 class OutboundLink(_Link):
     """The link this replica dialled to ``peer``: it sends our messages."""
@@ -183,6 +200,8 @@ class OutboundLink(_Link):
                 self.close(f"connect to {self.address}: {os.strerror(err)}")
                 return
             self.connected = True
+            if self.transport.tls is not None:  # the preface and the handshake go inside TLS
+                self.io.start_tls(self.transport.tls.peer_endpoint(self.address.host))
             self.io.write(PEER_PREFACE)
             self.send_raw(self.initiator.hello())
             self.flush()
@@ -197,14 +216,14 @@ class OutboundLink(_Link):
         proof = self.initiator.on_challenge(msg)
         self.send_raw(proof)
         self.authenticated()
-        log.info("link to node %d (%s) is up", self.peer, self.address)
+        log.info("link to node %d (%s) is up%s", self.peer, self.address, self.tls_note())
         self.transport.link_up(self)
 
 
 class InboundLink(_Link):
     """A link a peer dialled to us: it carries that peer's messages once authenticated."""
 
-    def __init__(self, transport: PeerTransport, sock: socket.socket, addr):
+    def __init__(self, transport: PeerTransport, sock: socket.socket | BufferedSocket, addr):
         super().__init__(transport, sock, None)
         self.addr = addr
         self.responder = Responder(transport.secret, transport.me, transport.peer_ids,
@@ -234,8 +253,10 @@ class PeerTransport:
     a hint only — the replication core's failure detector uses heartbeats).
     """
 
-    def __init__(self, reactor: Reactor, me: int, addresses: list[Address], secret: bytes, on_message, on_link_change):
+    def __init__(self, reactor: Reactor, me: int, addresses: list[Address], secret: bytes, on_message, on_link_change,
+                 tls=None):
         self.reactor = reactor
+        self.tls = tls  # chatnet.loop.tls.TLSSettings: every link is TLS, or None
         self.me = me
         self.addresses = addresses
         self.secret = secret
@@ -298,7 +319,7 @@ class PeerTransport:
         self.inbound[link.peer] = link
         if old is not None and old is not link:
             old.close("replaced by a newer connection from the same peer")
-        log.info("node %d connected to us from %s:%d", link.peer, *link.addr[:2])
+        log.info("node %d connected to us from %s:%d%s", link.peer, *link.addr[:2], link.tls_note())
 
     def link_closed(self, link: _Link, reason: str) -> None:
         if isinstance(link, OutboundLink):
@@ -314,8 +335,9 @@ class PeerTransport:
         elif link.peer is not None and self.inbound.get(link.peer) is link:
             del self.inbound[link.peer]
 
-    def adopt(self, sock: socket.socket, addr, first_bytes: bytes) -> None:
-        """Take over a connection whose first bytes were the peer preface."""
+    def adopt(self, sock: socket.socket | BufferedSocket, addr, first_bytes: bytes) -> None:
+        """Take over a connection whose first bytes were the peer preface (a BufferedSocket
+        when the preface came inside TLS: the session goes on)."""
         link = InboundLink(self, sock, addr)
         link.update_interest()
         if first_bytes:

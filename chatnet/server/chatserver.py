@@ -36,6 +36,7 @@ import socket
 
 from ..loop.connection import HIGH_WATER, LOW_WATER, BufferedSocket, ConnectionLost
 from ..loop.reactor import READ, WRITE, Reactor
+from ..loop.tls import TLSSettings, looks_like_tls
 from ..protocol.codec import CLOSED, NEED_DATA, STATUS_ERROR, RequestDecoder
 from ..protocol.texts import (
     PREFACES,
@@ -53,7 +54,7 @@ from .host import ReplicaHost
 from .metrics import PUBLISH_INTERVAL, MetricsServer, ReplicaMetrics, TimedStorage
 from .passwords import ThreadHasher
 from .service import Close, Reply, frame
-from .status import MAX_LINE, StatusChallenge, json_line, public_status
+from .status import StatusChallenge, json_line, public_status
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ STATUS_PER_SECOND = 50  # public status answers per second; more queries are clo
 MAX_STATUS_QUERIES = 16  # authenticated status queries in progress at once
 STATUS_TIMEOUT = 5.0  # seconds an authenticated status query has to send its proof
 DIGEST_MAX_AGE = 1.0  # seconds a status digest of the state may be reused
+# -- TLS (--tls-cert, --require-tls): the answer to a plaintext client when TLS is required
+T_TLS_REQUIRED = ("This server requires TLS. Connect with a TLS client "
+                  "(chatnet's chatclient --tls-ca FILE, or --tls).")
 
 
 class ClientConnection:
@@ -89,6 +93,7 @@ class ClientConnection:
         self.opened = self.last_active = server.reactor.clock()
         self.identified = False  # a first complete request arrived
         self.admitted = False  # counted as a client (its first bytes were not a peer's preface)
+        self.tls_checked = False  # TLS: its first byte was looked at (ClientHello or plaintext)
 
     def handle_event(self, mask: int) -> None:
         if mask & WRITE:
@@ -108,18 +113,17 @@ class _StatusQuery:
 
     closed = False
 
-    def __init__(self, server: ChatServer, sock: socket.socket, challenge: StatusChallenge):
-        self.server, self.sock, self.challenge = server, sock, challenge
+    def __init__(self, server: ChatServer, io: BufferedSocket, challenge: StatusChallenge):
+        self.server, self.io, self.challenge = server, io, challenge
         self.timer = server.reactor.timers.call_later(STATUS_TIMEOUT, self.close)
 
     def handle_event(self, mask: int) -> None:
-        try:
-            data = self.sock.recv(MAX_LINE)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
+        try:  # a BufferedSocket: plaintext, or what the TLS records carried
+            data = self.io.recv()
+        except ConnectionLost:
             data = b""
-        self.feed(data)
+        if data is not None:
+            self.feed(data)
 
     def feed(self, data: bytes) -> None:
         verdict = self.challenge.receive(data)
@@ -128,9 +132,10 @@ class _StatusQuery:
         answer = self.server.status() if verdict else {"error": "status proof refused: wrong cluster secret"
                                                        if self.challenge.secret else
                                                        "this replica runs alone, without a cluster secret"}
+        self.io.write(json_line(answer))
         try:  # one line into a fresh socket's buffer: never blocks the loop
-            self.sock.send(json_line(answer))
-        except OSError:
+            self.io.flush()
+        except ConnectionLost:
             pass
         self.close()
 
@@ -140,8 +145,18 @@ class _StatusQuery:
         self.closed = True
         self.timer.cancel()
         self.server.status_queries.discard(self)
-        self.server.reactor.forget(self.sock)
-        self.sock.close()
+        self.server.reactor.forget(self.io.sock)
+        self.io.close()
+
+
+def _send_and_close(io: BufferedSocket, line: bytes) -> None:
+    """One small line into a fresh socket's buffer (never blocks the loop), then close."""
+    io.write(line)
+    try:
+        io.flush()
+    except ConnectionLost:
+        pass
+    io.close()
 
 
 class _Listener:
@@ -173,6 +188,7 @@ class ChatServer:
         limits: Limits | None = None,
         metrics_port: int | None = None,
         quorum: str = "all",
+        tls: TLSSettings | None = None,
     ):
         self.peers, self.me = peers, me
         self.host, self.port = peers[me].host, peers[me].port
@@ -186,9 +202,10 @@ class ChatServer:
             if not secret:
                 raise ValueError("a cluster of several replicas needs a secret")
             self.transport = PeerTransport(
-                self.reactor, me, peers, secret, self._on_peer_message, self._on_link_change
+                self.reactor, me, peers, secret, self._on_peer_message, self._on_link_change, tls=tls
             )
         self.secret = secret
+        self.tls = tls  # TLS on the client port (and peer links), or None: plaintext only
         self.cluster_id = cluster_id(peers).encode()
         self.status_queries: set[_StatusQuery] = set()
         # -- metrics (--metrics-port): chatnet/server/metrics.py ------------------------------
@@ -351,9 +368,15 @@ class ChatServer:
             self.close_connection(conn, str(exc))
             return
         if data is None:
+            if conn.io.tls is not None:  # TLS records without plaintext: the handshake may answer
+                self._tls_progress(conn)
             return
         conn.last_active = self.reactor.clock()
+        if self.tls is not None and not conn.tls_checked and data and self._start_tls(conn, data):
+            return
         if conn.sniff is not None and self._sniff(conn, data):
+            return
+        if data and self._tls_refused(conn):
             return
         if data and not conn.admitted and (refusal := self._admit(conn)) is not None:
             self._refuse(conn, refusal)  # over a cap, and not a peer: say why and go
@@ -362,6 +385,54 @@ class ChatServer:
         self._receive(conn, data)
         if data and not conn.decoder.line_mode and not (conn.closed or conn.eof):
             self._read_on(conn)
+        if conn.io.tls is not None and not conn.closed:
+            self._tls_progress(conn)
+
+    # -- TLS (--tls-cert): one byte tells a ClientHello from plaintext; chatnet/loop/tls.py -------
+    def _start_tls(self, conn: ClientConnection, data: bytes) -> bool:
+        """Look at a connection's first byte once: a ClientHello makes it a TLS connection (its
+        plaintext is then classified as any connection's: client, peer or status query).
+        Returns True when ``data`` was consumed here."""
+        conn.tls_checked = True
+        if not looks_like_tls(data):
+            return False
+        try:
+            plain = conn.io.start_tls(self.tls.server_endpoint(), data)
+        except ConnectionLost as exc:
+            log.info("closing %r: %s", conn, exc)
+            self.close_connection(conn, str(exc))
+            return True
+        if plain is not None:  # a ClientHello never carries data; b"" means it ended already
+            self._handle_plaintext(conn, plain)
+        else:
+            self._tls_progress(conn)
+        return True
+
+    def _handle_plaintext(self, conn: ClientConnection, plain: bytes) -> None:
+        """Plaintext that arrived with the first TLS records: as if read on its own."""
+        if conn.sniff is not None and self._sniff(conn, plain):
+            return
+        if plain and not conn.admitted and (refusal := self._admit(conn)) is not None:
+            self._refuse(conn, refusal)
+            self._limit_reached(conn, "max_connections" if refusal == T_SERVER_FULL else "max_per_address")
+            return
+        self._receive(conn, plain)
+
+    def _tls_progress(self, conn: ClientConnection) -> None:
+        """Handshake records (or tickets) to send: flushed with this iteration's writes."""
+        if conn.io.pending and not conn.closed:
+            self._dirty.add(conn)
+            self._update_interest(conn)
+
+    def _tls_refused(self, conn: ClientConnection) -> bool:
+        """--require-tls: a plaintext client is told why, then closed (status queries in
+        plaintext are still answered: they were handed over before this)."""
+        if self.tls is None or not self.tls.require or conn.io.tls is not None or conn.admitted:
+            return False
+        log.info("refusing %r: plaintext client, and this server requires TLS", conn)
+        self._refuse(conn, T_TLS_REQUIRED)
+        return True
+    # -- end TLS
 
     def _receive(self, conn: ClientConnection, data: bytes) -> None:
         if not data:
@@ -401,25 +472,27 @@ class ChatServer:
         return False
 
     def _hand_over(self, conn: ClientConnection, preface: bytes, rest: bytes) -> None:
-        sock = conn.io.sock
-        self.reactor.forget(sock)
+        self.reactor.forget(conn.io.sock)
         self.conns.pop(conn.id, None)
         self.replica_host.close_connection(conn.id)
         conn.closed = True
+        io = conn.io  # plaintext, or the TLS session the preface came in
         if preface == STATUS_PREFACE:
             if self._status_allowed():
-                try:  # one small line into a fresh socket's buffer: never blocks the loop
-                    sock.send(json_line(public_status(self.status())))
-                except OSError:
-                    pass
-            sock.close()
+                _send_and_close(io, json_line(public_status(self.status())))
+            else:
+                io.close()
         elif preface == STATUS_AUTH_PREFACE:
-            self._start_status_query(sock, rest)
+            self._start_status_query(io, rest)
         elif self.transport is None:
             log.warning("refused peer connection from %s:%d: this replica runs alone", *conn.addr[:2])
-            sock.close()
+            io.close()
+        elif self.tls is not None and io.tls is None:  # TLS on: peer links too, always
+            self.transport.log_mismatch(f"from {conn.addr[0]}", "it dialled without TLS, and this replica "
+                                        "uses TLS on peer links; give every replica --tls-cert and --tls-key")
+            io.close()
         else:
-            self.transport.adopt(sock, conn.addr, rest)
+            self.transport.adopt(io, conn.addr, rest)
 
     def status(self) -> dict:
         status = self.replica_host.status()
@@ -428,19 +501,20 @@ class ChatServer:
                       primary_address=str(self.peers[primary]) if primary is not None else None)
         return status
 
-    def _start_status_query(self, sock: socket.socket, rest: bytes) -> None:
+    def _start_status_query(self, io: BufferedSocket, rest: bytes) -> None:
         if len(self.status_queries) >= MAX_STATUS_QUERIES:
-            sock.close()
+            io.close()
             return
         challenge = StatusChallenge(self.secret, self.cluster_id, os.urandom(32))
+        io.write(challenge.challenge())
         try:
-            sock.send(challenge.challenge())
-        except OSError:
-            sock.close()
+            io.flush()
+        except ConnectionLost:
+            io.close()
             return
-        query = _StatusQuery(self, sock, challenge)
+        query = _StatusQuery(self, io, challenge)
         self.status_queries.add(query)
-        self.reactor.set_interest(sock, READ, query)
+        self.reactor.set_interest(io.sock, READ, query)
         if rest:
             query.feed(rest)
 

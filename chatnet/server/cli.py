@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import socket
+import ssl
 import sys
 import time
 
+from ..loop.tls import TLSSettings, client_context
 from ..protocol.texts import STATUS_AUTH_PREFACE, STATUS_PREFACE
 from .config import (
     DEFAULT_BASE_DIR,
@@ -35,6 +37,8 @@ examples:
   chatserver --port 5000                  a single server (no replication) on 127.0.0.1:5000
   chatserver --local --replicas 5 --base-port 7000   five local replicas on 7000-7004
   chatserver status [--watch]             role, view and log position of every replica
+  chatserver --local --tls-cert c.pem --tls-key k.pem --tls-ca ca.pem --require-tls
+                                          TLS for clients and between replicas (docs/operations.md)
   chatserver --local --metrics-port 9100  replicas serve Prometheus metrics on 9100, 9101, ...
   chatserver backup backup.sqlite3 --data-dir chatnet-data/1538   a consistent copy of a running replica
   chatserver restore backup.sqlite3 --data-dir new-data           seed a new replica (a new cluster) from it
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--require-passwords", action="store_true",
                         help="refuse creating and logging into accounts without a password (seed-style "
                              "clients are told why); see README, Passwords")
+    _add_tls_arguments(parser)
     limits = Limits()
     for name, kind, metavar, text in LIMIT_FLAGS:
         default = getattr(limits, name)
@@ -114,6 +119,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+
+
+# -- TLS (issue 13 item 5) -------------------------------------------------------------------
+def _add_tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-cert", metavar="FILE",
+                        help="serve TLS on the client port with this certificate (PEM; its chain may follow); "
+                             "peer links use TLS too. Plaintext clients are still served unless --require-tls")
+    parser.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert (default: in the cert file)")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="CA certificates that verify the other replicas' certificates (default: the "
+                             "system's trust store)")
+    parser.add_argument("--require-tls", action="store_true",
+                        help="refuse plaintext clients with an error saying TLS is required (status queries "
+                             "may still come in plaintext)")
+
+
+def tls_from(args: argparse.Namespace) -> TLSSettings | None:
+    """The replica's TLS settings from its flags, or None; ConfigError names what is wrong."""
+    if args.tls_cert is None:
+        if args.tls_key or args.tls_ca or args.require_tls:
+            raise ConfigError("--tls-key, --tls-ca and --require-tls need --tls-cert")
+        return None
+    try:
+        return TLSSettings(args.tls_cert, args.tls_key, args.tls_ca, require=args.require_tls)
+    except (OSError, ssl.SSLError, ValueError) as exc:
+        raise ConfigError(f"cannot load the TLS certificate, key or CA ({args.tls_cert}, "
+                          f"{args.tls_key or 'key in the cert file'}, {args.tls_ca or 'system CAs'}): {exc}") from None
+
+
+def tls_flags(args: argparse.Namespace) -> list[str]:
+    """The TLS flags again, for the children of --local (paths made absolute)."""
+    flags = []
+    for name in ("tls_cert", "tls_key", "tls_ca"):
+        if getattr(args, name):
+            flags += ["--" + name.replace("_", "-"), os.path.abspath(getattr(args, name))]
+    return flags + (["--require-tls"] if args.require_tls else [])
+
+
+def status_tls(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """``chatserver status --tls-ca FILE`` / ``--tls``: ask over TLS, verifying the replicas."""
+    if args.tls_ca or args.tls:
+        try:
+            return client_context(args.tls_ca)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"cannot load --tls-ca {args.tls_ca}: {exc}") from None
+    return None
+# -- end TLS
 
 
 def choose_peers(args: argparse.Namespace) -> list[Address]:
@@ -163,10 +215,13 @@ def status_main(argv: list[str]) -> int:
     parser.add_argument("--secret-file", default=None,
                         help=f"the cluster secret, for everything beyond role and primary "
                              f"(default: {DEFAULT_SECRET_FILE} if it exists)")
+    parser.add_argument("--tls-ca", metavar="FILE", help="ask over TLS, verifying the replicas with these CAs")
+    parser.add_argument("--tls", action="store_true", help="ask over TLS, verifying with the system's trust store")
     args = parser.parse_args(argv)
     try:
         peers = parse_peers(args.peers)
         secret = read_status_secret(args.secret_file)
+        tls = status_tls(args)
     except ConfigError as exc:
         print(f"chatserver status: {exc}", file=sys.stderr)
         return 2
@@ -174,11 +229,11 @@ def status_main(argv: list[str]) -> int:
         print("chatserver status: no cluster secret (--secret-file): showing role and primary only",
               file=sys.stderr)
     if args.watch:
-        return watch_status(peers, secret, args.json)
-    return 0 if status_table(peers, secret, args.json) else 1
+        return watch_status(peers, secret, args.json, tls)
+    return 0 if status_table(peers, secret, args.json, tls) else 1
 
 
-def watch_status(peers, secret: bytes | None, as_json: bool) -> int:
+def watch_status(peers, secret: bytes | None, as_json: bool, tls: ssl.SSLContext | None = None) -> int:
     """``status --watch``: the table again every second (the screen cleared first on a
     terminal), until Ctrl-C."""
     clear = sys.stdout.isatty() and not as_json
@@ -188,7 +243,7 @@ def watch_status(peers, secret: bytes | None, as_json: bool) -> int:
             if clear:
                 sys.stdout.write("\x1b[H\x1b[2J")
             print(time.strftime("%H:%M:%S"))
-            status_table(peers, secret, as_json)
+            status_table(peers, secret, as_json, tls)
             sys.stdout.flush()
             time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
     except KeyboardInterrupt:
@@ -198,13 +253,13 @@ def watch_status(peers, secret: bytes | None, as_json: bool) -> int:
         return 0
 
 
-def status_table(peers, secret: bytes | None, as_json: bool) -> int:
+def status_table(peers, secret: bytes | None, as_json: bool, tls: ssl.SSLContext | None = None) -> int:
     """Print one line per replica; how many answered."""
     answered = 0
     if not as_json:
         print(f"{'replica':<22} {'role':<11} {'view':>5} {'primary':<22} {'last':>7} {'commit':>7}  members")
     for addr in peers:
-        status = query_status(addr.host, addr.port, secret=secret, cluster=cluster_id(peers).encode())
+        status = query_status(addr.host, addr.port, secret=secret, cluster=cluster_id(peers).encode(), tls=tls)
         if as_json:
             print(json.dumps({"address": str(addr), **(status or {"answered": False})}))
         else:
@@ -230,14 +285,16 @@ def status_row(addr, status: dict | None, peers) -> str:
 
 
 def query_status(host: str, port: int, timeout: float = 1.0, *, secret: bytes | None = None,
-                 cluster: bytes = b"") -> dict | None:
+                 cluster: bytes = b"", tls: ssl.SSLContext | None = None) -> dict | None:
     """One replica's status as a dict, or None when it does not answer.
 
     Without ``secret``: the public fields only (address, role, serving, primary_address).  With
     the cluster secret and the cluster id of the ``--peers`` list: everything, after the HMAC
-    challenge of chatnet/server/status.py; a refused proof gives ``{"error": ...}``."""
+    challenge of chatnet/server/status.py; a refused proof gives ``{"error": ...}``.  With
+    ``tls`` (a client context): over TLS, the replica's certificate verified for ``host``."""
     try:
-        with socket.create_connection((host, port), timeout=timeout) as sock:
+        with socket.create_connection((host, port), timeout=timeout) as raw:
+            sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
             sock.settimeout(timeout)
             reader = sock.makefile("rb")
             if secret is None:
@@ -271,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         peers = choose_peers(args)
         limits = limits_from(args)
+        tls = tls_from(args)
         if args.local:
             from .launcher import run_local
 
@@ -283,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, *_ in LIMIT_FLAGS:  # every limit flag reaches every child replica
                 extra += ["--" + name.replace("_", "-"), str(getattr(limits, name))]
             extra += ["--require-passwords"] if limits.require_passwords else []
+            extra += tls_flags(args)
             return run_local(peers, base, secret_file, extra, metrics_port=args.metrics_port)
         me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
         secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None
@@ -303,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
             log_retain=args.log_retain, naive=args.naive, limits=limits, metrics_port=args.metrics_port,
-            quorum=args.quorum,
+            quorum=args.quorum, tls=tls,
         )
         server.start()
     except (StoreError, MetricsError) as exc:

@@ -12,6 +12,7 @@ import secrets
 import shutil
 import tempfile
 
+from chatnet.loop.tls import client_context
 from chatnet.server.cli import query_status
 from chatnet.server.config import cluster_id, parse_peers, read_secret
 from chatnet.testing.process import ServerProcess
@@ -38,12 +39,13 @@ class Cluster:
     ``ports`` fixes each replica's port (default: a free port of its host; a host that exists
     only inside a network namespace cannot be probed, so a caller that uses ``prefixes`` gives
     them); ``prefixes`` go before each replica's command (``ip netns exec NS``).  ``extra_args``
-    go to every replica; ``server_kwargs`` (``root``, ``profile``, ``log_level``) to every
+    go to every replica (TLS: ``--tls-cert``, ``--tls-key``, ``--tls-ca`` ...); ``tls_ca`` (a CA
+    file) makes :meth:`status` ask over TLS, verifying each replica's certificate; ``server_kwargs`` (``root``, ``profile``, ``log_level``) to every
     :class:`ServerProcess`.  Replicas are addressed by index.
     """
 
     def __init__(self, base_dir: str | None = None, n: int = 3, hosts=None, extra_args=(), *, ports=None,
-                 prefixes=None, **server_kwargs):
+                 prefixes=None, tls_ca: str | None = None, **server_kwargs):
         hosts = list(hosts or ["127.0.0.1"] * n)
         self.owns_dir = base_dir is None
         self.base_dir = base_dir or tempfile.mkdtemp(prefix="chatnet-cluster-")
@@ -53,6 +55,7 @@ class Cluster:
         self.peers = ",".join(f"{h}:{p}" for h, p in self.addresses)
         self.secret = read_secret(self.secret_file)  # status beyond role and primary needs it
         self.cluster_id = cluster_id(parse_peers(self.peers)).encode()
+        self.tls = client_context(tls_ca) if tls_ca else None  # status over TLS
         prefixes = prefixes or [()] * len(hosts)
         self.replicas = [
             ServerProcess(os.path.join(self.base_dir, f"r{i}"), port=p, host=h, peers=self.peers,
@@ -89,7 +92,8 @@ class Cluster:
         r = self.replicas[i]
         if not r.alive() or r.state == "paused":
             return None
-        return query_status(r.host, r.port, timeout=timeout, secret=self.secret, cluster=self.cluster_id)
+        return query_status(r.host, r.port, timeout=timeout, secret=self.secret, cluster=self.cluster_id,
+                            tls=self.tls)
 
     def statuses(self, timeout: float = 2.0) -> list[dict | None]:
         """Every replica's :meth:`status`, by index."""

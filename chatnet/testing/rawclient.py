@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 import time
 
 from chatnet.protocol.codec import NEED_DATA, Frame, ResponseDecoder
@@ -36,12 +37,15 @@ class RawClient:
     newline first) and appends one to each :meth:`send`; without it, requests go as the seed's
     clients send them, one per write and no terminator.  Frame reads raise
     :class:`FrameTimeout` after ``timeout`` seconds, ``EOFError`` when the server closed, and
-    ``ProtocolError`` on bytes that are not frames."""
+    ``ProtocolError`` on bytes that are not frames.  ``tls`` (a client ``ssl.SSLContext``)
+    speaks TLS, verifying the server's certificate for ``host``."""
 
     def __init__(self, host: str, port: int, line_mode: bool = True, timeout: float = 10.0,
-                 connect_timeout: float | None = None):
+                 connect_timeout: float | None = None, tls: ssl.SSLContext | None = None):
         self.host, self.port = host, port
         self.sock = socket.create_connection((host, port), timeout=connect_timeout or timeout)
+        if tls is not None:
+            self.sock = tls.wrap_socket(self.sock, server_hostname=host)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.decoder = ResponseDecoder()
         self.timeout = timeout
@@ -94,7 +98,7 @@ class RawClient:
                     closed = True
                     break
                 self.decoder.receive_data(data)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
             pass
         except OSError:
             closed = True
