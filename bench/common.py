@@ -13,6 +13,10 @@
   it exists because it is measured about 4x faster (see its docstring).
 * :func:`login_many` opens connections and logs them in (op 1 create or op 2 login) with a
   bounded number of handshakes in flight.
+* TLS (``--tls`` of throughput.py): :func:`make_test_certs` makes a CA and a certificate for
+  127.0.0.1 with ``openssl``, :func:`tls_server_args` the flags that serve it, and ``Loop(tls=)``
+  speaks TLS on every connection (sans-I/O ``chatnet.loop.tls.TLSEndpoint``, so the loop stays
+  non-blocking; requests written before the handshake completed wait for it).
 * :func:`percentile`, :func:`rss_kib`, :func:`cpu_seconds`, :class:`CpuMeter` (server / load
   generator / other processes' CPU over a window), :func:`raise_nofile`, :func:`machine_facts`.
 
@@ -40,6 +44,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # run from a checkout without ``pip install -e .``
     sys.path.insert(0, ROOT)
 
+from chatnet.loop.tls import TLSEndpoint, TLSError  # noqa: E402
 from chatnet.testing import Cluster, ServerProcess, server_command  # noqa: E402
 
 HOST = "127.0.0.1"
@@ -446,7 +451,7 @@ class Conn:
     """
 
     __slots__ = ("loop", "sock", "reader", "out", "mask", "connected", "closed", "handler",
-                 "on_connect", "on_close", "tag", "state", "error")
+                 "on_connect", "on_close", "tag", "state", "error", "tls", "plain")
 
     def __init__(self, loop: "Loop", sock: socket.socket):
         self.loop = loop
@@ -462,11 +467,21 @@ class Conn:
         self.tag = None
         self.state = None
         self.error = None
+        self.tls: TLSEndpoint | None = None
+        self.plain = bytearray()  # TLS: requests written before the handshake completed
 
     def write(self, data: bytes) -> None:
         """Queue ``data``; it is sent now if the socket takes it, otherwise when writable."""
         if self.closed:
             return
+        if self.tls is not None:
+            if not self.tls.established:
+                self.plain += data
+                return
+            data = self.tls.send(data)
+        self._write_raw(data)
+
+    def _write_raw(self, data: bytes) -> None:
         if self.out or not self.connected:
             self.out += data
             self._interest()
@@ -524,9 +539,28 @@ class Conn:
         if not data:
             self._fail(None)
             return
+        if self.tls is not None and (data := self._decrypt(data)) is None:
+            return
         frames = self.reader.feed(data)
         if frames and self.handler is not None:
             self.handler(self, frames, t_ns)
+
+    def _decrypt(self, data: bytes) -> bytes | None:
+        """TLS: the plaintext ``data`` carried (None if none); answers the handshake and sends
+        what waited for it."""
+        tls, handshaking = self.tls, not self.tls.established
+        try:
+            plain = tls.receive(data)
+        except TLSError as exc:
+            self._fail(exc)
+            return None
+        out = tls.data_to_send()
+        if handshaking and tls.established and self.plain:
+            out += tls.send(bytes(self.plain))
+            self.plain.clear()
+        if out:
+            self._write_raw(out)
+        return plain or None
 
     def _fail(self, exc) -> None:
         self.error = exc
@@ -547,11 +581,13 @@ class Conn:
 
 
 class Loop:
-    """A ``selectors`` loop over many :class:`Conn` objects (level-triggered, one thread)."""
+    """A ``selectors`` loop over many :class:`Conn` objects (level-triggered, one thread);
+    with ``tls`` (a client ``ssl.SSLContext``) every connection speaks TLS."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls=None) -> None:
         self.sel = selectors.DefaultSelector()
         self.open_count = 0
+        self.tls = tls
 
     def connect(self, addr) -> Conn:
         """Start a non-blocking connect; ``conn.on_connect`` runs once it is established."""
@@ -560,6 +596,9 @@ class Loop:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Conn(self, sock)
         self.open_count += 1
+        if self.tls is not None:  # the ClientHello goes out once the connect completes
+            conn.tls = TLSEndpoint(self.tls, server_side=False, server_hostname=addr[0])
+            conn.out += conn.tls.data_to_send()
         err = sock.connect_ex(addr)
         if err in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
             conn._interest()  # completion (or failure) is reported as writability
@@ -600,6 +639,28 @@ class Loop:
                     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
             conn.close()
         self.sel.close()
+
+
+def make_test_certs(directory: str) -> dict:
+    """A CA and a server certificate for IP:127.0.0.1 (EC P-256), made with ``openssl`` in
+    ``directory`` as docs/operations.md shows: paths ``ca``, ``cert``, ``key``."""
+    def openssl(*args):
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True, timeout=60)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=bench CA")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=bench replica")
+    with open(os.path.join(directory, "san.ext"), "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return {name: os.path.join(directory, file) for name, file in
+            (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+
+
+def tls_server_args(certs: dict) -> list[str]:
+    """The chatserver flags that serve (and replicate over) TLS with :func:`make_test_certs`'s files."""
+    return ["--tls-cert", certs["cert"], "--tls-key", certs["key"], "--tls-ca", certs["ca"]]
 
 
 class LoginError(Exception):

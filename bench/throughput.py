@@ -20,6 +20,7 @@ server and the load generator; the CPU each used is printed.
 
     python bench/throughput.py                      # closed loop, 10 s
     python bench/throughput.py --rate 2000 --json   # open loop at 2,000 chats/s
+    python bench/throughput.py --tls                # every client connection and peer link over TLS
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import deque
 
@@ -36,6 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
 from common import Loop, login_many, now_ns  # noqa: E402
+
+from chatnet.loop.tls import client_context  # noqa: E402
 
 TARGET_CHATS_PER_S = 20_000
 TARGET_RATE = 2_000
@@ -81,7 +86,7 @@ def worker(wid: int, pipe, addr, pairs: list[int], opts: dict) -> None:
 
 def _worker(wid, pipe, addr, pairs, opts) -> None:
     common.raise_nofile()
-    loop = Loop()
+    loop = Loop(tls=client_context(opts["tls_ca"]) if opts.get("tls_ca") else None)
     k = len(pairs)
     names = [f"s{g}" for g in pairs] + [f"r{g}" for g in pairs]
     conns = login_many(loop, addr, names, op=1, concurrency=256, timeout=60)
@@ -219,6 +224,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="run a cluster of this many replicas on this machine and load its primary (default 1)")
     ap.add_argument("--naive", action="store_true",
                     help="run the server's --naive baseline (one fsync per command, stop-and-wait replication)")
+    ap.add_argument("--tls", action="store_true",
+                    help="serve TLS (a test CA and certificate made with openssl) and connect every client "
+                         "with TLS; replicas link over TLS too")
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
     if args.senders < 1 or args.procs < 1 or args.window < 1 or args.duration <= 0:
@@ -230,7 +238,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def start_workers(args, addr) -> tuple[list, list]:
     """Fork the load-generator processes (pairs dealt round-robin); wait until each has logged
     its connections in."""
-    opts = {"rate": args.rate, "window": args.window, "size": args.size, "total_senders": args.senders}
+    opts = {"rate": args.rate, "window": args.window, "size": args.size, "total_senders": args.senders,
+            "tls_ca": args.certs["ca"] if getattr(args, "certs", None) else None}
     ctx = multiprocessing.get_context("fork")
     workers, pipes = [], []
     for w in range(args.procs):
@@ -280,6 +289,10 @@ def run(args) -> tuple[dict, str]:
     """Start the server (or cluster) and the load generators, measure one window, stop
     everything by PID whatever happens; the measurements and the code label."""
     extra = ["--naive"] if args.naive else []
+    cert_dir = tempfile.mkdtemp(prefix="chatnet-bench-tls-") if args.tls else None
+    if cert_dir:
+        args.certs = common.make_test_certs(cert_dir)
+        extra += common.tls_server_args(args.certs)
     target = common.Target(args.replicas, rev=args.rev, root=args.server_root, extra_args=extra,
                            profile=args.profile if args.replicas == 1 else None)
     workers, pipes = [], []
@@ -296,6 +309,8 @@ def run(args) -> tuple[dict, str]:
         raise
     finally:
         common.tear_down(pipes, workers, target)
+        if cert_dir:
+            shutil.rmtree(cert_dir, ignore_errors=True)
 
 
 def summarize(args, m: dict, label: str) -> dict:
@@ -310,6 +325,7 @@ def summarize(args, m: dict, label: str) -> dict:
         "bench": "throughput", "mode": "open" if args.rate else "closed", "rate_offered": args.rate,
         "senders": args.senders, "window": args.window if not args.rate else None, "text_bytes": args.size,
         "duration_s": args.duration, "loadgen_procs": args.procs, "replicas": args.replicas, "naive": args.naive,
+        "tls": args.tls,
         "delivered_per_s": round(delivered / args.duration, 1),
         "acks_per_s": round(total["acks_in_window"] / args.duration, 1),
         "ack_ms": common.summarize_us([x for r in results for x in r["ack_us"]]),
@@ -371,7 +387,7 @@ def print_table(s: dict) -> None:
     else:
         mode = f"open loop, {s['rate_offered']:,.0f} chats/s offered"
     print(f"chatnet throughput: {s['senders']} senders -> {s['senders']} receivers, {mode}, "
-          f"~{s['text_bytes']}-byte texts, durable group commit")
+          f"~{s['text_bytes']}-byte texts, durable group commit" + (", TLS" if s.get("tls") else ""))
     print(f"machine: {m['nproc']} CPUs ({m['cpu']}), Python {m['python']}, Linux {m['kernel']}; "
           f"server and {s['loadgen_procs']} load-generator process(es) share these CPUs")
     print(f"server code: {s['server_code']}")

@@ -150,6 +150,9 @@ def test_plaintext_refused_under_require_tls_status_still_answered(replica, cert
         assert (frame.status, frame.message) == (STATUS_ERROR, T_TLS_REQUIRED)
         with pytest.raises(EOFError):
             seed.frame(timeout=5)
+    with RawClient(server.host, server.port) as ours:  # line mode, more requests on the way:
+        ours.send_bytes(b"0|ext|1\n1|eve\n")        # the answer still arrives (no reset)
+        assert ours.frame(timeout=5).message == T_TLS_REQUIRED
     with RawClient(server.host, server.port, tls=client_context(certs["ca"])) as ours:
         assert ours.request("1|eve").message == "Account created! Logged in as eve."
     for tls in (None, client_context(certs["ca"])):  # operators may ask in plaintext

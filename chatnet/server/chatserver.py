@@ -159,6 +159,48 @@ def _send_and_close(io: BufferedSocket, line: bytes) -> None:
     io.close()
 
 
+# -- TLS: how a refused plaintext client is closed ------------------------------------------------
+MAX_LINGERING = 256  # refused connections drained at once; beyond, closed at once
+LINGER_SECONDS = 2.0
+
+
+class _Lingering:
+    """A connection told it was refused (``--require-tls``): our side is shut for writing and
+    what the client still sends is read and dropped until it closes (at most LINGER_SECONDS).
+    Closing at once with its next request unread would make the kernel reset the connection,
+    and a reset can destroy the frame that says why before the client reads it."""
+
+    closed = False
+
+    def __init__(self, server: ChatServer, io: BufferedSocket):
+        self.server, self.io = server, io
+        server._lingering.add(self)
+        try:
+            io.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.timer = server.reactor.timers.call_later(LINGER_SECONDS, self.close)
+        server.reactor.set_interest(io.sock, READ, self)
+
+    def handle_event(self, mask: int) -> None:
+        try:
+            data = self.io.recv()
+        except ConnectionLost:
+            data = b""
+        if data == b"":
+            self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.cancel()
+        self.server._lingering.discard(self)
+        self.server.reactor.forget(self.io.sock)
+        self.io.close()
+# -- end TLS
+
+
 class _Listener:
     closed = False
 
@@ -206,6 +248,7 @@ class ChatServer:
             )
         self.secret = secret
         self.tls = tls  # TLS on the client port (and peer links), or None: plaintext only
+        self._lingering: set[_Lingering] = set()  # --require-tls: refused, draining until closed
         self.cluster_id = cluster_id(peers).encode()
         self.status_queries: set[_StatusQuery] = set()
         # -- metrics (--metrics-port): chatnet/server/metrics.py ------------------------------
@@ -300,6 +343,8 @@ class ChatServer:
             self.close_connection(conn, "server shutdown")
         for query in list(self.status_queries):
             query.close()
+        for lingering in list(self._lingering):
+            lingering.close()
         if self.transport is not None:
             self.transport.stop()
         self.reactor.forget(self.hasher.wake_sock)  # passwords: the host closes the hasher
@@ -429,8 +474,21 @@ class ChatServer:
         plaintext are still answered: they were handed over before this)."""
         if self.tls is None or not self.tls.require or conn.io.tls is not None or conn.admitted:
             return False
-        log.info("refusing %r: plaintext client, and this server requires TLS", conn)
-        self._refuse(conn, T_TLS_REQUIRED)
+        log.debug("refusing %r: plaintext client, and this server requires TLS", conn)
+        self.reactor.forget(conn.io.sock)
+        self.conns.pop(conn.id, None)
+        self.replica_host.close_connection(conn.id)
+        conn.closed = True
+        conn.io.write(frame(STATUS_ERROR, T_TLS_REQUIRED))
+        try:  # one frame into a fresh socket's buffer: never blocks the loop
+            conn.io.flush()
+        except ConnectionLost:
+            conn.io.close()
+            return True
+        if len(self._lingering) >= MAX_LINGERING:
+            conn.io.close()
+        else:
+            _Lingering(self, conn.io)
         return True
     # -- end TLS
 
