@@ -414,6 +414,8 @@ class Replica:
             "quorum": self.quorum,
             "split_losses": self.split_losses,
             "handed_over": self.handed_over,
+            "handover_pending": 0 if self._handover is None or self._handover.acked
+            else len(self._handover.entries),
         }
 
     # ------------------------------------------------------------------ helpers
@@ -824,9 +826,10 @@ class Replica:
             # rejects of batches sent before the probe started are ignored.
             nxt = self._next.get(p, 1)
             at = max(min(nxt, m.hint + 1), self._match.get(p, 0) + 1, 1)
-            if m.hint >= nxt:
-                # The follower cannot check entries before its snapshot point (it installed
-                # one while my next index was rewound behind it): go there, never wait.
+            if m.hint >= min(nxt, self._probing.get(p, nxt)):
+                # Only "I cannot check before my snapshot point" answers at or past the point
+                # I probe (a mismatch hints below it): the follower installed a snapshot while
+                # my next index was rewound behind it.  Go there, never wait.
                 at = m.hint + 1
             elif p in self._probing and at >= self._probing[p]:
                 return
@@ -996,13 +999,32 @@ class Replica:
                 return
             self._log.append(e)
         match = prev + len(m.entries)
-        if match > self.last_index:
+        if match > self.last_index or self._leftovers(p, m, match):
             return
         newc = min(m.commit, match)
         if newc > self._commit:
             self._commit = newc
         self._after_sync(p, m.view, m.members, m.start, match, m.echo_inc)
         self._send(p, AppendResp(m.view, True, match, 0, False))
+
+    def _leftovers(self, p: int, m: Append, match: int) -> bool:
+        """Entries of mine past both ``match`` and the view's start that are of another view
+        than the primary's are not in its log (all its entries after the start are of its
+        view).  Only a healed split brain leaves committed ones: hand over everything after
+        ``match`` and ask for a snapshot (True).  Uncommitted ones are dropped as any uncommitted conflict is."""
+        floor = max(m.start, match)
+        stale = next((e.index for e in self._log[max(0, floor - self._snap_index):]
+                      if e.view != m.view), None)
+        if stale is None:
+            return False
+        # (my entries between match and the start are unchecked: hand them over too; the
+        # primary skips those its log holds)
+        self._may_drop(p, m.view, match)
+        if stale <= self._commit:
+            self._diverge(p, m.view)
+            return True
+        self._truncate(stale - 1)
+        return False
 
     def _prev_mismatch(self, p: int, view: int, prev: int) -> None:
         """My entry at ``prev`` is of another view than the primary's: tell it where to retry,
@@ -1063,7 +1085,11 @@ class Replica:
         if h.acked:
             self._handover = None
             return
-        if self._following is not None and self._following != self.me:
+        if self._serving:
+            # I lead the winning side myself now: my own host proposes them again.
+            h.primary, h.view, h.sent = self.me, self._view, self._ticks
+            self._reapply_in.append((self.me, h.upto, h.entries))
+        elif self._following is not None and self._following != self.me:
             h.primary, h.view = self._following, self._promised
             self._send_handover()
 
@@ -1079,7 +1105,9 @@ class Replica:
     def reapply_done(self, peer: int, upto: int) -> None:
         """Host: every entry ``peer`` handed over up to ``upto`` is committed again (or was
         found present, or reported as not applicable): the loser may drop its copies."""
-        if self._status == PRIMARY:
+        if peer == self.me:
+            self._on_reapply_ack(peer, ReapplyAck(self._view, upto))
+        elif self._status == PRIMARY:
             self._send(peer, ReapplyAck(self._view, upto))
 
     def _diverge(self, p: int, view: int) -> None:

@@ -808,6 +808,8 @@ class Simulation:
         if len(states) != 1:
             self.fail("convergence: applied states differ after healing")
         if not self.strict:
+            if any(nd.replica.status()["handover_pending"] for nd in self.nodes.values()):
+                return False   # a healed split brain's losing side is still being re-applied
             self.check_chats_kept(prim[0])
             return True
         if self.reference_state(top) not in states:
@@ -836,9 +838,15 @@ class Simulation:
                 seen[key] = index
         if len(nd.hist) < nd.host.applied_index:
             self.fail(f"checker: node {nd.id}'s applied history has gaps")
+        reported = {c for x in self.nodes.values() if x.up for c in x.host.reapply.dropped_sends}
         for chat, (index, node) in self.acked_chats.items():
-            if chat not in seen:
+            if chat in seen:
+                continue
+            if chat not in reported:
                 self.fail(f"after healing, chat {chat!r} acknowledged by {node} at index {index} is lost")
+            # the documented bound (docs/replication.md section 10): the winner could not
+            # check it against its compacted history, and logged and counted the drop
+            self.stats["lost_reported"] = self.stats.get("lost_reported", 0) + 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -383,6 +383,7 @@ class Reapplier:
         self.queue: list[tuple] = []                 # commands to propose as primary
         self.waiting: dict[int, tuple[int, set]] = {}   # loser -> (upto, origins not yet applied)
         self.counts = {"reapplied": 0, "skipped": 0, "dropped": 0, "no_effect": 0}
+        self.dropped_sends: list[tuple] = []
         for index, _, data in loaded.log:  # origins re-applied in the retained log
             cmd = decode_command(bytes(data))
             if cmd[0] == "reapply" and index <= loaded.applied_index:
@@ -460,6 +461,8 @@ class Reapplier:
 
     def _report(self, what: str, origin: tuple, cmd: tuple, why: str) -> None:
         self.counts[what] += 1
+        if what == "dropped" and cmd[0] == "send" and len(self.dropped_sends) < 10_000:
+            self.dropped_sends.append(tuple(cmd[1:4]))  # (sender, recipient, text), for checkers
         log.warning("split brain healed: %s command %s of view %d index %d: %s",
                     "dropped" if what == "dropped" else "re-applied", cmd[0], origin[0], origin[1], why,
                     extra={"event": "reapply_" + what, "view": origin[0], "index": origin[1],
