@@ -39,6 +39,8 @@ from chatnet.replication.messages import (
     PeerFramer,
     PeerHello,
     PeerProof,
+    Reapply,
+    ReapplyAck,
     SnapshotAck,
     ViewChange,
     Vote,
@@ -65,6 +67,8 @@ messages = st.one_of(
     st.builds(InstallSnapshot, u, u, u, u, u, ids, u, u, u, st.binary(max_size=100), u,
               st.booleans()),
     st.builds(SnapshotAck, u, u, u),
+    st.builds(Reapply, u, u, entries),
+    st.builds(ReapplyAck, u, u),
     st.builds(PeerHello, u, u, st.binary(max_size=64), st.binary(max_size=20)),
     st.builds(PeerChallenge, u, st.binary(max_size=64), st.binary(max_size=32)),
     st.builds(PeerProof, st.binary(max_size=32)),
@@ -673,3 +677,30 @@ def test_a_snapshot_larger_than_the_old_frame_limit_transfers():
     net = _Net(3)                       # default chunk size and window
     _catch_up_by_snapshot(net, big)
     assert net.max_chunks_per_ready <= core.SNAPSHOT_WINDOW
+
+
+def test_quorum_mode_is_checked_and_reported():
+    r = Replica(1, (1, 2, 3), DurableState.fresh(), rng=random.Random(1), quorum="majority")
+    assert r.status()["quorum"] == "majority"
+    assert Replica(1, (1, 2, 3), DurableState.fresh(), rng=random.Random(1)).quorum == "all"
+    with pytest.raises(ValueError):
+        Replica(1, (1, 2, 3), DurableState.fresh(), quorum="most")
+
+
+def test_majority_mode_never_forms_a_minority_view():
+    """A replica that hears nobody forms a view of itself in all mode; in majority mode it
+    never serves, and once it suspects the others it promises no new view number either
+    (which would only disrupt the majority's view at heal)."""
+    for quorum, alone_serves in (("all", True), ("majority", False)):
+        r = Replica(1, (1, 2, 3), DurableState(view=3, primary=1, members=(1, 2, 3), promised=3),
+                    rng=random.Random(1), quorum=quorum)
+        r._become_electing()   # (as after its primary's failure)
+        promised = []
+        for _ in range(100):
+            r.tick()
+            while (rd := r.ready()) is not None:
+                r.advance(rd)
+            promised.append(r.promised)
+        assert r.serving is alone_serves
+        if not alone_serves:
+            assert r.suspected(2) and r.suspected(3) and len(set(promised[50:])) == 1
