@@ -428,9 +428,11 @@ def test_majority_survives_one_crash_but_not_two():
 # ---------------------------------------------------------------------------- seed sweep
 
 SWEEP = (
-    [(s, 3, 150, DEFAULT_FAULTS, 2.0) for s in range(1, 161)]
-    + [(s, 5, 150, DEFAULT_FAULTS, 2.0) for s in range(1, 31)]
-    + [(s, 2, 150, DEFAULT_FAULTS, 2.0) for s in range(1, 31)]
+    [(s, 3, 150, DEFAULT_FAULTS, 2.0) for s in range(1, 81)]
+    # slowdisk: batches become durable later, as with the server's storage thread
+    + [(s, 3, 150, DEFAULT_FAULTS + ("slowdisk",), 2.0) for s in range(81, 161)]
+    + [(s, 5, 150, DEFAULT_FAULTS + ("slowdisk",) * (s % 2), 2.0) for s in range(1, 31)]
+    + [(s, 2, 150, DEFAULT_FAULTS + ("slowdisk",) * (s % 2), 2.0) for s in range(1, 31)]
     + [(s, 1, 100, DEFAULT_FAULTS, 1.0) for s in range(1, 6)]
     + [(s, 3, 150, PARTITIONS, 2.0) for s in range(1, 31)]
     + [(s, 3, 150, PARTITIONS, 2.0, "majority") for s in range(1, 21)]
@@ -450,7 +452,7 @@ if os.environ.get("CHATNET_SIM_SEEDS"):  # a longer sweep on request
 def _case_id(case):
     seed, n, steps, faults, intensity, *quorum = case
     return f"n{n}-seed{seed}" + ("-partitions" if "partition" in faults else "") + \
-        ("-majority" if quorum else "")
+        ("-majority" if quorum else "") + ("-slowdisk" if "slowdisk" in faults else "")
 
 
 @pytest.mark.parametrize("case", SWEEP, ids=_case_id)

@@ -65,7 +65,9 @@ TICK = 10   # time units per replica tick
 SINK = "sink"
 CLIENTS = 12  # sending accounts
 DEFAULT_FAULTS = ("crash", "pause", "cut", "drop", "dup")
-ALL_FAULTS = DEFAULT_FAULTS + ("partition",)
+# slowdisk: batches become durable a few time units after the host submits them, as with the
+# server's storage thread (BackgroundStorage); a crash loses those still in flight.
+ALL_FAULTS = DEFAULT_FAULTS + ("partition", "slowdisk")
 
 
 class InvariantViolation(AssertionError):
@@ -176,6 +178,8 @@ class Simulation:
         self.cluster = tuple(range(1, n + 1))
         self.nodes = {i: Node(i) for i in self.cluster}
         for nd in self.nodes.values():
+            nd.disk.delay_commits = "slowdisk" in self.faults
+        for nd in self.nodes.values():
             nd.phase = self.rng.randrange(TICK)
         self.now = 0
         self.net: list[tuple[int, int, int, int, bytes]] = []
@@ -270,6 +274,8 @@ class Simulation:
         elif crash_at == "mid_send":
             nd.net.crash_after = self.rng.randint(0, 2)
         try:
+            if crash_at == "after_persist" and nd.disk.in_flight:
+                nd.disk.complete(len(nd.disk.in_flight))  # what is in flight lands, then death
             for _ in range(8):
                 result = nd.host.cycle()
                 self._observe_snapshots(i)
@@ -279,6 +285,8 @@ class Simulation:
                     break
         except SimCrash as exc:
             self.note(f"node {i}: {exc}")
+            for index, data in nd.host.durable_unreleased():  # on disk, though nobody saw it
+                self.on_apply(i, index, data)
             self.crash(i)
             return
         if crash_at is not None:  # the cycle had nothing to commit or send: die anyway
@@ -525,6 +533,7 @@ class Simulation:
             if nd.up and 0 <= nd.paused_until <= self.now:
                 self.resume(nd)
         self.deliver_due()
+        self.complete_disks()
         order = list(self.nodes.values())
         self.rng.shuffle(order)
         for nd in order:
@@ -534,6 +543,14 @@ class Simulation:
         for i in sorted(self.pump_clients()):
             if self.nodes[i].up:
                 self.process(i)
+
+    def complete_disks(self) -> None:
+        """With the ``slowdisk`` fault, submitted batches reach the disk at random later times;
+        the host then releases what they held back (messages, answers)."""
+        for nd in self.nodes.values():
+            if nd.up and nd.paused_until < 0 and nd.disk.in_flight and self.rng.random() < 0.5:
+                nd.disk.complete(self.rng.randint(1, len(nd.disk.in_flight)))
+                self.process(nd.id)
 
     def resume(self, nd: Node) -> None:
         gap_ticks = (self.now - nd.paused_from) // TICK
@@ -802,7 +819,8 @@ class Simulation:
         top = p.commit_index
         for nd in self.nodes.values():
             r = nd.replica
-            if r.commit_index != top or nd.host.applied_index != top or r.last_index != p.last_index:
+            if r.commit_index != top or nd.host.applied_index != top or r.last_index != p.last_index \
+                    or nd.host.waiting_for_disk:
                 return False
         states = {nd.host.service.state.to_snapshot() for nd in self.nodes.values()}
         if len(states) != 1:

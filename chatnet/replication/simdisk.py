@@ -63,8 +63,8 @@ class SimDisk:
         if self.delay_commits:
             self.in_flight.append((record, batch.sync))
             return self.durable + len(self.in_flight)
+        self.durable += 1  # first: a crash injected as it lands still leaves it on disk
         self._land(record, batch.sync)
-        self.durable += 1
         return self.durable
 
     def complete(self, n: int = 1) -> None:
@@ -72,8 +72,8 @@ class SimDisk:
         un-synced ones, as after any commit)."""
         done, self.in_flight = self.in_flight[:n], self.in_flight[n:]
         for record, sync in done:
-            self._land(record, sync)
             self.durable += 1
+            self._land(record, sync)
 
     def commit(self, batch: Batch) -> None:
         """Write ``batch`` now (restore and test setups; the host uses submit())."""

@@ -68,6 +68,7 @@ class _Output:
     messages: list
     effects: list
     unblocked: list
+    applied: list  # (index, data) for the on_applied observer
 
 
 @dataclass
@@ -115,7 +116,10 @@ class ReplicaHost:
         self._submitted = storage.durable  # number of the last batch handed to the storage
         self._outputs: deque[_Output] = deque()  # per iteration: what leaves once it is durable
         self._held: list = []  # commands waiting for the view to be re-established
-        self.on_applied = None  # observer (index, data) -> None; the simulator's checker uses it
+        # Observer (index, data) -> None of entries applied *and durable* (called as their
+        # iteration is released); the simulator's checker uses it.
+        self.on_applied = None
+        self._applied_now: list = []  # (index, data) applied this iteration, not yet durable
         self.events = HostEvents(self)  # operator events: logs and metrics (chatnet/server/events.py)
 
     # -- inputs --------------------------------------------------------------------------------
@@ -191,7 +195,9 @@ class ReplicaHost:
             self._submitted = self.storage.submit(batch)
         self.events.after_cycle()
         service = self.service
-        self._outputs.append(_Output(self._submitted, messages, service.take_effects(), service.take_unblocked()))
+        applied, self._applied_now = self._applied_now, []
+        self._outputs.append(_Output(self._submitted, messages, service.take_effects(), service.take_unblocked(),
+                                     applied))
         effects, unblocked = self.release()
         more = not throttled and bool(service.proposals or self._held and self.mode == SERVING) \
             or service.has_delivery_marks() and not throttled or rounds == MAX_READY_ROUNDS \
@@ -208,6 +214,8 @@ class ReplicaHost:
         outputs = self._outputs
         while outputs and outputs[0].batch <= durable:
             out = outputs.popleft()
+            for index, data in out.applied:
+                self.on_applied(index, data)
             for peer, msg in out.messages:
                 self.network.send(peer, msg)
             effects += out.effects
@@ -223,6 +231,16 @@ class ReplicaHost:
             return effects
         self._outputs[-1].effects.extend(effects)
         return []
+
+    def durable_unreleased(self) -> list:
+        """(index, data) of entries applied in iterations whose batch reached the disk but whose
+        outputs were never released: what a crash at this instant leaves on disk unseen (the
+        simulator's checker counts them as applied)."""
+        durable = self.storage.durable
+        applied = [a for out in self._outputs if out.batch <= durable for a in out.applied]
+        if durable > self._submitted:  # this iteration's batch landed, then submit() died
+            applied += self._applied_now
+        return applied
 
     def flush(self, timeout: float = 30.0) -> None:
         """Wait until every submitted batch is durable (shutdown); then release() hands out
@@ -286,7 +304,7 @@ class ReplicaHost:
             self.applied_index = entry.index
             batch.applied_index = entry.index
             if self.on_applied is not None:
-                self.on_applied(entry.index, entry.data)
+                self._applied_now.append((entry.index, entry.data))
         if rd.hard_state is not None:
             batch.meta.update(hard_state_meta(rd.hard_state))
         batch.sync |= bool(rd.hard_state or rd.entries or rd.truncate_after is not None)
