@@ -240,3 +240,12 @@ def test_replication_and_failover_over_tls(certs, tmp_path):
         assert status["serving"] and first not in status["members"]
         for r in cluster.replicas:
             assert not r.log_problems(), r.log_tail()
+
+
+def test_a_plaintext_chatclient_at_a_tls_only_server_says_why_and_backs_off(replica, certs, tmp_path):
+    server = replica(*tls_flags(certs, "--require-tls"))
+    plain = chatclient(f"{server.host}:{server.port}", ["list"], tmp_path, "--eof-timeout", "3")
+    assert plain.returncode == 1
+    assert "This server requires TLS" in plain.stdout, plain.stdout
+    # a refusal is a failed attempt, retried with back-off, not a good connection redialled at once
+    assert plain.stdout.count("This server requires TLS") <= 8, plain.stdout

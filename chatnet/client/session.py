@@ -116,9 +116,11 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..protocol import texts
 from ..protocol.codec import (
     INDICATOR_CHAT,
     NEED_DATA,
+    STATUS_ERROR,
     STATUS_NOTE,
     STATUS_OK,
     Frame,
@@ -535,6 +537,11 @@ class ClientSession:
         note = backup_note(frame)
         if note is not None:
             self._on_backup_note(note.primary, now)
+            return
+        if frame.status == STATUS_ERROR and frame.message == texts.T_TLS_REQUIRED:
+            # A plaintext client at a --require-tls server: show why, and let this count as a
+            # failed connection (backed off), not a good one to reconnect to at once.
+            self._events.append(FrameReceived(frame, "error", None))
             return
         self._mark_good()
         if self.role != "primary":

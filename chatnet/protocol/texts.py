@@ -102,3 +102,5 @@ T_SERVER_FULL = "Server is full: too many connections. Try again later."
 T_ADDRESS_FULL = "Too many connections from your address. Close some and try again."
 T_HANDSHAKE_TIMEOUT = "Closed: no complete request within {seconds:g} seconds."
 T_IDLE_TIMEOUT = "Closed: idle for {seconds:g} seconds without logging in."
+T_TLS_REQUIRED = ("This server requires TLS. Connect with a TLS client "
+                  "(chatnet's chatclient --tls-ca FILE, or --tls).")

@@ -46,6 +46,7 @@ from ..protocol.texts import (
     T_HANDSHAKE_TIMEOUT,
     T_IDLE_TIMEOUT,
     T_SERVER_FULL,
+    T_TLS_REQUIRED,
 )
 from ..replication.transport import PeerTransport
 from .background import BackgroundStorage
@@ -71,8 +72,6 @@ MAX_STATUS_QUERIES = 16  # authenticated status queries in progress at once
 STATUS_TIMEOUT = 5.0  # seconds an authenticated status query has to send its proof
 DIGEST_MAX_AGE = 1.0  # seconds a status digest of the state may be reused
 # -- TLS (--tls-cert, --require-tls): the answer to a plaintext client when TLS is required
-T_TLS_REQUIRED = ("This server requires TLS. Connect with a TLS client "
-                  "(chatnet's chatclient --tls-ca FILE, or --tls).")
 
 
 class ClientConnection:
