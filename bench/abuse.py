@@ -435,8 +435,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--garbage", type=int, default=8, help="garbage connections (default 8)")
     ap.add_argument("--storm-concurrency", type=int, default=16, help="storm connects in flight (default 16)")
     ap.add_argument("--seed", type=int, default=10, help="seed of the hostile byte streams (default 10)")
-    ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
-    ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
+    common.add_code_args(ap)
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
@@ -762,8 +761,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main)

@@ -774,5 +774,33 @@ def _selfcheck() -> None:
     print("FrameReader agrees with chatnet.protocol.codec.ResponseDecoder on 150 random frame streams")
 
 
+
+# -- what every benchmark script shares ---------------------------------------------------------
+def add_code_args(ap, *, server_root: bool = True) -> None:
+    """--rev / --server-root: which server code a benchmark runs (see Target)."""
+    ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
+    if server_root:
+        ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
+
+
+def add_load_args(ap, *, senders: int = 50, duration: float = 10.0, size: bool = True) -> None:
+    """The load generator's shape: pairs, window, warm-up, open-loop rate, chat size."""
+    ap.add_argument("--senders", type=int, default=senders, help=f"sender/receiver pairs (default {senders})")
+    ap.add_argument("--duration", type=float, default=duration, help=f"measured window per run, s (default {duration:g})")
+    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window (default 1)")
+    ap.add_argument("--rate", type=float, default=None, help="open loop: total chats/s offered (default: closed loop)")
+    if size:
+        ap.add_argument("--size", type=int, default=32, help="approximate chat text size in bytes (default 32)")
+
+
+def run_main(main) -> None:
+    """A benchmark's entry point: its exit status, or 130 on Ctrl-C (its finally blocks have
+    stopped every process it started)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
 if __name__ == "__main__":
     _selfcheck()

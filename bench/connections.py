@@ -178,8 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--hold", type=float, default=1.0, help="seconds to hold all connections before measuring (default 1)")
     ap.add_argument("--timeout", type=float, default=300.0, help="limit for each phase in seconds (default 300)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
-    ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
+    common.add_code_args(ap)
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
     if args.connections < 2:
@@ -345,8 +344,4 @@ def print_table(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main)

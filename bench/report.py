@@ -86,13 +86,10 @@ def integrity_ok(s) -> bool:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=8.0, help="measured window of each run, s (default 8)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="warm-up of each run, s (default 1)")
-    ap.add_argument("--senders", type=int, default=50, help="sender/receiver pairs (default 50)")
-    ap.add_argument("--rate", type=float, default=None, help="open loop at this total rate instead of closed loop")
+    common.add_load_args(ap, senders=50, duration=8.0, size=False)
     ap.add_argument("--rounds", type=int, default=1, help="repeat the sequence this many times (default 1)")
     ap.add_argument("--only", default="1,3,1n,3n", help="configurations, comma separated (default 1,3,1n,3n)")
-    ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
+    common.add_code_args(ap, server_root=False)
     ap.add_argument("--json", action="store_true", help="also print a one-line JSON summary")
     args = ap.parse_args(argv)
     args.keys = [k.strip() for k in args.only.split(",") if k.strip()]
@@ -212,8 +209,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main)

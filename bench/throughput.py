@@ -209,17 +209,12 @@ def _worker(wid, pipe, addr, pairs, opts) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--duration", type=float, default=10.0, help="measured window in seconds (default 10)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window (default 1)")
-    ap.add_argument("--senders", type=int, default=50, help="sender/receiver pairs (default 50)")
-    ap.add_argument("--rate", type=float, default=None, help="open loop: total chats/s offered (e.g. 2000)")
+    common.add_load_args(ap, senders=50, duration=10.0)
     ap.add_argument("--window", type=int, default=1, help="closed loop: requests outstanding per sender (default 1)")
-    ap.add_argument("--size", type=int, default=32, help="approximate chat text size in bytes (default 32)")
     ap.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")
     ap.add_argument("--drain", type=float, default=5.0, help="max seconds to wait for outstanding acks/chats")
     ap.add_argument("--profile", metavar="FILE", help="run the server under cProfile, stats to FILE")
-    ap.add_argument("--rev", help="benchmark the server code of this git revision (default: the working tree)")
-    ap.add_argument("--server-root", metavar="DIR", help="run DIR/bin/chatserver instead (an experimental copy)")
+    common.add_code_args(ap)
     ap.add_argument("--replicas", type=int, default=1,
                     help="run a cluster of this many replicas on this machine and load its primary (default 1)")
     ap.add_argument("--naive", action="store_true",
@@ -429,8 +424,4 @@ def print_table(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main)

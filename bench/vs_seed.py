@@ -137,11 +137,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="comma-separated, run in this order each round: 'seed', N (chatnet, N replicas) "
                          "or N@REV (chatnet code of git revision REV); default seed,1,3")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
-    ap.add_argument("--senders", type=int, default=25, help="sender/receiver pairs (default 25)")
-    ap.add_argument("--duration", type=float, default=8.0, help="measured window per run, s (default 8)")
-    ap.add_argument("--warmup", type=float, default=1.0, help="seconds of load before the window (default 1)")
-    ap.add_argument("--rate", type=float, default=None, help="open loop: total chats/s offered (default: closed loop)")
-    ap.add_argument("--size", type=int, default=32, help="approximate chat text size in bytes (default 32)")
+    common.add_load_args(ap, senders=25, duration=8.0)
     ap.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")
     ap.add_argument("--seed-script", default=SEED_SERVER, help=f"the seed's server (default {SEED_SERVER})")
     ap.add_argument("--json", action="store_true", help="also print one JSON line with every figure")
@@ -303,8 +299,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    common.run_main(main)
