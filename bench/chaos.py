@@ -34,6 +34,7 @@ import random
 import shlex
 import shutil
 import signal
+import ssl
 import sys
 import tempfile
 import threading
@@ -47,11 +48,13 @@ if ROOT not in sys.path:
 
 from bench.workload import ExtWorker, History, Registry, SeedWorker, wait_for  # noqa: E402
 from chatnet.testing import Cluster  # noqa: E402
+from chatnet.testing.certs import make_cluster_certs, openssl_missing, san_entries, tls_server_flags  # noqa: E402
 from chatnet.testing.netns import Netns, NetnsError  # noqa: E402,F401 - NetnsError: bench/netns_cluster.py
 
 NO_RECIPIENT = "Recipient username cannot be found."
 FAILURE_TIMEOUT = 1.0      # the replicas' default --failure-timeout-ms, in seconds
 LOGIN_UNKNOWN_PREFIX = "Unable to login: This username does not exist."
+DIGEST_REFRESH = 1.3       # more than the replicas' DIGEST_MAX_AGE (1 s): a status digest is fresh after it
 
 def log(message: str) -> None:
     print(f"chaos: {message}", file=sys.stderr, flush=True)
@@ -60,16 +63,29 @@ def log(message: str) -> None:
 # ---------------------------------------------------------------------------------- cluster
 
 
-def make_cluster(workdir: str, hosts: list[str], netns: Netns | None, args) -> Cluster:
+def make_cluster(workdir: str, hosts: list[str], netns: Netns | None, args, certs: dict | None = None) -> Cluster:
     """The harness's cluster on ``hosts``: in namespaces every replica listens on 1538 of its
     own address (which the runner's namespace cannot bind to probe), with ``ip netns exec``
-    before its command; the secret file is the harness's (0600 from the start)."""
+    before its command; the secret file is the harness's (0600 from the start).  With
+    ``certs`` (``--tls``) the replicas serve TLS on the client port and peer links and refuse
+    plaintext clients (``--require-tls``), and the runner's status queries go over TLS too."""
     extra = [] if args.log_retain is None else ["--log-retain", str(args.log_retain)]
     if args.quorum:
         extra += ["--quorum", args.quorum]
+    if certs:
+        extra += tls_server_flags(certs, require=True)
     return Cluster(workdir, hosts=hosts, extra_args=extra, log_level="INFO",
                    ports=[1538] * len(hosts) if netns else None,
-                   prefixes=[netns.prefix(i) for i in range(len(hosts))] if netns else None)
+                   prefixes=[netns.prefix(i) for i in range(len(hosts))] if netns else None,
+                   tls_ca=certs["ca"] if certs else None)
+
+
+def make_certs(workdir: str, hosts: list[str]) -> dict:
+    """``--tls``: a throwaway CA and one server certificate naming every replica's address
+    (loopback or namespace), in the run's directory, so it goes away with the run."""
+    certs = make_cluster_certs(os.path.join(workdir, "tls"), hosts)
+    log(f"TLS: CA and server certificate for {san_entries(hosts)} in {os.path.dirname(certs['ca'])}")
+    return certs
 
 
 # ---------------------------------------------------------------------------------- nemesis
@@ -740,6 +756,8 @@ def replay_command(args) -> str:
         parts.append("--partitions")
     if args.quorum:
         parts += ["--quorum", args.quorum]
+    if args.tls:
+        parts.append("--tls")
     for flag, value, default in (("--accounts", args.accounts, 2), ("--mean-gap", args.mean_gap, 1.5),
                                  ("--log-retain", args.log_retain, None)):
         if value != default and value is not None:
@@ -749,14 +767,17 @@ def replay_command(args) -> str:
     return " ".join(shlex.quote(p) for p in parts)
 
 
-def make_workers(args, addresses, history, registry) -> list:
+def make_workers(args, addresses, history, registry, tls: ssl.SSLContext | None = None) -> list:
+    """Even-numbered clients use our client library, odd-numbered ones are seed-style; with
+    ``tls`` (a client context: the cluster's, which verifies against the run's CA) both kinds
+    speak TLS."""
     workers = []
     for i in range(args.clients):
         rng = random.Random(f"{args.seed}-client-{i}")
         cls = ExtWorker if i % 2 == 0 else SeedWorker
         prefix = "x" if cls is ExtWorker else "s"
         accounts = [f"c{i}{prefix}{j}" for j in range(args.accounts)]
-        workers.append(cls(i, addresses, history, registry, rng, accounts))
+        workers.append(cls(i, addresses, history, registry, rng, accounts, tls=tls))
     return workers
 
 
@@ -792,7 +813,7 @@ def workload_phase(args, cluster: Cluster, history: History, workers: list, netn
     history.write("phase", name="workload")
     log(f"seed {args.seed}: {args.replicas} replicas up ({', '.join(f'{h}:{p}' for h, p in cluster.addresses)}), "
         f"{args.clients} clients, {args.duration:g} s of faults; history {history.path}")
-    workers.extend(make_workers(args, cluster.addresses, history, Registry()))
+    workers.extend(make_workers(args, cluster.addresses, history, Registry(), tls=cluster.tls))
     for w in workers:
         w.start()
     nemesis = Nemesis(cluster, random.Random(args.seed), history, mean_gap=args.mean_gap,
@@ -833,15 +854,32 @@ def drain_phase(history: History, workers: list) -> None:
 
 def converge_phase(args, cluster: Cluster, history: History) -> None:
     """Wait until every replica is in one view at one applied index, and record the statuses
-    of the round of queries that showed it (those digests are the ones compared)."""
+    of a round of queries that showed it (those digests are the ones compared).
+
+    A replica recomputes its status digest at most once per second (``DIGEST_MAX_AGE`` of
+    chatserver.py) and meanwhile reports the previous one next to the *current* applied
+    index, so one round can pair a fresh index with a stale digest.  The round recorded is
+    therefore one taken more than that second after an earlier round that showed the same
+    applied index everywhere: every digest in it was computed at that index."""
     history.write("phase", name="converge")
     last: list = []
 
-    def converged() -> bool:
+    def round_() -> list | None:
         if not cluster.in_sync():
+            return None
+        statuses = cluster.statuses(2.0)
+        if all(s is not None for s in statuses) and len({s["applied"] for s in statuses}) == 1:
+            return statuses
+        return None
+
+    def converged() -> bool:
+        first = round_()
+        if first is None:
             return False
-        last[:] = [cluster.statuses(2.0)]
-        return all(s is not None for s in last[0]) and len({s["applied"] for s in last[0]}) == 1
+        time.sleep(DIGEST_REFRESH)
+        again = round_()
+        last[:] = [again or first]
+        return again is not None and again[0]["applied"] == first[0]["applied"]
 
     same = wait_for(converged, args.heal_timeout, interval=0.2)
     statuses = last[0] if last else cluster.statuses(2.0)
@@ -885,10 +923,11 @@ def run(args) -> RunResult:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        cluster = make_cluster(result.workdir, hosts, netns, args)
+        certs = make_certs(result.workdir, hosts) if args.tls else None
+        cluster = make_cluster(result.workdir, hosts, netns, args, certs)
         history.write("meta", seed=args.seed, replicas=args.replicas, clients=args.clients, duration=args.duration,
                       netns=netns is not None, addresses=[f"{h}:{p}" for h, p in cluster.addresses],
-                      quorum=args.quorum or "all", partitions=args.partitions, failure_timeout=FAILURE_TIMEOUT,
+                      quorum=args.quorum or "all", partitions=args.partitions, tls=args.tls, failure_timeout=FAILURE_TIMEOUT,
                       replay=replay_command(args), workdir=result.workdir)
         nemesis = workload_phase(args, cluster, history, workers, netns)
         heal_phase(args, cluster, history, workers, nemesis)
@@ -940,6 +979,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the nemesis also cuts the network between replicas (one-way and symmetric; needs --netns)")
     p.add_argument("--quorum", choices=("all", "majority"), default=None,
                    help="passed to the replicas (default: not passed, the server's default, all)")
+    p.add_argument("--tls", action="store_true",
+                   help="replicas serve TLS (client port and peer links, --require-tls) with a throwaway CA; "
+                        "every client and status query speaks TLS (needs openssl)")
     p.add_argument("--history", metavar="FILE", help="write the history here (default: in the run's temp dir)")
     p.add_argument("--keep", action="store_true", help="keep the replicas' data and logs even when the run passes")
     p.add_argument("--check", metavar="FILE", help="only check an existing history file")
@@ -954,6 +996,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--replicas, --clients and --duration must be positive")
     if args.partitions and not args.netns:
         parser.error("--partitions needs --netns (partitions are cut between the replicas' namespaces)")
+    if args.tls and not args.check and (why := openssl_missing()):
+        parser.error(f"--tls needs certificates, which cannot be made: {why}")
     return args
 
 

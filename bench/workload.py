@@ -27,6 +27,7 @@ import json
 import queue
 import random
 import re
+import ssl
 import threading
 import time
 
@@ -130,10 +131,14 @@ class SimUser:
 
     With a ``history``, every send (``chatting`` or :meth:`send`) and every :meth:`request` is
     recorded as an ``invoke`` and its answer as ``ok``/``fail`` (``unknown`` if none came before
-    :meth:`stop`), and every chat shown as a ``deliver`` of client run ``run``."""
+    :meth:`stop`), and every chat shown as a ``deliver`` of client run ``run``.
+
+    ``tls`` (a client ``ssl.SSLContext``) makes every connection TLS, as ``chatclient --tls-ca``
+    does: the same ``SocketDriver(tls=)``, so the chaos runner's ``--tls`` drives the product's
+    own handshake path."""
 
     def __init__(self, name, addresses, peers=(), window=3, limit=10_000, *, history: History | None = None,
-                 run: str | None = None, client: str | None = None):
+                 run: str | None = None, client: str | None = None, tls: ssl.SSLContext | None = None):
         self.name = name
         self.peers = list(peers)
         self.window = window
@@ -143,7 +148,7 @@ class SimUser:
         self.client = client or name
         self.session = ClientSession(tuple(addresses), rng=random.Random(),
                                      backoff=Backoff(base=0.05, cap=0.5), connect_timeout=2.0)
-        self.driver = SocketDriver(self.session)
+        self.driver = SocketDriver(self.session, tls=tls)
         self.lock = threading.Lock()
         self.chatting = threading.Event()
         self.held = threading.Event()        # set: the client's network I/O is frozen
@@ -365,10 +370,12 @@ class SeedClient:
     :meth:`call` executes one request: it (re)connects when needed — servers in order, following
     a backup's redirect note, backing off after a full round — logs in again with ``2|NAME`` on a
     new connection, and sends the request again after a connection lost before the answer
-    (at-least-once).  Chat frames that arrive meanwhile are recorded as deliveries."""
+    (at-least-once).  Chat frames that arrive meanwhile are recorded as deliveries.  ``tls``
+    (a client ``ssl.SSLContext``) wraps each connection in TLS, verifying the replica's
+    certificate for the address dialled: a seed-protocol client behind a TLS layer."""
 
     def __init__(self, name: str, addresses, history: History, run: str, client: str, *,
-                 answer_timeout: float = 20.0, op_timeout: float = 45.0) -> None:
+                 answer_timeout: float = 20.0, op_timeout: float = 45.0, tls: ssl.SSLContext | None = None) -> None:
         self.name = name
         self.addresses = [tuple(a) for a in addresses]
         self.history = history
@@ -376,6 +383,7 @@ class SeedClient:
         self.client = client
         self.answer_timeout = answer_timeout
         self.op_timeout = op_timeout
+        self.tls = tls
         self.conn: RawClient | None = None
         self.user: str | None = None          # who this client logs in as on a new connection
         self._index = 0
@@ -485,7 +493,8 @@ class SeedClient:
             target = self._redirect or self.addresses[self._index]
             self._redirect = None
             try:
-                self.conn = RawClient(*target, line_mode=False, timeout=self.answer_timeout, connect_timeout=2.0)
+                self.conn = RawClient(*target, line_mode=False, timeout=self.answer_timeout, connect_timeout=2.0,
+                                      tls=self.tls)
             except OSError:
                 self._failed()
                 continue
@@ -620,13 +629,14 @@ class Worker:
     sends to accounts known to exist (``registry``) and lists — with a think time between them,
     then ``exit``; then offline for a while.  Everything random comes from ``rng``.  After
     :meth:`stop`, the current session ends (outstanding answers awaited, then exit);
-    :meth:`drain` then logs every account in once more and reads its mailbox."""
+    :meth:`drain` then logs every account in once more and reads its mailbox.  ``tls`` (a client
+    ``ssl.SSLContext``) is passed to every client it makes."""
 
     kind = "?"
 
     def __init__(self, index: int, addresses, history: History, registry: Registry, rng: random.Random,
                  accounts: list[str], *, think=(0.02, 0.12), ops_per_session=(5, 40), offline=(0.2, 2.0),
-                 list_share: float = 0.1) -> None:
+                 list_share: float = 0.1, tls: ssl.SSLContext | None = None) -> None:
         self.index = index
         self.client = f"c{index}"
         self.addresses = list(addresses)
@@ -641,6 +651,7 @@ class Worker:
         self.ops_per_session = ops_per_session
         self.offline = offline
         self.list_share = list_share
+        self.tls = tls
         self._runs = itertools.count(1)
         self.stopping = threading.Event()
         self.error: BaseException | None = None
@@ -753,7 +764,7 @@ class ExtWorker(Worker):
 
     def _user(self, name: str) -> SimUser:
         return SimUser(name, self.addresses, window=self.window, history=self.history, run=self.new_run(),
-                       client=self.client)
+                       client=self.client, tls=self.tls)
 
     def _identify(self, user: SimUser, name: str, create: bool, timeout: float = 30.0) -> int | None:
         """Create or log in; the op id if that succeeded, else None (``last_never_created``
@@ -814,7 +825,7 @@ class SeedWorker(Worker):
 
     def session(self, name: str) -> None:
         create = self.first_time(name)
-        client = SeedClient(name, self.addresses, self.history, self.new_run(), self.client)
+        client = SeedClient(name, self.addresses, self.history, self.new_run(), self.client, tls=self.tls)
         try:
             ok = client.login(name, create)
             self.identified(name, create, ok, client.last_answer)
@@ -828,7 +839,7 @@ class SeedWorker(Worker):
 
     def drain(self) -> None:
         for name in sorted(self.attempted | self.created):
-            client = SeedClient(name, self.addresses, self.history, self.new_run(), self.client)
+            client = SeedClient(name, self.addresses, self.history, self.new_run(), self.client, tls=self.tls)
             try:
                 ok, note = False, ""
                 for _ in range(5):

@@ -13,6 +13,7 @@ import json
 import os
 import shlex
 import signal
+import ssl
 import stat
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import pytest
 
 from bench import chaos
 from chatnet.testing import Cluster, RawClient, ServerProcess, wait_until, write_secret
+from chatnet.testing.certs import make_cluster_certs, openssl_missing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "bench", "chaos.py")
@@ -501,6 +503,39 @@ def test_partitions_need_netns_and_round_trip_with_quorum():
     assert shlex.split(chaos.replay_command(chaos.parse_args(argv)))[2:] == argv
 
 
+def _sans(cert: str) -> str:
+    """The certificate's subjectAltName extension as openssl prints it."""
+    return subprocess.run(["openssl", "x509", "-in", cert, "-noout", "-ext", "subjectAltName"],
+                          capture_output=True, text=True, check=True, timeout=30).stdout
+
+
+@pytest.mark.skipif(openssl_missing() is not None, reason="needs the openssl command to make certificates")
+def test_tls_certificates_name_every_replica_and_the_cluster_is_started_with_them(tmp_path):
+    """``--tls``: one CA and one server certificate whose SANs are every replica's address (a
+    name as DNS), keys owner-only; the replicas get the cert, key and CA and ``--require-tls``;
+    the runner's status queries and both kinds of workload client get a verifying TLS context;
+    the flag survives the replay command."""
+    hosts = ["127.0.0.1", "127.0.0.2", "127.0.0.3"]
+    certs = make_cluster_certs(str(tmp_path / "tls"), [*hosts, "10.213.9.3", "localhost"])
+    sans = _sans(certs["cert"])
+    assert all(f"IP Address:{h}" in sans for h in [*hosts, "10.213.9.3"]) and "DNS:localhost" in sans
+    assert stat.S_IMODE(os.stat(certs["key"]).st_mode) == 0o600
+    ssl.create_default_context(cafile=certs["ca"]).load_cert_chain(certs["cert"], certs["key"])  # a matching pair
+
+    args = chaos.parse_args(["--seed", "4", "--duration", "10", "--tls"])
+    assert "--tls" in shlex.split(chaos.replay_command(args))
+    cluster = chaos.make_cluster(str(tmp_path / "run"), hosts, None, args, certs)
+    command = cluster.replicas[0].command()
+    for flag, value in (("--tls-cert", certs["cert"]), ("--tls-key", certs["key"]), ("--tls-ca", certs["ca"])):
+        assert command[command.index(flag) + 1] == value
+    assert "--require-tls" in command and isinstance(cluster.tls, ssl.SSLContext)
+    workers = chaos.make_workers(args, cluster.addresses, chaos.History(), chaos.Registry(), tls=cluster.tls)
+    assert {type(w).__name__ for w in workers} == {"ExtWorker", "SeedWorker"}
+    assert all(w.tls is cluster.tls for w in workers)
+    plain = chaos.make_cluster(str(tmp_path / "plain"), hosts, None, chaos.parse_args([]))
+    assert "--require-tls" not in plain.replicas[0].command() and plain.tls is None
+
+
 # ----------------------------------------------------------------------- namespaces
 
 
@@ -552,6 +587,33 @@ def test_short_chaos_run(tmp_path):
     assert {"create", "login", "logout", "send", "list"} <= {r["f"] for r in invokes}
     assert any(r["type"] == "deliver" and r["kind"] == "ext" for r in records)
     assert any(r["type"] == "deliver" and r["kind"] == "seed" for r in records)
+    assert "digests=equal" in summary
+
+
+@pytest.mark.skipif(openssl_missing() is not None, reason="needs the openssl command to make certificates")
+@pytest.mark.timeout(90)
+def test_short_chaos_run_with_tls(tmp_path):
+    """8 s of faults with ``--tls`` (the replicas refuse plaintext clients, so every operation
+    that succeeds went over TLS, for both kinds of client; peer links are TLS too); ~12 s."""
+    summary, records = run_chaos(tmp_path, "--seed", os.environ.get("CHATNET_CHAOS_SEED", "5"), "--duration", "8",
+                                 "--replicas", "3", "--clients", "4", "--tls", timeout=80)
+    assert records[0]["type"] == "meta" and records[0]["tls"] is True
+    oks = {r["op"] for r in records if r["type"] == "ok"}
+    kinds = {r["kind"] for r in records if r["type"] == "invoke" and r["f"] == "send" and r["op"] in oks}
+    assert kinds == {"ext", "seed"}, summary
+    assert any(r["type"] == "nemesis" and r["action"] in ("kill", "stop") for r in records), summary
+    assert "digests=equal" in summary
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(openssl_missing() is not None, reason="needs the openssl command to make certificates")
+@pytest.mark.timeout(300)
+def test_tls_chaos_run_in_namespaces(tmp_path):
+    """The documented 60 s TLS run, replicas in network namespaces (loopback where they cannot
+    be made)."""
+    seed = os.environ.get("CHATNET_CHAOS_SEED", "62")
+    summary, _ = run_chaos(tmp_path, "--seed", seed, "--duration", "60", "--replicas", "3", "--clients", "8",
+                           "--tls", "--netns", timeout=280)
     assert "digests=equal" in summary
 
 
