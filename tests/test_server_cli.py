@@ -12,7 +12,7 @@ import pytest
 
 from chatnet.server.cli import build_parser, choose_peers, query_status
 from chatnet.server.config import Address, ConfigError
-from chatnet.testing import CHATCLIENT, CHATSERVER, ServerProcess, free_port, port_open, wait_until
+from chatnet.testing import CHATCLIENT, CHATSERVER, ServerProcess, WaitTimeout, free_port, port_open, wait_until
 
 SEED = [Address("127.0.0.1", 1538), Address("127.0.0.1", 2538), Address("127.0.0.1", 3538)]
 
@@ -61,16 +61,20 @@ def _two_free_consecutive_ports() -> int:
 
 def test_local_cluster_of_n_replicas_on_chosen_ports(tmp_path):
     base = _two_free_consecutive_ports()
+    log = open(tmp_path / "local.log", "wb")  # a file, not a pipe nobody reads: the launcher never blocks
     proc = subprocess.Popen([sys.executable, CHATSERVER, "--local", "--replicas", "2", "--base-port", str(base),
-                             "--data-dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             "--data-dir", str(tmp_path / "data")], stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         for port in (base, base + 1):
-            wait_until(lambda port=port: query_status("127.0.0.1", port), timeout=30,
-                       what=f"replica on {port} answering")
+            try:
+                wait_until(lambda port=port: query_status("127.0.0.1", port), timeout=30,
+                           what=f"replica on {port} answering")
+            except WaitTimeout:
+                raise AssertionError((tmp_path / "local.log").read_text(errors="replace")[-3000:]) from None
         wait_until(lambda: any((query_status("127.0.0.1", p) or {}).get("serving") for p in (base, base + 1)),
                    timeout=30, what="one of the two serving")
-        assert sorted(os.listdir(tmp_path)) == sorted([str(base), str(base + 1), "cluster.secret"])
+        assert sorted(os.listdir(tmp_path / "data")) == sorted([str(base), str(base + 1), "cluster.secret"])
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -78,4 +82,5 @@ def test_local_cluster_of_n_replicas_on_chosen_ports(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
     assert not port_open("127.0.0.1", base) and not port_open("127.0.0.1", base + 1)
