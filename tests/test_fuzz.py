@@ -1,6 +1,7 @@
 """A seeded protocol fuzzer against a live replica (issue 10).
 
-Hostile clients send random ops and arguments, extension ops (``0|ext|1``, ``0|ack|N``,
+Hostile clients send random ops and arguments, extension ops (``0|ext|1``, ``0|ack|N``, the
+password verbs of extension 2, a mangled TLS record,
 ``0|send|…``, op 7 resumes with real and forged tokens), arbitrary bytes and Unicode, pipelined
 requests, requests cut into partial chunks, floods, and close abruptly (RST, half-close, close
 mid-request).  Meanwhile a well-behaved pair of clients chats and lists.  The run asserts that
@@ -89,7 +90,14 @@ class Generator:
             "ext|1", "ext|1", "ext|2", "ext", f"ack|{self.number()}", f"ack|{self.number()}",
             f"send|{rng.choice(['r1', 'r' + str(rng.randrange(9)), self.text(40)])}|{self.name()}|{self.text()}",
             f"{self.text(8)}|{self.text(8)}",
+            # extension 2 (passwords): the verbs with right, wrong, empty and hostile fields
+            f"create|{self.name()}|{self.password()}", f"login|{self.name()}|{self.password()}",
+            f"passwd|{self.password()}|{self.password()}", f"delete|{self.password()}",
+            f"login|{self.name()}", f"passwd|{self.password()}",
         ])
+
+    def password(self) -> str:
+        return self.rng.choice(["pw", "pw", "", " ", "x" * 129, self.text(12)])
 
     def resume(self) -> str:
         rng = self.rng
@@ -172,6 +180,8 @@ def _stream(gen: Generator) -> list[bytes]:
     requests = [gen.request() for _ in range(rng.choice([1, 2, 5, rng.randrange(1, 60)]))]
     if rng.random() < 0.4:  # reach deeper states: an extended, logged-in session first
         requests[:0] = [b"0|ext|1", f"{rng.choice('12')}|f{rng.randrange(40)}".encode()]
+    elif rng.random() < 0.2:  # or a password session (extension 2)
+        requests[:0] = [b"0|ext|1", b"0|ext|2", f"0|{rng.choice(['create', 'login'])}|p{rng.randrange(20)}|pw".encode()]
     if rng.random() < 0.3:  # seed mode: one request per write (a newline inside switches, as it may)
         return requests
     terms = [rng.choice([b"\n", b"\n", b"\r\n", b"\n\n"]) for _ in requests]
@@ -189,6 +199,7 @@ def _flood(rng: random.Random) -> list[bytes]:
         [b"\n" + b"4|*\n0|ext|1\n1|flood\n" * 2000],
         [b"\n" + b"x" * 65536 for _ in range(8)],
         [b"3|" + b"\xff" * 65536],
+        [b"\x16\x03\x01" + bytes(rng.randrange(256) for _ in range(300))],  # a mangled TLS record
     ])
 
 
