@@ -238,13 +238,7 @@ class ChatServer:
         self.slow_client_timeout = slow_client_timeout
         self.heartbeat = heartbeat
         self.failure_timeout = failure_timeout
-        self.transport = None
-        if len(peers) > 1:
-            if not secret:
-                raise ValueError("a cluster of several replicas needs a secret")
-            self.transport = PeerTransport(
-                self.reactor, me, peers, secret, self._on_peer_message, self._on_link_change, tls=tls
-            )
+        self.transport = self._peer_transport(secret, tls)
         self.secret = secret
         self.tls = tls  # TLS on the client port (and peer links), or None: plaintext only
         self._lingering: set[_Lingering] = set()  # --require-tls: refused, draining until closed
@@ -254,11 +248,7 @@ class ChatServer:
         self.metrics = ReplicaMetrics() if metrics_port is not None else None
         self.metrics_port, self.metrics_server = metrics_port, None
         self._limit_logged = (float("-inf"), 0)  # (last connection-limit line, refusals since)
-        # Durable writes on the storage thread, so the loop never waits for fsync (the --naive
-        # baseline keeps the synchronous store: one fsync per command, on the loop).
-        storage = Store(data_dir) if naive else BackgroundStorage(Store(data_dir), wake=self.reactor.wake)
-        if self.metrics is not None:
-            storage = TimedStorage(storage, self.metrics)
+        storage = self._storage(data_dir, naive)
         # -- end metrics
         # -- passwords: scrypt off the loop thread; the hasher's socket wakes the loop (passwords.py)
         self.hasher = ThreadHasher()
@@ -272,22 +262,41 @@ class ChatServer:
         self.replica = self.replica_host.replica
         if self.metrics is not None:
             self.replica_host.events.metrics = self.metrics
+        self.limits = limits or Limits()
+        self._init_connections()
+        self.reactor.before_sleep.append(self._before_sleep)
+        self.reactor.on_stall = self._on_stall
+        self.reactor.stall_threshold = failure_timeout / 2  # peers may replace us after one timeout
+
+    def _init_connections(self) -> None:
+        """The front end's own state: client connections, caps and the status rate."""
         self.conns: dict[int, ClientConnection] = {}
         self._ids = itertools.count(1)
         self._dirty: set[ClientConnection] = set()
         self._backlog: set[ClientConnection] = set()  # used up their requests-per-pass budget
         self._listener_handler = _Listener(self)
         self.listener: socket.socket | None = None
-        self.limits = limits or Limits()
         self._per_address: dict[str, int] = {}  # admitted clients per IP address
         self._clients = 0  # admitted clients
         self._accept_errors = 0
         self._accept_error_logged = float("-inf")
         self._status_window = (0.0, 0)  # (second it started, answers given in it)
         self._digest = (-1, float("-inf"), "")  # (applied index, computed at, digest)
-        self.reactor.before_sleep.append(self._before_sleep)
-        self.reactor.on_stall = self._on_stall
-        self.reactor.stall_threshold = failure_timeout / 2  # peers may replace us after one timeout
+
+    def _peer_transport(self, secret: bytes | None, tls) -> PeerTransport | None:
+        if len(self.peers) == 1:
+            return None
+        if not secret:
+            raise ValueError("a cluster of several replicas needs a secret")
+        return PeerTransport(self.reactor, self.me, self.peers, secret, self._on_peer_message,
+                             self._on_link_change, tls=tls)
+
+    def _storage(self, data_dir: str, naive: bool):
+        """Durable writes on the storage thread, so the loop never waits for fsync (the --naive
+        baseline keeps the synchronous store: one fsync per command, on the loop); timed for
+        the metrics when they are on."""
+        storage = Store(data_dir) if naive else BackgroundStorage(Store(data_dir), wake=self.reactor.wake)
+        return TimedStorage(storage, self.metrics) if self.metrics is not None else storage
 
     # -- start and stop ------------------------------------------------------------------------
     def start(self) -> None:
