@@ -704,3 +704,29 @@ def test_majority_mode_never_forms_a_minority_view():
         assert r.serving is alone_serves
         if not alone_serves:
             assert r.suspected(2) and r.suspected(3) and len(set(promised[50:])) == 1
+
+
+def test_reapplied_origins_are_state_applied_once_and_survive_snapshots_and_the_store(tmp_path):
+    """A healed split brain's command is applied once per origin (view, index) on every
+    replica: the origin is part of the chat state, so a snapshot that replaces the state (and
+    a restart from the store) carries the memory with it (docs/replication.md section 10)."""
+    from chatnet.server.state import DUPLICATE, ChatState, cmd_create, cmd_send
+    from chatnet.server.storage import Batch
+    from chatnet.server.store import Store
+
+    state = ChatState()
+    changes = state.apply(cmd_create("bob"))[1]
+    wrapped = ("reapply", 6, 25, cmd_send("amy", "bob", "hi"))
+    result, more = state.apply(wrapped)
+    assert result != DUPLICATE and ("origin+", 1, 6, 25) in more
+    assert state.apply(wrapped) == (DUPLICATE, [])           # handed over twice: applied once
+    assert state.pending_count("bob") == 1
+    copy = ChatState.from_snapshot(state.to_snapshot())
+    assert copy.has_origin(6, 25) and copy.apply(wrapped) == (DUPLICATE, [])
+    store = Store(str(tmp_path / "a"))
+    store.commit(Batch(changes=changes + more, applied_index=2))
+    store.close()
+    assert Store(str(tmp_path / "a")).load().state.has_origin(6, 25)
+    other = Store(str(tmp_path / "b"))
+    other.commit(Batch(snapshot=(2, 1, state.to_snapshot())))
+    assert other.load().state.has_origin(6, 25)

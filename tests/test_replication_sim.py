@@ -439,12 +439,6 @@ SWEEP = (
     + [(s, 5, 150, PARTITIONS, 2.0, "majority") for s in range(1, 6)]
     + [(s, 5, 150, PARTITIONS, 2.0) for s in range(1, 6)]
 )
-# Known gap (docs/replication.md section 10, "Known gaps"): in this seed a healed split brain
-# in all mode loses an acknowledged chat of the losing side without reporting it.
-KNOWN_LOSS = {(23, 3, PARTITIONS)}
-SWEEP = [pytest.param(*[c], marks=pytest.mark.xfail(strict=True, reason="known gap: unreported "
-                                                   "loss after a split brain, see docs"))
-         if (c[0], c[1], c[3]) in KNOWN_LOSS and len(c) == 5 else c for c in SWEEP]
 if os.environ.get("CHATNET_SIM_SEEDS"):  # a longer sweep on request
     SWEEP = [(s, 3, 300, DEFAULT_FAULTS, 2.0) for s in range(1, int(os.environ["CHATNET_SIM_SEEDS"]) + 1)]
 

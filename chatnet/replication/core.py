@@ -476,6 +476,7 @@ class Replica:
         self._snap_out = {}
         self._probing: dict[int, int] = {}
         self._force_snap: set[int] = set()
+        self._snap_probe: dict[int, int] = {}    # peer -> my snapshot point last probed there
         self._learners = set()
         self._learner_acked: set[int] = set()    # learners that acknowledged an Append
         self._ready_since: int | None = None    # tick the first learner was in sync
@@ -483,6 +484,11 @@ class Replica:
     def _become_sole_primary(self) -> None:
         self._status = PRIMARY
         self._following = None
+        # A divergence found while another side's primary synced me (a split brain) is over
+        # once I lead a view of my own: my log is that view's history, and when a primary
+        # syncs me again its conflicts must be found afresh -- and handed over (_may_drop) --
+        # rather than answered by a snapshot request that replaces them unseen.
+        self._diverged = False
         self._campaign = None
         view = self._view
         if self._primary != self.me or self._members != (self.me,):
@@ -754,10 +760,12 @@ class Replica:
             self._snap_out.pop(p, None)
         prev = nxt - 1
         if prev < self._snap_index:
-            if p not in self._snap_requests:
-                self._snap_requests.append(p)
-            self._snap_pending[p] = self._ticks
-            return
+            if not self._probe_snap_point(p):
+                if p not in self._snap_requests:
+                    self._snap_requests.append(p)
+                self._snap_pending[p] = self._ticks
+                return
+            nxt, prev = self._snap_index + 1, self._snap_index
         last = self.last_index
         if nxt > last and not force and self._sent_commit.get(p, -1) >= self._commit:
             return
@@ -779,6 +787,23 @@ class Replica:
                 break
         self._next[p] = nxt
         self._sent_commit[p] = self._commit
+
+    def _probe_snap_point(self, p: int) -> bool:
+        """``p`` needs entries inside my compacted prefix: before sending it a snapshot, check
+        once (per snapshot point) whether it holds my entry at the snapshot point (True: send
+        the entries after it).  If it does, log matching proves everything below the point
+        the same history, and my entries after it are compared with its own one by one --
+        so committed entries of a healed split brain's other side that it holds past the
+        point are found and handed over (``_may_drop``) instead of being silently replaced
+        by the snapshot, which cannot tell them from entries it already covers."""
+        info = self._info.get(p)
+        if self._snap_probe.get(p) == self._snap_index or self._snap_index == 0 \
+                or (info is not None and info.last_index < self._snap_index):
+            return False
+        self._snap_probe[p] = self._snap_index
+        self._next[p] = self._snap_index + 1
+        self._probing[p] = self._snap_index + 1
+        return True
 
     def _flush_appends(self) -> None:
         if self._status != PRIMARY or self._campaign is not None:
@@ -1273,6 +1298,7 @@ class Replica:
         self._set_hard(view=c.view, primary=self.me, members=members, promised=c.view)
         self._status = PRIMARY
         self._following = None
+        self._diverged = False   # my log is my view's history now (see _become_sole_primary)
         self._start = self.last_index
         self._reset_primary_state()
         for p in members:

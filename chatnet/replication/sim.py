@@ -843,12 +843,17 @@ class Simulation:
         """All mode after a split brain healed: every acknowledged chat is in the merged
         history (perhaps re-applied at another index), and none twice."""
         seen: dict[tuple, int] = {}
+        origins: set[tuple] = set()
         for index in range(1, nd.host.applied_index + 1):
             data = nd.hist.get(index)
             if data is None:
                 continue
             cmd = decode_command(data)
-            cmd = cmd[3] if cmd[0] == "reapply" else cmd
+            if cmd[0] == "reapply":
+                if cmd[1:3] in origins:
+                    continue   # the state machine applies one origin once (ChatState.origins)
+                origins.add(cmd[1:3])
+                cmd = cmd[3]
             if cmd[0] == "send":
                 key = tuple(cmd[1:4])
                 if key in seen and key in self.acked_chats:

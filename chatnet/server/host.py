@@ -396,33 +396,26 @@ class Reapplier:
 
     def __init__(self, host: "ReplicaHost", loaded: Loaded) -> None:
         self.host = host
-        self.applied: set[tuple[int, int]] = set()   # origins applied here
+        # (Which origins were applied is part of the chat state, ChatState.origins: memory
+        # here would go stale when a snapshot replaces the state.)
         self.proposed: set[tuple[int, int]] = set()  # origins proposed while serving (or queued)
         self.queue: list[tuple] = []                 # commands to propose as primary
         self.waiting: dict[int, tuple[int, set]] = {}   # loser -> (upto, origins not yet applied)
         self.counts = {"reapplied": 0, "skipped": 0, "dropped": 0, "no_effect": 0}
         self.dropped_sends: list[tuple] = []
-        for index, _, data in loaded.log:  # origins re-applied in the retained log
-            cmd = decode_command(bytes(data))
-            if cmd[0] == "reapply" and index <= loaded.applied_index:
-                self.applied.add((cmd[1], cmd[2]))
 
     def take(self, handovers: list) -> None:
         """The primary's core received handovers: queue what must be proposed again."""
-        replica = self.host.replica
         in_log = self._origins_in_log()
         for peer, upto, entries in handovers:
             pending = set()
             for e in entries:
-                cmd = decode_command(e.data)
-                origin = (e.view, e.index)
-                if cmd[0] == "reapply":  # re-applied on the losing side already: keep its origin
-                    origin, cmd = (cmd[1], cmd[2]), cmd[3]
-                if origin in self.applied or replica.entry_view(e.index) == e.view:
+                origin, cmd, verdict = self._classify(e, in_log)
+                if verdict == "skip":
                     self.counts["skipped"] += 1   # a duplicate, or not divergent after all
-                elif origin in self.proposed or origin in in_log:
+                elif verdict == "wait":
                     pending.add(origin)           # in my log, not committed yet: wait for it
-                elif e.index <= replica.snapshot_index or cmd[0] == "delivered":
+                elif verdict == "drop":
                     self._report("dropped", origin, cmd, "delivery marks are the other side's"
                                  if cmd[0] == "delivered" else "inside my compacted log, cannot be checked")
                 else:
@@ -432,6 +425,30 @@ class Reapplier:
             old_upto, old = self.waiting.get(peer, (0, set()))
             self.waiting[peer] = (max(upto, old_upto), pending | old)
         self._acknowledge()
+
+    def _classify(self, e, in_log: set) -> tuple:
+        """(origin, command, verdict) of one handed-over entry: "skip" (my history has it),
+        "wait" (proposed, not yet committed), "drop" (cannot be checked), or "propose".
+
+        An entry the loser re-applied itself keeps its origin, and my history has it if it
+        holds the wrapper at the loser's position, the origin in its state, or the original
+        entry at the origin's position (the loser had received it by re-application, I in
+        the ordinary way).  A position inside my compacted prefix cannot be checked: the
+        loser's position is then dropped and reported; an origin there is not checked (the
+        command was re-applied on the loser's side because its winner lacked it)."""
+        replica, state = self.host.replica, self.host.service.state
+        cmd = decode_command(e.data)
+        origin = (e.view, e.index)
+        if cmd[0] == "reapply":
+            origin, cmd = (cmd[1], cmd[2]), cmd[3]
+        if state.has_origin(*origin) or replica.entry_view(e.index) == e.view \
+                or replica.entry_view(origin[1]) == origin[0]:
+            return origin, cmd, "skip"
+        if origin in self.proposed or origin in in_log:
+            return origin, cmd, "wait"
+        if e.index <= replica.snapshot_index or cmd[0] == "delivered":
+            return origin, cmd, "drop"
+        return origin, cmd, "propose"
 
     def _origins_in_log(self) -> set:
         """Origins of re-applied commands in my log beyond what I applied."""
@@ -453,18 +470,23 @@ class Reapplier:
     def apply(self, entry) -> list:
         """Apply one committed entry (a re-applied command unwrapped); its row changes."""
         cmd = decode_command(entry.data)
-        origin = None
-        if cmd[0] == "reapply":
-            origin, cmd = (cmd[1], cmd[2]), cmd[3]
-            self.applied.add(origin)
-        changes = self.host.service.apply(entry.index, cmd, entry.view)
-        if origin is not None:
+        if cmd[0] != "reapply":
+            return self.host.service.apply(entry.index, cmd, entry.view)
+        origin, cmd = (cmd[1], cmd[2]), cmd[3]
+        noted = self.host.service.state.note_origin(*origin)  # the same on every replica
+        if noted is None:  # proposed twice (a primary changed meanwhile): applied once
+            self.counts["skipped"] += 1
+            self.host.service.apply(entry.index, ("delivered", []), entry.view)  # a no-op, in order
+            changes = []
+        else:
+            changes = self.host.service.apply(entry.index, cmd, entry.view)
             self.counts["reapplied"] += 1
             if not changes:
                 self._report("no_effect", origin, cmd, "no longer applies")
-            for upto, pending in self.waiting.values():
-                pending.discard(origin)
-            self._acknowledge()
+            changes = noted + changes
+        for upto, pending in self.waiting.values():
+            pending.discard(origin)
+        self._acknowledge()
         return changes
 
     def _acknowledge(self) -> None:

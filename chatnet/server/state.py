@@ -33,6 +33,9 @@ PASSWORD_REQUIRED = "password-required"  # a login without a password checked, o
 PASSWORD_CHANGED = "password-changed"  # the password checked before proposing is no longer the account's
 
 RECENT_REQUEST_IDS = 1024  # per account: how far back a retried send is recognised
+# Origins (view, index) of a healed split brain's re-applied commands the state remembers, so
+# that one handed over twice is applied once on every replica, snapshots included.
+RECENT_ORIGINS = 65_536
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,8 @@ class ChatState:
         self.accounts: dict[str, Account] = {}
         self.mailboxes: dict[str, deque[Mail]] = {}
         self._next_order = 1
+        self.origins: dict[tuple[int, int], int] = {}  # re-applied (view, index) -> position, oldest first
+        self._next_origin_pos = 1
 
     # -- loading (used by the store when it rebuilds the state from its tables) ------------
     def load_account(self, name: str, order: int, next_seq: int, token: str | None = None,
@@ -170,6 +175,10 @@ class ChatState:
         account.request_ids[request_id] = pos
         account.next_rid_pos = max(account.next_rid_pos, pos + 1)
 
+    def load_origin(self, pos: int, view: int, index: int) -> None:
+        self.origins[(view, index)] = pos
+        self._next_origin_pos = max(self._next_origin_pos, pos + 1)
+
     # -- snapshots (catch-up of a replica that is behind the compacted log) -----------------
     def to_snapshot(self) -> bytes:
         """The whole state as bytes: accounts in creation order, each with its mailbox (and its
@@ -181,8 +190,10 @@ class ChatState:
             + ([a.password] if a.password is not None else [])
             for a in self.accounts.values()
         ]
-        return json.dumps({"v": 1, "next_order": self._next_order, "accounts": accounts},
-                          ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        doc = {"v": 1, "next_order": self._next_order, "accounts": accounts}
+        if self.origins:  # (absent in a state that never re-applied anything: older readers)
+            doc["origins"] = [[pos, view, index] for (view, index), pos in self.origins.items()]
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
     def from_snapshot(cls, data: bytes) -> "ChatState":
@@ -197,6 +208,8 @@ class ChatState:
             for pos, rid in request_ids:
                 state.load_request_id(name, pos, rid)
         state._next_order = max(state._next_order, doc["next_order"])
+        for pos, view, index in doc.get("origins", ()):
+            state.load_origin(pos, view, index)
         return state
 
     # -- queries ---------------------------------------------------------------------------
@@ -240,8 +253,31 @@ class ChatState:
         if kind == "delete":
             return self._delete(cmd[1])
         if kind == "reapply":  # ("reapply", view, index, command): a healed split brain's losing
-            return self.apply(cmd[3])  # side, re-applied (docs/replication.md section 10)
+            noted = self.note_origin(cmd[1], cmd[2])  # side, re-applied (docs/replication.md section 10)
+            if noted is None:
+                return DUPLICATE, []
+            result, changes = self.apply(cmd[3])
+            return result, noted + changes
         raise ValueError(f"unknown command {kind!r}")
+
+    def has_origin(self, view: int, index: int) -> bool:
+        return (view, index) in self.origins
+
+    def note_origin(self, view: int, index: int) -> list | None:
+        """Remember that the command of ``(view, index)`` (its original log position) is being
+        re-applied; its row changes, or None if it was already: then it must change nothing.
+        Part of the state (and of snapshots), so the answer is the same on every replica and
+        survives a snapshot that replaces the state -- memory outside it would not."""
+        if (view, index) in self.origins:
+            return None
+        pos = self._next_origin_pos
+        self._next_origin_pos += 1
+        self.origins[(view, index)] = pos
+        changes = [("origin+", pos, view, index)]
+        if len(self.origins) > RECENT_ORIGINS:
+            del self.origins[next(iter(self.origins))]
+            changes.append(("origin-", pos - RECENT_ORIGINS))
+        return changes
 
     def _create(self, name: str, token: str | None, password: str | None):
         if name in self.accounts:

@@ -14,6 +14,7 @@ Tables:
                                            the scrypt record, chatnet/server/passwords.py)
     request_ids(account, pos, rid)         each account's recent send request ids
     mail(recipient, seq, sender, text, sender_deleted)   acknowledged, undelivered chat
+    origins(pos, view, idx)                origins of a healed split brain's re-applied commands
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS mail(
     recipient TEXT NOT NULL, seq INTEGER NOT NULL, sender TEXT NOT NULL, text TEXT NOT NULL,
     sender_deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(recipient, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS mail_by_sender ON mail(sender);
+CREATE TABLE IF NOT EXISTS origins(pos INTEGER PRIMARY KEY, view INTEGER NOT NULL, idx INTEGER NOT NULL);
 """
 
 
@@ -94,6 +96,8 @@ class Store(Synchronous):
             "SELECT recipient, seq, sender, text, sender_deleted FROM mail ORDER BY recipient, seq"
         ):
             state.load_mail(recipient, Mail(seq, sender, text, bool(deleted)))
+        for pos, view, index in db.execute("SELECT pos, view, idx FROM origins ORDER BY pos"):
+            state.load_origin(pos, view, index)
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
         applied = int(meta.get("applied_index", 0))
         entries = list(db.execute("SELECT idx, view, data FROM log ORDER BY idx"))
@@ -163,11 +167,13 @@ class Store(Synchronous):
     _RUN_SQL = (
         ("mail+", "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, 0)"),
         ("rid+", "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)"),
+        ("origin+", "INSERT INTO origins(pos, view, idx) VALUES (?, ?, ?)"),
         ("next_seq", "UPDATE accounts SET next_seq = ? WHERE name = ?"),
         ("token", "UPDATE accounts SET token = ? WHERE name = ?"),
         ("password", "UPDATE accounts SET password = ? WHERE name = ?"),
         ("mail-", "DELETE FROM mail WHERE recipient = ? AND seq <= ?"),
         ("rid-", "DELETE FROM request_ids WHERE account = ? AND pos <= ?"),
+        ("origin-", "DELETE FROM origins WHERE pos <= ?"),
     )
     _LAST_WINS = {"next_seq", "token", "password"}  # per account, only the last value of a run matters
 
@@ -176,7 +182,7 @@ class Store(Synchronous):
         run: dict[str, list] = {}
         for change in changes:
             kind = change[0]
-            if kind in ("mail+", "rid+", "mail-", "rid-"):
+            if kind in ("mail+", "rid+", "mail-", "rid-", "origin+", "origin-"):
                 run.setdefault(kind, []).append(change[1:])
             elif kind in self._LAST_WINS:  # (an account's password follows its account+ barrier)
                 run.setdefault(kind, {})[change[1]] = change[2]
@@ -209,7 +215,7 @@ class Store(Synchronous):
         if isinstance(state, (bytes, bytearray)):
             state = ChatState.from_snapshot(state)
         db = self._db
-        for table in ("accounts", "mail", "request_ids", "log"):
+        for table in ("accounts", "mail", "request_ids", "origins", "log"):
             db.execute(f"DELETE FROM {table}")
         db.executemany(
             "INSERT INTO accounts(name, ord, next_seq, token, password) VALUES (?, ?, ?, ?, ?)",
@@ -224,6 +230,8 @@ class Store(Synchronous):
             [(name, m.seq, m.sender, m.text, int(m.sender_deleted))
              for name, box in state.mailboxes.items() for m in box],
         )
+        db.executemany("INSERT INTO origins(pos, view, idx) VALUES (?, ?, ?)",
+                       [(pos, view, idx) for (view, idx), pos in state.origins.items()])
         db.executemany(
             "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
             [(k, json.dumps(v)) for k, v in
