@@ -370,6 +370,13 @@ def test_partition_split_brain_is_visible_and_heals():
     assert {"from the lone side", "from the pair"} <= _sent_texts(winner)
 
 
+def test_seed_175_a_snapshot_from_a_crashed_sender_keeps_the_history():
+    """The checker's record of a replica's applied history after it installs a snapshot is
+    the sender's history up to the snapshot, recorded when the transfer was sent: seed 175
+    had the sender crash before the last chunk arrived, and the record kept a gap."""
+    Simulation(175, 3, steps=300, faults=PARTITIONS, intensity=2.0).run()
+
+
 def _sent_texts(node) -> set:
     """Texts of the chats in a node's applied history (re-applied ones unwrapped)."""
     cmds = [decode_command(d) for d in node.hist.values()]

@@ -58,7 +58,7 @@ from ..server.host import ReplicaHost
 from ..server.service import Close, Reply
 from ..server.state import ChatState, decode_command
 from .core import PRIMARY
-from .messages import decode_message, encode_message
+from .messages import InstallSnapshot, decode_message, encode_message
 from .simdisk import SimCrash, SimDisk
 
 TICK = 10   # time units per replica tick
@@ -105,6 +105,7 @@ class Node:
         self.sends: dict[tuple, tuple[int, bytes]] = {}  # (sender, recipient, text) -> (index, entry)
         self.snapshots_seen = 0
         self.hist: dict[int, bytes] = {}  # its applied history (kept across crashes, like its disk)
+        self.snap_from: tuple | None = None  # (sender, view, snap_id) of the last snapshot it completed
         self.seen: tuple[str, int] | None = None  # (role, view) last noted in the trace
 
     @property
@@ -189,6 +190,9 @@ class Simulation:
         self.p_drop = 0.02 if "drop" in self.faults else 0.0
         self.p_dup = 0.01 if "dup" in self.faults else 0.0
         self.history: dict[int, bytes] = {}     # index -> data, the one applied history
+        # (sender, view, snap_id) -> (index, the sender's applied history up to index) of every
+        # snapshot transfer sent: what a replica that installs it has applied
+        self.snap_hist: dict[tuple, tuple[int, dict[int, bytes]]] = {}
         self.acked: dict[int, bytes] = {}       # acknowledged chats: index -> entry
         self.acked_chats: dict[tuple, tuple[int, int]] = {}   # (sender, recipient, text) -> (index, node)
         self.scheduled: list[tuple[int, int, list]] = []       # flapping cuts: (from, until, links)
@@ -253,6 +257,8 @@ class Simulation:
         self.note(f"crash {i} (lost {lost} un-synced batches)")
 
     def send(self, src: int, dst: int, msg: object) -> None:
+        if isinstance(msg, InstallSnapshot) and msg.offset == 0:
+            self._note_snapshot_sent(src, msg)
         if self.rng.random() < self.p_drop:
             return
         if self.blocked.get((src, dst), -1) > self.now:
@@ -452,9 +458,23 @@ class Simulation:
                 self.fail(f"agreement: node {i} installed a snapshot at {nd.host.applied_index} "
                           f"that differs from replaying the history")
 
+    def _note_snapshot_sent(self, src: int, msg: InstallSnapshot) -> None:
+        """The first chunk of a transfer leaves ``src``: its applied history up to the snapshot's
+        index is what the receiver will have applied (every entry up to it was reported applied
+        before the iteration that sends the chunk was released).  Kept per transfer, because the
+        sender may crash or install another snapshot before the receiver completes this one."""
+        self.snap_hist[(src, msg.view, msg.snap_id)] = (
+            msg.index, {k: v for k, v in self.nodes[src].hist.items() if k <= msg.index})
+
     def _copy_history(self, i: int) -> None:
-        """Node ``i`` installed a snapshot: its applied history up to there is its sender's."""
+        """Node ``i`` installed a snapshot: its applied history up to there is its sender's.
+        Entries it applied after the snapshot (in the same iteration, already reported) stay."""
         nd = self.nodes[i]
+        sent = self.snap_hist.get(nd.snap_from) if nd.snap_from is not None else None
+        if sent is not None:
+            index, hist = sent
+            nd.hist = dict(hist) | {k: v for k, v in nd.hist.items() if k > index}
+            return
         src = nd.replica.status()["following"] or nd.replica.primary
         upto = nd.host.applied_index
         if src is not None and self.nodes[src].up:
@@ -521,8 +541,14 @@ class Simulation:
             if nd.paused_until > self.now:
                 nd.inbox.append((src, msg))
                 continue
-            nd.host.step(src, msg)
+            self.step(dst, src, msg)
             self.process(dst)
+
+    def step(self, i: int, src: int, msg: object) -> None:
+        """Hand ``msg`` to node ``i``, noting which snapshot transfer it may complete."""
+        if isinstance(msg, InstallSnapshot) and msg.offset + len(msg.data) >= msg.total:
+            self.nodes[i].snap_from = (src, msg.view, msg.snap_id)
+        self.nodes[i].host.step(src, msg)
 
     def unit(self) -> None:
         """Advance the clock by one time unit."""
@@ -563,7 +589,7 @@ class Simulation:
         inbox, nd.inbox = nd.inbox, []
         for src, msg in inbox:
             if nd.up:
-                nd.host.step(src, msg)
+                self.step(nd.id, src, msg)
                 self.process(nd.id)
 
     # ------------------------------------------------------------------ nemesis
