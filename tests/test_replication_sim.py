@@ -13,9 +13,11 @@ import os
 import pytest
 
 from chatnet.replication.core import BACKUP, PRIMARY, RECOVERING
+from chatnet.replication.messages import Reapply, decode_message
 from chatnet.replication.sim import (
     ALL_FAULTS,
     DEFAULT_FAULTS,
+    TICK,
     InvariantViolation,
     Simulation,
     build_parser,
@@ -368,6 +370,36 @@ def test_partition_split_brain_is_visible_and_heals():
     winner = sim.nodes[sim.serving()[0]]
     assert winner.host.status()["reapply"]["reapplied"] >= 1
     assert {"from the lone side", "from the pair"} <= _sent_texts(winner)
+
+
+def test_a_loser_that_crashes_before_the_reapply_ack_keeps_its_handover():
+    """All mode: the losing replica persists the entries it hands over in the same batch as
+    the truncation that drops them; crashed before any Reapply arrived (none is let through),
+    it loads them back at restart and hands them to the winner then: the lone side's
+    acknowledged chat is re-applied all the same (docs/replication.md section 10)."""
+    sim, p = cluster(partitions=True)
+    a, others = p, tuple(x for x in (1, 2, 3) if x != p)
+    sim.partition((a,), others)
+    sim.run_ticks(4 * FT)
+    b = sim.wait_serving(40, exclude=(a,))
+    assert sim.chat("alice", "bob", "lone and crashed", via=a).acked
+    assert sim.chat("carol", "dave", "from the pair", via=b).acked
+    sim.heal_network()
+    for _ in range(40 * TICK):
+        sim.unit()
+        sim.net = [m for m in sim.net if m[2] != a or not isinstance(decode_message(m[4]), Reapply)]
+        if sim.nodes[a].replica.status()["handover_pending"]:
+            break
+    assert sim.nodes[a].replica.status()["handover_pending"]
+    sim.net = [m for m in sim.net if m[2] != a]   # nothing it sent arrives
+    sim.crash(a)
+    assert sim.nodes[a].disk.handover                    # durable with the truncation
+    sim.restart(a)
+    assert sim.nodes[a].replica.status()["handover_pending"]
+    sim.heal_and_check()
+    winner = sim.nodes[sim.serving()[0]]
+    assert {"lone and crashed", "from the pair"} <= _sent_texts(winner)
+    assert sim.nodes[a].disk.handover == []              # removed once acknowledged
 
 
 def test_seed_175_a_snapshot_from_a_crashed_sender_keeps_the_history():

@@ -89,3 +89,21 @@ def test_snapshot_and_later_entries_are_one_transaction(tmp_path):
     loaded = store.load()
     assert loaded.state.to_snapshot() == new.to_snapshot()
     assert loaded.applied_index == 40 and [e[0] for e in loaded.log] == [41]
+
+
+def test_handover_is_kept_with_the_truncation_survives_a_snapshot_and_is_removed(tmp_path):
+    """A losing replica's handover (docs/replication.md section 10) is written in the batch
+    that truncates the entries away, is not chat state (a snapshot install leaves it), and an
+    empty handover removes it; the simulator's disk keeps it the same way."""
+    from chatnet.replication.simdisk import SimDisk
+
+    owed = [(5, 2, b"a"), (6, 2, b"b")]
+    for store in (Store(str(tmp_path)), SimDisk()):
+        store.commit(Batch(entries=[(i, 2, b"e") for i in range(1, 7)], sync=True))
+        store.commit(Batch(truncate_after=4, handover=owed, sync=True))
+        loaded = store.load()
+        assert [e[0] for e in loaded.log] == [1, 2, 3, 4] and loaded.handover == owed
+        store.commit(Batch(snapshot=(40, 3, ChatState().to_snapshot()), sync=True))
+        assert store.load().handover == owed and store.load().log == []
+        store.commit(Batch(handover=[], sync=True))
+        assert store.load().handover == []

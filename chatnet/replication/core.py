@@ -38,6 +38,7 @@ Host contract (etcd-raft style; see docs/replication.md "Host contract")::
             if rd.snapshot:   store.install_snapshot(rd.snapshot)   # replace state, drop log
             if rd.truncate_after is not None: store.delete_log_after(rd.truncate_after)
             store.append_log(rd.entries)
+            if rd.handover is not None: store.replace_handover(rd.handover)   # split brain
         for peer, msg in rd.messages: send(peer, msg)               # only after the commit
         for e in rd.committed:                 # apply in order; the applied index is
             with store.transaction():          # persisted with the state changes
@@ -142,6 +143,8 @@ class DurableState:
     log: list[Entry] = field(default_factory=list)
     applied_index: int = 0
     promised: int | None = None    # None = same as view (older stores)
+    # entries a healed split brain's losing side still owes the winner (Ready.handover)
+    handover: list[Entry] = field(default_factory=list)
 
     @classmethod
     def fresh(cls) -> "DurableState":
@@ -164,6 +167,10 @@ class Ready:
     # Entries a healed split brain's losing replicas handed over (primary only): the host
     # proposes them again and calls ``reapply_done(peer, upto)`` once they are resolved.
     reapply: list = field(default_factory=list)   # [(peer, upto, entries)]
+    # Not None: the entries this losing replica still owes a winning primary are now exactly
+    # these (empty: none).  Persisted in the same transaction as the truncation or snapshot
+    # that drops them from the log, so a crash before the winner's ReapplyAck loses nothing.
+    handover: tuple | None = None
 
     def __bool__(self) -> bool:  # a Ready is never empty
         return True
@@ -289,6 +296,9 @@ class Replica:
         self._snap_requests: list[int] = []
 
         self._init_volatile()
+        if durable.handover:   # still owed from before the restart: resent to my next primary
+            entries = tuple(durable.handover)
+            self._handover = _Handover(-1, -1, 0, max(e.index for e in entries), entries)
         self._new_incarnation()
         if self.n == 1:
             self._become_sole_primary()
@@ -330,6 +340,7 @@ class Replica:
         # --- healing a split brain (all mode; docs/replication.md section 10)
         self._lost_to: tuple[int, ...] | None = None   # the winning side's members, if I lost
         self._handover: _Handover | None = None
+        self._handover_dirty = False  # its entries changed since the last Ready (persist them)
         self._reapply_in: list = []
         self.split_losses = 0         # times this replica found its side lost a split brain
         self.handed_over = 0          # entries handed to a winning primary (first sending)
@@ -1088,6 +1099,7 @@ class Replica:
         if fresh or (h.primary, h.view) != (p, view):
             self.handed_over += len(fresh)
             h.entries += fresh
+            self._handover_dirty = self._handover_dirty or bool(fresh) or h.acked
             h.primary, h.view, h.acked, h.sent = p, view, False, -(10 ** 9)
             h.upto = max(h.upto, self.last_index)
         if not h.acked and self._ticks - h.sent >= max(1, self.failure_ticks // 2):
@@ -1124,8 +1136,10 @@ class Replica:
 
     def _on_reapply_ack(self, p: int, m: ReapplyAck) -> None:
         h = self._handover
-        if h is not None and h.primary == p and h.view == m.view and m.upto >= h.upto:
+        if h is not None and h.primary == p and h.view == m.view and m.upto >= h.upto \
+                and not h.acked:
             h.acked = True
+            self._handover_dirty = True   # the stored copy may go
 
     def reapply_done(self, peer: int, upto: int) -> None:
         """Host: every entry ``peer`` handed over up to ``upto`` is committed again (or was
@@ -1407,8 +1421,10 @@ class Replica:
         entries = self._log[self._unstable_from - self._snap_index - 1:] \
             if self._unstable_from <= self.last_index else []
         if not (self._hs_dirty or self._pending_snapshot or self._pending_trunc is not None
-                or entries or self._msgs or committed or self._snap_requests or self._reapply_in):
+                or entries or self._msgs or committed or self._snap_requests or self._reapply_in
+                or self._handover_dirty):
             return None
+        h = self._handover
         rd = Ready(
             hard_state=HardState(self._view, self._primary, self._members, self._promised)
             if self._hs_dirty else None,
@@ -1421,8 +1437,10 @@ class Replica:
             _last_index=self.last_index,
             _applied_to=self._commit if committed else self._apply_cursor,
             reapply=self._reapply_in,
+            handover=(() if h is None or h.acked else h.entries) if self._handover_dirty else None,
         )
         self._reapply_in = []
+        self._handover_dirty = False
         self._hs_dirty = False
         self._pending_snapshot = None
         self._pending_trunc = None

@@ -3,7 +3,8 @@ simulated crash, what was never synced.
 
 It keeps what SQLite keeps, in the shape the replica host expects back at start-up: a base
 snapshot of the chat state (at ``snapshot_index``), the retained log tail, and the meta keys
-(view, primary, members, promised, applied_index, snapshot_*).  The applied state is not
+(view, primary, members, promised, applied_index, snapshot_*), and the handover a healed split
+brain's losing side still owes the winner.  The applied state is not
 stored row by row; it is rebuilt at load time by applying the logged commands from the base
 snapshot up to ``applied_index``, which is exactly the promise the real store makes ("the
 applied index and the rows it describes are written together").
@@ -31,6 +32,7 @@ class _Record:
     entries: list
     meta: dict
     compact_upto: int | None
+    handover: list | None
 
 
 @dataclass
@@ -38,6 +40,7 @@ class SimDisk:
     base: bytes = field(default_factory=lambda: ChatState().to_snapshot())
     log: list = field(default_factory=list)  # (idx, view, data), contiguous after snapshot_index
     meta: dict = field(default_factory=dict)
+    handover: list = field(default_factory=list)  # (idx, view, data), as the store's handover table
     unsynced: list = field(default_factory=list)
     snapshots: int = 0  # snapshots installed (the simulator's statistics)
     fail_after_commit: bool = False  # crash injection: the next commit lands, then the "machine" dies
@@ -55,7 +58,7 @@ class SimDisk:
         for idx, _view, data in self.log:
             if self.snapshot_index < idx <= applied:
                 state.apply(decode_command(data))
-        return Loaded(state, applied, dict(self.meta), list(self.log))
+        return Loaded(state, applied, dict(self.meta), list(self.log), list(self.handover))
 
     def submit(self, batch: Batch) -> int:
         """Queue ``batch``; with ``delay_commits`` it lands only when complete() says so."""
@@ -88,7 +91,8 @@ class SimDisk:
             index, view, state = batch.snapshot
             snap = (index, view, state if isinstance(state, (bytes, bytearray)) else state.to_snapshot())
             self.snapshots += 1
-        return _Record(snap, batch.truncate_after, list(batch.entries), meta, batch.compact_upto)
+        handover = list(batch.handover) if batch.handover is not None else None
+        return _Record(snap, batch.truncate_after, list(batch.entries), meta, batch.compact_upto, handover)
 
     def _land(self, record: _Record, sync: bool) -> None:
         self.unsynced.append(record)
@@ -146,6 +150,8 @@ class SimDisk:
         self.meta.update(r.meta)
         if r.compact_upto is not None:
             self._compact(base_index, r.compact_upto)
+        if r.handover is not None:
+            self.handover = list(r.handover)
 
     def _compact(self, base_index: int, upto: int) -> None:
         """Move the base snapshot from ``base_index`` up to ``upto`` and drop the log up to it."""

@@ -311,6 +311,9 @@ class ReplicaHost:
         messages.extend(rd.messages)
         if rd.reapply:
             self.reapply.take(rd.reapply)
+        if rd.handover is not None:  # with the truncation or snapshot that drops them
+            batch.handover = [(e.index, e.view, e.data) for e in rd.handover]
+            batch.sync = True
         for peer in rd.snapshot_requests:
             data = service.state.to_snapshot()
             replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index), data)
@@ -531,4 +534,5 @@ def durable_state(loaded: Loaded) -> DurableState:
         log=log_entries,
         applied_index=loaded.applied_index,
         promised=meta.get("promised"),
+        handover=[Entry(idx, view, bytes(data)) for idx, view, data in loaded.handover],
     )

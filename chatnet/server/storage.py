@@ -19,6 +19,8 @@ class Loaded:
     applied_index: int
     meta: dict = field(default_factory=dict)  # view, primary, members, promised, snapshot_*
     log: list = field(default_factory=list)  # (idx, view, data): the retained tail of the log
+    # (idx, view, data): entries a healed split brain's losing side still owes the winner
+    handover: list = field(default_factory=list)
 
 
 @dataclass
@@ -34,11 +36,15 @@ class Batch:
     applied_index: int | None = None
     meta: dict = field(default_factory=dict)
     compact_upto: int | None = None
+    # not None: the stored handover (idx, view, data) becomes exactly this (replication
+    # core's Ready.handover), in the same transaction as the truncation that drops them
+    handover: list | None = None
     sync: bool = False  # holds log entries or hard state: must be on disk before anything leaves
 
     def __bool__(self) -> bool:
         return bool(self.snapshot or self.truncate_after is not None or self.entries or self.changes
-                    or self.applied_index is not None or self.meta or self.compact_upto is not None)
+                    or self.applied_index is not None or self.meta or self.compact_upto is not None
+                    or self.handover is not None)
 
 
 class StoreError(Exception):

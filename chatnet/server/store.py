@@ -15,6 +15,9 @@ Tables:
     request_ids(account, pos, rid)         each account's recent send request ids
     mail(recipient, seq, sender, text, sender_deleted)   acknowledged, undelivered chat
     origins(pos, view, idx)                origins of a healed split brain's re-applied commands
+    handover(idx, view, data)              a losing replica's entries not yet acknowledged by the
+                                           winner (docs/replication.md section 10); not chat state:
+                                           a snapshot leaves it alone
 """
 
 from __future__ import annotations
@@ -42,6 +45,8 @@ CREATE TABLE IF NOT EXISTS mail(
     sender_deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(recipient, seq)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS mail_by_sender ON mail(sender);
 CREATE TABLE IF NOT EXISTS origins(pos INTEGER PRIMARY KEY, view INTEGER NOT NULL, idx INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS handover(
+    idx INTEGER NOT NULL, view INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY(view, idx)) WITHOUT ROWID;
 """
 
 
@@ -101,7 +106,8 @@ class Store(Synchronous):
         meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
         applied = int(meta.get("applied_index", 0))
         entries = list(db.execute("SELECT idx, view, data FROM log ORDER BY idx"))
-        return Loaded(state, applied, meta, entries)
+        handover = list(db.execute("SELECT idx, view, data FROM handover ORDER BY idx, view"))
+        return Loaded(state, applied, meta, entries, handover)
 
     def log_entries(self, after: int, limit: int = 10_000) -> list[tuple[int, int, bytes]]:
         return list(
@@ -160,6 +166,9 @@ class Store(Synchronous):
             )
         if batch.compact_upto is not None:
             db.execute("DELETE FROM log WHERE idx <= ?", (batch.compact_upto,))
+        if batch.handover is not None:
+            db.execute("DELETE FROM handover")
+            db.executemany("INSERT OR REPLACE INTO handover(idx, view, data) VALUES (?, ?, ?)", batch.handover)
 
     # Row changes that commute with each other between two barriers: within a run they are
     # written table by table with executemany (inserts before deletes: a delivered mark never
