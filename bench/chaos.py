@@ -3,6 +3,7 @@
 
     python3 bench/chaos.py --seed 7 --duration 60 --replicas 3 --clients 8 [--netns] [--history out.jsonl]
     python3 bench/chaos.py --seed 41 --duration 60 --netns --partitions [--quorum majority]
+    python3 bench/chaos.py --seed 61 --duration 60 --tls [--netns]
     python3 bench/chaos.py --check out.jsonl
 
 A run starts N replicas as processes (with ``--netns``, each in a network namespace of its own,
@@ -13,7 +14,8 @@ logins, logouts, sends and lists — while a nemesis driven by one ``random.Rand
 kills -9, restarts, SIGSTOPs and SIGCONTs replicas at random moments, never more than N−1
 down at once and each for a bounded time — with ``--partitions`` it also cuts the network
 between the replicas' namespaces, one way or both, one partition at a time, each for a bounded
-time.  Then it heals everything, waits for a primary and
+time.  With ``--tls`` the replicas serve TLS with a throwaway CA and refuse plaintext clients,
+and every client and status query speaks TLS.  Then it heals everything, waits for a primary and
 for every replica to be in its view, lets every account log in once more to drain its mailbox,
 waits until all replicas have applied the same log index, and records their state digests.
 
