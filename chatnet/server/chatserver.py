@@ -250,9 +250,8 @@ class ChatServer:
         self._limit_logged = (float("-inf"), 0)  # (last connection-limit line, refusals since)
         storage = self._storage(data_dir, naive)
         # -- end metrics
-        # -- passwords: scrypt off the loop thread; the hasher's socket wakes the loop (passwords.py)
-        self.hasher = ThreadHasher()
-        self.reactor.set_interest(self.hasher.wake_sock, READ, self.hasher)
+        # -- passwords: scrypt off the loop thread, which it wakes when a job is done (passwords.py)
+        self.hasher = ThreadHasher(wake=self.reactor.wake)
         self.replica_host = ReplicaHost(
             me, range(len(peers)), storage, network=self.transport, addresses=peers,
             failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
@@ -304,7 +303,7 @@ class ChatServer:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
-        sock.listen(1024)
+        sock.listen(4096)  # the kernel caps it at net.core.somaxconn; storms of connects queue here
         sock.setblocking(False)
         self.listener = sock
         self.reactor.set_interest(sock, READ, self._listener_handler)
@@ -355,7 +354,6 @@ class ChatServer:
             lingering.close()
         if self.transport is not None:
             self.transport.stop()
-        self.reactor.forget(self.hasher.wake_sock)  # passwords: the host closes the hasher
         self.replica_host.close()
         self.reactor.close()
 
@@ -563,7 +561,9 @@ class ChatServer:
     def status(self) -> dict:
         status = self.replica_host.status()
         primary = status.get("primary")
-        status.update(address=f"{self.host}:{self.port}", clients=len(self.conns), digest=self._state_digest(),
+        digest, digest_applied = self._state_digest()
+        status.update(address=f"{self.host}:{self.port}", clients=len(self.conns), digest=digest,
+                      digest_applied=digest_applied,
                       primary_address=str(self.peers[primary]) if primary is not None else None)
         return status
 
@@ -593,16 +593,17 @@ class ChatServer:
         self._status_window = (started, given + 1)
         return given < STATUS_PER_SECOND
 
-    def _state_digest(self) -> str:
-        """A digest of the chat state, recomputed at most once per DIGEST_MAX_AGE (it serializes
-        the whole state: on a large state, one query per loop pass would stall the loop)."""
+    def _state_digest(self) -> tuple[str, int]:
+        """A digest of the chat state and the applied index it describes, recomputed at most
+        once per DIGEST_MAX_AGE (it serializes the whole state: on a large state, one query per
+        loop pass would stall the loop); compare digests only at equal ``digest_applied``."""
         applied, at, digest = self._digest
         now = self.reactor.clock()
         if applied != self.replica_host.applied_index and now - at >= DIGEST_MAX_AGE:
             applied = self.replica_host.applied_index
             digest = hashlib.sha256(self.service.state.to_snapshot()).hexdigest()[:16]
             self._digest = (applied, now, digest)
-        return digest
+        return digest, applied
 
     def _feed(self, conn: ClientConnection) -> None:
         """Hand the connection's decoded requests to the service until it must wait.

@@ -29,7 +29,6 @@ import hashlib
 import hmac
 import itertools
 import os
-import socket
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -135,21 +134,19 @@ class InlineHasher:
 
 
 class ThreadHasher:
-    """Runs jobs on ``threads`` worker threads.  A finished job is appended to a queue and one
-    byte is written to a socket pair whose read end the reactor watches (this object is its
-    handler), so the loop wakes up and the next host cycle takes the result.  The loop thread
-    never waits for a job."""
+    """Runs jobs on ``threads`` worker threads.  A finished job is appended to a queue and
+    ``wake`` is called (the reactor's thread-safe :meth:`~chatnet.loop.reactor.Reactor.wake`),
+    so the loop wakes up and the next host cycle takes the result.  The loop thread never
+    waits for a job."""
 
     closed = False
 
-    def __init__(self, params: tuple = DEFAULT_PARAMS, threads: int = HASH_THREADS) -> None:
+    def __init__(self, params: tuple = DEFAULT_PARAMS, threads: int = HASH_THREADS, wake=None) -> None:
         self.params = params
+        self.wake = wake or (lambda: None)
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="chatnet-scrypt")
         self._done: deque[HashJob] = deque()
         self._lock = threading.Lock()
-        self.wake_sock, self._wake_w = socket.socketpair()
-        self.wake_sock.setblocking(False)
-        self._wake_w.setblocking(False)
 
     def submit(self, job: HashJob) -> None:
         self._pool.submit(self._run, job)
@@ -161,18 +158,7 @@ class ThreadHasher:
             job.result = False if job.record is not None else None
         with self._lock:
             self._done.append(job)
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:  # the buffer is full (the loop is awake anyway) or we are closing
-            pass
-
-    def handle_event(self, mask: int) -> None:
-        """The reactor saw a wake-up byte: drain them (the host cycle takes the jobs)."""
-        try:
-            while self.wake_sock.recv(4096):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self.wake()
 
     def has_done(self) -> bool:
         return bool(self._done)
@@ -188,8 +174,6 @@ class ThreadHasher:
             return
         self.closed = True
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self.wake_sock.close()
-        self._wake_w.close()
 
 
 # -- back-off -----------------------------------------------------------------------------------
