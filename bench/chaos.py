@@ -862,7 +862,9 @@ def converge_phase(args, cluster: Cluster, history: History) -> None:
     chatserver.py) and meanwhile reports the previous one next to the *current* applied
     index, so one round can pair a fresh index with a stale digest.  The round recorded is
     therefore one taken more than that second after an earlier round that showed the same
-    applied index everywhere: every digest in it was computed at that index."""
+    applied index everywhere: every digest in it was computed at that index.  Where the
+    status has ``digest_applied`` (the index the digest describes), it must equal ``applied``
+    too."""
     history.write("phase", name="converge")
     last: list = []
 
@@ -870,9 +872,9 @@ def converge_phase(args, cluster: Cluster, history: History) -> None:
         if not cluster.in_sync():
             return None
         statuses = cluster.statuses(2.0)
-        if all(s is not None for s in statuses) and len({s["applied"] for s in statuses}) == 1:
-            return statuses
-        return None
+        if any(s is None or s.get("digest_applied", s["applied"]) != s["applied"] for s in statuses):
+            return None      # a replica's digest describes an older index (servers since f491a3b say so)
+        return statuses if len({s["applied"] for s in statuses}) == 1 else None
 
     def converged() -> bool:
         first = round_()
