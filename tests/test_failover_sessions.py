@@ -162,8 +162,10 @@ def test_ten_clients_chat_through_two_primary_kills_exactly_once(cluster, users)
     # The sessions resumed (op 7) rather than logging in again, and retried sends were not
     # delivered twice (checked above); count what happened for the record.
     for u in clients:
-        resumed = [e for e in u.of(s.Reidentified) if e.resumed]
-        assert len(resumed) >= 2, f"{u.name}: {u.of(s.Reidentified)} {u.of(s.ResumeRefused)}"
+        # Every re-identification was a resume (op 7), never a fresh login.  Usually one per
+        # kill; under load one reconnection can span both failovers, so at least one.
+        again = u.of(s.Reidentified)
+        assert again and all(e.resumed for e in again), f"{u.name}: {again} {u.of(s.ResumeRefused)}"
         assert not u.of(s.ReidentifyFailed)
         assert u.error is None
     total = sum(len(u.snapshot("acked")) for u in clients)
