@@ -107,20 +107,43 @@ class ClientConnection:
         return f"<client {self.id} {self.addr}>"
 
 
-class _StatusQuery:
-    """An authenticated status query waiting for its proof line (chatnet/server/status.py)."""
+class _ShortLived:
+    """A connection that is no longer a client and will be gone within ``seconds``: it is kept
+    in ``registry`` (so shutdown closes it) and closed at the deadline whatever happens."""
 
     closed = False
 
+    def __init__(self, server: ChatServer, io: BufferedSocket, registry: set, seconds: float):
+        self.server, self.io, self.registry = server, io, registry
+        registry.add(self)
+        self.timer = server.reactor.timers.call_later(seconds, self.close)
+
+    def _recv(self) -> bytes | None:
+        """What arrived (plaintext, or what the TLS records carried); b"" at the end."""
+        try:
+            return self.io.recv()
+        except ConnectionLost:
+            return b""
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.cancel()
+        self.registry.discard(self)
+        self.server.reactor.forget(self.io.sock)
+        self.io.close()
+
+
+class _StatusQuery(_ShortLived):
+    """An authenticated status query waiting for its proof line (chatnet/server/status.py)."""
+
     def __init__(self, server: ChatServer, io: BufferedSocket, challenge: StatusChallenge):
-        self.server, self.io, self.challenge = server, io, challenge
-        self.timer = server.reactor.timers.call_later(STATUS_TIMEOUT, self.close)
+        super().__init__(server, io, server.status_queries, STATUS_TIMEOUT)
+        self.challenge = challenge
 
     def handle_event(self, mask: int) -> None:
-        try:  # a BufferedSocket: plaintext, or what the TLS records carried
-            data = self.io.recv()
-        except ConnectionLost:
-            data = b""
+        data = self._recv()
         if data is not None:
             self.feed(data)
 
@@ -138,15 +161,6 @@ class _StatusQuery:
             pass
         self.close()
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.timer.cancel()
-        self.server.status_queries.discard(self)
-        self.server.reactor.forget(self.io.sock)
-        self.io.close()
-
 
 def _send_and_close(io: BufferedSocket, line: bytes) -> None:
     """One small line into a fresh socket's buffer (never blocks the loop), then close."""
@@ -163,40 +177,23 @@ MAX_LINGERING = 256  # refused connections drained at once; beyond, closed at on
 LINGER_SECONDS = 2.0
 
 
-class _Lingering:
+class _Lingering(_ShortLived):
     """A connection told it was refused (``--require-tls``): our side is shut for writing and
     what the client still sends is read and dropped until it closes (at most LINGER_SECONDS).
     Closing at once with its next request unread would make the kernel reset the connection,
     and a reset can destroy the frame that says why before the client reads it."""
 
-    closed = False
-
     def __init__(self, server: ChatServer, io: BufferedSocket):
-        self.server, self.io = server, io
-        server._lingering.add(self)
+        super().__init__(server, io, server._lingering, LINGER_SECONDS)
         try:
             io.sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass
-        self.timer = server.reactor.timers.call_later(LINGER_SECONDS, self.close)
         server.reactor.set_interest(io.sock, READ, self)
 
     def handle_event(self, mask: int) -> None:
-        try:
-            data = self.io.recv()
-        except ConnectionLost:
-            data = b""
-        if data == b"":
+        if self._recv() == b"":
             self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        self.timer.cancel()
-        self.server._lingering.discard(self)
-        self.server.reactor.forget(self.io.sock)
-        self.io.close()
 # -- end TLS
 
 
@@ -579,7 +576,6 @@ class ChatServer:
             io.close()
             return
         query = _StatusQuery(self, io, challenge)
-        self.status_queries.add(query)
         self.reactor.set_interest(io.sock, READ, query)
         if rest:
             query.feed(rest)
