@@ -489,15 +489,6 @@ def start_process(fn, *args):
     return proc, parent
 
 
-def expect(pipe, kind: str, timeout: float, what: str):
-    if not pipe.poll(timeout):
-        raise RuntimeError(f"{what}: no answer within {timeout:g} s")
-    msg = pipe.recv()
-    if msg[0] != kind:
-        raise RuntimeError(msg[1])
-    return msg[1]
-
-
 def measure_windows(args, target, windows, chatters) -> list[dict]:
     """Go through the windows: fork the hostile process of each abuse window, sample CPU at its
     edges and the primary's memory after it; return one record per window."""
@@ -516,7 +507,7 @@ def measure_windows(args, target, windows, chatters) -> list[dict]:
             b = cpu_sample(target, chatters.pid, hostile.pid if hostile else None)
             rec = {**w, "cpu_pct": cpu_percent(a, b), "rss_after_kib": common.rss_kib(target.pid)}
             if pipe is not None:
-                rec["hostile"] = expect(pipe, "result", 15, "the hostile process")
+                rec["hostile"] = common.expect(pipe, "result", 15, "the hostile process")
             records.append(rec)
         finally:
             if hostile is not None:
@@ -551,7 +542,7 @@ def run(args) -> dict:
             print(f"primary pid {target.pid} on {target.addr[0]}:{target.addr[1]}, code {target.label}; "
                   f"backups {target.backup_pids()}", file=sys.stderr, flush=True)
             chatters, pipe = start_process(chatters_worker, target.addr, args.chatters)
-            expect(pipe, "ready", 120, "the chatters' logins")
+            common.expect(pipe, "ready", 120, "the chatters' logins")
             m = {"label": target.label, "rss_before_kib": common.rss_kib(target.pid),
                  "backup_rss_before_kib": [common.rss_kib(p) for p in target.backup_pids()]}
             watcher = Watcher(target)
@@ -560,7 +551,7 @@ def run(args) -> dict:
             windows = schedule(args, t0 + SEC)  # one second of warm-up
             pipe.send(("go", t0, windows[-1]["end"] + SEC // 2))
             m["windows"] = measure_windows(args, target, windows, chatters)
-            m["chatters"] = expect(pipe, "result", 30, "the chatters' results")
+            m["chatters"] = common.expect(pipe, "result", 30, "the chatters' results")
             watcher.stop()
             m["watch"], m["replica_pids"] = watcher.samples, [r.pid for r in watcher.replicas()]
             m["peak_rss_kib"] = [common.peak_rss_kib(p) for p in m["replica_pids"]]

@@ -793,6 +793,17 @@ def add_load_args(ap, *, senders: int = 50, duration: float = 10.0, size: bool =
         ap.add_argument("--size", type=int, default=32, help="approximate chat text size in bytes (default 32)")
 
 
+def expect(pipe, kind: str, timeout: float, what: str):
+    """The next message from a load-generator process, which must be of ``kind`` (a worker's
+    error is raised); RuntimeError naming ``what`` when nothing comes within ``timeout``."""
+    if not pipe.poll(timeout):
+        raise RuntimeError(f"{what}: no answer within {timeout:g} s")
+    msg = pipe.recv()
+    if msg[0] != kind:
+        raise RuntimeError(msg[1])
+    return msg[1]
+
+
 def run_main(main) -> None:
     """A benchmark's entry point: its exit status, or 130 on Ctrl-C (its finally blocks have
     stopped every process it started)."""

@@ -247,21 +247,11 @@ def start_workers(args, addr) -> tuple[list, list]:
     return workers, pipes
 
 
-def expect(pipe, kind: str, timeout: float, what: str):
-    """The next message of a worker, which must be of ``kind`` (a worker's error is raised)."""
-    if not pipe.poll(timeout):
-        raise RuntimeError(f"a worker did not {what} within {timeout:g} s")
-    msg = pipe.recv()
-    if msg[0] != kind:
-        raise RuntimeError(msg[1])
-    return msg[1]
-
-
 def measure_window(args, target, workers, pipes) -> dict:
     """Start every worker at one instant; sample CPU at the window's edges and the primary's
     memory idle, loaded and at its peak; collect the workers' results."""
     for pipe in pipes:
-        expect(pipe, "ready", 90, "log in")
+        common.expect(pipe, "ready", 90, "a worker's logins")
     m = {"rss_idle": common.rss_kib(target.pid)}
     t0 = now_ns() + 200_000_000
     m_start = t0 + int(args.warmup * 1e9)
@@ -275,7 +265,7 @@ def measure_window(args, target, workers, pipes) -> dict:
     time.sleep(max(0.0, (m_end - now_ns()) / 1e9))
     m["cpu_b"] = meter.sample()
     m["rss_loaded"] = common.rss_kib(target.pid)
-    m["results"] = [expect(pipe, "result", args.drain + 60, "report") for pipe in pipes]
+    m["results"] = [common.expect(pipe, "result", args.drain + 60, "a worker's report") for pipe in pipes]
     m["rss_peak"] = common.peak_rss_kib(target.pid)
     return m
 
