@@ -190,6 +190,25 @@ def test_a_refused_resume_falls_back_to_a_fresh_login_and_keeps_the_queue():
     assert h.session.idle
 
 
+def test_a_resume_refused_for_another_sides_numbers_logs_in_and_numbers_from_zero():
+    """After a healed split brain the winner refuses a LAST_SEQ numbered by the losing side
+    (docs/protocol.md, resume): the client logs in afresh and takes the winner's chat from
+    seq 1 again, instead of dropping it as seen (it kept last_seq 5 before the fix)."""
+    h = ext_logged_in(token="old.7")
+    h.feed(*(schat(i, "bob", f"loser {i}") for i in range(1, 6)))
+    h.sends()
+    lose(h)
+    assert negotiate(h) == [b"7|alice|old.7|5\n"]
+    h.feed(err(s.RESUME_OTHER_HISTORY_TEXT))
+    assert h.sends() == [b"2|alice\n"]
+    assert h.session.last_seq == 0
+    h.feed(ok("Logged in as alice."), ok("token|new.9"), schat(1, "carol", "winner 1"),
+           schat(2, "carol", "winner 2"), note("You have 2 missed messages above."))
+    chats = [e.text for e in h.of(s.FrameReceived) if e.kind == "chat"]
+    assert chats[-2:] == ["winner 1", "winner 2"] and not h.of(s.DuplicateDropped)
+    assert h.session.last_seq == 2 and sent_text(h) == ["0|ack|2\n"]
+
+
 def test_a_refused_resume_whose_fresh_login_is_refused_too_logs_out_but_sends_the_queue():
     h = ext_logged_in()
     lose(h)

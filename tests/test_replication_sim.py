@@ -402,6 +402,30 @@ def test_a_loser_that_crashes_before_the_reapply_ack_keeps_its_handover():
     assert sim.nodes[a].disk.handover == []              # removed once acknowledged
 
 
+def test_a_send_refused_on_the_losing_side_is_not_re_applied():
+    """All mode: the lone side refuses a send to an account created on the pair's side (it
+    does not know it); its client is told so.  At heal the winner must not re-apply it, where
+    the recipient exists: it is reported as refused instead (before, it was delivered)."""
+    sim, p = cluster(partitions=True)
+    a, others = p, tuple(x for x in (1, 2, 3) if x != p)
+    sim.partition((a,), others)
+    sim.run_ticks(4 * FT)
+    b = sim.wait_serving(40, exclude=(a,))
+    assert sim.chat("carol", "newbie", "created on the pair's side", via=b).acked
+    assert sim.chat("alice", "dave", "acknowledged on the lone side", via=a).acked
+    alice = sim.named_client("alice")
+    alice.answer = alice.acked = None
+    alice.outbox.append("3|newbie|refused on the lone side")
+    sim._run_until(lambda: alice.answer is not None, sim.now + 40 * TICK, alice, a)
+    assert alice.acked is None and "cannot be found" in alice.answer
+    sim.heal_network()
+    sim.heal_and_check()
+    winner = sim.nodes[sim.serving()[0]]
+    assert "acknowledged on the lone side" in _sent_texts(winner)
+    assert "refused on the lone side" not in _sent_texts(winner)
+    assert winner.host.status()["reapply"]["refused"] >= 1   # its logins refused there too
+
+
 def test_seed_175_a_snapshot_from_a_crashed_sender_keeps_the_history():
     """The checker's record of a replica's applied history after it installs a snapshot is
     the sender's history up to the snapshot, recorded when the transfer was sent: seed 175

@@ -477,6 +477,37 @@ def test_resume_refusals(host):
     assert host.take(5)[0] == err(sv.T_RESUME_BAD_TOKEN)
 
 
+def test_a_resume_with_another_sides_numbers_marks_nothing_delivered(host):
+    """All mode, after a healed split brain: tokens carry the epoch (the view whose chat the
+    session last got).  A LAST_SEQ of an epoch this replica's history does not hold numbers
+    the other side's mailbox: the resume is refused and nothing is marked delivered (before,
+    the winner's seqs 1-3, which the client never saw, were removed by LAST_SEQ 5)."""
+    service = host.service
+    service.in_history = lambda view: view in (4, 5)   # this side's views
+    service.set_epoch(5)
+    _, token = ext_client(host, 1, "alice")
+    assert token == "token1.5"
+    host.open(2)
+    host.send(2, "1|bob")
+    for i in range(3):
+        host.send(2, f"3|alice|winner {i}")
+    service.set_epoch(4)                               # a new view: the session hears first
+    host.drain()
+    assert host.take(1)[-1] == ok("token|token1.4")
+    host.close(1)
+    host.open(3)
+    host.send(3, "0|ext|1")
+    host.take(3)
+    host.send(3, "7|alice|token1.7|5")                 # epoch 7: the losing side's view
+    assert host.take(3) == [err(sv.T_RESUME_OTHER_HISTORY)]
+    host.commit()
+    assert service.state.pending_count("alice") == 3
+    host.send(3, "7|alice|token1.4|1")                 # this side's numbers: resumed as ever
+    assert host.take(3)[:3] == [ok("Resumed as alice."), ok("token|token1.4"), chat("2|bob|winner 1")]
+    host.commit()
+    assert service.state.pending_count("alice") == 2
+
+
 def test_tokenless_op7_is_a_plain_login_and_cannot_take_over(host):
     a = host.open(1)
     host.send(a, "1|alice")

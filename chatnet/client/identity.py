@@ -30,7 +30,7 @@ from .outbox import Pending
 __all__ = [
     "ResumeState", "SavedResume", "Handshake", "Verdict", "retried_create_taken", "name_from",
     "PROBE_COMMAND", "EXT_COMMAND", "EXT_ANSWER", "ALREADY_CONNECTED_TEXT", "CREATE_TAKEN_TEXT",
-    "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT", "TOKEN_PREFIX", "PASSWORDS_COMMAND", "PASSWORDS_ANSWER",
+    "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT", "RESUME_OTHER_HISTORY_TEXT", "TOKEN_PREFIX", "PASSWORDS_COMMAND", "PASSWORDS_ANSWER",
 ]
 
 ALREADY_CONNECTED_TEXT = texts.T_LOGIN_CONNECTED
@@ -45,6 +45,9 @@ PASSWORDS_COMMAND = Command(OP_EXT, ("ext", texts.PASSWORD_EXTENSION), "")
 PASSWORDS_ANSWER = texts.T_EXT_PASSWORDS
 RESUME_BAD_TOKEN_TEXT = texts.T_RESUME_BAD_TOKEN
 RESUME_UNKNOWN_TEXT = texts.T_RESUME_UNKNOWN
+# The server cannot take our LAST_SEQ (it numbers another side's mailbox after a split brain):
+# log in afresh and number from 0 again (chat already seen may then be shown again).
+RESUME_OTHER_HISTORY_TEXT = texts.T_RESUME_OTHER_HISTORY
 TOKEN_PREFIX = "token|"
 _LOGGED_IN_RE = re.compile(r"(?:Account created! )?Logged in as (?P<name>.*)\.\Z", re.S)
 

@@ -165,6 +165,7 @@ from .identity import (
     PASSWORDS_COMMAND,
     PROBE_COMMAND,
     RESUME_BAD_TOKEN_TEXT,
+    RESUME_OTHER_HISTORY_TEXT,
     RESUME_UNKNOWN_TEXT,
     TOKEN_PREFIX,
     Handshake,
@@ -636,8 +637,11 @@ class ClientSession:
             self._events.append(Reidentified(user, self.server, resumed=self.resumed,
                                              fresh=verdict is Verdict.DONE_FRESH))
         elif verdict is Verdict.FRESH_LOGIN:
-            # The queue keeps waiting; chat seen before is still dropped by sequence number.
+            # The queue keeps waiting; chat seen before is still dropped by sequence number --
+            # unless our numbers are another side's (a healed split brain): then from 0 again.
             self.resume.token = None
+            if frame.message == RESUME_OTHER_HISTORY_TEXT:
+                self._forget_seq()
             self._events.append(ResumeRefused(user, frame.message))
             self._identify_with(self.resume.identify_command(False))  # 2|NAME, or with the password
             return
@@ -698,11 +702,23 @@ class ClientSession:
         if frame.message == RESUME_UNKNOWN_TEXT:
             self.saved.pop(name, None)
             self._actions.append(Persist(name, None, 0, forget=True))
+        elif frame.message == RESUME_OTHER_HISTORY_TEXT:
+            self.saved[name] = SavedResume(None, 0)
+            self._actions.append(Persist(name, None, 0))
         elif saved is not None:
             self.saved[name] = SavedResume(None, saved.last_seq)
         again = self._outbox.new(pending.command)
         again.fresh = True
         self._outbox.queue.appendleft(again)
+
+    def _forget_seq(self) -> None:
+        """Our sequence numbers mean nothing on this server (they number another side's
+        mailbox): take every chat it sends, from 0 again, and save that."""
+        self.resume.last_seq = 0
+        self._acks.account_changed()
+        if self.saved is not None and self.resume.user is not None:
+            self.saved[self.resume.user] = SavedResume(None, 0)
+        self._dirty = True
 
     def _restore_seq(self) -> None:
         """A saved account logged in: chat up to its saved sequence number was shown before."""

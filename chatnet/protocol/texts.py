@@ -54,6 +54,10 @@ T_RESUME_BAD_TOKEN = "Unable to resume: the session token is not valid. Please l
 T_RESUME_UNKNOWN = "Unable to resume: This username does not exist."
 T_RESUME_LOGGED_IN = "Unable to resume: You are already logged in as {me}."
 T_RESUME_TOKEN_NOT_ASCII = "Unable to resume: a session token is ASCII text. Please log in again."
+# The token's epoch (the view whose chat the session last received) is not in this replica's
+# history: its LAST_SEQ numbers another side's mailbox after a split brain (docs/protocol.md).
+T_RESUME_OTHER_HISTORY = ("Unable to resume: the session's sequence numbers come from another side of a "
+                          "network partition. Please log in again.")
 # Extension 2 (docs/protocol.md): account passwords.
 PASSWORD_EXTENSION = "2"
 T_EXT_PASSWORDS = "ext|" + PASSWORD_EXTENSION

@@ -72,6 +72,7 @@ brand-new replicas while every other replica stays silent for a failure timeout.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
 from dataclasses import dataclass, field
@@ -341,6 +342,9 @@ class Replica:
         self._lost_to: tuple[int, ...] | None = None   # the winning side's members, if I lost
         self._handover: _Handover | None = None
         self._handover_dirty = False  # its entries changed since the last Ready (persist them)
+        # Host hook: an entry as it is handed over (the host marks commands refused where
+        # they first ran, so the winner does not re-apply them).  Identity by default.
+        self.mark_handover = lambda entry: entry
         self._reapply_in: list = []
         self.split_losses = 0         # times this replica found its side lost a split brain
         self.handed_over = 0          # entries handed to a winning primary (first sending)
@@ -399,6 +403,16 @@ class Replica:
         if index < self._snap_index or index > self.last_index:
             return None
         return self._log[index - self._snap_index - 1].view
+
+    def holds_view(self, view: int) -> bool:
+        """Whether my history holds an entry of ``view`` (at the snapshot point or after it:
+        views never decrease along a log, so a bisection finds it), or ``view`` is my current
+        view.  Entry views identify a primary's single run, so a view of the other side of a
+        healed split brain is never held here."""
+        if view == self._view or view == self._snap_view:
+            return True
+        k = bisect.bisect_left(self._log, view, key=lambda e: e.view)
+        return k < len(self._log) and self._log[k].view == view
 
     def entry(self, index: int) -> Entry | None:
         if index <= self._snap_index or index > self.last_index:
@@ -1095,7 +1109,7 @@ class Replica:
         if h is None:
             h = self._handover = _Handover(p, view, after, self.last_index, ())
         have = {(e.index, e.view) for e in h.entries}
-        fresh = tuple(e for e in new if (e.index, e.view) not in have)
+        fresh = tuple(self.mark_handover(e) for e in new if (e.index, e.view) not in have)
         if fresh or (h.primary, h.view) != (p, view):
             self.handed_over += len(fresh)
             h.entries += fresh

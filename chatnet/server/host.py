@@ -113,6 +113,13 @@ class ReplicaHost:
         )
         self.mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
         self.reapply = Reapplier(self, loaded)  # a healed split brain's losing side, re-applied here
+        self.replica.mark_handover = self.reapply.mark_refused
+        # Only all mode with peers can split its brain: there, tokens carry an epoch (service.py,
+        # _resume_refusal); what was applied before this start came from views up to my view.
+        self._epochs = quorum == "all" and len(self.cluster) > 1
+        if self._epochs:
+            self.service.in_history = self.replica.holds_view
+            self.service.epoch = self.replica.view
         self._submitted = storage.durable  # number of the last batch handed to the storage
         self._outputs: deque[_Output] = deque()  # per iteration: what leaves once it is durable
         self._held: list = []  # commands waiting for the view to be re-established
@@ -297,6 +304,8 @@ class ReplicaHost:
                 else min(batch.truncate_after, rd.truncate_after)
             batch.entries = [e for e in batch.entries if e[0] <= rd.truncate_after]
         batch.entries.extend((e.index, e.view, e.data) for e in rd.entries)
+        if rd.committed and self._epochs:
+            service.set_epoch(replica.view)  # committed in this view: sessions learn it first
         for entry in rd.committed:
             if entry.index <= self.applied_index:
                 continue  # already in the applied state (replayed after a snapshot)
@@ -404,7 +413,7 @@ class Reapplier:
         self.proposed: set[tuple[int, int]] = set()  # origins proposed while serving (or queued)
         self.queue: list[tuple] = []                 # commands to propose as primary
         self.waiting: dict[int, tuple[int, set]] = {}   # loser -> (upto, origins not yet applied)
-        self.counts = {"reapplied": 0, "skipped": 0, "dropped": 0, "no_effect": 0}
+        self.counts = {"reapplied": 0, "skipped": 0, "dropped": 0, "refused": 0, "no_effect": 0}
         self.dropped_sends: list[tuple] = []
 
     def take(self, handovers: list) -> None:
@@ -418,6 +427,8 @@ class Reapplier:
                     self.counts["skipped"] += 1   # a duplicate, or not divergent after all
                 elif verdict == "wait":
                     pending.add(origin)           # in my log, not committed yet: wait for it
+                elif verdict == "refused":
+                    self._report("refused", origin, cmd, "refused where it first ran (its client was told so)")
                 elif verdict == "drop":
                     self._report("dropped", origin, cmd, "delivery marks are the other side's"
                                  if cmd[0] == "delivered" else "inside my compacted log, cannot be checked")
@@ -441,17 +452,32 @@ class Reapplier:
         command was re-applied on the loser's side because its winner lacked it)."""
         replica, state = self.host.replica, self.host.service.state
         cmd = decode_command(e.data)
+        refused = cmd[0] == "refused"
+        if refused:
+            cmd = cmd[1]
         origin = (e.view, e.index)
         if cmd[0] == "reapply":
             origin, cmd = (cmd[1], cmd[2]), cmd[3]
         if state.has_origin(*origin) or replica.entry_view(e.index) == e.view \
                 or replica.entry_view(origin[1]) == origin[0]:
             return origin, cmd, "skip"
+        if refused:
+            return origin, cmd, "refused"
         if origin in self.proposed or origin in in_log:
             return origin, cmd, "wait"
         if e.index <= replica.snapshot_index or cmd[0] == "delivered":
             return origin, cmd, "drop"
         return origin, cmd, "propose"
+
+    def mark_refused(self, entry):
+        """An entry this replica hands over after losing a split brain (the core's hook): a
+        command refused when it was applied here goes as ``("refused", command)``, so the
+        winner reports it instead of applying it where it would succeed (a send told "no such
+        recipient" here, whose recipient was created on the other side).  What was applied
+        before a restart is not known (ChatService.refused is memory): handed over unmarked."""
+        if (entry.view, entry.index) not in self.host.service.refused:
+            return entry
+        return Entry(entry.index, entry.view, encode_command(("refused", decode_command(entry.data))))
 
     def _origins_in_log(self) -> set:
         """Origins of re-applied commands in my log beyond what I applied."""
@@ -507,7 +533,7 @@ class Reapplier:
         if what == "dropped" and cmd[0] == "send" and len(self.dropped_sends) < 10_000:
             self.dropped_sends.append(tuple(cmd[1:4]))  # (sender, recipient, text), for checkers
         log.warning("split brain healed: %s command %s of view %d index %d: %s",
-                    "dropped" if what == "dropped" else "re-applied", cmd[0], origin[0], origin[1], why,
+                    "re-applied" if what == "no_effect" else "dropped", cmd[0], origin[0], origin[1], why,
                     extra={"event": "reapply_" + what, "view": origin[0], "index": origin[1],
                            "command": cmd[0]})
 

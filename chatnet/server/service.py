@@ -94,6 +94,7 @@ from ..protocol.texts import (
     T_POLICY_NO_PASSWORD,
     T_RESUME_BAD_TOKEN,
     T_RESUME_LOGGED_IN,
+    T_RESUME_OTHER_HISTORY,
     T_RESUME_TOKEN_NOT_ASCII,
     T_RESUME_UNKNOWN,
     T_RESUMED,
@@ -174,6 +175,20 @@ def frame(status: int, message: str) -> bytes:
     return encode_frame(status, INDICATOR_SERVER, message)
 
 
+EPOCH_SEPARATOR = "."  # never in a drawn token (A-Z a-z 0-9 _ -)
+REFUSED_KEPT = 100_000  # refused positions remembered for a handover (ChatService.refused)
+_REFUSED = (sm.NO_SUCH_RECIPIENT, sm.NAME_TAKEN, sm.NO_SUCH_ACCOUNT, sm.PASSWORD_REQUIRED, sm.PASSWORD_CHANGED)
+
+
+def split_token(token: str) -> tuple[str, int | None]:
+    """``TOKEN.EPOCH`` (what an extended session is given) -> (TOKEN, EPOCH); a token without
+    an epoch (an older client's saved one) -> (token, None)."""
+    base, sep, epoch = token.rpartition(EPOCH_SEPARATOR)
+    if sep and epoch.isascii() and epoch.isdigit() and len(epoch) < 20:
+        return base, int(epoch)
+    return token, None
+
+
 def chat_frame(mail: sm.Mail, extended: bool = False) -> bytes:
     """The seed's `sender|text`, or `seq|sender|text` for an extended session."""
     prefix = f"{mail.seq}|" if extended else ""
@@ -203,6 +218,15 @@ class ChatService:
     _throttled: list = field(default_factory=list)  # heap of (when, n, conn, check) waiting for back-off
     _throttle_ids: object = field(default_factory=itertools.count)
     _creating: dict = field(default_factory=dict)  # name -> requests waiting for its hashing create
+    # The view whose commits the chat now being applied came from (set by the host): tokens
+    # carry it, so a resume elsewhere can tell whose numbering its LAST_SEQ is (see _resume).
+    epoch: int | None = None
+    in_history: object = field(default=lambda view: True)  # view -> whether my log holds entries of it
+    # Positions (view, index) of recently applied commands that were refused (a send to an
+    # unknown recipient, a create of a taken name, ...): a healed split brain's losing side
+    # marks them in its handover, so the winner does not re-apply what its sender was told
+    # had failed (docs/replication.md section 10).  Memory only, the most recent REFUSED_KEPT.
+    refused: dict = field(default_factory=dict)
 
     # -- connection life cycle -------------------------------------------------------------
     def connection_opened(self, conn: int, address: str | None = None) -> None:
@@ -448,33 +472,63 @@ class ChatService:
         if rest or seen is None:
             self._reply(session.conn, STATUS_ERROR, INVALID_REQUEST_TEXT)
             return
+        token, epoch = split_token(token)
+        refusal = self._resume_refusal(session, name, token, epoch)
+        if refusal is not None:
+            self._reply(session.conn, STATUS_ERROR, refusal)
+            return
+        old = self.online.get(name)
+        if old is not None:  # the dead session this one replaces
+            self._log_out(self.sessions[old])
+            self.effects.append(Close(old))
+        self._log_in(session, name)
+        seen = min(seen, self.state.last_seq(name))
+        session.sent_upto = seen
+        self._mark_delivered(name, session.order, seen)
+        self._reply(session.conn, STATUS_OK, T_RESUMED.format(name=name))
+        self._send_token(session)
+        self._send_chats(session, self.state.mail_after(name, seen))
+
+    def _resume_refusal(self, session: Session, name: str, token: str, epoch: int | None) -> str | None:
+        """Why a resume is refused, or None.  A token whose epoch (the view whose chat the
+        session last received) is not in this replica's history is refused before its token is
+        checked: after a healed split brain its LAST_SEQ numbers the other side's mailbox, and
+        taking it would mark chat delivered that the client never saw; the client logs in
+        afresh and takes every queued chat (its token may even be the other side's, not yet
+        re-applied here)."""
         account = self.state.accounts.get(name)
         if session.name is not None:
-            self._reply(session.conn, STATUS_ERROR, T_RESUME_LOGGED_IN.format(me=session.name))
-        elif account is None:
-            self._reply(session.conn, STATUS_ERROR, T_RESUME_UNKNOWN)
-        elif not token.isascii():  # compare_digest cannot compare it; no token we draw has it
-            self._reply(session.conn, STATUS_ERROR, T_RESUME_TOKEN_NOT_ASCII)
-        elif account.token is None or not hmac.compare_digest(account.token.encode(), token.encode("ascii")):
-            self._reply(session.conn, STATUS_ERROR, T_RESUME_BAD_TOKEN)
-        elif self.limits.require_passwords and account.password is None:
-            self._reply(session.conn, STATUS_ERROR, T_POLICY_NO_PASSWORD)
-        else:
-            old = self.online.get(name)
-            if old is not None:  # the dead session this one replaces
-                self._log_out(self.sessions[old])
-                self.effects.append(Close(old))
-            self._log_in(session, name)
-            seen = min(seen, self.state.last_seq(name))
-            session.sent_upto = seen
-            self._mark_delivered(name, session.order, seen)
-            self._reply(session.conn, STATUS_OK, T_RESUMED.format(name=name))
-            self._send_token(session)
-            self._send_chats(session, self.state.mail_after(name, seen))
+            return T_RESUME_LOGGED_IN.format(me=session.name)
+        if account is None:
+            return T_RESUME_UNKNOWN
+        if not token.isascii():  # compare_digest cannot compare it; no token we draw has it
+            return T_RESUME_TOKEN_NOT_ASCII
+        if epoch is not None and not self.in_history(epoch):
+            return T_RESUME_OTHER_HISTORY
+        if account.token is None or not hmac.compare_digest(account.token.encode(), token.encode("ascii")):
+            return T_RESUME_BAD_TOKEN
+        if self.limits.require_passwords and account.password is None:
+            return T_POLICY_NO_PASSWORD
+        return None
+
+    def set_epoch(self, view: int) -> None:
+        """The host applies chat committed in ``view`` from now on: every extended session
+        gets its token again with the new epoch before any such chat (so a session's token
+        always names the view of the latest chat it may have received)."""
+        if view == self.epoch:
+            return
+        self.epoch = view
+        for conn in self.online.values():
+            session = self.sessions[conn]
+            if session.extended:
+                self._send_token(session)
 
     def _send_token(self, session: Session) -> None:
         if session.extended:
-            self._reply(session.conn, STATUS_OK, T_TOKEN.format(token=self.state.accounts[session.name].token))
+            token = self.state.accounts[session.name].token
+            if self.epoch is not None and token is not None:
+                token = f"{token}{EPOCH_SEPARATOR}{self.epoch}"
+            self._reply(session.conn, STATUS_OK, T_TOKEN.format(token=token))
 
     _handlers = {0: _extension, 1: _create, 2: _login, 3: _send, 4: _list, 5: _delete, 6: _exit, 7: _resume}
 
@@ -694,6 +748,8 @@ class ChatService:
         result, changes = self.state.apply(cmd)
         if cmd[0] == "login":
             self._logging_in.discard(cmd[1])
+        if result in _REFUSED:
+            self._note_refused(view, index)
         waiter = self._waiters.pop(index, None)
         session = None
         if waiter is not None:
@@ -713,6 +769,11 @@ class ChatService:
         for read in self._order.applied(index):  # reads that waited for this command
             self._answer_read(read)
         return changes
+
+    def _note_refused(self, view: int, index: int) -> None:
+        self.refused[(view, index)] = None
+        if len(self.refused) > REFUSED_KEPT:
+            del self.refused[next(iter(self.refused))]
 
     def _answer(self, session: Session, cmd: tuple, result) -> None:
         kind = cmd[0]
