@@ -43,7 +43,20 @@ import throughput  # noqa: E402
 
 from chatnet.testing import free_port, port_open, wait_until  # noqa: E402
 
-SEED_SERVER = os.path.join(os.path.dirname(common.ROOT), "shared", "seed", "reference-server.py")
+def _find_seed_server(root: str) -> str:
+    """``shared/seed/reference-server.py`` beside the checkout, or beside one of its parents (a
+    git worktree such as /work/wt/NAME sits one level deeper than the main checkout)."""
+    first = here = os.path.dirname(root)
+    while True:
+        candidate = os.path.join(here, "shared", "seed", "reference-server.py")
+        if os.path.exists(candidate):
+            return candidate
+        if os.path.dirname(here) == here:
+            return os.path.join(first, "shared", "seed", "reference-server.py")
+        here = os.path.dirname(here)
+
+
+SEED_SERVER = _find_seed_server(common.ROOT)
 
 
 class SeedServer:

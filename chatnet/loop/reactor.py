@@ -1,4 +1,4 @@
-"""A single-threaded event loop on ``selectors`` with a timer wheel, in the manner of Redis' ae.c.
+"""A single-threaded event loop on ``epoll`` with a timer wheel, in the manner of Redis' ae.c.
 
 One iteration:  run the before-sleep hooks (group commit, then writing replies) → wait in
 ``select`` until a socket is ready or the nearest timer is due → dispatch socket events →
@@ -10,11 +10,19 @@ Handlers are objects with ``handle_event(mask)`` and a ``closed`` attribute; the
 handler that an earlier callback of the same iteration closed.  Signals (SIGINT/SIGTERM) only
 set a flag and wake the selector through a socket pair, so shutdown happens between
 iterations, never inside a handler.
+
+The loop calls ``select.epoll`` itself rather than ``selectors``: that wrapper costs a method
+call, a key look-up and a tuple per ready socket, on the path of every request
+(docs/benchmarks.md, the hot path).  Events are mapped as ``selectors.EpollSelector`` maps them
+(a hang-up or an error is both readable and writable, within the registered interest), and
+every handler is resolved before the first one runs, as there, so a socket closed and replaced
+by a new one on the same descriptor within one iteration never receives its predecessor's event.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import selectors
 import signal
 import socket
@@ -26,6 +34,7 @@ log = logging.getLogger(__name__)
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
+_EPOLL_EVENTS = {READ: select.EPOLLIN, WRITE: select.EPOLLOUT, READ | WRITE: select.EPOLLIN | select.EPOLLOUT}
 
 
 class _Waker:
@@ -37,9 +46,10 @@ class _Waker:
         self.sock = sock
 
     def handle_event(self, mask: int) -> None:
+        # One read, not a read until EAGAIN: wake-ups are a byte each and far fewer than 4096
+        # per iteration; any left keep the socket readable and are drained next iteration.
         try:
-            while self.sock.recv(4096):
-                pass
+            self.sock.recv(4096)
         except (BlockingIOError, InterruptedError):
             pass
 
@@ -47,12 +57,13 @@ class _Waker:
 class Reactor:
     def __init__(self, clock=time.monotonic, tick: float = 0.01):
         self.clock = clock
-        self.selector = selectors.DefaultSelector()
+        self._epoll = select.epoll()
         self.timers = TimerWheel(clock(), tick=tick)
         self.before_sleep: list = []  # callables returning True when more work is pending
         self.stopping = False
         self.stop_reason = ""
-        self._masks: dict[int, int] = {}
+        self._masks: dict[int, int] = {}  # fd -> registered READ/WRITE mask
+        self._handlers: dict[int, object] = {}  # fd -> its handler
         self._signals_installed = False
         self.on_stall = None  # called with the lateness (s) when select() returned far too late
         self.stall_threshold = float("inf")
@@ -60,7 +71,7 @@ class Reactor:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, READ, _Waker(self._wake_r))
+        self.set_interest(self._wake_r, READ, _Waker(self._wake_r))
 
     # -- registration: one call site per change of interest ----------------------------------
     def set_interest(self, sock: socket.socket, mask: int, handler) -> None:
@@ -70,14 +81,17 @@ class Reactor:
         if old == mask:
             return
         if mask == 0:
-            self.selector.unregister(sock)
-            del self._masks[fd]
-        elif old == 0:
-            self.selector.register(sock, mask, handler)
-            self._masks[fd] = mask
+            del self._masks[fd], self._handlers[fd]
+            try:
+                self._epoll.unregister(fd)
+            except OSError:  # as selectors does: the descriptor is gone already
+                pass
+            return
+        if old == 0:
+            self._epoll.register(fd, _EPOLL_EVENTS[mask])
         else:
-            self.selector.modify(sock, mask, handler)
-            self._masks[fd] = mask
+            self._epoll.modify(fd, _EPOLL_EVENTS[mask])
+        self._masks[fd], self._handlers[fd] = mask, handler
 
     def forget(self, sock: socket.socket) -> None:
         """Unregister ``sock`` before it is closed."""
@@ -125,7 +139,7 @@ class Reactor:
             if max_wait is not None:
                 timeout = max_wait if timeout is None else min(timeout, max_wait)
         before = self.clock()
-        events = self.selector.select(timeout)
+        events = self._poll(timeout)
         after = self.clock()
         # A stall is time the loop did not run when it should have: select() returning far past
         # its timeout (SIGSTOP while idle), or the previous iteration's work taking that long
@@ -136,8 +150,7 @@ class Reactor:
         self._last_wake = after
         if late > self.stall_threshold and self.on_stall is not None:
             self.on_stall(late)
-        for key, mask in events:
-            handler = key.data
+        for handler, mask in events:
             if handler.closed:
                 continue
             try:
@@ -152,6 +165,17 @@ class Reactor:
         except Exception:
             log.exception("timer callback failed")
 
+    def _poll(self, timeout: float | None) -> list:
+        """Wait for events; (handler, READ/WRITE mask) of each ready descriptor."""
+        ready = self._epoll.poll(-1 if timeout is None else timeout, max(len(self._masks), 1))
+        handlers, masks, events = self._handlers, self._masks, []
+        for fd, ev in ready:
+            handler = handlers.get(fd)
+            if handler is not None:
+                mask = (WRITE if ev & ~select.EPOLLIN else 0) | (READ if ev & ~select.EPOLLOUT else 0)
+                events.append((handler, mask & masks[fd]))
+        return events
+
     def run(self) -> None:
         self._last_wake = self.clock()  # start-up work before the loop is not a stall
         while not self.stopping:
@@ -160,6 +184,6 @@ class Reactor:
     def close(self) -> None:
         if self._signals_installed:
             signal.set_wakeup_fd(-1)
-        self.selector.close()
+        self._epoll.close()
         self._wake_r.close()
         self._wake_w.close()

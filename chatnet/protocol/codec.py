@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .texts import INVALID_REQUEST_TEXT, NOT_UTF8_TEXT, TOO_LONG_TEXT  # noqa: F401 (re-exported)
 
@@ -65,17 +66,18 @@ CLOSED = _Sentinel("CLOSED")        # the peer sent EOF and every buffered event
 # --------------------------------------------------------------------------- requests
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(NamedTuple):
     """A syntactically valid request.  ``args`` are already stripped; semantic checks
-    (does the user exist, is the name acceptable...) belong to the chat layer."""
+    (does the user exist, is the name acceptable...) belong to the chat layer.
+
+    A named tuple, not a frozen dataclass: one is made per request, and a frozen dataclass's
+    ``__init__`` costs about three times as much (docs/benchmarks.md, the hot path)."""
 
     op: int
     args: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class BadRequest:
+class BadRequest(NamedTuple):
     """A request the codec rejected; ``text`` is the answer the server sends back
     (status 1, indicator 0).  The connection stays usable after it."""
 
@@ -98,15 +100,15 @@ def parse_request(text: str) -> Request | BadRequest:
     """
     op_text, sep, rest = text.partition("|")
     op = _OPS.get(op_text.strip())
-    if op is None:
-        return _INVALID
-    if op in (1, 2):                                   # create / login: username
-        return Request(op, (rest.strip(),))
-    if op == 3:                                        # send: recipient | text
+    if op == 3:                                        # send: recipient | text (the common one)
         recipient, sep2, message = rest.partition("|")
         if not sep2:
             return _INVALID
         return Request(op, (recipient.strip(), message.strip()))
+    if op is None:
+        return _INVALID
+    if op in (1, 2):                                   # create / login: username
+        return Request(op, (rest.strip(),))
     if op == 4:                                        # list: fnmatch pattern
         return Request(op, (rest.strip() or "*",))
     if op in (5, 6):                                   # delete / exit: params ignored
@@ -217,25 +219,32 @@ class RequestDecoder:
             return
         if not self._line_mode:
             if b"\n" not in data:
-                self._complete(bytes(data))   # seed mode: the whole chunk is a request
+                event = self._complete(bytes(data))   # seed mode: the whole chunk is a request
+                if event is not None:
+                    self._events.append(event)
                 return
             self._line_mode = True
         self._raw += data
 
     def next_event(self) -> Request | BadRequest | _Sentinel:
         """Return the next Request / BadRequest, else NEED_DATA (or CLOSED after EOF)."""
-        while not self._events and self._raw and self._cut_line():
-            pass
         if self._events:
             return self._events.popleft()
+        while self._raw:
+            event = self._cut_line()
+            if event is NEED_DATA:
+                break
+            if event is not None:
+                return event
         if self._eof:
             self._raw.clear()  # a line cut short by EOF is not a request
             self._discarding = False
             return CLOSED
         return NEED_DATA
 
-    def _cut_line(self) -> bool:
-        """Decode the next complete line of the buffer; False when none is complete."""
+    def _cut_line(self) -> Request | BadRequest | _Sentinel | None:
+        """Decode the next line of the buffer: its event, None for a line that makes none
+        (blank, or the tail of an over-long one), NEED_DATA when no line is complete."""
         raw = self._raw
         newline = raw.find(b"\n")
         if newline < 0:
@@ -243,39 +252,35 @@ class RequestDecoder:
                 raw.clear()
                 if not self._discarding:
                     self._discarding = True
-                    self._events.append(_TOO_LONG)
-            return False
-        line = bytes(raw[:newline])
+                    return _TOO_LONG
+            return NEED_DATA
+        line = raw[:newline]
         del raw[:newline + 1]
         if self._discarding:                  # the newline ends the over-long line
             self._discarding = False
-        else:
-            self._complete(line)
-        return True
+            return None
+        return self._complete(line)
 
-    def _complete(self, raw: bytes) -> None:
-        """Turn one complete request's bytes into an event (or nothing if blank).
+    def _complete(self, raw: bytes | bytearray) -> Request | BadRequest | None:
+        """Turn one complete request's bytes into an event (None if blank).
 
         Order matters: the byte bound first, on the same bytes the partial-line check
         measures (so results do not depend on chunking, and a flood is never decoded),
         then the trailing ``\r``, UTF-8, blank lines, and the character count.
         """
         if len(raw) > self._max_bytes:
-            self._events.append(_TOO_LONG)
-            return
+            return _TOO_LONG
         if raw.endswith(b"\r"):
             raw = raw[:-1]
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError:
-            self._events.append(_NOT_UTF8)
-            return
-        if not text.strip():
-            return
-        if len(text) - _envelope(text) > self._max_chars:
-            self._events.append(_TOO_LONG)
-            return
-        self._events.append(parse_request(text))
+            return _NOT_UTF8
+        if not text or text.isspace():  # what strip() would empty: a blank line
+            return None
+        if len(text) > self._max_chars and len(text) - _envelope(text) > self._max_chars:
+            return _TOO_LONG
+        return parse_request(text)
 
 
 ENVELOPE_ALLOWANCE = 64  # bytes: "0|send|" + a 32-character request id + "|" - "3|", with slack
@@ -309,7 +314,18 @@ class ProtocolError(Exception):
     """The server sent bytes that are not a valid response frame."""
 
 
+# Headers of messages under 128 bytes (one byte of length), by (status, indicator): every
+# answer and chat frame of the hot path is one of these, so it is a table look-up rather than
+# building and encoding a three-character string per frame.
+_SHORT_HEADERS = {(status, indicator): [bytes((n, status, 0x30 + indicator)) for n in range(128)]
+                  for status in (STATUS_OK, STATUS_ERROR, STATUS_NOTE)
+                  for indicator in (INDICATOR_SERVER, INDICATOR_CHAT)}
+
+
 def _frame(status: int, indicator: int, payload: bytes) -> bytes:
+    headers = _SHORT_HEADERS.get((status, indicator))
+    if headers is not None and len(payload) < 128:
+        return headers[len(payload)] + payload
     if status not in (STATUS_OK, STATUS_ERROR, STATUS_NOTE):
         raise ValueError(f"status must be 0, 1 or 2, not {status!r}")
     if indicator not in (INDICATOR_SERVER, INDICATOR_CHAT):

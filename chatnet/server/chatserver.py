@@ -93,6 +93,9 @@ class ClientConnection:
         self.identified = False  # a first complete request arrived
         self.admitted = False  # counted as a client (its first bytes were not a peer's preface)
         self.tls_checked = False  # TLS: its first byte was looked at (ClientHello or plaintext)
+        self.mask = 0  # the reactor interest last asked for it (an unchanged one costs no call)
+        # An admitted plaintext client in line mode: its reads skip classification (on_readable)
+        self.steady = False
 
     def handle_event(self, mask: int) -> None:
         if mask & WRITE:
@@ -415,6 +418,11 @@ class ChatServer:
         except ConnectionLost as exc:
             self.close_connection(conn, str(exc))
             return
+        if conn.steady and data:  # the hot path: nothing left to classify, no TLS, line mode
+            conn.last_active = self.reactor.clock()
+            conn.decoder.receive_data(data)
+            self._feed(conn)
+            return
         if data is None:
             if conn.io.tls is not None:  # TLS records without plaintext: the handshake may answer
                 self._tls_progress(conn)
@@ -435,6 +443,8 @@ class ChatServer:
             self._read_on(conn)
         if conn.io.tls is not None and not conn.closed:
             self._tls_progress(conn)
+        conn.steady = conn.admitted and conn.sniff is None and conn.io.tls is None \
+            and conn.decoder.line_mode and (self.tls is None or conn.tls_checked)
 
     # -- TLS (--tls-cert): one byte tells a ClientHello from plaintext; chatnet/loop/tls.py -------
     def _start_tls(self, conn: ClientConnection, data: bytes) -> bool:
@@ -678,7 +688,9 @@ class ChatServer:
             # Output that a flush of this iteration will try first needs no EVENT_WRITE yet:
             # it is registered only for bytes a send() could not take.
             mask |= WRITE
-        self.reactor.set_interest(conn.io.sock, mask, conn)
+        if mask != conn.mask:
+            self.reactor.set_interest(conn.io.sock, mask, conn)
+            conn.mask = mask
 
     # -- the service's effects --------------------------------------------------------------------
     def _apply_effects(self, effects) -> None:

@@ -159,8 +159,11 @@ class ReplicaHost:
         ``list``, a backup's redirect).  Answers of commands come out of :meth:`cycle`."""
         if not self.serves_clients:
             return self.behind_durability(self.redirect(conn))
-        self.service.receive(conn, event)
-        return self.behind_durability(self.service.take_effects())
+        service = self.service
+        service.receive(conn, event)
+        if not service.effects:  # the usual case (a command, answered by a cycle): no new list
+            return []
+        return self.behind_durability(service.take_effects())
 
     @property
     def serves_clients(self) -> bool:
