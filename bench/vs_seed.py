@@ -171,7 +171,8 @@ def load_args(args, config: Config) -> argparse.Namespace:
     """The namespace ``throughput.py``'s workers and ``summarize`` read, for one configuration."""
     return argparse.Namespace(
         rate=args.rate, window=1, size=args.size, senders=args.senders, procs=args.procs,
-        warmup=args.warmup, duration=args.duration, drain=5.0, replicas=max(1, config.replicas), naive=False)
+        warmup=args.warmup, duration=args.duration, drain=5.0, replicas=max(1, config.replicas), naive=False,
+        tls=False)
 
 
 def run_one(args, config: Config) -> dict:

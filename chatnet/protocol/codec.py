@@ -200,6 +200,11 @@ class RequestDecoder:
         or one bad line in practice: line mode decodes on demand)."""
         return len(self._events)
 
+    def has_input(self) -> bool:
+        """Whether ``next_event`` may return anything but NEED_DATA: bytes or events buffered,
+        or the end of the stream to report.  The server skips a connection without any."""
+        return bool(self._events or self._raw or self._eof)
+
     def buffered_bytes(self) -> int:
         """Bytes received and not yet decoded; after ``next_event`` returned NEED_DATA, never
         more than ``max_chars * 4 + 2 + ENVELOPE_ALLOWANCE``."""

@@ -744,7 +744,7 @@ class ChatServer:
         self._apply_effects(result.effects)
         for conn_id in result.unblocked:  # answered: their next request may go now
             conn = self.conns.get(conn_id)
-            if conn is not None and not conn.closed:
+            if conn is not None and not conn.closed and conn.decoder.has_input():
                 self._feed(conn)
         self._flush_dirty()
         return result.more or bool(self._backlog)
@@ -764,7 +764,10 @@ class ChatServer:
             return
         for mark in marks:
             self.service.frames_written(mark)
-        if conn.closing and not conn.io.pending:
+        pending = conn.io.pending
+        if not pending and conn.mask == READ and not (conn.congested or conn.closing):
+            return  # all sent, as usual: no congestion to lift and no interest to change
+        if conn.closing and not pending:
             self.close_connection(conn, "closed")
             return
         self._check_congestion(conn)

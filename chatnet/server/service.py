@@ -259,7 +259,8 @@ class ChatService:
     def receive(self, conn: int, event) -> None:
         """Handle one decoded request (or decoding error) of a connection."""
         session = self.sessions[conn]
-        self._evidence(session)  # a later request: the chat written before it was read
+        if session.written is not None:
+            self._evidence(session)  # a later request: the chat written before it was read
         if isinstance(event, BadRequest):
             self._reply(conn, STATUS_ERROR, event.text)
             return
@@ -809,7 +810,11 @@ class ChatService:
         if conn is None:
             return
         session = self.sessions[conn]
-        if not session.congested:
+        if session.congested:
+            return
+        if session.sent_upto == mail.seq - 1:  # the usual case: all before it went out already
+            self._send_chats(session, [mail])
+        else:
             self._send_chats(session, self.state.mail_after(recipient, session.sent_upto))
 
     def set_congested(self, conn: int, congested: bool) -> None:
@@ -855,7 +860,10 @@ class ChatService:
         written to the socket; an extended one only when the client acknowledges it."""
         if not mails:
             return
-        data = b"".join(chat_frame(mail, session.extended) for mail in mails)
+        if len(mails) == 1:
+            data = chat_frame(mails[0], session.extended)
+        else:
+            data = b"".join(chat_frame(mail, session.extended) for mail in mails)
         session.sent_upto = mails[-1].seq
         mark = None if session.extended else (session.name, session.order, session.sent_upto)
         self.effects.append(Reply(session.conn, data, mark))
