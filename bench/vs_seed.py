@@ -43,6 +43,7 @@ import throughput  # noqa: E402
 
 from chatnet.testing import free_port, port_open, wait_until  # noqa: E402
 
+
 def _find_seed_server(root: str) -> str:
     """``shared/seed/reference-server.py`` beside the checkout, or beside one of its parents (a
     git worktree such as /work/wt/NAME sits one level deeper than the main checkout)."""
