@@ -318,7 +318,7 @@ def test_vote_is_persisted_with_the_promise_and_fences_the_old_view():
     # node 3 campaigns for view 8 (8 % 3 = 2 -> node 3) with a longer log
     r.step(3, ViewChange(view=8, est_view=6, last_view=6, last_index=2, failover=True))
     rd = r.ready()
-    assert rd.hard_state == HardState(6, p, (1, 2, 3), 8)
+    assert rd.hard_state == HardState(6, p, (1, 2, 3), 8, promised_to=3, config=r.config)
     votes = [m for _, m in rd.messages if isinstance(m, Vote)]
     assert votes and votes[0].granted
     r.advance(rd)

@@ -78,6 +78,15 @@ import random
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from .membership import (
+    Config,
+    MembershipError,
+    config_from_bytes,
+    config_to_bytes,
+    decode_config,
+    encode_config,
+    is_config_entry,
+)
 from .messages import (
     Append,
     AppendResp,
@@ -87,11 +96,13 @@ from .messages import (
     Reapply,
     ReapplyAck,
     SnapshotAck,
+    TakeOver,
     ViewChange,
     Vote,
 )
 
-__all__ = ["Replica", "Ready", "DurableState", "HardState", "Snapshot", "Entry",
+__all__ = ["Replica", "Ready", "DurableState", "HardState", "Snapshot", "Entry", "Config",
+           "MembershipError",
            "QUORUM_ALL", "QUORUM_MAJORITY", "QUORUMS",
            "PRIMARY", "BACKUP", "ELECTING", "RECOVERING", "STATUS_CODES",
            "SNAPSHOT_CHUNK", "SNAPSHOT_WINDOW"]
@@ -123,6 +134,11 @@ class HardState:
     primary: int | None            # its primary (None before the first view)
     members: tuple[int, ...]       # its members
     promised: int                  # highest view number promised (>= view)
+    # to whom: a replica grants each view number to one candidate only, ever -- so a view has
+    # one primary even while replicas disagree about the configuration (section 12)
+    promised_to: int | None = None
+    # the newest *committed* configuration (the log holds any newer one)
+    config: Config | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +162,8 @@ class DurableState:
     promised: int | None = None    # None = same as view (older stores)
     # entries a healed split brain's losing side still owes the winner (Ready.handover)
     handover: list[Entry] = field(default_factory=list)
+    promised_to: int | None = None   # None: older stores (the view's rule names the candidate)
+    config: Config | None = None     # None: the cluster's first configuration (--peers)
 
     @classmethod
     def fresh(cls) -> "DurableState":
@@ -185,6 +203,7 @@ class _SnapOut:
     view: int                  # view of the entry at ``index``
     data: memoryview
     force: bool
+    config: bytes = b""        # the configuration in force at ``index``
     sent: int = 0              # bytes sent so far (from ``acked`` again after a rewind)
     acked: int = 0             # bytes the receiver holds in order, as it last told us
     started: bool = False      # a chunk has been sent since the last (re)wind
@@ -246,7 +265,7 @@ class Replica:
                  rng: random.Random | None = None, max_batch: int = 256,
                  max_inflight: int = 4096, retain_entries: int = 10_000,
                  snapshot_chunk: int | None = None, snapshot_window: int | None = None,
-                 quorum: str = QUORUM_ALL) -> None:
+                 quorum: str = QUORUM_ALL, addresses=None) -> None:
         cluster = tuple(cluster)
         if quorum not in QUORUMS:
             raise ValueError(f"quorum must be one of {', '.join(QUORUMS)}")
@@ -256,10 +275,10 @@ class Replica:
         if heartbeat_ticks < 1 or failure_ticks < 2:
             raise ValueError("heartbeat_ticks >= 1 and failure_ticks >= 2 required")
         self.me = me
-        self.cluster = cluster
-        self.n = len(cluster)
-        self._rank = {p: i for i, p in enumerate(cluster)}
-        self.peers = tuple(p for p in cluster if p != me)
+        # The configuration: the newest config entry in my log, else the newest committed one
+        # (persisted with the hard state), else the first one (``cluster``, from --peers).
+        self._base_cfg = durable.config or Config.initial(cluster, addresses)
+        self._use_config(self._base_cfg)
         self.heartbeat_ticks = heartbeat_ticks
         self.failure_ticks = failure_ticks
         self.max_batch = max_batch
@@ -277,6 +296,7 @@ class Replica:
         self._members = tuple(durable.members) or cluster
         self._promised = max(durable.view, durable.promised if durable.promised is not None
                              else durable.view)
+        self._promised_to = durable.promised_to
         self._snap_index = durable.snapshot_index
         self._snap_view = durable.snapshot_view
         self._log: list[Entry] = list(durable.log)
@@ -285,6 +305,7 @@ class Replica:
                 raise ValueError("durable log is not contiguous after the snapshot")
         if durable.applied_index < self._snap_index or durable.applied_index > self.last_index:
             raise ValueError("applied_index outside [snapshot_index, last log index]")
+        self._refresh_config()
         self._applied = durable.applied_index       # applied and advanced
         self._apply_cursor = durable.applied_index  # handed to the host
         self._commit = durable.applied_index
@@ -301,7 +322,7 @@ class Replica:
             entries = tuple(durable.handover)
             self._handover = _Handover(-1, -1, 0, max(e.index for e in entries), entries)
         self._new_incarnation()
-        if self.n == 1:
+        if self._alone():
             self._become_sole_primary()
 
     def _init_volatile(self) -> None:
@@ -314,6 +335,7 @@ class Replica:
         self._fresh: set[int] = set()
         self._info: dict[int, Heartbeat] = {}
         self._heard: dict[int, int] = {}      # tick its last heartbeat arrived
+        self._contacts: dict[int, int] = {}   # non-members heard from -> tick (section 12)
 
         # --- roles
         self._status = RECOVERING
@@ -441,6 +463,9 @@ class Replica:
             "handed_over": self.handed_over,
             "handover_pending": 0 if self._handover is None or self._handover.acked
             else len(self._handover.entries),
+            "config": [[i, a] for i, a in self._cfg.members],
+            "config_index": self._cfg.index,
+            "removed": self.me not in self._rank,
         }
 
     # ------------------------------------------------------------------ helpers
@@ -451,7 +476,9 @@ class Replica:
         self._msgs.append((peer, msg))
 
     def _set_hard(self, *, view: int | None = None, primary: int | None | str = "keep",
-                  members: tuple[int, ...] | None = None, promised: int | None = None) -> None:
+                  members: tuple[int, ...] | None = None, promised: int | None = None,
+                  to: int | None = None) -> None:
+        """Change the hard state; a promise of a higher view is a promise *to* ``to``."""
         if view is not None and view != self._view:
             self._view = view
             self._hs_dirty = True
@@ -462,10 +489,10 @@ class Replica:
             self._members = members
             self._hs_dirty = True
         if promised is not None and promised > self._promised:
-            self._promised = promised
+            self._promised, self._promised_to = promised, to
             self._hs_dirty = True
         if self._promised < self._view:
-            self._promised = self._view
+            self._promised, self._promised_to = self._view, self._primary
             self._hs_dirty = True
         self._max_seen = max(self._max_seen, self._promised)
 
@@ -478,11 +505,92 @@ class Replica:
         self._heard = {}
 
     def _sorted(self, ids) -> tuple[int, ...]:
-        return tuple(sorted(set(ids), key=self._rank.__getitem__))
+        return tuple(sorted(set(ids), key=self._rk))
+
+    def _rk(self, p: int) -> int:
+        """``p``'s election priority (its place in the configuration; after every member if it
+        is not one, e.g. a member of an old view that was removed since)."""
+        return self._rank.get(p, len(self._rank) + p)
+
+    def _alone(self) -> bool:
+        """The configuration is just me: an unreplicated server, primary from the start."""
+        return self.cluster == (self.me,)
+
+    def leader_of(self, view: int) -> int:
+        """The replica that may campaign for ``view`` by my configuration (the view number a
+        candidate picks encodes its place, so two candidates that agree on the configuration
+        never compete for one number)."""
+        return self.cluster[view % self.n]
+
+    def _promised_to_is(self, p: int, view: int) -> bool:
+        """Did I promise ``view`` (my promised view) to ``p``?  Stores from before membership
+        changes did not record to whom: then it was the view's candidate by the fixed rule."""
+        if self._promised_to is not None:
+            return self._promised_to == p
+        return self.n > 0 and self.leader_of(view) == p
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def config(self) -> Config:
+        """The configuration I act on: the newest config entry in my log, else the committed
+        one (docs/replication.md section 12)."""
+        return self._cfg
+
+    def _use_config(self, cfg: Config) -> None:
+        self._cfg = cfg
+        self.cluster = cfg.ids
+        self.n = len(self.cluster)
+        self._rank = {p: i for i, p in enumerate(self.cluster)}
+        self.peers = tuple(p for p in self.cluster if p != self.me)
+        answered = getattr(self, "_answered", None)
+        if answered is not None:   # a new peer starts unsuspected, as every peer at start-up
+            for p in self.peers:
+                answered.setdefault(p, self._ticks)
+            self._learners &= set(self.peers)
+
+    def _refresh_config(self) -> None:
+        """Act on the newest configuration in my log (after a truncation or a snapshot, it
+        may be an older one again: the one in force is always that of my log)."""
+        cfg = self._base_cfg
+        for e in reversed(self._log):
+            if e.index <= cfg.index:
+                break
+            found = self._config_of(e)
+            if found is not None:
+                cfg = found
+                break
+        if cfg != self._cfg:
+            self._use_config(cfg)
+
+    @staticmethod
+    def _config_of(e: Entry) -> Config | None:
+        """The configuration a log entry sets, if it is a (well-formed) config entry."""
+        if not is_config_entry(e.data):
+            return None
+        try:
+            return decode_config(e.data, e.index)
+        except ValueError:
+            return None     # every replica ignores the same malformed entry alike
+
+    def _config_at(self, index: int) -> Config:
+        """The configuration in force at log position ``index`` (for a snapshot there)."""
+        for e in reversed(self._log):
+            if e.index <= index and e.index > self._base_cfg.index:
+                found = self._config_of(e)
+                if found is not None:
+                    return found
+        return self._base_cfg
+
+    def _append(self, e: Entry) -> None:
+        self._log.append(e)
+        if is_config_entry(e.data):
+            cfg = self._config_of(e)
+            if cfg is not None:
+                self._use_config(cfg)      # in force once appended (Raft's rule)
 
     def _next_view_number(self) -> int:
         base = max(self._promised, self._max_seen) + 1
-        r = self._rank[self.me]
+        r = self._rk(self.me)
         return base + ((r - base) % self.n)
 
     def _truncate(self, after: int) -> None:
@@ -490,6 +598,8 @@ class Replica:
         if after >= self.last_index:
             return
         del self._log[after - self._snap_index:]
+        if self._cfg.index > after:
+            self._refresh_config()     # a config entry went: the one before it is in force
         self._stable_last = min(self._stable_last, after)
         self._unstable_from = min(self._unstable_from, after + 1)
         self._pending_trunc = after if self._pending_trunc is None else min(self._pending_trunc, after)
@@ -505,6 +615,7 @@ class Replica:
         self._learners = set()
         self._learner_acked: set[int] = set()    # learners that acknowledged an Append
         self._ready_since: int | None = None    # tick the first learner was in sync
+        self._transfer: tuple[int, int] | None = None   # handing over: (to whom, since tick)
 
     def _become_sole_primary(self) -> None:
         self._status = PRIMARY
@@ -518,7 +629,8 @@ class Replica:
         view = self._view
         if self._primary != self.me or self._members != (self.me,):
             view = self._next_view_number() if self._primary is not None else self._view
-            self._set_hard(view=view, primary=self.me, members=(self.me,), promised=view)
+            self._set_hard(view=view, primary=self.me, members=(self.me,), promised=view,
+                           to=self.me)
             self._hs_dirty = True
         self._start = self.last_index
         self._reset_primary_state()
@@ -532,7 +644,10 @@ class Replica:
         self._reset_primary_state()
 
     def _become_electing(self, backoff: int = 0) -> None:
-        if self.n == 1:
+        if self._alone():
+            return
+        if self.me not in self._rank:   # removed: never campaigns, never votes (section 12)
+            self._become_recovering()
             return
         self._status = ELECTING
         self._serving = False
@@ -555,7 +670,7 @@ class Replica:
         """Somebody promised ``promised``: a serving primary of an older view steps down."""
         if promised > self._max_seen:
             self._max_seen = promised
-        if promised > self._promised and self._status == PRIMARY and self.n > 1:
+        if promised > self._promised and self._status == PRIMARY and not self._alone():
             self._become_electing()
         if (self._campaign is not None and promised > self._campaign.view):
             self._become_electing()
@@ -563,7 +678,7 @@ class Replica:
     # ------------------------------------------------------------------ inputs
     def tick(self) -> None:
         self._ticks += 1
-        if self.n == 1:
+        if self._alone():
             return
         if self._snap_in is not None and self._snap_in.view < self._promised:
             self._snap_in = None     # its later chunks would be refused: free the memory
@@ -571,6 +686,11 @@ class Replica:
         if self._ticks % self.heartbeat_ticks == 0:
             for p in self.peers:
                 self._send_heartbeat(p)
+            for p, heard in list(self._contacts.items()):
+                if self._ticks - heard > self.failure_ticks or p in self._rank:
+                    del self._contacts[p]
+                else:
+                    self._send_heartbeat(p)
         st = self._status
         if st == PRIMARY:
             self._tick_primary()
@@ -587,7 +707,7 @@ class Replica:
         a restarted replica.  Nobody is declared failed because of the stall itself."""
         self._new_incarnation()
         self._snap_in = None         # as after a restart, which would have lost it
-        if self.n == 1:
+        if self._alone():
             return
         self._become_recovering()
 
@@ -602,11 +722,86 @@ class Replica:
         if not self._serving:
             return None
         e = Entry(self.last_index + 1, self._view, bytes(data))
-        self._log.append(e)
+        self._append(e)
         return e.index
 
+    def change_config(self, *, add: str | None = None, remove: int | None = None) -> int:
+        """Serving primary: propose adding a replica at address ``add`` (it gets the next
+        node id) or removing node ``remove``; returns the config entry's index (committed
+        when ``commit_index`` reaches it).  Raises MembershipError saying why not.
+
+        One change at a time: the next is refused until the last config entry committed, so
+        any two configurations in force at once differ by one replica and their majorities
+        intersect (Raft's single-server rule; docs/replication.md section 12)."""
+        cfg = self._cfg
+        if not self._serving:
+            raise MembershipError("not the serving primary")
+        if cfg.index > self._commit:
+            raise MembershipError(f"a membership change is in progress (log entry {cfg.index} "
+                                  f"is not committed yet); try again when it is")
+        if add is not None:
+            if cfg.node_at(add) is not None:
+                raise MembershipError(f"{add} is already a member (node {cfg.node_at(add)})")
+            new = cfg.adding(add)
+        else:
+            new = self._removal(cfg, remove)
+        index = self.propose(encode_config(new))
+        assert index is not None
+        return index
+
+    def hand_over(self) -> int:
+        """Serving primary: stop proposing and hand the primary role to the most up-to-date
+        other member of the view (returned): once it holds my whole log it is told to campaign
+        (``TakeOver``), and wins.  Used before the primary itself is removed; after two
+        failure timeouts without success I serve again."""
+        if not self._serving:
+            raise MembershipError("not the serving primary")
+        others = [p for p in self._members if p in self.peers and not self.suspected(p)]
+        if not others:
+            raise MembershipError("no other member in the view to hand over to "
+                                  "(the last member cannot be removed)")
+        target = max(others, key=lambda p: (self._match.get(p, 0), -self._rk(p)))
+        self._transfer = (target, self._ticks)
+        self._serving = False
+        self._check_transfer()
+        return target
+
+    def _check_transfer(self) -> None:
+        """Handing over: tell the successor to campaign once it holds all my log; give up
+        (serve again) after two failure timeouts."""
+        t = self._transfer
+        if t is None:
+            return
+        target, since = t
+        if self._ticks - since > 2 * self.failure_ticks or target not in self._members:
+            self._transfer = None
+            self._update_serving()
+        elif self._match.get(target, 0) >= self.last_index and self._stable_last >= self.last_index:
+            self._send(target, TakeOver(self._view))
+
+    def _removal(self, cfg: Config, node: int | None) -> Config:
+        if node is None or node not in self._rank:
+            raise MembershipError(f"node {node} is not a member")
+        if node == self.me:
+            raise MembershipError("the primary cannot remove itself: it hands over first")
+        new = cfg.removing(node)
+        stay = [p for p in self._members if p in new.ids]
+        if self.quorum == QUORUM_MAJORITY and not 2 * len(stay) > len(new.ids):
+            raise MembershipError(
+                f"removing node {node} would leave the view ({len(stay)} of {len(new.ids)}) "
+                f"without a majority of the remaining replicas")
+        return new
+
     def step(self, sender: int, msg: object) -> None:
-        if sender == self.me or sender not in self._rank:
+        if sender == self.me:
+            return
+        if sender not in self._rank and not isinstance(msg, (Append, InstallSnapshot)):
+            # Not in my configuration: a replica added while I was away (its primary's Append
+            # or snapshot brings me the entry that adds it), or one removed since.  Its
+            # heartbeats are answered and tell me at most that I left the view; it elects
+            # nobody and is elected by nobody here (section 12).
+            if isinstance(msg, Heartbeat):
+                self._on_contact(sender, msg)
             return
         if isinstance(msg, Heartbeat):
             self._on_heartbeat(sender, msg)
@@ -626,6 +821,9 @@ class Replica:
             self._on_reapply(sender, msg)
         elif isinstance(msg, ReapplyAck):
             self._on_reapply_ack(sender, msg)
+        elif isinstance(msg, TakeOver):
+            if self._status == BACKUP and sender == self._primary and msg.view == self._view:
+                self._start_campaign(failover=False)
         # anything else is ignored
 
     # ------------------------------------------------------------------ heartbeats
@@ -656,7 +854,7 @@ class Replica:
             self._lose_split(m)
         status = _CODE_STATUS.get(m.status)
         if m.view > self._view and status in (PRIMARY, BACKUP) and self.me not in m.members \
-                and self._status != RECOVERING and self.n > 1 and split <= 0:
+                and self._status != RECOVERING and not self._alone() and split <= 0:
             # a newer view was established without me: I was removed.
             self._become_recovering()
         if self._status == RECOVERING and p == self._following and status != PRIMARY:
@@ -670,7 +868,7 @@ class Replica:
             # promise check skips heartbeats it sent before asking me): stop waiting for it.
             self._following = None
         if self._status == PRIMARY and p not in self._members and p in self._fresh \
-                and status == RECOVERING and m.promised <= self._promised:
+                and p in self._rank and status == RECOVERING and m.promised <= self._promised:
             if p not in self._learners:
                 self._learners.add(p)
                 self._learner_acked.discard(p)
@@ -678,6 +876,17 @@ class Replica:
                 self._match[p] = 0
                 self._progress[p] = False
                 self._sent_commit[p] = -1
+
+    def _on_contact(self, p: int, m: Heartbeat) -> None:
+        """A heartbeat of a replica outside my configuration: answer its probes (so that a
+        primary of a newer configuration finds me alive and syncs me), and leave a view it
+        shows was established without me -- nothing else it says counts here."""
+        self._echo[p] = (m.inc, m.seq)
+        self._contacts[p] = self._ticks
+        if m.view > self._view and _CODE_STATUS.get(m.status) == PRIMARY \
+                and self.me not in m.members and self._status in (BACKUP, ELECTING) \
+                and m.promised >= self._promised:
+            self._become_recovering()
 
     def _split_side(self, m: Heartbeat) -> int:
         """Which side wins if ``m`` shows an active view disjoint from my established one.
@@ -693,8 +902,8 @@ class Replica:
         if status not in (PRIMARY, BACKUP) or not theirs or self._primary is None \
                 or theirs & set(self._members) or not theirs <= set(self._rank):
             return 0
-        mine = (len(self._members), -min(self._rank[q] for q in self._members))
-        other = (len(theirs), -min(self._rank[q] for q in theirs))
+        mine = (len(self._members), -min(self._rk(q) for q in self._members))
+        other = (len(theirs), -min(self._rk(q) for q in theirs))
         return 1 if mine > other else -1
 
     def _lose_split(self, m: Heartbeat) -> None:
@@ -721,7 +930,13 @@ class Replica:
 
     # ------------------------------------------------------------------ primary
     def _tick_primary(self) -> None:
-        bad = [p for p in self._members if p != self.me and self.suspected(p)]
+        if self.me not in self._rank:
+            self._become_recovering()    # removed (the host hands over before that: section 12)
+            return
+        # A member removed from the configuration leaves the view once the removal is
+        # committed -- it then holds the entry, so it knows it is out and never campaigns.
+        bad = [p for p in self._members if p != self.me and (self.suspected(p) or (
+            p not in self._rank and self._commit >= self._cfg.index))]
         if bad:
             self._start_campaign(failover=False)
             return
@@ -732,6 +947,7 @@ class Replica:
             if self.suspected(p):
                 self._snap_out.pop(p, None)
         self._retry_snapshots()
+        self._check_transfer()
         if self._ticks % self.heartbeat_ticks == 0:
             for p in self._followers():
                 if not self._progress.get(p) and self._match.get(p, 0) < self.last_index:
@@ -899,13 +1115,13 @@ class Replica:
         self._update_serving()
 
     def _update_serving(self) -> None:
-        if self._status != PRIMARY or self._campaign is not None:
+        if self._status != PRIMARY or self._campaign is not None or self._transfer is not None:
             self._serving = False
             return
         ok = self._stable_last >= self._start and all(
             self._match.get(p, 0) >= self._start for p in self._members if p != self.me)
         self._serving = ok
-        if ok and self.n == 1 and self._stable_last > self._commit:
+        if ok and self._alone() and self._stable_last > self._commit:
             self._commit = self._stable_last
 
     def send_snapshot(self, peer: int, index: int, view: int | None, data: bytes) -> None:
@@ -923,6 +1139,7 @@ class Replica:
                 return
         self._snap_out[peer] = _SnapOut(next(self._snap_ids), index, view,
                                         memoryview(bytes(data)), peer in self._force_snap,
+                                        config_to_bytes(self._config_at(index)),
                                         quiet_since=self._ticks)
         self._force_snap.discard(peer)
         self._next[peer] = index + 1
@@ -943,7 +1160,7 @@ class Replica:
                 view=self._view, index=out.index, snap_view=out.view, commit=self._commit,
                 start=self._start, members=self._members, snap_id=out.snap_id,
                 offset=out.sent, total=total, data=bytes(out.data[out.sent:hi]),
-                echo_inc=self._echo.get(p, (0, 0))[0], force=out.force))
+                echo_inc=self._echo.get(p, (0, 0))[0], force=out.force, config=out.config))
             out.sent, out.started = hi, True
 
     def _on_snapshot_ack(self, p: int, m: SnapshotAck) -> None:
@@ -982,13 +1199,13 @@ class Replica:
             self._send(p, AppendResp(view=self._promised, ok=False, match=0, hint=0,
                                      need_snapshot=False))
             return False
-        if self.n == 1 or self.cluster[view % self.n] != p:
-            return False
+        if self._alone() or (view == self._promised and not self._promised_to_is(p, view)):
+            return False   # (a view has one primary: the one I promised it to, if I did)
         if self._status == PRIMARY and view == self._view:
             return False  # impossible unless misconfigured
         voted = (view == self._promised and self._status == ELECTING and self._campaign is None)
         if view > self._promised:
-            self._set_hard(promised=view)
+            self._set_hard(promised=view, to=p)
         if self._status == BACKUP and view == self._view:
             pass
         elif self._status == ELECTING and voted:
@@ -1047,7 +1264,7 @@ class Replica:
                 self._truncate(e.index - 1)
             if e.index != self.last_index + 1:  # malformed batch
                 return
-            self._log.append(e)
+            self._append(e)
         match = prev + len(m.entries)
         if match > self.last_index or self._leftovers(p, m, match):
             return
@@ -1209,6 +1426,10 @@ class Replica:
         data = self._assemble(p, m)
         if data is None:
             return
+        try:
+            snap_cfg = config_from_bytes(m.config) if m.config else None
+        except ValueError:
+            return     # (an authenticated peer does not send this; ignore rather than crash)
         mine = self.entry_view(m.index)     # None: inside my compacted prefix, or past my log
         split = mine is not None and mine != m.snap_view and m.index <= self._commit
         if (split or self._lost_to is not None and mine != m.snap_view) and not self._diverged:
@@ -1233,6 +1454,10 @@ class Replica:
             if self._diverged or m.force:
                 self._diverged = False
             self._log = []
+            if snap_cfg is not None:
+                self._base_cfg = snap_cfg     # the configuration at the snapshot point
+                self._hs_dirty = True         # (persisted with the snapshot)
+            self._refresh_config()
             self._snap_index, self._snap_view = m.index, m.snap_view
             self._pending_snapshot = Snapshot(m.index, m.snap_view, data)
             self._pending_trunc = None
@@ -1248,6 +1473,7 @@ class Replica:
     def _start_campaign(self, failover: bool, add: set[int] = frozenset()) -> None:
         required = {p for p in self._members if p != self.me and not self.suspected(p)}
         required |= {p for p in add if not self.suspected(p)}
+        required &= set(self.peers)      # members of my configuration only
         if self.quorum == QUORUM_MAJORITY and not self._is_majority(required):
             # The view must hold a majority of the cluster: ask the reachable non-members too
             # (they are synced before the view serves).  Cut off from a majority, do not even
@@ -1258,7 +1484,7 @@ class Replica:
                     self._become_electing()   # stop acknowledging: no majority to fence others
                 return
         w = self._next_view_number()
-        self._set_hard(promised=w)
+        self._set_hard(promised=w, to=self.me)
         self._serving = False
         self._campaign = _Campaign(w, required, {}, failover, self._ticks)
         self._status = ELECTING
@@ -1275,10 +1501,10 @@ class Replica:
             if self._maybe_establish():
                 return
             if self.quorum == QUORUM_MAJORITY and not self._is_majority(c.required):
-                self._become_electing(backoff=self._rank[self.me] + 1)   # no majority left
+                self._become_electing(backoff=self._rk(self.me) + 1)   # no majority left
                 return
             if self._ticks - c.started > 3 * self.failure_ticks:
-                self._become_electing(backoff=self._rank[self.me] + 1)
+                self._become_electing(backoff=self._rk(self.me) + 1)
                 return
             if self._ticks % self.heartbeat_ticks == 0:
                 for p in c.required - set(c.granted):
@@ -1295,9 +1521,10 @@ class Replica:
             return
         # no campaign: should I run?  The best live member by (est view, last view, last
         # index), ties by cluster order, runs at once; the others give it time.
-        live = [p for p in self._members if p != self.me and not self.suspected(p)]
+        live = [p for p in self._members if p != self.me and p in self._rank
+                and not self.suspected(p)]
         best = self.me
-        bkey = (self._my_key(), -self._rank[self.me])
+        bkey = (self._my_key(), -self._rk(self.me))
         for p in live:
             info = self._info.get(p)
             if info is None or p not in self._fresh:
@@ -1313,7 +1540,7 @@ class Replica:
 
     def _is_majority(self, others) -> bool:
         """Would a view of me and ``others`` hold a majority of the cluster?"""
-        return 2 * (1 + len(set(others) - {self.me})) > self.n
+        return 2 * (1 + len((set(others) & set(self.cluster)) - {self.me})) > self.n
 
     def _maybe_establish(self) -> bool:
         c = self._campaign
@@ -1343,15 +1570,16 @@ class Replica:
 
     def _on_view_change(self, p: int, m: ViewChange) -> None:
         self._max_seen = max(self._max_seen, m.view)
-        if self.n == 1 or self.cluster[m.view % self.n] != p:
-            return
+        if self._alone() or p not in self._rank or self.me not in self._rank:
+            return    # only members of my configuration elect, and are elected
         my = self._my_key()
         theirs = _key(m.est_view, m.last_view, m.last_index)
 
         def refuse() -> None:
             self._send(p, Vote(m.view, False, self._promised, *my))
 
-        if m.view < self._promised:
+        if m.view < self._promised or (m.view == self._promised
+                                       and not self._promised_to_is(p, m.view)):
             return refuse()
         if self._campaign is not None and m.view > self._campaign.view and theirs < my:
             return refuse()
@@ -1364,7 +1592,7 @@ class Replica:
         if self._status == RECOVERING and self._following not in (None, p):
             return refuse()
         # grant: the promise is persisted before the vote leaves (Ready ordering)
-        self._set_hard(promised=m.view)
+        self._set_hard(promised=m.view, to=p)
         if self._status in (PRIMARY, BACKUP, ELECTING):
             self._become_electing()
             # Wait for the candidate I voted for rather than run against it (it is at least
@@ -1382,7 +1610,7 @@ class Replica:
             self._maybe_establish()
         elif p in c.required:
             # refused: give way (the refuser is more up to date or preferred)
-            self._become_electing(backoff=self.failure_ticks // 2 + self._rank[self.me])
+            self._become_electing(backoff=self.failure_ticks // 2 + self._rk(self.me))
 
     # ------------------------------------------------------------------ recovery
     def _tick_recovering(self) -> None:
@@ -1438,9 +1666,14 @@ class Replica:
                 or entries or self._msgs or committed or self._snap_requests or self._reapply_in
                 or self._handover_dirty):
             return None
+        for e in committed:
+            if e.index > self._base_cfg.index and (cfg := self._config_of(e)) is not None:
+                self._base_cfg = cfg     # committed: persisted with the entries applied
+                self._hs_dirty = True
         h = self._handover
         rd = Ready(
-            hard_state=HardState(self._view, self._primary, self._members, self._promised)
+            hard_state=HardState(self._view, self._primary, self._members, self._promised,
+                                 self._promised_to, self._base_cfg)
             if self._hs_dirty else None,
             snapshot=self._pending_snapshot,
             truncate_after=self._pending_trunc,

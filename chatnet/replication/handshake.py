@@ -109,12 +109,15 @@ class Responder:
     """The listening side.  ``on_hello(msg)`` -> send the challenge; ``on_proof(msg)`` returns
     the authenticated peer id (or raises HandshakeError)."""
 
-    def __init__(self, secret: bytes, me: int, known: "set[int] | frozenset[int] | tuple[int, ...]",
+    def __init__(self, secret: bytes, me: int, known: "set[int] | frozenset[int] | tuple[int, ...] | None",
                  nonce: bytes, cluster_id: bytes = b"") -> None:
         if not secret:
             raise ValueError("empty secret")
         _check_nonce(nonce)
-        self.secret, self.me, self.known, self.nonce = secret, me, frozenset(known), nonce
+        # known None: any node id (the configuration changes at runtime; the proofs and the
+        # cluster id still decide who is a peer)
+        self.secret, self.me, self.nonce = secret, me, nonce
+        self.known = None if known is None else frozenset(known)
         self.cluster_id = bytes(cluster_id)
         self.peer: int | None = None
         self.done = False
@@ -131,7 +134,7 @@ class Responder:
                 f"give every replica the same --peers, in the same order")
         if msg.responder != self.me:
             raise HandshakeError(f"hello addressed to node {msg.responder}, I am {self.me}")
-        if msg.initiator == self.me or msg.initiator not in self.known:
+        if msg.initiator == self.me or (self.known is not None and msg.initiator not in self.known):
             raise HandshakeError(f"unknown peer id {msg.initiator}")
         _check_nonce(msg.nonce)
         self._hello = msg

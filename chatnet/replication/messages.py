@@ -36,14 +36,15 @@ from typing import Any
 
 __all__ = [
     "Entry", "Heartbeat", "Append", "AppendResp", "ViewChange", "Vote", "InstallSnapshot",
-    "SnapshotAck", "Reapply", "ReapplyAck", "PeerHello", "PeerChallenge", "PeerProof",
+    "SnapshotAck", "Reapply", "ReapplyAck", "TakeOver", "PeerHello", "PeerChallenge", "PeerProof",
     "encode_message", "decode_message", "DecodeError", "PeerFramer", "FrameError",
     "frame", "MAX_PAYLOAD", "WIRE_VERSION",
 ]
 
 # 2: snapshots in chunks (InstallSnapshot.snap_id/offset/total, SnapshotAck) and the cluster
 # id in PeerHello.  A replica of version 1 and one of version 2 refuse each other's hello.
-WIRE_VERSION = 2
+# 3: membership changes (InstallSnapshot.config: the configuration at the snapshot point).
+WIRE_VERSION = 3
 # Far above any message (snapshot chunks are about 256 KiB, Append batches a few hundred
 # entries): it only bounds what one authenticated peer link can make us buffer.
 MAX_PAYLOAD = 64 * 1024 * 1024
@@ -154,6 +155,7 @@ class InstallSnapshot:
     data: bytes
     echo_inc: int = 0
     force: bool = False        # replace the state even if it looks like the same history
+    config: bytes = b""        # the configuration in force at ``index`` (membership.config_to_bytes)
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,14 @@ class ReapplyAck:
 
 
 @dataclass(frozen=True)
+class TakeOver:
+    """Primary -> the member it hands over to (its own removal was asked for): campaign now.
+    Sent once that member holds every entry of the primary, which proposes nothing more, so
+    the member wins the votes of all (docs/replication.md section 12)."""
+    view: int
+
+
+@dataclass(frozen=True)
 class PeerHello:
     """Peer handshake, step 1 (dialler -> listener); see :mod:`chatnet.replication.handshake`.
 
@@ -222,10 +232,11 @@ _SCHEMA: dict[type, tuple[int, str]] = {
     AppendResp: (3, "ubuub"),
     ViewChange: (4, "uuuub"),
     Vote: (5, "ubuuuu"),
-    InstallSnapshot: (6, "uuuuuIuuuBub"),
+    InstallSnapshot: (6, "uuuuuIuuuBubB"),
     SnapshotAck: (7, "uuu"),
     Reapply: (8, "uuE"),       # added within version 2: an older replica closes the link
     ReapplyAck: (9, "uu"),     # on receiving one (only sent while a split brain heals)
+    TakeOver: (10, "u"),
     PeerHello: (16, "uuBB"),
     PeerChallenge: (17, "uBB"),
     PeerProof: (18, "B"),

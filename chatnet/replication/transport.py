@@ -226,7 +226,10 @@ class InboundLink(_Link):
     def __init__(self, transport: PeerTransport, sock: socket.socket | BufferedSocket, addr):
         super().__init__(transport, sock, None)
         self.addr = addr
-        self.responder = Responder(transport.secret, transport.me, transport.peer_ids,
+        # Any node id proven with the secret and the cluster id is taken: the configuration
+        # changes at runtime, and a member added while this replica was away must reach it
+        # (its core decides what that node's messages count for).
+        self.responder = Responder(transport.secret, transport.me, None,
                                    os.urandom(32), transport.cluster_id)
 
     def on_handshake(self, msg) -> None:
@@ -253,15 +256,17 @@ class PeerTransport:
     a hint only — the replication core's failure detector uses heartbeats).
     """
 
-    def __init__(self, reactor: Reactor, me: int, addresses: list[Address], secret: bytes, on_message, on_link_change,
-                 tls=None):
+    def __init__(self, reactor: Reactor, me: int, addresses, secret: bytes, on_message, on_link_change,
+                 tls=None, cluster: bytes | None = None):
         self.reactor = reactor
         self.tls = tls  # chatnet.loop.tls.TLSSettings: every link is TLS, or None
         self.me = me
-        self.addresses = addresses
+        # node id -> address: a --peers list (ids are positions) or the configuration's map
+        self.addresses = dict(addresses) if isinstance(addresses, dict) else dict(enumerate(addresses))
         self.secret = secret
-        self.cluster_id = cluster_id(addresses).encode()   # binds the --peers list
-        self.peer_ids = frozenset(i for i in range(len(addresses)) if i != me)
+        # the cluster id, minted from the first --peers list (given; or computed, for a list)
+        self.cluster_id = cluster if cluster is not None else cluster_id(list(addresses)).encode()
+        self.peer_ids = frozenset(i for i in self.addresses if i != me)
         self.on_message = on_message
         self.on_link_change = on_link_change
         self.outbound: dict[int, OutboundLink | None] = {p: None for p in self.peer_ids}
@@ -293,11 +298,26 @@ class PeerTransport:
         self._mismatches[reason] = (now, 0)
         again = f" [refused {since} more times since the last report]" if since else ""
         log.warning("refused peer %s: %s (ours: --peers %s)%s", who, reason,
-                    format_peers(self.addresses), again)
+                    format_peers(list(self.addresses.values())), again)
 
     # -- dialling ---------------------------------------------------------------------------
+    def set_addresses(self, addresses: dict) -> None:
+        """The configuration changed: dial the nodes added, stop dialling the ones removed."""
+        addresses = {p: a for p, a in addresses.items()}
+        for peer in self.peer_ids - set(addresses):
+            link = self.outbound.pop(peer, None)
+            if link is not None:
+                link.close("removed from the configuration")
+        self.addresses = addresses
+        self.peer_ids = frozenset(i for i in addresses if i != self.me)
+        for peer in sorted(self.peer_ids):
+            if peer not in self.outbound:
+                self.outbound[peer] = None
+                self.backoff[peer] = REDIAL_MIN
+                self._dial(peer)
+
     def _dial(self, peer: int) -> None:
-        if self.stopped or self.outbound.get(peer) is not None:
+        if self.stopped or self.outbound.get(peer) is not None or peer not in self.peer_ids:
             return
         try:
             self.outbound[peer] = OutboundLink(self, peer, self.addresses[peer])
@@ -345,8 +365,12 @@ class PeerTransport:
 
     # -- messages -----------------------------------------------------------------------------
     def send(self, peer: int, msg) -> bool:
-        """Queue ``msg`` on our link to ``peer``; False (dropped) when the link is down."""
+        """Queue ``msg`` on our link to ``peer``; False (dropped) when the link is down.
+        A node we do not dial (not in our configuration: added while we were away) is
+        answered on the link it dialled to us."""
         link = self.outbound.get(peer)
+        if link is None and peer not in self.peer_ids:
+            link = self.inbound.get(peer)
         if link is None or not link.up or link.closed:
             return False
         link.send_raw(msg)

@@ -41,7 +41,7 @@ from .storage import Batch
 from .store import Store, StoreError
 
 STORE_NAME = "chatnet.sqlite3"
-RESET_META = ("primary", "members")  # membership of the old cluster: never carried over
+RESET_META = ("primary", "members", "config", "promised_to")  # membership of the old cluster: never carried over
 
 
 class BackupError(Exception):

@@ -39,6 +39,7 @@ from ..loop.reactor import READ, WRITE, Reactor
 from ..loop.tls import TLSSettings, looks_like_tls
 from ..protocol.codec import CLOSED, NEED_DATA, STATUS_ERROR, RequestDecoder
 from ..protocol.texts import (
+    MEMBERS_PREFACE,
     PREFACES,
     STATUS_AUTH_PREFACE,
     STATUS_PREFACE,
@@ -52,10 +53,11 @@ from ..replication.transport import PeerTransport
 from .background import BackgroundStorage
 from .config import Address, Limits, cluster_id
 from .host import ReplicaHost
+from .members import REQUEST_TIMEOUT, config_addresses
 from .metrics import PUBLISH_INTERVAL, MetricsServer, ReplicaMetrics, TimedStorage
 from .passwords import ThreadHasher
 from .service import Close, Reply, frame
-from .status import StatusChallenge, json_line, public_status
+from .status import MembersChallenge, StatusChallenge, json_line, public_status
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -165,6 +167,40 @@ class _StatusQuery(_ShortLived):
         self.close()
 
 
+class _MembersQuery(_StatusQuery):
+    """A ``chatserver members`` request (chatnet/server/members.py): the proof and request
+    line, then one answer -- at once, or when the change it asked for is committed."""
+
+    def __init__(self, server: ChatServer, io: BufferedSocket, challenge: MembersChallenge):
+        _ShortLived.__init__(self, server, io, server.status_queries, REQUEST_TIMEOUT)
+        self.challenge = challenge
+        self.asked = False
+
+    def feed(self, data: bytes) -> None:
+        if self.asked:
+            return
+        request = self.challenge.receive(data)
+        if request is None:
+            return
+        self.asked = True
+        if request is False:
+            self.answer({"error": "members request refused: wrong cluster secret"})
+        elif self.server.transport is None:
+            self.answer({"error": "this replica runs alone (no --peers): it has no members to change"})
+        else:
+            self.server.replica_host.admin.request(request, self.answer)
+
+    def answer(self, obj: dict) -> None:
+        if self.closed:
+            return
+        self.io.write(json_line({**obj, "cluster_id": self.server.cluster_id.decode()}))
+        try:
+            self.io.flush()
+        except ConnectionLost:
+            pass
+        self.close()
+
+
 def _send_and_close(io: BufferedSocket, line: bytes) -> None:
     """One small line into a fresh socket's buffer (never blocks the loop), then close."""
     io.write(line)
@@ -230,8 +266,14 @@ class ChatServer:
         metrics_port: int | None = None,
         quorum: str = "all",
         tls: TLSSettings | None = None,
+        cluster: bytes | None = None,
     ):
-        self.peers, self.me = peers, me
+        # peers: a --peers list (node ids are positions) or the node id -> address map of the
+        # configuration this replica started from (a joined one); cluster: the cluster id
+        # minted when the cluster was created (default: from the --peers list)
+        self.peers = dict(peers) if isinstance(peers, dict) else dict(enumerate(peers))
+        self.me = me
+        self.cluster_id = cluster if cluster is not None else cluster_id(list(peers)).encode()
         self.host, self.port = peers[me].host, peers[me].port
         self.data_dir = data_dir
         self.reactor = reactor or Reactor()
@@ -242,7 +284,6 @@ class ChatServer:
         self.secret = secret
         self.tls = tls  # TLS on the client port (and peer links), or None: plaintext only
         self._lingering: set[_Lingering] = set()  # --require-tls: refused, draining until closed
-        self.cluster_id = cluster_id(peers).encode()
         self.status_queries: set[_StatusQuery] = set()
         # -- metrics (--metrics-port): chatnet/server/metrics.py ------------------------------
         self.metrics = ReplicaMetrics() if metrics_port is not None else None
@@ -253,12 +294,14 @@ class ChatServer:
         # -- passwords: scrypt off the loop thread, which it wakes when a job is done (passwords.py)
         self.hasher = ThreadHasher(wake=self.reactor.wake)
         self.replica_host = ReplicaHost(
-            me, range(len(peers)), storage, network=self.transport, addresses=peers,
+            me, tuple(self.peers), storage, network=self.transport, addresses=self.peers,
             failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
             naive=naive, limits=limits, hasher=self.hasher, quorum=quorum,
         )
         self.service = self.replica_host.service
         self.replica = self.replica_host.replica
+        self._config = None  # the configuration the transport dials (followed in _before_sleep)
+        self._follow_config()
         if self.metrics is not None:
             self.replica_host.events.metrics = self.metrics
         self.limits = limits or Limits()
@@ -288,7 +331,17 @@ class ChatServer:
         if not secret:
             raise ValueError("a cluster of several replicas needs a secret")
         return PeerTransport(self.reactor, self.me, self.peers, secret, self._on_peer_message,
-                             self._on_link_change, tls=tls)
+                             self._on_link_change, tls=tls, cluster=self.cluster_id)
+
+    def _follow_config(self) -> None:
+        """Dial the members of the configuration in force (it changes with `members add`,
+        `members remove`, and when this replica catches up on such a change)."""
+        config = self.replica.config
+        if config == self._config:
+            return
+        self._config = config
+        if self.transport is not None:
+            self.transport.set_addresses(config_addresses(config))
 
     def _storage(self, data_dir: str, naive: bool):
         """Durable writes on the storage thread, so the loop never waits for fsync (the --naive
@@ -555,6 +608,8 @@ class ChatServer:
                 io.close()
         elif preface == STATUS_AUTH_PREFACE:
             self._start_status_query(io, rest)
+        elif preface == MEMBERS_PREFACE:
+            self._start_status_query(io, rest, members=True)
         elif self.transport is None:
             log.warning("refused peer connection from %s:%d: this replica runs alone", *conn.addr[:2])
             io.close()
@@ -571,21 +626,21 @@ class ChatServer:
         digest, digest_applied = self._state_digest()
         status.update(address=f"{self.host}:{self.port}", clients=len(self.conns), digest=digest,
                       digest_applied=digest_applied,
-                      primary_address=str(self.peers[primary]) if primary is not None else None)
+                      primary_address=self.replica.config.address(primary) if primary is not None else None)
         return status
 
-    def _start_status_query(self, io: BufferedSocket, rest: bytes) -> None:
+    def _start_status_query(self, io: BufferedSocket, rest: bytes, members: bool = False) -> None:
         if len(self.status_queries) >= MAX_STATUS_QUERIES:
             io.close()
             return
-        challenge = StatusChallenge(self.secret, self.cluster_id, os.urandom(32))
+        challenge = (MembersChallenge if members else StatusChallenge)(self.secret, self.cluster_id, os.urandom(32))
         io.write(challenge.challenge())
         try:
             io.flush()
         except ConnectionLost:
             io.close()
             return
-        query = _StatusQuery(self, io, challenge)
+        query = (_MembersQuery if members else _StatusQuery)(self, io, challenge)
         self.reactor.set_interest(io.sock, READ, query)
         if rest:
             query.feed(rest)
@@ -737,6 +792,7 @@ class ChatServer:
         if self.metrics is not None:
             started, last_before = self.metrics.clock(), self.replica.last_index
         result = self.replica_host.cycle()
+        self._follow_config()
         if self.metrics is not None:
             self.metrics.cycle(started, last_before, self.replica)
         if self.transport is not None:
@@ -849,7 +905,7 @@ class ChatServer:
         """Every PUBLISH_INTERVAL: sample the gauges and publish a snapshot for the HTTP thread."""
         status = self.replica_host.status()
         match = getattr(self.replica, "_match", None) or {}  # the primary's view of each follower
-        self.metrics.sample(status, [str(p) for p in self.peers], dict(match), self._clients, len(self.conns))
+        self.metrics.sample(status, dict(self.replica.config.members), dict(match), self._clients, len(self.conns))
         self.metrics.registry.publish()
         self.reactor.timers.call_later(PUBLISH_INTERVAL, self._publish_metrics)
 

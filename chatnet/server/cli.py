@@ -22,6 +22,7 @@ from .config import (
     Limits,
     cluster_id,
     find_self,
+    parse_address,
     parse_peers,
     read_secret,
 )
@@ -37,6 +38,10 @@ examples:
   chatserver --port 5000                  a single server (no replication) on 127.0.0.1:5000
   chatserver --local --replicas 5 --base-port 7000   five local replicas on 7000-7004
   chatserver status [--watch]             role, view and log position of every replica
+  chatserver members [add|remove HOST:PORT] --server HOST:PORT
+                                          list, add or remove replicas of a running cluster
+  chatserver --join 127.0.0.1:1538 --port 4538   a new replica joins the running cluster
+                                          (then `members remove` the one it replaces)
   chatserver --local --tls-cert c.pem --tls-key k.pem --tls-ca ca.pem --require-tls
                                           TLS for clients and between replicas (docs/operations.md)
   chatserver --local --metrics-port 9100  replicas serve Prometheus metrics on 9100, 9101, ...
@@ -83,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--secret-file", default=None,
                         help=f"file holding the cluster secret shared by all replicas (default: {DEFAULT_SECRET_FILE}, "
                              "or <data-dir>/cluster.secret with --local)")
+    parser.add_argument("--join", metavar="HOST:PORT",
+                        help="first start of a new replica: join the running cluster through this member "
+                             "(it is added as node of the next id, catches up, then counts for "
+                             "acknowledgements); needs --port (and --host if not 127.0.0.1). Restarts need "
+                             "no --join: the data directory records the membership")
     parser.add_argument("--local", action="store_true",
                         help="start every replica of --peers on this machine as child processes; Ctrl-C stops all")
     parser.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval (default: 100)")
@@ -199,6 +209,42 @@ def local_peers(n: int, base_port: int | None) -> list[Address]:
     if ports[0] < 1 or ports[-1] > 65535:
         raise ConfigError(f"--base-port {base_port} with --replicas {n} leaves the port range")
     return [Address("127.0.0.1", port) for port in ports]
+
+
+def replica_identity(args: argparse.Namespace, peers: list[Address]):
+    """(node id, addresses, cluster id, data dir, secret) of the replica to run.
+
+    What its data directory recorded wins (chatnet/server/members.py: a joined replica, or one
+    whose cluster changed members since --peers was written); else ``--join`` asks the running
+    cluster to add it; else its place in ``--peers``, recorded for the next start."""
+    from ..replication.membership import Config
+    from .members import join, read_identity, write_identity
+
+    if args.join is not None:
+        if args.port is None:
+            raise ConfigError("--join needs --port (and --host unless it is 127.0.0.1): this replica's address")
+        address = Address(args.host or "127.0.0.1", args.port)
+        data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(args.port))
+        secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE)
+        identity = read_identity(data_dir) or join(parse_address(args.join), address, secret, data_dir)
+        return _recorded(identity, data_dir, secret)
+    me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
+    data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(peers[me].port))
+    identity = read_identity(data_dir)
+    if len(peers) == 1 and identity is None:
+        return me, peers, None, data_dir, None
+    secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE)
+    if identity is None:
+        write_identity(data_dir, me, cluster_id(peers), Config.initial(range(len(peers)), peers))
+        return me, peers, cluster_id(peers).encode(), data_dir, secret
+    return _recorded(identity, data_dir, secret)
+
+
+def _recorded(identity: dict, data_dir: str, secret: bytes):
+    from .members import config_addresses
+
+    return (identity["node"], config_addresses(identity["config"]), identity["cluster_id"].encode(),
+            data_dir, secret)
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -320,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["status"]:
         return status_main(argv[1:])
+    if argv[:1] == ["members"]:
+        from .members import members_main
+
+        return members_main(argv[1:])
     if argv[:1] in (["backup"], ["restore"]):
         from .backup import backup_main, restore_main
 
@@ -343,8 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             extra += ["--require-passwords"] if limits.require_passwords else []
             extra += tls_flags(args)
             return run_local(peers, base, secret_file, extra, metrics_port=args.metrics_port)
-        me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
-        secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE) if len(peers) > 1 else None
+        me, peers, cluster, data_dir, secret = replica_identity(args, peers)
         if args.heartbeat_ms <= 0 or args.failure_timeout_ms < 2 * args.heartbeat_ms:
             raise ConfigError("--failure-timeout-ms must be at least twice --heartbeat-ms, both positive")
         if args.log_retain < 1:
@@ -354,7 +403,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     port = peers[me].port
     setup_logging(args.log_level, args.log_format, str(peers[me]), port)
-    data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(port))
     from .chatserver import ChatServer
 
     try:
@@ -362,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
             log_retain=args.log_retain, naive=args.naive, limits=limits, metrics_port=args.metrics_port,
-            quorum=args.quorum, tls=tls,
+            quorum=args.quorum, tls=tls, cluster=cluster,
         )
         server.start()
     except (StoreError, MetricsError) as exc:

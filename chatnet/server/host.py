@@ -37,7 +37,9 @@ from typing import Protocol
 from ..protocol.codec import STATUS_NOTE
 from ..protocol.texts import T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
 from ..replication.core import PRIMARY, DurableState, Entry, HardState, Ready, Replica
+from ..replication.membership import config_from_meta, config_to_meta, is_config_entry
 from .events import HostEvents
+from .members import MembershipRequests
 from .passwords import InlineHasher
 from .service import ChatService, Close, Reply, frame
 from .state import ChatState, decode_command, encode_command
@@ -91,7 +93,7 @@ class ReplicaHost:
         self.cluster = tuple(cluster)
         self.storage = storage
         self.network = network or _NoPeers()
-        self.addresses = addresses  # index -> printable address, for the redirect note
+        self._addresses = addresses  # the first configuration's addresses (None: ids only)
         loaded = storage.load()
         service_args = {"limits": limits} if limits is not None else {}
         if new_token is not None:
@@ -109,8 +111,9 @@ class ReplicaHost:
         self.replica = Replica(
             me, self.cluster, durable_state(loaded), heartbeat_ticks=1, failure_ticks=failure_ticks,
             rng=rng or random.Random(), retain_entries=retain_entries, quorum=quorum,
-            **({"max_batch": 1, "max_inflight": 1} if naive else {}),
+            addresses=addresses, **({"max_batch": 1, "max_inflight": 1} if naive else {}),
         )
+        self.admin = MembershipRequests(self)  # `chatserver members add/remove` waiting to commit
         self.mode = AWAY  # SERVING, HOLDING (primary reconfiguring its view) or AWAY
         self.reapply = Reapplier(self, loaded)  # a healed split brain's losing side, re-applied here
         self.replica.mark_handover = self.reapply.mark_refused
@@ -170,10 +173,20 @@ class ReplicaHost:
         """Whether client requests are taken here (a backup redirects them instead)."""
         return self.mode != AWAY
 
+    @property
+    def addresses(self):
+        """Node id -> address by the configuration in force (None when the host was given no
+        addresses, as in the simulator)."""
+        if self._addresses is None:
+            return None
+        return dict(self.replica.config.members)
+
     def redirect_text(self) -> str:
         primary = self.replica.primary
-        if self.replica.role == "backup" and primary is not None and primary != self.me and self.addresses:
-            return T_BACKUP_KNOWS.format(address=self.addresses[primary])
+        target = self.admin.handed_to if self.replica.role != "backup" else primary
+        if target is not None and target != self.me and self._addresses is not None \
+                and self.replica.config.address(target) is not None:
+            return T_BACKUP_KNOWS.format(address=self.replica.config.address(target))
         return T_BACKUP_UNKNOWN
 
     def redirect(self, conn: int) -> list:
@@ -312,7 +325,11 @@ class ReplicaHost:
         for entry in rd.committed:
             if entry.index <= self.applied_index:
                 continue  # already in the applied state (replayed after a snapshot)
-            batch.changes.extend(self.reapply.apply(entry))
+            if is_config_entry(entry.data):  # the core's, not the chat's: a no-op in order
+                service.apply(entry.index, ("delivered", []), entry.view)
+                self.admin.committed(entry)
+            else:
+                batch.changes.extend(self.reapply.apply(entry))
             self.applied_index = entry.index
             batch.applied_index = entry.index
             if self.on_applied is not None:
@@ -365,6 +382,7 @@ class ReplicaHost:
                         extra={"event": "not_serving", "role": replica.role, "view": replica.view})
             self._held = []
             self.reapply.lost_primacy()
+            self.admin.lost_primacy()
             self.service.abandon_proposals()
             for conn in list(self.service.sessions):
                 self.service.effects.extend(self.redirect(conn))
@@ -376,12 +394,13 @@ class ReplicaHost:
         if replica.role == PRIMARY or (  # established, syncing its members before serving
                 replica.role == "electing" and replica.primary == self.me
                 and (campaign := replica.status().get("campaign")) is not None
-                and campaign % len(self.cluster) == self.cluster.index(self.me)):
+                and replica.leader_of(campaign) == self.me):
             return HOLDING
         return AWAY
 
     def _name(self, member: int) -> object:
-        return self.addresses[member] if self.addresses else member
+        addresses = self.addresses
+        return addresses.get(member, member) if addresses else member  # (removed since: its id)
 
     def status(self) -> dict:
         status = self.replica.status()
@@ -454,6 +473,8 @@ class Reapplier:
         loser's position is then dropped and reported; an origin there is not checked (the
         command was re-applied on the loser's side because its winner lacked it)."""
         replica, state = self.host.replica, self.host.service.state
+        if is_config_entry(e.data):  # a membership change: the winner's own configuration rules
+            return (e.view, e.index), ("config",), "skip"
         cmd = decode_command(e.data)
         refused = cmd[0] == "refused"
         if refused:
@@ -487,7 +508,7 @@ class Reapplier:
         replica, found = self.host.replica, set()
         for index in range(self.host.applied_index + 1, replica.last_index + 1):
             e = replica.entry(index)
-            cmd = decode_command(e.data) if e is not None else ("",)
+            cmd = decode_command(e.data) if e is not None and not is_config_entry(e.data) else ("",)
             if cmd[0] == "reapply":
                 found.add((cmd[1], cmd[2]))
         return found
@@ -542,7 +563,11 @@ class Reapplier:
 
 
 def hard_state_meta(hs: HardState) -> dict:
-    return {"view": hs.view, "primary": hs.primary, "members": list(hs.members), "promised": hs.promised}
+    meta = {"view": hs.view, "primary": hs.primary, "members": list(hs.members), "promised": hs.promised,
+            "promised_to": hs.promised_to}
+    if hs.config is not None:
+        meta["config"] = config_to_meta(hs.config)
+    return meta
 
 
 def durable_state(loaded: Loaded) -> DurableState:
@@ -564,4 +589,6 @@ def durable_state(loaded: Loaded) -> DurableState:
         applied_index=loaded.applied_index,
         promised=meta.get("promised"),
         handover=[Entry(idx, view, bytes(data)) for idx, view, data in loaded.handover],
+        promised_to=meta.get("promised_to"),
+        config=config_from_meta(meta.get("config")),
     )

@@ -277,6 +277,7 @@ class ReplicaMetrics:
 
     def sample(self, status: dict, peers, match: dict, clients: int, connections: int) -> None:
         """Gauges from the replica's status (called on the loop thread before publishing)."""
+        peers = peers if isinstance(peers, dict) else dict(enumerate(peers))  # node id -> name
         g = self.gauges
         for name in ("view", "last_index", "commit_index", "applied_index", "snapshot_index"):
             g[name].set(status.get(name, 0))
@@ -292,11 +293,11 @@ class ReplicaMetrics:
         if status.get("role") == "primary":
             followers = set(status.get("members", ())) | set(status.get("learners", ()))
             for peer, matched in match.items():
-                if peer in followers and peer != status.get("id"):
+                if peer in followers and peer != status.get("id") and peer in peers:
                     self.peer_lag.set(max(0, status.get("last_index", 0) - matched), peers[peer])
         self.peer_reachable.clear()
         reachable = set(status.get("reachable", ()))
-        for peer in range(len(peers)):
+        for peer in peers:
             if peer != status.get("id"):
                 self.peer_reachable.set(int(peer in reachable), peers[peer])
 

@@ -23,12 +23,20 @@ import hmac
 import json
 
 STATUS_LABEL = b"chatnet-status-auth-v1"
+MEMBERS_LABEL = b"chatnet-members-auth-v1"  # `chatserver members`: same scheme, its own label
+MAX_MEMBERS_LINE = 1024
 PUBLIC_FIELDS = ("address", "role", "serving", "primary_address")
 MAX_LINE = 256  # bytes of a proof line, newline included, with slack
 
 
 def status_proof(secret: bytes, cluster_id: bytes, nonce: bytes) -> bytes:
     return hmac.new(secret, b"\x00".join((STATUS_LABEL, cluster_id, nonce)), hashlib.sha256).digest()
+
+
+def members_proof(secret: bytes, cluster_id: bytes, nonce: bytes, request: bytes) -> bytes:
+    """The proof of a membership request binds the request itself: a changed request fails."""
+    return hmac.new(secret, b"\x00".join((MEMBERS_LABEL, cluster_id, nonce, request)),
+                    hashlib.sha256).digest()
 
 
 def public_status(status: dict) -> dict:
@@ -63,3 +71,36 @@ class StatusChallenge:
         except (UnicodeDecodeError, ValueError):
             return False
         return hmac.compare_digest(proof, status_proof(self.secret, self.cluster_id, self.nonce))
+
+
+class MembersChallenge:
+    """The replica's side of one ``chatserver members`` request (chatnet/server/members.py).
+
+    Like a status query, with two differences: the challenge line also names the cluster id
+    (``<nonce hex> <cluster id>``: the operator may name just one replica, and the id is no
+    longer a function of any --peers list once members change), and the answer line carries
+    the request with its proof, ``<proof hex> <request JSON>``, the proof covering it."""
+
+    def __init__(self, secret: bytes | None, cluster_id: bytes, nonce: bytes):
+        self.secret, self.cluster_id, self.nonce = secret, cluster_id, nonce
+        self.buffer = b""
+
+    def challenge(self) -> bytes:
+        return self.nonce.hex().encode() + b" " + self.cluster_id + b"\n"
+
+    def receive(self, data: bytes):
+        """Feed bytes; None while the line is incomplete, then the request (a dict) if the
+        proof is right, else False."""
+        self.buffer += data
+        line, sep, _ = self.buffer.partition(b"\n")
+        if not sep:
+            return False if len(self.buffer) > MAX_MEMBERS_LINE or not data else None
+        proof_hex, _, request = line.strip().partition(b" ")
+        try:
+            proof = bytes.fromhex(proof_hex.decode("ascii"))
+            ok = self.secret is not None and hmac.compare_digest(
+                proof, members_proof(self.secret, self.cluster_id, self.nonce, request))
+            parsed = json.loads(request) if ok else None
+        except (UnicodeDecodeError, ValueError):
+            return False
+        return parsed if isinstance(parsed, dict) else False
