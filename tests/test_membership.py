@@ -1,0 +1,116 @@
+"""Membership changes at runtime (issue 14 item 2), with real processes: a dead replica is replaced
+in a live cluster under chat load -- a new replica started with ``--join``, then ``chatserver
+members remove`` of the dead one -- and no acknowledged chat is lost, and no client fails over
+more than once (the kill of the primary is the one failover)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from cluster_support import Load, assert_nothing_lost, drain_mailbox
+
+from chatnet.testing import CHATSERVER, Cluster, FailoverClient, NoPrimary, ServerProcess, free_port, wait_until
+
+FAST = ["--heartbeat-ms", "50", "--failure-timeout-ms", "500"]
+
+
+def members(c: Cluster, *args: str, server=None) -> dict:
+    """``chatserver members ... --json`` against ``server`` (default: every original replica)."""
+    where = ["--server", f"{server[0]}:{server[1]}"] if server else ["--peers", c.peers]
+    out = subprocess.run([sys.executable, CHATSERVER, "members", *args, *where, "--secret-file", c.secret_file, "--json"],
+                         capture_output=True, text=True, timeout=60)
+    return json.loads(out.stdout)
+
+
+class CountingClient(FailoverClient):
+    """Counts its connections: every one after the first is a failover."""
+
+    connects = 0
+
+    def connect(self, create: bool = False) -> None:
+        self.connects += 1
+        super().connect(create)
+
+
+class CountingLoad(Load):
+    """The cluster tests' load, its clients counting their connections."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clients: dict[str, CountingClient] = {}
+
+    def _run(self, name: str) -> None:
+        client = self.clients[name] = CountingClient(self.addresses, name, create=True)
+        self.acked[name] = []
+        i = 0
+        while not self.stop_flag.is_set():
+            text = f"{name}-{i}"
+            try:
+                f = client.request(f"3|{self.sink}|{text}")
+            except NoPrimary:
+                continue
+            if f.status == 0 and f.message.startswith("Message sent"):
+                with self.lock:
+                    self.acked[name].append(text)
+            i += 1
+        client.close()
+
+
+def test_a_dead_replica_is_replaced_under_load_with_one_failover_at_most(tmp_path):
+    with Cluster(str(tmp_path / "c"), n=3, extra_args=FAST) as c:
+        primary = c.wait_primary()
+        new = ("127.0.0.1", free_port())
+        everyone = [*c.addresses, new]
+        FailoverClient(everyone, "sink", create=True).close()
+        load = CountingLoad(everyone, "sink", senders=3).start()
+        wait_until(lambda: load.total() >= 60, timeout=20, what="chat before the kill")
+        c.kill(primary)  # the machine dies: the one failover the clients see
+        wait_until(lambda: load.total() >= 120, timeout=20, what="chat after the failover")
+
+        joined = ServerProcess(str(tmp_path / "new"), port=new[1], peers="",
+                               args=["--join", "%s:%d" % c.addresses[(primary + 1) % 3],
+                                     "--secret-file", c.secret_file, *FAST])
+        joined.start()
+        try:
+            dead = "%s:%d" % c.addresses[primary]
+            answer = members(c, "remove", dead)
+            assert answer.get("ok"), answer
+            assert dead not in [a for _, a in answer["config"]["members"]]
+            listing = members(c)
+            assert listing["ok"] and not listing["change_pending"]
+            assert sorted(a for _, a in listing["config"]) == sorted(
+                "%s:%d" % a for a in [*c.addresses, new] if a != c.addresses[primary])
+            # the new replica caught up and counts toward acknowledgements: a member of the view
+            node = next(i for i, a in listing["config"] if a == "%s:%d" % new)
+            wait_until(lambda: node in members(c)["members"], timeout=20, what="the new replica in the view")
+            before = load.total()
+            wait_until(lambda: load.total() >= before + 60, timeout=20, what="chat after the replacement")
+            load.stop()
+            assert_nothing_lost(load, drain_mailbox(everyone, "sink"))
+            failovers = {name: cl.connects - 1 for name, cl in load.clients.items()}
+            assert max(failovers.values()) <= 1, failovers
+            # its data directory records the membership: a restart needs no --join
+            joined.stop()
+            joined.args = ["--secret-file", c.secret_file, *FAST]
+            joined.start()
+            wait_until(lambda: node in members(c)["members"], timeout=20, what="the restarted replica back")
+        finally:
+            load.stop_flag.set()
+            joined.stop()
+
+
+def test_members_refuses_bad_requests(tmp_path):
+    with Cluster(str(tmp_path / "c"), n=3, extra_args=FAST) as c:
+        c.wait_primary()
+        assert "not a member" in members(c, "remove", "127.0.0.1:1")["error"]
+        me = "%s:%d" % c.addresses[0]
+        assert "already a member" in members(c, "add", me)["error"]
+        bad = tmp_path / "bad.secret"
+        bad.write_text("x" * 40)
+        os.chmod(bad, 0o600)
+        out = subprocess.run([sys.executable, CHATSERVER, "members", "--server", me, "--secret-file", str(bad), "--json"],
+                             capture_output=True, text=True, timeout=60)
+        assert "wrong cluster secret" in json.loads(out.stdout)["error"]
