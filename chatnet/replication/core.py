@@ -135,7 +135,7 @@ class HardState:
     members: tuple[int, ...]       # its members
     promised: int                  # highest view number promised (>= view)
     # to whom: a replica grants each view number to one candidate only, ever -- so a view has
-    # one primary even while replicas disagree about the configuration (section 12)
+    # one primary even while replicas disagree about the configuration (section 14)
     promised_to: int | None = None
     # the newest *committed* configuration (the log holds any newer one)
     config: Config | None = None
@@ -335,7 +335,7 @@ class Replica:
         self._fresh: set[int] = set()
         self._info: dict[int, Heartbeat] = {}
         self._heard: dict[int, int] = {}      # tick its last heartbeat arrived
-        self._contacts: dict[int, int] = {}   # non-members heard from -> tick (section 12)
+        self._contacts: dict[int, int] = {}   # non-members heard from -> tick (section 14)
 
         # --- roles
         self._status = RECOVERING
@@ -533,7 +533,7 @@ class Replica:
     @property
     def config(self) -> Config:
         """The configuration I act on: the newest config entry in my log, else the committed
-        one (docs/replication.md section 12)."""
+        one (docs/replication.md section 14)."""
         return self._cfg
 
     def _use_config(self, cfg: Config) -> None:
@@ -646,7 +646,7 @@ class Replica:
     def _become_electing(self, backoff: int = 0) -> None:
         if self._alone():
             return
-        if self.me not in self._rank:   # removed: never campaigns, never votes (section 12)
+        if self.me not in self._rank:   # removed: never campaigns, never votes (section 14)
             self._become_recovering()
             return
         self._status = ELECTING
@@ -732,7 +732,7 @@ class Replica:
 
         One change at a time: the next is refused until the last config entry committed, so
         any two configurations in force at once differ by one replica and their majorities
-        intersect (Raft's single-server rule; docs/replication.md section 12)."""
+        intersect (Raft's single-server rule; docs/replication.md section 14)."""
         cfg = self._cfg
         if not self._serving:
             raise MembershipError("not the serving primary")
@@ -799,7 +799,7 @@ class Replica:
             # Not in my configuration: a replica added while I was away (its primary's Append
             # or snapshot brings me the entry that adds it), or one removed since.  Its
             # heartbeats are answered and tell me at most that I left the view; it elects
-            # nobody and is elected by nobody here (section 12).
+            # nobody and is elected by nobody here (section 14).
             if isinstance(msg, Heartbeat):
                 self._on_contact(sender, msg)
             return
@@ -931,7 +931,7 @@ class Replica:
     # ------------------------------------------------------------------ primary
     def _tick_primary(self) -> None:
         if self.me not in self._rank:
-            self._become_recovering()    # removed (the host hands over before that: section 12)
+            self._become_recovering()    # removed (the host hands over before that: section 14)
             return
         # A member removed from the configuration leaves the view once the removal is
         # committed -- it then holds the entry, so it knows it is out and never campaigns.

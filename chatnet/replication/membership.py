@@ -1,6 +1,6 @@
 """Cluster configurations: which replicas (stable node id, address) make up the cluster.
 
-A configuration is replicated state (docs/replication.md section 12).  It changes only through
+A configuration is replicated state (docs/replication.md section 14).  It changes only through
 a *config entry* in the log -- one change at a time, each adding or removing one replica --
 and the core (:mod:`.core`) acts on the newest configuration in its log as soon as the entry is
 appended (Raft's single-server rule), falling back to the one recorded with its hard state

@@ -195,7 +195,7 @@ class ReapplyAck:
 class TakeOver:
     """Primary -> the member it hands over to (its own removal was asked for): campaign now.
     Sent once that member holds every entry of the primary, which proposes nothing more, so
-    the member wins the votes of all (docs/replication.md section 12)."""
+    the member wins the votes of all (docs/replication.md section 14)."""
     view: int
 
 

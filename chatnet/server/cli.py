@@ -305,7 +305,7 @@ def status_table(peers, secret: bytes | None, as_json: bool, tls: ssl.SSLContext
     if not as_json:
         print(f"{'replica':<22} {'role':<11} {'view':>5} {'primary':<22} {'last':>7} {'commit':>7}  members")
     for addr in peers:
-        status = query_status(addr.host, addr.port, secret=secret, cluster=cluster_id(peers).encode(), tls=tls)
+        status = query_status(addr.host, addr.port, secret=secret, tls=tls)  # the cluster id it names
         if as_json:
             print(json.dumps({"address": str(addr), **(status or {"answered": False})}))
         else:
@@ -331,11 +331,12 @@ def status_row(addr, status: dict | None, peers) -> str:
 
 
 def query_status(host: str, port: int, timeout: float = 1.0, *, secret: bytes | None = None,
-                 cluster: bytes = b"", tls: ssl.SSLContext | None = None) -> dict | None:
+                 cluster: bytes | None = None, tls: ssl.SSLContext | None = None) -> dict | None:
     """One replica's status as a dict, or None when it does not answer.
 
     Without ``secret``: the public fields only (address, role, serving, primary_address).  With
-    the cluster secret and the cluster id of the ``--peers`` list: everything, after the HMAC
+    the cluster secret and the cluster id (``cluster``; None: the one the replica names, since a
+    cluster that changed members is no longer named by any --peers list): everything, after the HMAC
     challenge of chatnet/server/status.py; a refused proof gives ``{"error": ...}``.  With
     ``tls`` (a client context): over TLS, the replica's certificate verified for ``host``."""
     try:
@@ -347,7 +348,9 @@ def query_status(host: str, port: int, timeout: float = 1.0, *, secret: bytes | 
                 sock.sendall(STATUS_PREFACE)
             else:
                 sock.sendall(STATUS_AUTH_PREFACE)
-                nonce = bytes.fromhex(reader.readline().strip().decode("ascii"))
+                nonce_hex, _, named = reader.readline().strip().partition(b" ")
+                nonce = bytes.fromhex(nonce_hex.decode("ascii"))
+                cluster = named if cluster is None else cluster
                 sock.sendall(status_proof(secret, cluster, nonce).hex().encode() + b"\n")
             return json.loads(reader.readline())
     except (OSError, ValueError):

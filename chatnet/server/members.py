@@ -12,7 +12,7 @@ client follows it.  Requests (one JSON object)::
 
 Replica side: :class:`MembershipRequests` turns them into the core's config entries
 (``Replica.change_config``) and answers each when its entry is applied -- committed on every
-member of the view, so the change is durable and in force; docs/replication.md section 12.
+member of the view, so the change is durable and in force; docs/replication.md section 14.
 
 Identity: a replica's data directory holds ``membership.json`` -- its node id, the cluster id
 and the configuration it started from -- written the first time it starts (from ``--peers``, or

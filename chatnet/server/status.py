@@ -6,7 +6,7 @@ serves clients, and the primary's address.  Everything else (view, members, log 
 state digest, counters) reveals topology and progress, so it takes the cluster secret:
 
     client -> replica   CHATNET-STATUS-AUTH\\n
-    replica -> client   <nonce, 64 hex digits>\\n
+    replica -> client   <nonce, 64 hex digits> <cluster id>\\n
     client -> replica   <HMAC-SHA256(K, label | cluster id | nonce), 64 hex digits>\\n
     replica -> client   <the full status as one JSON line>\\n     (or {"error": ...})
 
@@ -56,7 +56,9 @@ class StatusChallenge:
         self.buffer = b""
 
     def challenge(self) -> bytes:
-        return self.nonce.hex().encode() + b"\n"
+        """``<nonce hex> <cluster id>``: the cluster id was minted from the first --peers list and
+        outlives membership changes, so the operator's tool learns it here."""
+        return self.nonce.hex().encode() + b" " + self.cluster_id + b"\n"
 
     def receive(self, data: bytes) -> bool | None:
         """Feed bytes; None while the proof line is incomplete, then whether it is right."""
