@@ -22,6 +22,8 @@ from chatnet.replication.sim import (
     Simulation,
     build_parser,
 )
+from chatnet.replication.simdisk import SimDisk
+from chatnet.server.host import ReplicaHost
 from chatnet.server.state import decode_command
 
 FT = 10   # failure_ticks of the simulated replicas
@@ -431,6 +433,30 @@ def test_seed_175_a_snapshot_from_a_crashed_sender_keeps_the_history():
     the sender's history up to the snapshot, recorded when the transfer was sent: seed 175
     had the sender crash before the last chunk arrived, and the record kept a gap."""
     Simulation(175, 3, steps=300, faults=PARTITIONS, intensity=2.0).run()
+
+
+@pytest.mark.parametrize("seed", [520, 545])
+def test_seeds_520_545_a_learner_whose_log_went_back_is_probed_afresh(seed):
+    """A learner acknowledged appends of the winner, then a forced snapshot sent earlier (a
+    healed split brain) arrived and took its log back below them: its rejects hinted below the
+    match the primary had recorded, which floored every probe, and it never caught up (no
+    convergence after the heal).  The primary now verifies such a learner afresh."""
+    Simulation(seed, 3, steps=300, faults=PARTITIONS, intensity=2.0).run()
+
+
+def test_the_reapply_report_survives_a_restart():
+    """What a winner dropped or refused at heal (status()["reapply"], the dropped sends the
+    checkers read) is written to the store's meta with the iteration that changed it and
+    loaded back at start-up (seed 130 lost it at a restart: an unreported loss)."""
+    disk = SimDisk()
+    host = ReplicaHost(1, (1,), disk)
+    host.cycle()
+    host.reapply._report("dropped", (7, 40), ("send", "alice", "bob", "hi", None), "a test")
+    host.cycle()
+    disk.sync()
+    again = ReplicaHost(1, (1,), disk)
+    assert again.status()["reapply"]["dropped"] == 1
+    assert again.reapply.dropped_sends == [("alice", "bob", "hi")]
 
 
 def _sent_texts(node) -> set:

@@ -1090,6 +1090,12 @@ class Replica:
         else:
             # mismatch: probe backwards with one batch at a time until an ok arrives;
             # rejects of batches sent before the probe started are ignored.
+            if p in self._learners and m.hint < self._match.get(p, 0):
+                # A learner's log went back below what it acknowledged: a forced snapshot
+                # (healed split brain) sent earlier arrived after later appends (seed 520).
+                # Its acks never counted towards commit: verify it afresh from its hint.
+                self._match[p] = 0
+                self._probing.pop(p, None)
             nxt = self._next.get(p, 1)
             at = max(min(nxt, m.hint + 1), self._match.get(p, 0) + 1, 1)
             if m.hint >= min(nxt, self._probing.get(p, nxt)):

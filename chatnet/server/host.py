@@ -214,6 +214,7 @@ class ReplicaHost:
                 break
             self._collect(rd, batch, messages)
         self._follow_role()
+        self.reapply.persist(batch)
         if batch:
             self._submitted = self.storage.submit(batch)
         self.events.after_cycle()
@@ -437,6 +438,10 @@ class Reapplier:
         self.waiting: dict[int, tuple[int, set]] = {}   # loser -> (upto, origins not yet applied)
         self.counts = {"reapplied": 0, "skipped": 0, "dropped": 0, "refused": 0, "no_effect": 0}
         self.dropped_sends: list[tuple] = []
+        saved = loaded.meta.get("reapply") or {}  # the report of earlier runs (persist)
+        self.counts.update(saved.get("counts", {}))
+        self.dropped_sends += [tuple(send) for send in saved.get("dropped_sends", ())]
+        self._persisted = (dict(self.counts), len(self.dropped_sends))
 
     def take(self, handovers: list) -> None:
         """The primary's core received handovers: queue what must be proposed again."""
@@ -492,6 +497,15 @@ class Reapplier:
         if e.index <= replica.snapshot_index or cmd[0] == "delivered":
             return origin, cmd, "drop"
         return origin, cmd, "propose"
+
+    def persist(self, batch) -> None:
+        """Write the report (counts, dropped sends) with the iteration that changed it, in the
+        store's meta, so that it survives a restart of the replica that made it.  Copies: the
+        storage thread may write the batch while the loop goes on."""
+        now = (dict(self.counts), len(self.dropped_sends))
+        if now != self._persisted:
+            self._persisted = now
+            batch.meta["reapply"] = {"counts": now[0], "dropped_sends": list(self.dropped_sends)}
 
     def mark_refused(self, entry):
         """An entry this replica hands over after losing a split brain (the core's hook): a
