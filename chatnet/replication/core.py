@@ -1683,9 +1683,9 @@ class Replica:
             if self._hs_dirty else None,
             snapshot=self._pending_snapshot,
             truncate_after=self._pending_trunc,
-            entries=list(entries),
+            entries=entries,  # slices of the log: new lists already
             messages=self._msgs,
-            committed=list(committed),
+            committed=committed,
             snapshot_requests=self._snap_requests,
             _last_index=self.last_index,
             _applied_to=self._commit if committed else self._apply_cursor,

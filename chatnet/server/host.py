@@ -320,7 +320,7 @@ class ReplicaHost:
             batch.truncate_after = rd.truncate_after if batch.truncate_after is None \
                 else min(batch.truncate_after, rd.truncate_after)
             batch.entries = [e for e in batch.entries if e[0] <= rd.truncate_after]
-        batch.entries.extend((e.index, e.view, e.data) for e in rd.entries)
+        batch.entries.extend(rd.entries)  # an Entry is the tuple (index, view, data)
         if rd.committed and self._epochs:
             service.set_epoch(replica.view)  # committed in this view: sessions learn it first
         for entry in rd.committed:
