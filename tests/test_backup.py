@@ -36,9 +36,11 @@ def restored_mailbox(tmp_path, src: str, name: str) -> list[str]:
     assert mode(data_dir) == 0o700 and mode(os.path.join(data_dir, "chatnet.sqlite3")) == 0o600
     db = sqlite3.connect(os.path.join(data_dir, "chatnet.sqlite3"))
     meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+    state_index = db.execute("SELECT idx FROM state").fetchone()[0]
+    assert db.execute("SELECT count(*) FROM log").fetchone()[0] == 0  # all of it in the snapshot
     db.close()
     assert "members" not in meta and "primary" not in meta  # a new cluster
-    assert meta["applied_index"] == meta["snapshot_index"] and meta["view"] >= meta["snapshot_view"]
+    assert state_index == meta["snapshot_index"] and meta["view"] >= meta["snapshot_view"]
     server = ServerProcess(data_dir, keep_dir=True).start()
     try:
         client = FailoverClient([server.addr], name)
@@ -62,12 +64,15 @@ def test_backup_under_load_restores_every_acknowledged_chat(tmp_path):
             before = [t for texts in load.acked.values() for t in texts]
         backup_replica = next(i for i in range(3) if i != primary)
         copies = {}
-        for i in (primary, backup_replica):  # both while the senders keep going
+        for i in (primary, backup_replica, "network"):  # all while the senders keep going
             dest = str(tmp_path / f"backup-{i}.sqlite3")
-            done = chatserver("backup", dest, "--data-dir", c.replicas[i].data_dir)
+            where = ["--data-dir", c.replicas[i].data_dir] if i != "network" else \
+                ["--peers", c.peers, "--secret-file", c.secret_file]  # over the network, from the primary
+            done = chatserver("backup", dest, *where)
             assert done.returncode == 0, done.stderr
             assert mode(dest) == 0o600 and not os.path.exists(dest + ".tmp")
             copies[i] = dest
+        assert "backup of 127.0.0.1:%d" % c.addresses[primary][1] in done.stdout
         wait_until(lambda: load.total() >= len(before) + 50, timeout=30, what="chat after the backups")
         load.stop()
         events = [json.loads(line) for r in c.replicas for line in r.log().splitlines()
@@ -127,3 +132,31 @@ def test_a_new_three_replica_cluster_grows_from_one_restored_store(tmp_path):
         bob.close()
     finally:
         c.stop_all()
+
+
+def test_a_network_backup_needs_the_cluster_secret(tmp_path):
+    """``backup --server`` answers only a proof made with the cluster secret (the status
+    challenge); with it, the copy is the replica's store, and restores."""
+    c = Cluster(str(tmp_path / "cluster"), n=2)
+    c.start()
+    try:
+        primary = c.wait_primary()
+        alice = FailoverClient(c.addresses, "alice", create=True)
+        FailoverClient(c.addresses, "bob", create=True).close()
+        assert alice.request("3|bob|over the network").message.startswith("Message sent")
+        alice.close()
+        host, port = c.addresses[1 - primary]
+        wrong = str(tmp_path / "wrong.secret")
+        with open(wrong, "w") as f:
+            f.write("0" * 64)
+        os.chmod(wrong, 0o600)
+        dest = str(tmp_path / "b.sqlite3")
+        refused = chatserver("backup", dest, "--server", f"{host}:{port}", "--peers", c.peers, "--secret-file", wrong)
+        assert refused.returncode == 1 and "refused" in refused.stderr and not os.path.exists(dest)
+        done = chatserver("backup", dest, "--server", f"{host}:{port}", "--peers", c.peers,
+                          "--secret-file", c.secret_file)
+        assert done.returncode == 0, done.stderr
+        assert "2 accounts, 1 queued chats" in done.stdout and mode(dest) == 0o600
+    finally:
+        c.stop_all()
+    assert restored_mailbox(tmp_path, dest, "bob") == ["over the network"]

@@ -70,7 +70,7 @@ def test_a_store_written_with_json_entries_replays_to_the_same_state(tmp_path):
     old, new = cmds[:5], cmds[5:]  # written by the JSON version, then by this one after an upgrade
     entries = [(i + 1, 1, json_encode(c)) for i, c in enumerate(old)]
     entries += [(len(old) + i + 1, 2, encode_command(c)) for i, c in enumerate(new)]
-    store.commit(Batch(entries=entries, applied_index=0))
+    store.commit(Batch(entries=entries, sync=True))
     store.close()
     loaded = Store(str(tmp_path)).load()
     replayed = ChatState()

@@ -119,8 +119,10 @@ def test_timed_storage_covers_commit_and_submit():
     m = ReplicaMetrics(clock=lambda: now[0])
     inner = Later()
     store = TimedStorage(inner, m)
-    store.commit(Batch(changes=[("mail+", "bob", 1, "alice", "hi")]))
-    assert store.submit(Batch(changes=[("mail+", "bob", 2, "alice", "hi"), ("next_seq", "bob", 3)])) == 1
+    store.commit(Batch(entries=[(1, 1, b"x")]))
+    store.count_chats(1)
+    assert store.submit(Batch(entries=[(2, 1, b"y")])) == 1
+    store.count_chats(1)
     assert m.chats.values[()] == 2 and m.store_seconds.values[()][2] == 1
     now[0], inner.durable = 0.5, 1
     store.poll()

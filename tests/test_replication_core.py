@@ -710,12 +710,12 @@ def test_reapplied_origins_are_state_applied_once_and_survive_snapshots_and_the_
     """A healed split brain's command is applied once per origin (view, index) on every
     replica: the origin is part of the chat state, so a snapshot that replaces the state (and
     a restart from the store) carries the memory with it (docs/replication.md section 10)."""
-    from chatnet.server.state import DUPLICATE, ChatState, cmd_create, cmd_send
+    from chatnet.server.state import DUPLICATE, ChatState, cmd_create, cmd_send, encode_command
     from chatnet.server.storage import Batch
     from chatnet.server.store import Store
 
     state = ChatState()
-    changes = state.apply(cmd_create("bob"))[1]
+    state.apply(cmd_create("bob"))
     wrapped = ("reapply", 6, 25, cmd_send("amy", "bob", "hi"))
     result, more = state.apply(wrapped)
     assert result != DUPLICATE and ("origin+", 1, 6, 25) in more
@@ -723,8 +723,9 @@ def test_reapplied_origins_are_state_applied_once_and_survive_snapshots_and_the_
     assert state.pending_count("bob") == 1
     copy = ChatState.from_snapshot(state.to_snapshot())
     assert copy.has_origin(6, 25) and copy.apply(wrapped) == (DUPLICATE, [])
-    store = Store(str(tmp_path / "a"))
-    store.commit(Batch(changes=changes + more, applied_index=2))
+    store = Store(str(tmp_path / "a"))  # replayed from the log at start-up
+    store.commit(Batch(entries=[(1, 1, encode_command(cmd_create("bob"))), (2, 6, encode_command(wrapped))],
+                       committed=2, sync=True))
     store.close()
     assert Store(str(tmp_path / "a")).load().state.has_origin(6, 25)
     other = Store(str(tmp_path / "b"))

@@ -100,7 +100,8 @@ PEER_PREFACE = b"CHATNET-PEER\n"
 STATUS_PREFACE = b"CHATNET-STATUS\n"  # public status (chatnet/server/status.py)
 STATUS_AUTH_PREFACE = b"CHATNET-STATUS-AUTH\n"  # full status, for holders of the cluster secret
 MEMBERS_PREFACE = b"CHATNET-MEMBERS\n"  # `chatserver members`, for holders of the cluster secret
-PREFACES = (PEER_PREFACE, STATUS_PREFACE, STATUS_AUTH_PREFACE, MEMBERS_PREFACE)
+BACKUP_PREFACE = b"CHATNET-BACKUP-AUTH\n"  # a copy of the store, for holders of the secret (backup.py)
+PREFACES = (PEER_PREFACE, STATUS_PREFACE, STATUS_AUTH_PREFACE, MEMBERS_PREFACE, BACKUP_PREFACE)
 
 # Connection limits (docs/operations.md): said once, then the connection is closed.
 T_SERVER_FULL = "Server is full: too many connections. Try again later."

@@ -1,13 +1,12 @@
 """The simulator's disk: a :class:`~chatnet.server.storage.Storage` in memory that forgets, at a
 simulated crash, what was never synced.
 
-It keeps what SQLite keeps, in the shape the replica host expects back at start-up: a base
-snapshot of the chat state (at ``snapshot_index``), the retained log tail, and the meta keys
-(view, primary, members, promised, applied_index, snapshot_*), and the handover a healed split
-brain's losing side still owes the winner.  The applied state is not
-stored row by row; it is rebuilt at load time by applying the logged commands from the base
-snapshot up to ``applied_index``, which is exactly the promise the real store makes ("the
-applied index and the rows it describes are written together").
+It keeps what SQLite keeps (chatnet/server/store.py), in the shape the replica host expects
+back at start-up: the stored snapshot of the chat state (``base`` at ``base_index``), the
+retained log tail with the commit index written with each row, the meta keys (view, primary,
+members, promised, snapshot_*: the log's base), and the handover a healed split brain's losing
+side still owes the winner.  The applied state is rebuilt at load time by replaying the
+committed log after the snapshot (chatnet/server/storage.py), exactly as the real store does.
 
 Un-synced batches (``Batch.sync`` false: only applying entries that are already durable) sit
 in a queue; a synced batch makes every queued one durable before itself, as SQLite's WAL does.
@@ -19,8 +18,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from ..server.state import ChatState, decode_command
-from ..server.storage import Batch, Loaded
+from ..server.state import ChatState
+from ..server.storage import Batch, Loaded, committed_index, replay
 
 
 @dataclass
@@ -28,21 +27,32 @@ class _Record:
     """A batch frozen at commit time (the host keeps mutating its live state afterwards)."""
 
     snapshot: tuple | None  # (index, view, state bytes)
+    checkpoint: tuple | None  # (index, view, state bytes)
     truncate_after: int | None
-    entries: list
+    entries: list  # (idx, view, data, committed)
     meta: dict
     compact_upto: int | None
     handover: list | None
 
 
+def _frozen(snapshot: tuple | None) -> tuple | None:
+    if snapshot is None:
+        return None
+    index, view, state = snapshot
+    return index, view, bytes(state) if isinstance(state, (bytes, bytearray)) else state.to_snapshot()
+
+
 @dataclass
 class SimDisk:
     base: bytes = field(default_factory=lambda: ChatState().to_snapshot())
-    log: list = field(default_factory=list)  # (idx, view, data), contiguous after snapshot_index
+    base_index: int = 0  # the index ``base`` (the stored snapshot of the state) was taken at
+    base_view: int = 0
+    log: list = field(default_factory=list)  # (idx, view, data, committed), contiguous
     meta: dict = field(default_factory=dict)
     handover: list = field(default_factory=list)  # (idx, view, data), as the store's handover table
     unsynced: list = field(default_factory=list)
     snapshots: int = 0  # snapshots installed (the simulator's statistics)
+    checkpoints: int = 0  # the host's own snapshots written
     fail_after_commit: bool = False  # crash injection: the next commit lands, then the "machine" dies
     # Asynchronous commits, as BackgroundStorage makes them: submitted batches wait in
     # ``in_flight`` until the simulator calls complete(); a crash loses those still waiting.
@@ -53,12 +63,13 @@ class SimDisk:
 
     # -- Storage --------------------------------------------------------------------------------
     def load(self) -> Loaded:
-        state = ChatState.from_snapshot(self.base)
         applied = self.applied_index
-        for idx, _view, data in self.log:
-            if self.snapshot_index < idx <= applied:
-                state.apply(decode_command(data))
-        return Loaded(state, applied, dict(self.meta), list(self.log), list(self.handover))
+        state = replay(ChatState.from_snapshot(self.base), self.log, self.base_index, applied)
+        meta = dict(self.meta)
+        if not self.log:
+            meta.update(snapshot_index=self.base_index, snapshot_view=self.base_view)
+        return Loaded(state, applied, meta, [e[:3] for e in self.log], list(self.handover),
+                      self.base_index, len(self.base))
 
     def submit(self, batch: Batch) -> int:
         """Queue ``batch``; with ``delay_commits`` it lands only when complete() says so."""
@@ -83,16 +94,12 @@ class SimDisk:
         self._land(self._freeze(batch), batch.sync)
 
     def _freeze(self, batch: Batch) -> _Record:
-        meta = dict(batch.meta)
-        if batch.applied_index is not None:
-            meta["applied_index"] = batch.applied_index
-        snap = None
         if batch.snapshot is not None:
-            index, view, state = batch.snapshot
-            snap = (index, view, state if isinstance(state, (bytes, bytearray)) else state.to_snapshot())
             self.snapshots += 1
         handover = list(batch.handover) if batch.handover is not None else None
-        return _Record(snap, batch.truncate_after, list(batch.entries), meta, batch.compact_upto, handover)
+        entries = [(idx, view, data, batch.committed) for idx, view, data in batch.entries]
+        return _Record(_frozen(batch.snapshot), _frozen(batch.checkpoint), batch.truncate_after, entries,
+                       dict(batch.meta), batch.compact_upto, handover)
 
     def _land(self, record: _Record, sync: bool) -> None:
         self.unsynced.append(record)
@@ -123,44 +130,38 @@ class SimDisk:
 
     @property
     def snapshot_index(self) -> int:
-        return self.meta.get("snapshot_index", 0)
+        """The log's base: the index before its first retained entry."""
+        return self.log[0][0] - 1 if self.log else self.base_index
 
     @property
     def applied_index(self) -> int:
-        return self.meta.get("applied_index", 0)
+        """What a restart would apply: the stored snapshot plus the committed log after it."""
+        return committed_index(self.base_index, self.log)
 
     def entry_data(self, index: int) -> bytes | None:
-        for idx, _view, data in self.log:
+        for idx, _view, data, _committed in self.log:
             if idx == index:
                 return data
         return None
 
     def _write(self, r: _Record) -> None:
         if r.snapshot is not None:
-            index, view, data = r.snapshot
-            self.base, self.log = data, []
-            self.meta.update(snapshot_index=index, snapshot_view=view, applied_index=index)
+            self.base_index, self.base_view, self.base = r.snapshot
+            self.log = []
+        if r.checkpoint is not None:
+            self.base_index, self.base_view, self.base = r.checkpoint
+            self.checkpoints += 1
         if r.truncate_after is not None:
             self.log = [e for e in self.log if e[0] <= r.truncate_after]
         for entry in r.entries:
             if self.log and self.log[-1][0] >= entry[0]:  # INSERT OR REPLACE of a suffix
                 self.log = [e for e in self.log if e[0] < entry[0]]
             self.log.append(entry)
-        base_index = self.snapshot_index
         self.meta.update(r.meta)
         if r.compact_upto is not None:
-            self._compact(base_index, r.compact_upto)
+            self.log = [e for e in self.log if e[0] > r.compact_upto]
         if r.handover is not None:
             self.handover = list(r.handover)
-
-    def _compact(self, base_index: int, upto: int) -> None:
-        """Move the base snapshot from ``base_index`` up to ``upto`` and drop the log up to it."""
-        state = ChatState.from_snapshot(self.base)
-        for idx, _view, data in self.log:
-            if base_index < idx <= upto:
-                state.apply(decode_command(data))
-        self.base = state.to_snapshot()
-        self.log = [e for e in self.log if e[0] > upto]
 
 
 class SimCrash(Exception):

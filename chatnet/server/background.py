@@ -17,7 +17,10 @@ re-raised on the loop thread at the next release: the replica stops rather than 
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
+import signal
 import threading
 from collections import deque
 
@@ -37,6 +40,8 @@ class BackgroundStorage:
         self._queue: deque[Batch] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        # the host's checkpoints (host.Checkpoints) serialize the state in a forked child
+        self.snapshotter = ForkSnapshots(self.wake) if hasattr(os, "fork") else None
         self._thread = threading.Thread(target=self._run, name="chatnet-storage", daemon=True)
         self._thread.start()
 
@@ -87,9 +92,99 @@ class BackgroundStorage:
                                      timeout) and self.error is None
 
     def close(self) -> None:
+        if self.snapshotter is not None:
+            self.snapshotter.close()
         self.flush(timeout=30)
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
         self._thread.join(timeout=30)
         self.store.close()
+
+
+class ForkSnapshots:
+    """Serializes the chat state in a forked child: copy-on-write, as Redis' BGSAVE does.
+
+    The loop pauses only for ``fork()`` (about 4 ms for a 200 MB replica here: docs/benchmarks.md)
+    instead of the whole serialization (a third of a second for 10,000 accounts and 100,000
+    queued chats); the child sees the state exactly as of the fork, writes its bytes into a pipe
+    and exits; a reader thread collects them, reaps the child and wakes the reactor.  The child
+    closes every other file descriptor at once (the listening socket, peer links, the store), so
+    a replica restarted while a child still runs can bind its port again, and it exits with
+    status 0 only after writing everything: a child that dies is a checkpoint skipped, never a
+    torn one.  One at a time (``busy``)."""
+
+    def __init__(self, wake) -> None:
+        self.wake = wake
+        self._pid: int | None = None
+        self._thread: threading.Thread | None = None
+        self._done: tuple | None = None
+        self._finished = False
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None
+
+    def start(self, state, index: int, view: int, epoch: int) -> None:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            _serialize_in_child(state, read_end, write_end)  # never returns
+        os.close(write_end)
+        self._pid, self._finished, self._done = pid, False, None
+        self._thread = threading.Thread(target=self._collect, args=(read_end, pid, (index, view, epoch)),
+                                        name="chatnet-snapshot", daemon=True)
+        self._thread.start()
+
+    def _collect(self, read_end: int, pid: int, what: tuple) -> None:
+        with os.fdopen(read_end, "rb") as pipe:
+            data = pipe.read()
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) == 0:
+            index, view, epoch = what
+            self._done = (index, view, data, epoch)
+        else:
+            log.warning("the checkpoint child %d failed (status %d): checkpoint skipped", pid, status)
+        self._finished = True
+        self.wake()
+
+    def take(self) -> tuple | None:
+        """The finished checkpoint (index, view, bytes, epoch), once; None while it runs."""
+        if self._thread is None or not self._finished:
+            return None
+        self._thread.join()
+        self._thread = self._pid = None
+        done, self._done = self._done, None
+        return done
+
+    def close(self) -> None:
+        """Stop a child still running (shutdown) and reap it."""
+        if self._pid is not None and not self._finished:
+            try:
+                os.kill(self._pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._thread = self._pid = self._done = None
+
+
+def _serialize_in_child(state, read_end: int, write_end: int) -> None:
+    """The forked child: write ``state``'s snapshot bytes to ``write_end``, then exit."""
+    code = 1
+    try:
+        gc.disable()  # touching every object would copy every page
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            try:
+                signal.signal(signum, signal.SIG_DFL)
+            except ValueError:  # forked from a thread other than the main one (tests)
+                break
+        os.closerange(3, write_end)
+        os.closerange(write_end + 1, os.sysconf("SC_OPEN_MAX"))
+        os.nice(5)  # the replica's own threads come first on a busy machine
+        view = memoryview(state.to_snapshot())
+        while view:
+            view = view[os.write(write_end, view):]
+        code = 0
+    finally:
+        os._exit(code)

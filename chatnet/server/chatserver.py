@@ -39,6 +39,7 @@ from ..loop.reactor import READ, WRITE, Reactor
 from ..loop.tls import TLSSettings, looks_like_tls
 from ..protocol.codec import CLOSED, NEED_DATA, STATUS_ERROR, RequestDecoder
 from ..protocol.texts import (
+    BACKUP_PREFACE,
     MEMBERS_PREFACE,
     PREFACES,
     STATUS_AUTH_PREFACE,
@@ -51,6 +52,7 @@ from ..protocol.texts import (
 )
 from ..replication.transport import PeerTransport
 from .background import BackgroundStorage
+from .backup import StoreCopy
 from .config import Address, Limits, cluster_id
 from .host import ReplicaHost
 from .members import REQUEST_TIMEOUT, config_addresses
@@ -72,6 +74,7 @@ SWEEP_INTERVAL = 1.0  # seconds between checks of handshake and idle timeouts
 STATUS_PER_SECOND = 50  # public status answers per second; more queries are closed unanswered
 MAX_STATUS_QUERIES = 16  # authenticated status queries in progress at once
 STATUS_TIMEOUT = 5.0  # seconds an authenticated status query has to send its proof
+BACKUP_TIMEOUT = 600.0  # seconds a network backup may take, proof, copy and transfer
 DIGEST_MAX_AGE = 1.0  # seconds a status digest of the state may be reused
 # -- TLS (--tls-cert, --require-tls): the answer to a plaintext client when TLS is required
 
@@ -199,6 +202,60 @@ class _MembersQuery(_StatusQuery):
         except ConnectionLost:
             pass
         self.close()
+
+
+class _BackupQuery(_StatusQuery):
+    """``chatserver backup --server``: once the status proof checks, a copy of the store is made
+    on a thread (:class:`~.backup.StoreCopy`) and streamed back as the socket takes it."""
+
+    def __init__(self, server: ChatServer, io: BufferedSocket, challenge: StatusChallenge):
+        _ShortLived.__init__(self, server, io, server.status_queries, BACKUP_TIMEOUT)
+        self.challenge = challenge
+        self.copy: StoreCopy | None = None
+
+    def handle_event(self, mask: int) -> None:
+        if self.copy is None:
+            super().handle_event(mask)
+        elif mask & WRITE:
+            self._send()
+
+    def feed(self, data: bytes) -> None:
+        verdict = self.challenge.receive(data)
+        if verdict is None:
+            return
+        if not verdict:
+            return super().feed(b"")  # the refusal line, as a status query's
+        self.server.reactor.set_interest(self.io.sock, 0, self)
+        self.copy = StoreCopy(self.server.replica_host.storage.path, self.server.reactor.wake)
+        self.server.reactor.before_sleep.append(self._ready)
+
+    def _ready(self) -> None:
+        """Each loop pass until the copy is made: then queue it and write as the socket takes it."""
+        if self.closed or not self.copy.done:
+            return
+        self.server.reactor.before_sleep.remove(self._ready)
+        self.io.write(self.copy.answer())
+        self.copy.data = None
+        self._send()
+
+    def _send(self) -> None:
+        try:
+            self.io.flush()
+        except ConnectionLost:
+            return self.close()
+        if self.io.pending:
+            self.server.reactor.set_interest(self.io.sock, WRITE, self)
+        else:
+            self.close()
+
+    def close(self) -> None:
+        if self.copy is not None and self._ready in self.server.reactor.before_sleep:
+            self.server.reactor.before_sleep.remove(self._ready)
+        super().close()
+
+
+# Authenticated queries by their preface: each answers the status challenge first.
+_AUTHENTICATED = {STATUS_AUTH_PREFACE: _StatusQuery, MEMBERS_PREFACE: _MembersQuery, BACKUP_PREFACE: _BackupQuery}
 
 
 def _send_and_close(io: BufferedSocket, line: bytes) -> None:
@@ -606,10 +663,8 @@ class ChatServer:
                 _send_and_close(io, json_line(public_status(self.status())))
             else:
                 io.close()
-        elif preface == STATUS_AUTH_PREFACE:
-            self._start_status_query(io, rest)
-        elif preface == MEMBERS_PREFACE:
-            self._start_status_query(io, rest, members=True)
+        elif preface in _AUTHENTICATED:
+            self._start_status_query(io, rest, _AUTHENTICATED[preface])
         elif self.transport is None:
             log.warning("refused peer connection from %s:%d: this replica runs alone", *conn.addr[:2])
             io.close()
@@ -629,18 +684,21 @@ class ChatServer:
                       primary_address=self.replica.config.address(primary) if primary is not None else None)
         return status
 
-    def _start_status_query(self, io: BufferedSocket, rest: bytes, members: bool = False) -> None:
+    def _start_status_query(self, io: BufferedSocket, rest: bytes, kind: type) -> None:
+        """An authenticated query (status, members or backup: ``kind``): the challenge now, the
+        proof and what it asks for as they arrive."""
         if len(self.status_queries) >= MAX_STATUS_QUERIES:
             io.close()
             return
-        challenge = (MembersChallenge if members else StatusChallenge)(self.secret, self.cluster_id, os.urandom(32))
+        challenge = (MembersChallenge if kind is _MembersQuery else StatusChallenge)(
+            self.secret, self.cluster_id, os.urandom(32))
         io.write(challenge.challenge())
         try:
             io.flush()
         except ConnectionLost:
             io.close()
             return
-        query = (_MembersQuery if members else _StatusQuery)(self, io, challenge)
+        query = kind(self, io, challenge)
         self.reactor.set_interest(io.sock, READ, query)
         if rest:
             query.feed(rest)

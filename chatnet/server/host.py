@@ -16,9 +16,12 @@ One call of :meth:`ReplicaHost.cycle` is one loop iteration (etcd raft's Ready/A
 1. propose the commands the service queued (or hold them while the view is reconfigured);
 2. drain every ``Ready`` the core has, applying committed commands to the in-memory state and
    advancing the core — nothing leaves the process yet;
-3. write all of it to storage in **one** transaction (log entries, truncation, hard state, an
-   installed snapshot, the applied state and index, log compaction) — group commit; it is
-   synced whenever it holds anything an election or an acknowledgement relies on;
+3. write all of it to storage in **one** transaction (log entries with the commit index known,
+   truncation, hard state, an installed snapshot, log compaction) — group commit; it is synced
+   whenever it holds anything an election or an acknowledgement relies on.  The applied chat
+   state itself stays in memory: now and then a *checkpoint* (the state serialized at the
+   applied index, off the loop where the storage offers it) replaces the stored snapshot and
+   lets the log below it go (:class:`Checkpoints`);
 4. only then send the peer messages and release the clients' answers and live chat.
 
 Because nothing is observable before step 3 completes, advancing the core before the write is
@@ -105,6 +108,8 @@ class ReplicaHost:
         # server (off the loop thread), InlineHasher in tests and the simulator (deterministic).
         self.hasher = hasher or InlineHasher()
         self.applied_index = loaded.applied_index
+        self.checkpoints = Checkpoints(self, loaded, retain_entries)
+        self._count_chats = getattr(storage, "count_chats", None)  # metrics.TimedStorage
         # Benchmark baseline (--naive): one command per iteration (one fsync per command) and
         # one entry in flight per backup (stop-and-wait) instead of group commit + pipelining.
         self.naive = naive
@@ -215,7 +220,11 @@ class ReplicaHost:
             self._collect(rd, batch, messages)
         self._follow_role()
         self.reapply.persist(batch)
+        self.checkpoints.due(batch)
+        if batch.chats and self._count_chats is not None:
+            self._count_chats(batch.chats)
         if batch:
+            batch.committed = self.applied_index
             self._submitted = self.storage.submit(batch)
         self.events.after_cycle()
         service = self.service
@@ -309,10 +318,10 @@ class ReplicaHost:
             self.applied_index = rd.snapshot.index
             batch.snapshot = (rd.snapshot.index, rd.snapshot.view, rd.snapshot.data)  # bytes, not the live state
             batch.entries.clear()  # the snapshot replaces the whole log
-            batch.changes.clear()  # and the whole state
+            batch.checkpoint = None  # and the whole state
             batch.truncate_after = None
             batch.compact_upto = None
-            batch.applied_index = None  # the snapshot's own index is written with it
+            self.checkpoints.installed(rd.snapshot.index, len(rd.snapshot.data))
             batch.meta.update(snapshot_index=rd.snapshot.index, snapshot_view=rd.snapshot.view)
             batch.sync = True
             self.events.snapshot_installed(rd.snapshot.index, len(rd.snapshot.data))
@@ -330,9 +339,9 @@ class ReplicaHost:
                 service.apply(entry.index, ("delivered", []), entry.view)
                 self.admin.committed(entry)
             else:
-                batch.changes.extend(self.reapply.apply(entry))
+                batch.chats += sum(1 for change in self.reapply.apply(entry) if change[0] == "mail+")
             self.applied_index = entry.index
-            batch.applied_index = entry.index
+            self.checkpoints.applied(len(entry.data))
             if self.on_applied is not None:
                 self._applied_now.append((entry.index, entry.data))
         if rd.hard_state is not None:
@@ -350,8 +359,9 @@ class ReplicaHost:
             self.events.snapshot_sent(peer, self.applied_index, len(data))
         replica.advance(rd)
         compact = replica.suggested_compaction()
-        if compact is not None:
-            compact = min(compact, self.applied_index)
+        if compact is not None:  # never below the stored snapshot: start-up replays from it
+            compact = min(compact, self.applied_index, self.checkpoints.stored_index)
+        if compact is not None and compact > replica.snapshot_index:
             batch.meta.update(snapshot_index=compact, snapshot_view=replica.entry_view(compact) or 0)
             batch.compact_upto = compact
             replica.compact(compact)
@@ -410,8 +420,98 @@ class ReplicaHost:
         return status
 
     def close(self) -> None:
+        """Stop: a last checkpoint (so the next start replays little), then close the storage."""
         self.hasher.close()
-        self.storage.close()
+        try:
+            self.checkpoints.final()
+        finally:
+            self.storage.close()
+
+
+class InlineSnapshots:
+    """Serializes the state at once, on the loop (the simulator, tests, ``--naive``)."""
+
+    busy = False
+
+    def __init__(self) -> None:
+        self._done: tuple | None = None
+
+    def start(self, state: ChatState, index: int, view: int, epoch: int) -> None:
+        self._done = (index, view, state.to_snapshot(), epoch)
+
+    def take(self) -> tuple | None:
+        done, self._done = self._done, None
+        return done
+
+    def close(self) -> None:
+        self._done = None
+
+
+class Checkpoints:
+    """When the host snapshots its in-memory chat state into the storage (issue 12).
+
+    A checkpoint is due once at least ``every`` entries (``--log-retain``) were applied since
+    the stored snapshot *and* their commands add up to at least that snapshot's size: the log
+    start-up must replay is then bounded by about twice the state, and serializing costs about
+    as much as the log writes did, so a big state is snapshotted less often than a small one.
+    The serialization runs where the storage offers (``storage.snapshotter``: a forked child in
+    the real server, so the loop pauses only for the fork), else inline.  The result goes into
+    a later batch (``Batch.checkpoint``), written after the entries it covers.  A snapshot
+    installed meanwhile supersedes a checkpoint still being made (the epoch changed)."""
+
+    def __init__(self, host: "ReplicaHost", loaded: Loaded, every: int) -> None:
+        self.host = host
+        self.every = max(1, every)
+        self.stored_index = loaded.state_index  # the latest snapshot handed to the storage
+        self.stored_bytes = loaded.state_bytes
+        self.since_entries = loaded.applied_index - loaded.state_index  # applied after it
+        self.since_bytes = 0
+        self.maker = getattr(host.storage, "snapshotter", None) or InlineSnapshots()
+        self.epoch = 0
+        self.written = 0  # checkpoints handed to the storage (status)
+
+    def applied(self, size: int) -> None:
+        self.since_entries += 1
+        self.since_bytes += size
+
+    def installed(self, index: int, size: int) -> None:
+        """A snapshot from the primary replaced the state (and is written as the stored one)."""
+        self.stored_index, self.stored_bytes = index, size
+        self.since_entries = self.since_bytes = 0
+        self.epoch += 1
+
+    def due(self, batch: Batch) -> None:
+        """Start a checkpoint if one is due; put a finished one into ``batch``."""
+        host = self.host
+        if not self.maker.busy and batch.snapshot is None and self.since_entries >= self.every \
+                and self.since_bytes >= self.stored_bytes:
+            self.maker.start(host.service.state, host.applied_index,
+                             host.replica.entry_view(host.applied_index) or 0, self.epoch)
+            self.since_entries = self.since_bytes = 0
+        done = self.maker.take()
+        if done is None:
+            return
+        index, view, data, epoch = done
+        if epoch != self.epoch or index <= self.stored_index or batch.snapshot is not None:
+            return  # of a state an installed snapshot replaced
+        batch.checkpoint = (index, view, data)
+        self.stored_index, self.stored_bytes = index, len(data)
+        self.written += 1
+        log.info("checkpoint of the chat state at index %d (%d bytes)", index, len(data),
+                 extra={"event": "checkpoint", "index": index, "bytes": len(data)})
+
+    def final(self) -> None:
+        """At a clean stop: the state at the applied index becomes the stored snapshot, so the
+        next start replays nothing (skipped when the storage failed)."""
+        self.maker.close()
+        host = self.host
+        if host.storage.error is not None or host.applied_index <= self.stored_index:
+            return
+        host.flush()  # every entry up to the applied index is on disk before the snapshot
+        view = host.replica.entry_view(host.applied_index) or 0
+        host.storage.submit(Batch(checkpoint=(host.applied_index, view, host.service.state.to_snapshot()),
+                                  sync=True))
+        host.flush()
 
 
 class Reapplier:

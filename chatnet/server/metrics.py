@@ -369,8 +369,8 @@ def _handler_class(server: MetricsServer):
 
 
 class TimedStorage:
-    """A store whose transactions are timed into ``chatnet_store_commit_seconds`` and whose new
-    chats (``mail+`` row changes: a committed send that reached a mailbox) are counted;
+    """A store whose transactions are timed into ``chatnet_store_commit_seconds``, with a
+    counter of new chats (:meth:`count_chats`, which the host calls as it applies them);
     everything else goes to the store itself.  All of it runs on the loop thread.
 
     Both storage interfaces are covered: ``commit(batch)`` (durable when it returns), and
@@ -383,23 +383,20 @@ class TimedStorage:
         self._waiting: collections.deque = collections.deque()  # (batch number, submitted at)
         metrics.timed_storage = self
 
-    def _count_chats(self, batch) -> None:
-        chats = sum(1 for change in batch.changes if change[0] == "mail+")
-        if chats:
-            self._metrics.chats.inc(amount=chats)
+    def count_chats(self, chats: int) -> None:
+        """The host applied ``chats`` new chats (counted as applied: a batch may write none)."""
+        self._metrics.chats.inc(amount=chats)
 
     def commit(self, batch) -> None:
         clock = self._metrics.clock
         started = clock()
         self._storage.commit(batch)
         self._metrics.store_seconds.observe(clock() - started)
-        self._count_chats(batch)
 
     def submit(self, batch) -> int:
         started = self._metrics.clock()
         number = self._storage.submit(batch)
         self._waiting.append((number, started))
-        self._count_chats(batch)
         self.poll()
         return number
 

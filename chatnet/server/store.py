@@ -1,23 +1,27 @@
 """The replica's durable store: one SQLite database in WAL mode with ``synchronous=FULL``.
 
-This is the only module that touches SQLite.  Everything one loop iteration changed is
-written by a single ``commit`` call, one transaction, one fsync (group commit): the log
-entries appended, the row changes of the commands applied, the applied index and any
-replication hard state (view, primary, members).  Because the applied index lives in the same
-transaction as the rows it describes, it can never point past the state, and because log rows
-are only deleted up to the applied index, it can never point past the log either.
+This is the only module that touches SQLite.  The chat state lives in memory (issue 12): what
+one loop iteration writes is its log entries and any replication hard state (view, primary,
+members), by a single ``commit`` call, one transaction, one fsync (group commit) -- a few
+pages per batch, whatever the batch applied.  The state is stored only as a snapshot: the blob
+of ``ChatState.to_snapshot`` at an applied index, replaced now and then by the host's
+checkpoints (``Batch.checkpoint``) or by a snapshot installed from the primary.  Start-up
+loads it and replays the committed log after it (chatnet/server/storage.py says which entries
+count as committed: the ``committed`` column, written with each row).
 
 Tables:
-    meta(key, value)                       applied_index, view, primary, members, snapshot_*
-    log(idx, view, data)                   replicated log entries (a bounded tail is kept)
-    accounts(name, ord, next_seq, token, password)   the chat state machine's accounts (password:
-                                           the scrypt record, chatnet/server/passwords.py)
-    request_ids(account, pos, rid)         each account's recent send request ids
-    mail(recipient, seq, sender, text, sender_deleted)   acknowledged, undelivered chat
-    origins(pos, view, idx)                origins of a healed split brain's re-applied commands
-    handover(idx, view, data)              a losing replica's entries not yet acknowledged by the
-                                           winner (docs/replication.md section 10); not chat state:
-                                           a snapshot leaves it alone
+    meta(key, value)           view, primary, members, promised; snapshot_index and
+                               snapshot_view: the log's base (the index before its first row)
+    log(idx, view, data, committed)   replicated log entries (a bounded tail is kept);
+                               ``committed``: the commit index known when the row was written
+    state(id, idx, view, data) the one stored snapshot of the chat state, taken at ``idx``
+    handover(idx, view, data)  a losing replica's entries not yet acknowledged by the winner
+                               (docs/replication.md section 10); not chat state: a snapshot
+                               leaves it alone
+
+A store written by an earlier version (the state as rows in accounts/request_ids/mail/origins,
+with meta ``applied_index``) is converted once, when it is opened: its rows become the stored
+snapshot at its applied index, in one transaction.
 """
 
 from __future__ import annotations
@@ -29,25 +33,20 @@ import os
 import sqlite3
 
 from .state import ChatState, Mail
-from .storage import Batch, Loaded, StoreError, Synchronous  # noqa: F401 (StoreError re-exported)
+from .storage import Batch, Loaded, StoreError, Synchronous, committed_index, replay  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS log(idx INTEGER PRIMARY KEY, view INTEGER NOT NULL, data BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS accounts(
-    name TEXT PRIMARY KEY, ord INTEGER NOT NULL, next_seq INTEGER NOT NULL, token TEXT);
-CREATE TABLE IF NOT EXISTS request_ids(
-    account TEXT NOT NULL, pos INTEGER NOT NULL, rid TEXT NOT NULL, PRIMARY KEY(account, pos)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS mail(
-    recipient TEXT NOT NULL, seq INTEGER NOT NULL, sender TEXT NOT NULL, text TEXT NOT NULL,
-    sender_deleted INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(recipient, seq)) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS mail_by_sender ON mail(sender);
-CREATE TABLE IF NOT EXISTS origins(pos INTEGER PRIMARY KEY, view INTEGER NOT NULL, idx INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS log(idx INTEGER PRIMARY KEY, view INTEGER NOT NULL, data BLOB NOT NULL,
+    committed INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS state(id INTEGER PRIMARY KEY CHECK (id = 1), idx INTEGER NOT NULL,
+    view INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS handover(
     idx INTEGER NOT NULL, view INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY(view, idx)) WITHOUT ROWID;
 """
+OLD_STATE_TABLES = ("accounts", "request_ids", "mail", "origins")
 
 
 def _private_files(path: str) -> None:
@@ -81,49 +80,74 @@ class Store(Synchronous):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.executescript(SCHEMA)
-            columns = {row[1] for row in self._db.execute("PRAGMA table_info(accounts)")}
-            if "password" not in columns:  # a store made before passwords (extension 2)
-                self._db.execute("ALTER TABLE accounts ADD COLUMN password TEXT")
             self._sync = True
+            self._upgrade()
         except sqlite3.Error as exc:
             raise StoreError(f"cannot open store {self.path}: {exc}") from exc
 
     # -- reading -----------------------------------------------------------------------------
     def load(self) -> Loaded:
+        """The stored snapshot with the committed log after it replayed (module docstring)."""
         db = self._db
-        state = ChatState()
-        for name, order, next_seq, token, password in db.execute(
-                "SELECT name, ord, next_seq, token, password FROM accounts ORDER BY ord"):
-            state.load_account(name, order, next_seq, token, password)
+        row = db.execute("SELECT idx, view, data FROM state WHERE id = 1").fetchone()
+        state_index, state_view, blob = row if row is not None else (0, 0, b"")
+        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
+        rows = list(db.execute("SELECT idx, view, data, committed FROM log ORDER BY idx"))
+        base = rows[0][0] - 1 if rows else state_index
+        if base > state_index or (row is None and meta.get("snapshot_index", 0) > 0):
+            raise StoreError(f"{self.path}: the log starts after {base} but the stored state is at "
+                             f"{state_index}: the entries between are lost; restore a backup, or "
+                             "empty the data directory to rejoin by catch-up")
+        applied = committed_index(state_index, rows)
+        try:
+            state = replay(ChatState.from_snapshot(bytes(blob)) if blob else ChatState(),
+                           rows, state_index, applied)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StoreError(f"{self.path}: the stored state or log is unreadable ({exc}); restore a "
+                             "backup, or empty the data directory to rejoin by catch-up") from None
+        if not rows:  # the log's base is the snapshot itself
+            meta.update(snapshot_index=state_index, snapshot_view=state_view)
+        handover = list(db.execute("SELECT idx, view, data FROM handover ORDER BY idx, view"))
+        return Loaded(state, applied, meta, [r[:3] for r in rows], handover, state_index, len(blob))
+
+    def _upgrade(self) -> None:
+        """Convert a store of an earlier version (state rows, meta ``applied_index``) into a
+        stored snapshot at its applied index, in one transaction; a no-op on a current store."""
+        if "committed" not in {row[1] for row in self._db.execute("PRAGMA table_info(log)")}:
+            self._db.execute("ALTER TABLE log ADD COLUMN committed INTEGER NOT NULL DEFAULT 0")
+        tables = {r[0] for r in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "accounts" not in tables:
+            return
+        with self._transaction("upgrade"):
+            meta = {k: json.loads(v) for k, v in self._db.execute("SELECT key, value FROM meta")}
+            index = int(meta.get("applied_index", 0))
+            row = self._db.execute("SELECT view FROM log WHERE idx = ?", (index,)).fetchone()
+            view = row[0] if row is not None else int(meta.get("snapshot_view", 0))
+            blob = self._old_state(tables).to_snapshot()
+            self._db.execute("INSERT OR REPLACE INTO state(id, idx, view, data) VALUES (1, ?, ?, ?)",
+                             (index, view, blob))
+            self._db.execute("DELETE FROM meta WHERE key = 'applied_index'")
+            for table in OLD_STATE_TABLES:
+                self._db.execute(f"DROP TABLE IF EXISTS {table}")
+        log.info("converted the store %s to log + snapshot (state at index %d)", self.path, index)
+
+    def _old_state(self, tables: set) -> ChatState:
+        """The chat state an earlier version kept as rows."""
+        db, state = self._db, ChatState()
+        columns = {row[1] for row in db.execute("PRAGMA table_info(accounts)")}
+        password = "password" if "password" in columns else "NULL"
+        for name, order, next_seq, token, pw in db.execute(
+                f"SELECT name, ord, next_seq, token, {password} FROM accounts ORDER BY ord"):
+            state.load_account(name, order, next_seq, token, pw)
         for account, pos, rid in db.execute("SELECT account, pos, rid FROM request_ids ORDER BY account, pos"):
             state.load_request_id(account, pos, rid)
         for recipient, seq, sender, text, deleted in db.execute(
-            "SELECT recipient, seq, sender, text, sender_deleted FROM mail ORDER BY recipient, seq"
-        ):
+                "SELECT recipient, seq, sender, text, sender_deleted FROM mail ORDER BY recipient, seq"):
             state.load_mail(recipient, Mail(seq, sender, text, bool(deleted)))
-        for pos, view, index in db.execute("SELECT pos, view, idx FROM origins ORDER BY pos"):
-            state.load_origin(pos, view, index)
-        meta = {k: json.loads(v) for k, v in db.execute("SELECT key, value FROM meta")}
-        applied = int(meta.get("applied_index", 0))
-        entries = list(db.execute("SELECT idx, view, data FROM log ORDER BY idx"))
-        handover = list(db.execute("SELECT idx, view, data FROM handover ORDER BY idx, view"))
-        return Loaded(state, applied, meta, entries, handover)
-
-    def log_entries(self, after: int, limit: int = 10_000) -> list[tuple[int, int, bytes]]:
-        return list(
-            self._db.execute("SELECT idx, view, data FROM log WHERE idx > ? ORDER BY idx LIMIT ?", (after, limit))
-        )
-
-    def digest(self) -> str:
-        """A digest of the chat state (accounts and mail), equal on replicas that agree."""
-        import hashlib
-
-        h = hashlib.sha256()
-        for row in self._db.execute("SELECT name, ord, next_seq FROM accounts ORDER BY name"):
-            h.update(repr(row).encode())
-        for row in self._db.execute("SELECT recipient, seq, sender, text, sender_deleted FROM mail ORDER BY recipient, seq"):
-            h.update(repr(row).encode())
-        return h.hexdigest()
+        if "origins" in tables:
+            for pos, view, index in db.execute("SELECT pos, view, idx FROM origins ORDER BY pos"):
+                state.load_origin(pos, view, index)
+        return state
 
     # -- writing -----------------------------------------------------------------------------
     def commit(self, batch: Batch) -> None:
@@ -150,19 +174,21 @@ class Store(Synchronous):
 
     def _write(self, batch: Batch) -> None:
         db = self._db
-        if batch.snapshot is not None:
-            self._replace_state(*batch.snapshot)
+        if batch.snapshot is not None:  # installed: replaces the state and the whole log
+            self._put_state(*batch.snapshot)
+            db.execute("DELETE FROM log")
+        if batch.checkpoint is not None:
+            self._put_state(*batch.checkpoint)
         if batch.truncate_after is not None:
             db.execute("DELETE FROM log WHERE idx > ?", (batch.truncate_after,))
         if batch.entries:
-            db.executemany("INSERT OR REPLACE INTO log(idx, view, data) VALUES (?, ?, ?)", batch.entries)
-        self._apply_changes(batch.changes)
-        meta = dict(batch.meta)
-        if batch.applied_index is not None:
-            meta["applied_index"] = batch.applied_index
-        if meta:
+            committed = batch.committed
+            db.executemany("INSERT OR REPLACE INTO log(idx, view, data, committed) VALUES (?, ?, ?, ?)",
+                           [(idx, view, data, committed) for idx, view, data in batch.entries])
+        if batch.meta:
             db.executemany(
-                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()]
+                "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                [(k, json.dumps(v)) for k, v in batch.meta.items()]
             )
         if batch.compact_upto is not None:
             db.execute("DELETE FROM log WHERE idx <= ?", (batch.compact_upto,))
@@ -170,82 +196,11 @@ class Store(Synchronous):
             db.execute("DELETE FROM handover")
             db.executemany("INSERT OR REPLACE INTO handover(idx, view, data) VALUES (?, ?, ?)", batch.handover)
 
-    # Row changes that commute with each other between two barriers: within a run they are
-    # written table by table with executemany (inserts before deletes: a delivered mark never
-    # covers chat inserted after it, and chat is only ever inserted above every delivered seq).
-    _RUN_SQL = (
-        ("mail+", "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, 0)"),
-        ("rid+", "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)"),
-        ("origin+", "INSERT INTO origins(pos, view, idx) VALUES (?, ?, ?)"),
-        ("next_seq", "UPDATE accounts SET next_seq = ? WHERE name = ?"),
-        ("token", "UPDATE accounts SET token = ? WHERE name = ?"),
-        ("password", "UPDATE accounts SET password = ? WHERE name = ?"),
-        ("mail-", "DELETE FROM mail WHERE recipient = ? AND seq <= ?"),
-        ("rid-", "DELETE FROM request_ids WHERE account = ? AND pos <= ?"),
-        ("origin-", "DELETE FROM origins WHERE pos <= ?"),
-    )
-    _LAST_WINS = {"next_seq", "token", "password"}  # per account, only the last value of a run matters
-
-    def _apply_changes(self, changes) -> None:
-        db = self._db
-        run: dict[str, list] = {}
-        for change in changes:
-            kind = change[0]
-            if kind in ("mail+", "rid+", "mail-", "rid-", "origin+", "origin-"):
-                run.setdefault(kind, []).append(change[1:])
-            elif kind in self._LAST_WINS:  # (an account's password follows its account+ barrier)
-                run.setdefault(kind, {})[change[1]] = change[2]
-            else:  # a barrier: account created or deleted, a sender's chat marked deleted
-                self._flush_run(run)
-                if kind == "account+":
-                    db.execute("INSERT INTO accounts(name, ord, next_seq, token) VALUES (?, ?, 1, ?)", change[1:])
-                elif kind == "account-":
-                    db.execute("DELETE FROM accounts WHERE name = ?", change[1:])
-                    db.execute("DELETE FROM mail WHERE recipient = ?", change[1:])
-                    db.execute("DELETE FROM request_ids WHERE account = ?", change[1:])
-                elif kind == "sender-deleted":
-                    db.execute("UPDATE mail SET sender_deleted = 1 WHERE sender = ?", change[1:])
-                else:
-                    raise ValueError(f"unknown change {kind!r}")
-        self._flush_run(run)
-
-    def _flush_run(self, run: dict) -> None:
-        for kind, sql in self._RUN_SQL:
-            rows = run.get(kind)
-            if rows:
-                if kind in self._LAST_WINS:
-                    rows = [(value, name) for name, value in rows.items()]
-                self._db.executemany(sql, rows)
-        run.clear()
-
-    def _replace_state(self, index: int, view: int, state: ChatState | bytes) -> None:
-        """Replace the whole chat state and the log with a snapshot taken at ``index``
-        (inside the caller's transaction)."""
-        if isinstance(state, (bytes, bytearray)):
-            state = ChatState.from_snapshot(state)
-        db = self._db
-        for table in ("accounts", "mail", "request_ids", "origins", "log"):
-            db.execute(f"DELETE FROM {table}")
-        db.executemany(
-            "INSERT INTO accounts(name, ord, next_seq, token, password) VALUES (?, ?, ?, ?, ?)",
-            [(a.name, a.order, a.next_seq, a.token, a.password) for a in state.accounts.values()],
-        )
-        db.executemany(
-            "INSERT INTO request_ids(account, pos, rid) VALUES (?, ?, ?)",
-            [(a.name, pos, rid) for a in state.accounts.values() for rid, pos in a.request_ids.items()],
-        )
-        db.executemany(
-            "INSERT INTO mail(recipient, seq, sender, text, sender_deleted) VALUES (?, ?, ?, ?, ?)",
-            [(name, m.seq, m.sender, m.text, int(m.sender_deleted))
-             for name, box in state.mailboxes.items() for m in box],
-        )
-        db.executemany("INSERT INTO origins(pos, view, idx) VALUES (?, ?, ?)",
-                       [(pos, view, idx) for (view, idx), pos in state.origins.items()])
-        db.executemany(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-            [(k, json.dumps(v)) for k, v in
-             {"snapshot_index": index, "snapshot_view": view, "applied_index": index}.items()],
-        )
+    def _put_state(self, index: int, view: int, state: ChatState | bytes) -> None:
+        """Store the chat state as of ``index`` (inside the caller's transaction)."""
+        blob = bytes(state) if isinstance(state, (bytes, bytearray)) else state.to_snapshot()
+        self._db.execute("INSERT OR REPLACE INTO state(id, idx, view, data) VALUES (1, ?, ?, ?)",
+                         (index, view, blob))
 
     @contextlib.contextmanager
     def _transaction(self, what: str):
