@@ -19,11 +19,11 @@ secret: ``CHATNET-BACKUP-AUTH``, a nonce line, the proof line, then one JSON lin
 the file exactly as the local form does.
 
 What a backup contains: every change the replica had made durable when the copy was taken.  An
-acknowledged chat is durable on **every** member of the current view (on a majority in majority
-mode, and always on the primary) before its sender hears "Message sent", so a backup of the
-primary, or of any current member in all mode (``chatserver status`` lists them), contains every
-chat acknowledged before the backup started -- in the snapshot, or in the log after it.  It may
-also hold chats still in flight at the time.
+acknowledged chat is durable on **every** member of the current view before its sender hears
+"Message sent", so a backup of any current member (``chatserver status`` lists them; the
+network form without ``--server`` asks the primary) contains every chat acknowledged before the
+backup started -- in the snapshot, or in the log after it.  It may also hold chats still in
+flight at the time.
 
 Restore builds a store that starts a brand-new cluster: every log entry beyond the snapshot is
 applied to the state (what a new primary does with its log), and the result is written as the
@@ -284,9 +284,8 @@ def backup_main(argv: list[str]) -> int:
         description="Write a consistent copy of a replica's store to DEST (a file, or a directory to put a "
                     "time-stamped file in): from its data directory on this machine (--data-dir), or over the "
                     "network from a running replica (--server, or the primary of --peers), authenticated "
-                    "with the cluster secret.  It holds every chat acknowledged before the backup started "
-                    "when taken from the primary or, in all mode, from any member of the current view (see "
-                    "`chatserver status`).")
+                    "with the cluster secret.  Back up any member of the current view (see `chatserver "
+                    "status`): it holds every chat acknowledged before the backup started.")
     parser.add_argument("dest", metavar="DEST")
     parser.add_argument("--data-dir", default=None,
                         help=f"the replica's data directory (default: ./{DEFAULT_BASE_DIR}/1538, "

@@ -46,6 +46,7 @@ examples:
                                           TLS for clients and between replicas (docs/operations.md)
   chatserver --local --metrics-port 9100  replicas serve Prometheus metrics on 9100, 9101, ...
   chatserver backup backup.sqlite3 --data-dir chatnet-data/1538   a consistent copy of a running replica
+  chatserver backup backup.sqlite3 --peers H1:P,H2:P,H3:P --secret-file F   the same, over the network
   chatserver restore backup.sqlite3 --data-dir new-data           seed a new replica (a new cluster) from it
 
 Every replica of a cluster must be given the same --peers list (same order: it is the

@@ -424,6 +424,8 @@ class ReplicaHost:
         self.hasher.close()
         try:
             self.checkpoints.final()
+        except StoreError as exc:  # the store failed: the next start replays the log instead
+            log.error("no final checkpoint: %s", exc)
         finally:
             self.storage.close()
 
