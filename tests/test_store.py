@@ -4,6 +4,7 @@ atomic, and start-up recovers exactly what was committed (issue 12)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sqlite3
@@ -16,6 +17,7 @@ from chatnet.server.host import ReplicaHost, durable_state
 from chatnet.server.state import ChatState, encode_command
 from chatnet.server.storage import Batch
 from chatnet.server.store import Store, StoreError
+from chatnet.testing import RawClient, wait_until
 
 CMDS = [
     sm.cmd_create("alice"), sm.cmd_create("bob"), sm.cmd_send("alice", "bob", "one", "r1"),
@@ -228,3 +230,36 @@ def test_restart_replays_the_snapshot_and_log_suffix_to_exactly_the_committed_st
     assert again.service.state.to_snapshot() == expected
     again.close()  # a clean stop writes the final checkpoint: nothing to replay
     assert Store(str(tmp_path)).load().state_index == again.applied_index
+
+
+def _stored(data_dir: str) -> tuple[int, int, int]:
+    """(index of the stored snapshot, first and last log index) of a replica's store."""
+    with contextlib.closing(sqlite3.connect(os.path.join(data_dir, "chatnet.sqlite3"))) as db:
+        row = db.execute("SELECT idx FROM state").fetchone()
+        first, last = db.execute("SELECT min(idx), max(idx) FROM log").fetchone()
+    return (row[0] if row else 0), first or 0, last or 0
+
+
+def test_a_real_replica_checkpoints_in_a_child_and_recovers_from_sigkill_and_sigterm(servers):
+    """``bin/chatserver --log-retain 20``: the forked checkpoints land while chat is sent, the
+    log is trimmed to them, a SIGKILL restart recovers every acknowledged chat from snapshot +
+    log, and a SIGTERM leaves a final checkpoint at the last entry."""
+    server = servers(args=["--log-retain", "20"])
+    alice = RawClient(server.host, server.port)
+    assert alice.request("1|alice").status == 0
+    bob = RawClient(server.host, server.port)
+    assert bob.request("1|bob").status == 0
+    bob.send("6")  # logged out: everything queues
+    for i in range(300):
+        assert alice.request(f"3|bob|queued {i}").message == "Message sent to bob."
+    wait_until(lambda: "checkpoint of the chat state" in server.log(), timeout=10, what="a checkpoint")
+    server.kill()
+    state_index, first, last = _stored(server.data_dir)
+    assert 0 < state_index <= last and first <= state_index + 1 and last - first < 200
+    server.start()
+    bob = RawClient(server.host, server.port)
+    assert bob.request("2|bob").message == "Logged in as bob."
+    assert [bob.frame().message for _ in range(300)] == [f"alice|queued {i}" for i in range(300)]
+    assert server.stop() == 0  # SIGTERM
+    state_index, _, last = _stored(server.data_dir)
+    assert state_index == last
