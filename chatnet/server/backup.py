@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 
-from .config import DEFAULT_BASE_DIR, DEFAULT_PEERS, ConfigError, cluster_id, parse_address, parse_peers
+from .config import DEFAULT_BASE_DIR, DEFAULT_PEERS, ConfigError, parse_address, parse_peers
 from .state import ChatState, decode_command
 from .status import status_proof
 from .storage import Batch, replay
@@ -185,10 +185,11 @@ class StoreCopy:
         return json.dumps(head).encode() + b"\n" + self.data
 
 
-def fetch_backup(host: str, port: int, dest: str, secret: bytes, cluster: bytes, *,
+def fetch_backup(host: str, port: int, dest: str, secret: bytes, cluster: bytes | None = None, *,
                  tls: ssl.SSLContext | None = None, timeout: float = 600.0) -> dict:
     """Ask the replica at ``host:port`` for a copy of its store (module docstring) and write
-    it to ``dest`` as :func:`backup` does; return its summary."""
+    it to ``dest`` as :func:`backup` does; return its summary.  ``cluster``: the cluster id
+    the proof is bound to (None: the one the replica names with its nonce, as ``status``)."""
     from ..protocol.texts import BACKUP_PREFACE
 
     dest = _destination(dest)
@@ -198,8 +199,9 @@ def fetch_backup(host: str, port: int, dest: str, secret: bytes, cluster: bytes,
             sock.settimeout(timeout)
             reader = sock.makefile("rb")
             sock.sendall(BACKUP_PREFACE)
-            nonce = bytes.fromhex(reader.readline().strip().decode("ascii"))
-            sock.sendall(status_proof(secret, cluster, nonce).hex().encode() + b"\n")
+            nonce_hex, _, named = reader.readline().strip().partition(b" ")
+            nonce = bytes.fromhex(nonce_hex.decode("ascii"))
+            sock.sendall(status_proof(secret, named if cluster is None else cluster, nonce).hex().encode() + b"\n")
             head = json.loads(reader.readline() or b"{}")
             if "size" not in head:
                 raise BackupError(f"{host}:{port} refused: {head.get('error', 'no answer')}")
@@ -292,8 +294,8 @@ def backup_main(argv: list[str]) -> int:
                              "the first replica of `chatserver --local`)")
     parser.add_argument("--server", metavar="HOST:PORT", help="ask this running replica for the copy")
     parser.add_argument("--peers", default=None,
-                        help=f"the cluster's --peers list (names the cluster the secret is for; without "
-                             f"--server, the copy comes from the primary they report; default {DEFAULT_PEERS})")
+                        help=f"replicas to ask which one is the primary, whose copy it takes (without "
+                             f"--server; default {DEFAULT_PEERS})")
     parser.add_argument("--secret-file", default=None, help="the cluster secret (network form)")
     parser.add_argument("--tls-ca", metavar="FILE", help="connect over TLS, verifying the replica with these CAs")
     parser.add_argument("--tls", action="store_true", help="connect over TLS, verifying with the system's trust store")
@@ -332,7 +334,7 @@ def _network_backup(args: argparse.Namespace) -> tuple[dict, str]:
             break
     if server is None:
         raise BackupError(f"no replica of {args.peers or DEFAULT_PEERS} knows a primary: give --server")
-    summary = fetch_backup(server.host, server.port, args.dest, secret, cluster_id(peers).encode(), tls=tls)
+    summary = fetch_backup(server.host, server.port, args.dest, secret, tls=tls)
     return summary, f"{server.host}:{server.port}"
 
 
