@@ -50,14 +50,6 @@ NEEDS_QUORUM = pytest.mark.skipif(
                            "is another change); these cases run once it lands")
 
 
-def heal_rule_landed(status: dict | None) -> bool:
-    """Whether the default mode's heal rule (issue 11 item 4) is in this server: its status
-    counts what a losing side handed over to the winner (``handed_over``, or a re-applied
-    count).  Until then a split brain in default mode discards the losing side's
-    acknowledged writes, as docs/replication.md §10 says."""
-    return any("handed_over" in key or "reappl" in key for key in (status or {}))
-
-
 # ------------------------------------------------------------------------------- fixtures
 
 
@@ -230,9 +222,9 @@ def partition_with_writers(cluster: Cluster, net: Netns, cut, *, until):
     return p, cut_at, writers
 
 
-def assert_nothing_acked_lost(cluster: Cluster, writers, *, allow_loss_reason: str | None = None) -> None:
-    """Every acknowledged text is in carol's mailbox after the heal.  With
-    ``allow_loss_reason``, a loss marks the test xfail with that reason instead of failing."""
+def assert_nothing_acked_lost(cluster: Cluster, writers) -> None:
+    """Every acknowledged text is in carol's mailbox after the heal, in both modes (in the
+    default mode the losing side's acknowledged chats are re-applied on the winner)."""
     wanted = {text for w in writers for text, _, _ in w.acked}
     got: set[str] = set()
 
@@ -246,18 +238,7 @@ def assert_nothing_acked_lost(cluster: Cluster, writers, *, allow_loss_reason: s
     except WaitTimeout:
         pass
     lost = [(w.name, text) for w in writers for text, _, _ in w.acked if text not in got]
-    if lost and allow_loss_reason:
-        pytest.xfail(f"{allow_loss_reason}: {len(lost)} acknowledged chats lost, e.g. {lost[:3]}")
     assert not lost, f"{len(lost)} acknowledged chats lost after the heal, e.g. {lost[:5]}"
-
-
-def default_mode_loss_reason(cluster: Cluster) -> str | None:
-    """In default mode, until the heal rule lands, a split brain may lose the losing side's
-    acknowledged chats (documented); afterwards it must not."""
-    if heal_rule_landed(cluster.status(0)):
-        return None
-    return ("default mode without issue 11's heal rule (the larger side wins and the smaller side's "
-            "acknowledged commands are re-applied): the losing side's acknowledged writes are discarded")
 
 
 def both_sides_acknowledge(cut_at: float, alone: SideWriter, pair: SideWriter) -> bool:
@@ -287,7 +268,7 @@ def test_default_mode_isolated_primary_both_sides_acknowledge_then_converge(net,
         "the isolated primary stopped acknowledging in default mode (it should go on alone)"
     assert pair.acks_after(cut_at), "the two-replica side never acknowledged"
     cluster.wait_in_sync(timeout=30)
-    assert_nothing_acked_lost(cluster, (alone, pair), allow_loss_reason=default_mode_loss_reason(cluster))
+    assert_nothing_acked_lost(cluster, (alone, pair))
 
 
 @NEEDS_QUORUM
@@ -330,8 +311,7 @@ def test_one_way_cut_from_the_primary(net, clusters, quorum):
         late = writers[0].acks_after(cut_at + FAILURE_TIMEOUT + MARGIN)
         assert not late, f"the one-way-cut primary still acknowledged {len(late)} chats in majority mode"
     cluster.wait_in_sync(timeout=30)
-    reason = default_mode_loss_reason(cluster) if quorum is None else None
-    assert_nothing_acked_lost(cluster, writers, allow_loss_reason=reason)
+    assert_nothing_acked_lost(cluster, writers)
 
 
 def overlapping_acks(writers) -> list[tuple[int, int, float]]:
@@ -388,5 +368,4 @@ def test_flapping_partitions_under_load(net, clusters, quorum):
     assert sum(len(w.acked) for w in writers) > 50, "hardly anything was acknowledged"
     if quorum == "majority":
         assert not overlapping_acks(writers), f"split brain: {overlapping_acks(writers)[:3]}"
-    reason = default_mode_loss_reason(cluster) if quorum is None else None
-    assert_nothing_acked_lost(cluster, writers, allow_loss_reason=reason)
+    assert_nothing_acked_lost(cluster, writers)

@@ -345,6 +345,7 @@ class Replica:
         self._elect_wait = 0
         self._max_seen = self._promised
         self._diverged = False
+        self._forced_by: tuple | None = None  # (primary, view) of the last forced snapshot I installed
         self.divergences = 0          # committed entries found divergent (split brain healed)
         self._start = 0
         self._next: dict[int, int] = {}
@@ -1090,10 +1091,12 @@ class Replica:
         else:
             # mismatch: probe backwards with one batch at a time until an ok arrives;
             # rejects of batches sent before the probe started are ignored.
-            if p in self._learners and m.hint < self._match.get(p, 0):
-                # A learner's log went back below what it acknowledged: a forced snapshot
-                # (healed split brain) sent earlier arrived after later appends (seed 520).
-                # Its acks never counted towards commit: verify it afresh from its hint.
+            heard = self._info.get(p)
+            if p in self._learners and m.hint < self._match.get(p, 0) \
+                    and heard is not None and heard.last_index < self._match[p]:
+                # A learner whose log is shorter than the match I recorded for it (its reject
+                # and its heartbeat both say so; seed 545): its acks never counted towards
+                # commit, so verify it afresh rather than floor every probe at that match.
                 self._match[p] = 0
                 self._probing.pop(p, None)
             nxt = self._next.get(p, 1)
@@ -1443,22 +1446,30 @@ class Replica:
         if split:
             self._diverged = True          # my committed history is another one (split brain)
             self.divergences += 1
-        if mine is not None and mine == m.snap_view and not (self._diverged or m.force):
+        # Once I installed a forced snapshot of a primary in its view, my log is its history:
+        # a later forced transfer of it (requested before the first one landed, delivered
+        # out of order) is stale where my entry at its index is the same or inside my own
+        # snapshot, and must not take back entries I acknowledged since (seeds 520, 545: the
+        # log went below the primary's record of my match, which floored every probe).
+        force = m.force and not (self._forced_by == (p, m.view) and (
+            mine == m.snap_view or mine is None and m.index <= self._snap_index))
+        if mine is not None and mine == m.snap_view and not (self._diverged or force):
             # Same history through m.index (log matching): keep my log -- it may hold entries
             # after m.index that I have acknowledged -- and just learn that m.index committed.
             if m.index > self._commit:
                 self._commit = m.index
             match = m.index
         elif (mine is None and m.index <= self._snap_index
-              and not (self._diverged or m.force)):
+              and not (self._diverged or force)):
             # A stale snapshot below my own: ask for entries from my checkable snapshot point.
             self._send(p, AppendResp(m.view, False, 0, self._snap_index, False))
             return
         else:
             # I am behind the snapshot, or my entry there is another (uncommitted, or after a
             # split brain committed) history: replace everything.
-            if self._diverged or m.force:
+            if self._diverged or force:
                 self._diverged = False
+                self._forced_by = (p, m.view)
             self._log = []
             if snap_cfg is not None:
                 self._base_cfg = snap_cfg     # the configuration at the snapshot point
