@@ -751,8 +751,8 @@ class ChatService:
         result, changes = self.state.apply(cmd)
         if cmd[0] == "login":
             self._logging_in.discard(cmd[1])
-        if result in _REFUSED:
-            self._note_refused(view, index)
+        if not isinstance(result, sm.Mail) and result in _REFUSED:  # (a Mail would be compared
+            self._note_refused(view, index)                         # with each refusal in turn)
         waiter = self._waiters.pop(index, None)
         session = None
         if waiter is not None:
