@@ -445,6 +445,13 @@ def test_seeds_520_545_a_learner_whose_log_went_back_catches_up(seed):
     Simulation(seed, 3, steps=300, faults=PARTITIONS, intensity=2.0).run()
 
 
+def test_seed_17_a_loser_whose_winners_restarted_does_not_wait_for_them_forever():
+    """The lone side lost, then both replicas of the winning side restarted: recovering, they
+    waited for the loser's view (newer than theirs, section 7 (b)) while the loser waited for
+    them to sync it -- nobody served after the heal.  The loser decides afresh then."""
+    Simulation(17, 3, steps=300, faults=PARTITIONS, intensity=2.0).run()
+
+
 def test_the_reapply_report_survives_a_restart():
     """What a winner dropped or refused at heal (status()["reapply"], the dropped sends the
     checkers read) is written to the store's meta with the iteration that changed it and

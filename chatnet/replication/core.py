@@ -1637,10 +1637,14 @@ class Replica:
             else:
                 return
         if self._lost_to is not None:
-            if any(self._ticks - self._heard.get(q, -self.failure_ticks - 1) <= self.failure_ticks
-                   for q in self._lost_to if q != self.me):
+            heard = [q for q in self._lost_to if q != self.me
+                     and self._ticks - self._heard.get(q, -self.failure_ticks - 1) <= self.failure_ticks]
+            if any(not self._waits_for_me(q) for q in heard):
                 return   # the winner of the split brain is heard from: it syncs me
-            self._lost_to = None  # the winner is gone again (partitioned): decide afresh
+            # The winner is gone again (partitioned), or every replica of it I hear restarted
+            # and waits for my view, newer than theirs (section 7 (b)), while I waited for
+            # them (seed 17): decide afresh -- what they committed is handed over to me.
+            self._lost_to = None
         # newest established view anybody reachable knows of
         best_view, best_members = self._view, self._members
         infos = {p: self._info[p] for p in self._fresh if p in self._info and not self.suspected(p)}
@@ -1665,6 +1669,12 @@ class Replica:
             return  # cannot tell whether I am stale: wait
         if best_view == self._view and self.me in self._members:
             self._become_electing()
+
+    def _waits_for_me(self, q: int) -> bool:
+        """``q`` is recovering with an established view older than mine: by section 7 (b) it
+        waits for my view's members, so it will not sync me."""
+        i = self._info.get(q)
+        return i is not None and _CODE_STATUS.get(i.status) == RECOVERING and i.view < self._view
 
     def _brand_new(self) -> bool:
         """Never promised a view, never held an entry: the state of a first start."""
