@@ -28,6 +28,7 @@ from chatnet.server.state import decode_command
 
 FT = 10   # failure_ticks of the simulated replicas
 PARTITIONS = DEFAULT_FAULTS + ("partition",)   # symmetric, one-way and flapping partitions too
+MEMBERS = DEFAULT_FAULTS + ("members",)   # add, remove, remove the primary (docs/replication.md section 14)
 
 
 def cluster(n=3, seed=1, **kw):
@@ -535,6 +536,10 @@ SWEEP = (
     + [(s, 3, 150, PARTITIONS, 2.0, "majority") for s in range(1, 21)]
     + [(s, 5, 150, PARTITIONS, 2.0, "majority") for s in range(1, 6)]
     + [(s, 5, 150, PARTITIONS, 2.0) for s in range(1, 6)]
+    # membership changes (add, remove, remove the primary) under every crash and pause
+    + [(s, 3, 150, MEMBERS, 2.0) for s in range(1, 9)]
+    + [(s, 3, 150, MEMBERS, 2.0, "majority") for s in range(1, 7)]
+    + [(s, 3, 150, MEMBERS + ("partition",), 2.0, "majority") for s in range(1, 4)]
 )
 if os.environ.get("CHATNET_SIM_SEEDS"):  # a longer sweep on request
     SWEEP = [(s, 3, 300, DEFAULT_FAULTS, 2.0) for s in range(1, int(os.environ["CHATNET_SIM_SEEDS"]) + 1)]
@@ -543,7 +548,8 @@ if os.environ.get("CHATNET_SIM_SEEDS"):  # a longer sweep on request
 def _case_id(case):
     seed, n, steps, faults, intensity, *quorum = case
     return f"n{n}-seed{seed}" + ("-partitions" if "partition" in faults else "") + \
-        ("-majority" if quorum else "") + ("-slowdisk" if "slowdisk" in faults else "")
+        ("-majority" if quorum else "") + ("-slowdisk" if "slowdisk" in faults else "") + \
+        ("-members" if "members" in faults else "")
 
 
 @pytest.mark.parametrize("case", SWEEP, ids=_case_id)
@@ -558,6 +564,17 @@ def test_seed(case):
         raise
     except Exception as exc:  # a crash of the host or the core fails the seed too
         raise AssertionError(f"seed {seed}: {exc!r}\nreplay: {sim.replay()}") from exc
+
+
+MEMBERS_SLOW = [(s, 3, 600, MEMBERS + ("slowdisk",), 1.0, q) for s in range(100, 140)
+                for q in ("all", "majority")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MEMBERS_SLOW, ids=_case_id)
+def test_membership_seed_long(case):
+    """The longer membership sweep (``-m slow``): 600 steps, slow disks, both quorum modes."""
+    test_seed(case)
 
 
 def test_replaying_a_seed_reproduces_it_step_for_step():

@@ -123,6 +123,12 @@ PRIMARY, BACKUP, ELECTING, RECOVERING = "primary", "backup", "electing", "recove
 QUORUM_ALL, QUORUM_MAJORITY = "all", "majority"
 QUORUMS = (QUORUM_ALL, QUORUM_MAJORITY)
 STATUS_CODES = {PRIMARY: 0, BACKUP: 1, ELECTING: 2, RECOVERING: 3}
+# View numbers (docs/replication.md section 14): a cluster that never changed members numbers
+# its views as it always did (the candidate of view v is the first configuration's v % N); from
+# VIEWS_BY_ID on -- every view after the first membership change -- the candidate of view v is
+# node v % MAX_NODES, so node ids stay below MAX_NODES.
+VIEWS_BY_ID = 1 << 20
+MAX_NODES = 1 << 10
 _CODE_STATUS = {v: k for k, v in STATUS_CODES.items()}
 
 
@@ -518,9 +524,13 @@ class Replica:
         return self.cluster == (self.me,)
 
     def leader_of(self, view: int) -> int:
-        """The replica that may campaign for ``view`` by my configuration (the view number a
-        candidate picks encodes its place, so two candidates that agree on the configuration
-        never compete for one number)."""
+        """The replica that may campaign for ``view``: below VIEWS_BY_ID, the one at place
+        ``view % N`` of the first configuration (only replicas that never saw a membership
+        change pick such numbers, and they all hold that configuration); from VIEWS_BY_ID on,
+        node ``view % MAX_NODES`` -- a function of the number alone, so two candidates never
+        compete for one number whatever configurations they hold (section 14)."""
+        if view >= VIEWS_BY_ID:
+            return view % MAX_NODES
         return self.cluster[view % self.n]
 
     def _promised_to_is(self, p: int, view: int) -> bool:
@@ -584,15 +594,20 @@ class Replica:
 
     def _append(self, e: Entry) -> None:
         self._log.append(e)
-        if is_config_entry(e.data):
+        if e.index > self._cfg.index and is_config_entry(e.data):
             cfg = self._config_of(e)
             if cfg is not None:
                 self._use_config(cfg)      # in force once appended (Raft's rule)
 
     def _next_view_number(self) -> int:
+        """The lowest view number above every one seen that I may campaign for (leader_of)."""
         base = max(self._promised, self._max_seen) + 1
-        r = self._rk(self.me)
-        return base + ((r - base) % self.n)
+        if self._cfg.index == 0 and base < VIEWS_BY_ID:
+            w = base + ((self._rk(self.me) - base) % self.n)
+            if w < VIEWS_BY_ID:
+                return w
+        base = max(base, VIEWS_BY_ID)
+        return base + ((self.me - base) % MAX_NODES)
 
     def _truncate(self, after: int) -> None:
         """Drop entries with index > after (never committed ones unless diverged)."""
@@ -741,6 +756,8 @@ class Replica:
             raise MembershipError(f"a membership change is in progress (log entry {cfg.index} "
                                   f"is not committed yet); try again when it is")
         if add is not None:
+            if cfg.next_id >= MAX_NODES:
+                raise MembershipError(f"node ids are exhausted (at most {MAX_NODES} ever)")
             if cfg.node_at(add) is not None:
                 raise MembershipError(f"{add} is already a member (node {cfg.node_at(add)})")
             new = cfg.adding(add)
@@ -796,8 +813,10 @@ class Replica:
     def step(self, sender: int, msg: object) -> None:
         if sender == self.me:
             return
-        if sender not in self._rank and not isinstance(msg, (Append, InstallSnapshot)):
-            # Not in my configuration: a replica added while I was away (its primary's Append
+        if sender not in self._rank and sender not in self._members \
+                and not isinstance(msg, (Append, InstallSnapshot)):
+            # Not in my configuration (nor in my view, which a member being removed stays in
+            # until its removal commits): a replica added while I was away (its primary's Append
             # or snapshot brings me the entry that adds it), or one removed since.  Its
             # heartbeats are answered and tell me at most that I left the view; it elects
             # nobody and is elected by nobody here (section 14).
@@ -836,7 +855,9 @@ class Replica:
             members=self._members, status=STATUS_CODES[self._status], serving=self._serving,
             last_view=self.last_view, last_index=self.last_index, commit=self._commit))
 
-    def _on_heartbeat(self, p: int, m: Heartbeat) -> None:
+    def _probe_answered(self, p: int, m: Heartbeat) -> None:
+        """The failure detector's part of a heartbeat: echo it, note what it answered, and
+        keep what it says about its state (for recovery and status)."""
         self._echo[p] = (m.inc, m.seq)
         if m.echo_inc == self._inc and m.echo_seq <= self._ticks:
             if m.echo_seq > self._answered.get(p, -1):
@@ -844,6 +865,9 @@ class Replica:
             self._fresh.add(p)
         self._info[p] = m
         self._heard[p] = self._ticks
+
+    def _on_heartbeat(self, p: int, m: Heartbeat) -> None:
+        self._probe_answered(p, m)
         split = self._split_side(m) if self._status in (PRIMARY, BACKUP, ELECTING) else 0
         if split > 0 and self._status in (PRIMARY, BACKUP):
             # A smaller side of a split brain: its promises fence none of my members (only
@@ -881,8 +905,10 @@ class Replica:
     def _on_contact(self, p: int, m: Heartbeat) -> None:
         """A heartbeat of a replica outside my configuration: answer its probes (so that a
         primary of a newer configuration finds me alive and syncs me), and leave a view it
-        shows was established without me -- nothing else it says counts here."""
-        self._echo[p] = (m.inc, m.seq)
+        shows was established without me -- nothing else it says counts here.  (What it says
+        of its view still counts for recovery: a member removed by an uncommitted entry is
+        still a member of the newest view, which a recovering replica must hear in full.)"""
+        self._probe_answered(p, m)
         self._contacts[p] = self._ticks
         if m.view > self._view and _CODE_STATUS.get(m.status) == PRIMARY \
                 and self.me not in m.members and self._status in (BACKUP, ELECTING) \

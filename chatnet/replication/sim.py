@@ -58,6 +58,7 @@ from ..server.host import ReplicaHost
 from ..server.service import Close, Reply
 from ..server.state import ChatState, decode_command
 from .core import PRIMARY
+from .membership import Config, MembershipError, is_config_entry
 from .messages import InstallSnapshot, decode_message, encode_message
 from .simdisk import SimCrash, SimDisk
 
@@ -67,7 +68,10 @@ CLIENTS = 12  # sending accounts
 DEFAULT_FAULTS = ("crash", "pause", "cut", "drop", "dup")
 # slowdisk: batches become durable a few time units after the host submits them, as with the
 # server's storage thread (BackgroundStorage); a crash loses those still in flight.
-ALL_FAULTS = DEFAULT_FAULTS + ("partition", "slowdisk")
+# members: membership changes (docs/replication.md section 14) -- a replica is added (it starts,
+# as with --join, once its add is committed), a member removed (and shut down for good once the
+# removal is committed), or the primary removed (it hands over first), one change at a time.
+ALL_FAULTS = DEFAULT_FAULTS + ("partition", "slowdisk", "members")
 
 
 class InvariantViolation(AssertionError):
@@ -107,6 +111,7 @@ class Node:
         self.hist: dict[int, bytes] = {}  # its applied history (kept across crashes, like its disk)
         self.snap_from: tuple | None = None  # (sender, view, snap_id) of the last snapshot it completed
         self.seen: tuple[str, int] | None = None  # (role, view) last noted in the trace
+        self.config: Config | None = None  # the configuration it joined (None: the first one)
 
     @property
     def up(self) -> bool:
@@ -176,8 +181,9 @@ class Simulation:
         self.heal = heal
         self.intensity = intensity
         self.print_trace = trace
-        self.cluster = tuple(range(1, n + 1))
+        self.cluster = tuple(range(1, n + 1))  # the nodes that exist now (membership changes)
         self.nodes = {i: Node(i) for i in self.cluster}
+        self.retired: set[int] = set()  # removed by a committed change and shut down
         for nd in self.nodes.values():
             nd.disk.delay_commits = "slowdisk" in self.faults
         for nd in self.nodes.values():
@@ -201,7 +207,8 @@ class Simulation:
         self.max_commit_view = -1
         self.trace: list[str] = []
         self.stats = {"crashes": 0, "restarts": 0, "pauses": 0, "stalls": 0, "writes": 0,
-                      "acked": 0, "snapshots": 0, "partitions": 0, "failovers": 0, "lost_unsynced": 0}
+                      "acked": 0, "snapshots": 0, "partitions": 0, "failovers": 0, "lost_unsynced": 0,
+                      "member_changes": 0, "joined": 0, "retired": 0}
         self.clients = [SimClient(SINK)] + [SimClient(f"u{k}") for k in range(1, CLIENTS + 1)]
         for i in self.cluster:
             self.start(i)
@@ -227,7 +234,8 @@ class Simulation:
         nd = self.nodes[i]
         nd.net = SimNetwork(self, i)
         token_rng = random.Random(self.rng.getrandbits(64))
-        nd.host = ReplicaHost(i, self.cluster, nd.disk, network=nd.net,
+        first = nd.config.ids if nd.config is not None else tuple(range(1, self.n + 1))
+        nd.host = ReplicaHost(i, first, nd.disk, network=nd.net, config=nd.config,
                               failure_ticks=self.failure_ticks,
                               rng=random.Random(self.rng.getrandbits(64)), retain_entries=self.retain,
                               new_token=lambda: "%016x" % token_rng.getrandbits(64), quorum=self.quorum)
@@ -437,6 +445,8 @@ class Simulation:
         elif h != data:
             self.fail(f"agreement: node {i} applied {data!r} at {index}, history has {h!r}")
         self.nodes[i].hist[index] = data
+        if is_config_entry(data):
+            return
         cmd = decode_command(data)
         if cmd[0] == "reapply":   # a healed split brain's command, applied again at a new index
             cmd = cmd[3]
@@ -487,7 +497,8 @@ class Simulation:
             data = self.history.get(index)
             if data is None:
                 return None
-            state.apply(decode_command(data))
+            if not is_config_entry(data):
+                state.apply(decode_command(data))
         return state.to_snapshot()
 
     def holds(self, i: int, index: int, data: bytes) -> bool:
@@ -534,8 +545,8 @@ class Simulation:
     def deliver_due(self) -> None:
         while self.net and self.net[0][0] <= self.now:
             _, _, src, dst, payload = heapq.heappop(self.net)
-            nd = self.nodes[dst]
-            if not nd.up:
+            nd = self.nodes.get(dst)
+            if nd is None or not nd.up:   # (retired, or added but not started yet)
                 continue
             msg = decode_message(payload)
             if nd.paused_until > self.now:
@@ -620,6 +631,8 @@ class Simulation:
             self.random_cut()
         if rng.random() < 0.25 * k * TICK / 2:
             self.client_write()
+        if "members" in self.faults:
+            self.membership_nemesis()
 
     def random_cut(self) -> None:
         rng = self.rng
@@ -642,7 +655,7 @@ class Simulation:
         one-way (the side's messages to the rest are lost, the rest's arrive), or flapping
         (cut and healed several times, each time within about a failure timeout)."""
         rng = self.rng
-        side = set(rng.sample(self.cluster, rng.randint(1, self.n - 1)))
+        side = set(rng.sample(self.cluster, rng.randint(1, len(self.cluster) - 1)))
         out = [(a, b) for a in side for b in self.cluster if b not in side]
         kind = rng.choice(["symmetric", "one-way", "flapping"])
         links = out if kind == "one-way" else out + [(b, a) for a, b in out]
@@ -677,6 +690,127 @@ class Simulation:
             self.process(i, crash_at=self.rng.choice(["after_persist", "mid_send"]))
         if nd.up:
             self.crash(i)
+
+    # ------------------------------------------------------------------ membership
+    def membership_nemesis(self) -> None:
+        """The ``members`` fault: now and then the serving primary is asked for a change, as
+        ``chatserver members`` asks it (the nemesis' crashes and pauses hit every step of it)."""
+        self.sync_membership()
+        rng, k = self.rng, self.intensity / TICK
+        if rng.random() >= 0.03 * k:
+            return
+        prim = next((self.nodes[i] for i in self.serving()), None)
+        if prim is None:
+            return
+        r = prim.replica
+        size = len(r.config.ids)
+        op = rng.choice(["add"] * (size < 5) + ["remove", "remove-primary"] * (size > 2) or ["add"])
+        self.stats["member_changes"] += 1
+        try:
+            if op == "add":
+                self.note(f"members add n{r.config.next_id} (log index {r.change_config(add=f'n{r.config.next_id}')})")
+            elif op == "remove":
+                node = rng.choice([p for p in r.config.ids if p != prim.id])
+                self.note(f"members remove {node} (log index {r.change_config(remove=node)})")
+            else:
+                self.note(f"members remove {prim.id}: the primary hands over to {r.hand_over()}")
+                self.pending_removal = prim.id
+        except MembershipError as exc:
+            self.note(f"members {op} refused: {exc}")
+        self.process(prim.id)
+
+    pending_removal: int | None = None
+    membership_used = False  # a scripted change was made: follow the configuration at heal
+
+    def add_member(self, ticks: int = 100) -> str:
+        """Scripted ``members add``: the serving primary adds a node, which starts once the add
+        is committed; run until it is a member of the serving primary's view (or ``ticks``)."""
+        self.membership_used = True
+        who = self.wait_serving(ticks)
+        if who is None:
+            return "refused: nobody serves"
+        r = self.nodes[who].replica
+        node = r.config.next_id
+        try:
+            index = r.change_config(add=f"n{node}")
+        except MembershipError as exc:
+            return f"refused: {exc}"
+        self.process(who)
+        self._run_membership(ticks, lambda p: node in p.members)
+        where = next((self.nodes[i].replica for i in self.serving()), None)
+        state = "a member of the view" if where is not None and node in where.members else "not in the view yet"
+        return f"node {node} added at log index {index}; {state} ({self._now_ticks()})"
+
+    def remove_member(self, node: int, ticks: int = 100) -> str:
+        """Scripted ``members remove``: the primary hands over first if it is ``node``; run
+        until the removal is committed (the node is then shut down for good) or ``ticks``."""
+        self.membership_used = True
+        who = self.wait_serving(ticks)
+        if who is None:
+            return "refused: nobody serves"
+        try:
+            if who == node:
+                self.note(f"members remove {node}: the primary hands over to "
+                          f"{self.nodes[who].replica.hand_over()}")
+                self.process(who)
+                who = self.wait_serving(ticks, exclude=(node,))
+                if who is None:
+                    return f"the hand-over from {node} did not finish within {ticks} ticks"
+            index = self.nodes[who].replica.change_config(remove=node)
+        except MembershipError as exc:
+            return f"refused: {exc}"
+        self.process(who)
+        self._run_membership(ticks, lambda p: node not in p.config.ids and p.config.index <= p.commit_index)
+        done = node in self.retired
+        return f"node {node} {'removed' if done else 'not removed yet'} at log index {index}; " \
+               f"members {','.join(map(str, self.cluster))} ({self._now_ticks()})"
+
+    def _run_membership(self, ticks: int, done) -> None:
+        for t in range(ticks * TICK):
+            if t % TICK == 0:
+                self.sync_membership()
+                p = next((self.nodes[i].replica for i in self.serving()), None)
+                if p is not None and done(p):
+                    self.sync_membership()
+                    return
+            self.unit()
+
+    def _now_ticks(self) -> str:
+        return f"t={self.now}"
+
+    def sync_membership(self) -> None:
+        """Follow the committed configuration of a serving primary: start the replicas it
+        added (a fresh disk, the configuration as --join records it), shut down for good the
+        ones it removed; and remove a primary that handed over, once another one serves."""
+        prim = next((self.nodes[i] for i in self.serving()), None)
+        if prim is None or prim.replica.config.index > prim.replica.commit_index:
+            return
+        r = prim.replica
+        if self.pending_removal is not None and self.pending_removal != prim.id:
+            node, self.pending_removal = self.pending_removal, None
+            if node in r.config.ids:
+                try:
+                    self.note(f"members remove {node} (log index {r.change_config(remove=node)})")
+                except MembershipError as exc:
+                    self.note(f"members remove {node} refused: {exc}")
+                self.process(prim.id)
+                return
+        for node in r.config.ids:
+            if node not in self.nodes and node not in self.retired:
+                nd = self.nodes[node] = Node(node)
+                nd.phase, nd.config = self.rng.randrange(TICK), r.config
+                nd.disk.delay_commits = "slowdisk" in self.faults
+                self.stats["joined"] += 1
+                self.note(f"node {node} joins")
+                self.start(node)
+        for node in [i for i in self.nodes if i not in r.config.ids]:
+            if self.nodes[node].up:
+                self.crash(node)
+            del self.nodes[node]
+            self.retired.add(node)
+            self.stats["retired"] += 1
+            self.note(f"node {node} retired (removed at log index {r.config.index})")
+        self.cluster = tuple(self.nodes)
 
     # ------------------------------------------------------------------ scripted control
     # (for scenario tests and transcripts: no nemesis, the caller decides every fault)
@@ -825,6 +959,8 @@ class Simulation:
             self.unit()
             if t % TICK:
                 continue
+            if "members" in self.faults or self.membership_used:
+                self.sync_membership()
             if len(self.acked) == acked_before:
                 if not any(c.want for c in self.clients):
                     self.client_write(k=1)    # a chat after healing must be acknowledged too
@@ -840,7 +976,8 @@ class Simulation:
         if len(prim) != 1:
             return False
         p = prim[0].replica
-        if set(p.members) != set(self.cluster):
+        if set(p.members) != set(self.cluster) or set(p.config.ids) != set(self.cluster) \
+                or p.config.index > p.commit_index:
             return False
         top = p.commit_index
         for nd in self.nodes.values():
@@ -872,7 +1009,7 @@ class Simulation:
         origins: set[tuple] = set()
         for index in range(1, nd.host.applied_index + 1):
             data = nd.hist.get(index)
-            if data is None:
+            if data is None or is_config_entry(data):
                 continue
             cmd = decode_command(data)
             if cmd[0] == "reapply":

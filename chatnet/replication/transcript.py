@@ -59,6 +59,11 @@ Commands (replicas are numbered 1..N)
 ``wait-serving [ticks=K]``        run until some replica serves (at most K ticks, default 100)
 ``status``                        one line per replica: role, view, members, commit and applied
                                   index, serving
+``add [ticks=K]``                  ``members add``: the serving primary adds a replica (numbered
+                                  after every one so far), which starts when the add is committed
+                                  (as ``--join`` does); runs until it is in the view (at most K)
+``remove I [ticks=K]``            ``members remove``: replica I leaves (the primary hands over
+                                  first); runs until committed, when I is shut down for good
 ``check``                         the simulator's heal-and-converge check: restart every replica,
                                   heal the network, require one primary serving all with equal
                                   state and every acknowledged chat (with ``partitions``: lists
@@ -171,6 +176,7 @@ class Interpreter:
             "crash": self.crash, "restart": self.restart, "pause": self.pause,
             "partition": self.partition, "heal": self.heal, "tick": self.tick,
             "wait-serving": self.wait_serving, "status": self.status, "check": self.check,
+            "add": self.add, "remove": self.remove,
         }
 
     def run(self, line: str) -> list[str]:
@@ -279,6 +285,14 @@ class Interpreter:
             raise TranscriptError("usage: partition 1 | 2 3")
         self.sim.partition(*sides)
         return []
+
+    def add(self, words: list[str]) -> list[str]:
+        _, options = _split_args(words, ("ticks",))
+        return [self.sim.add_member(options.get("ticks", 100))]
+
+    def remove(self, words: list[str]) -> list[str]:
+        i, options = self._one_replica(words, ("ticks",))
+        return [self.sim.remove_member(i, options.get("ticks", 100))]
 
     def heal(self, words: list[str]) -> list[str]:
         _split_args(words, ())

@@ -324,6 +324,7 @@ class ChatServer:
         quorum: str = "all",
         tls: TLSSettings | None = None,
         cluster: bytes | None = None,
+        config=None,
     ):
         # peers: a --peers list (node ids are positions) or the node id -> address map of the
         # configuration this replica started from (a joined one); cluster: the cluster id
@@ -353,7 +354,7 @@ class ChatServer:
         self.replica_host = ReplicaHost(
             me, tuple(self.peers), storage, network=self.transport, addresses=self.peers,
             failure_ticks=max(2, round(failure_timeout / heartbeat)), retain_entries=log_retain,
-            naive=naive, limits=limits, hasher=self.hasher, quorum=quorum,
+            naive=naive, limits=limits, hasher=self.hasher, quorum=quorum, config=config,
         )
         self.service = self.replica_host.service
         self.replica = self.replica_host.replica

@@ -213,7 +213,7 @@ def local_peers(n: int, base_port: int | None) -> list[Address]:
 
 
 def replica_identity(args: argparse.Namespace, peers: list[Address]):
-    """(node id, addresses, cluster id, data dir, secret) of the replica to run.
+    """(node id, addresses, cluster id, data dir, secret, configuration) of the replica to run.
 
     What its data directory recorded wins (chatnet/server/members.py: a joined replica, or one
     whose cluster changed members since --peers was written); else ``--join`` asks the running
@@ -233,11 +233,11 @@ def replica_identity(args: argparse.Namespace, peers: list[Address]):
     data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(peers[me].port))
     identity = read_identity(data_dir)
     if len(peers) == 1 and identity is None:
-        return me, peers, None, data_dir, None
+        return me, peers, None, data_dir, None, None
     secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE)
     if identity is None:
         write_identity(data_dir, me, cluster_id(peers), Config.initial(range(len(peers)), peers))
-        return me, peers, cluster_id(peers).encode(), data_dir, secret
+        return me, peers, cluster_id(peers).encode(), data_dir, secret, None
     return _recorded(identity, data_dir, secret)
 
 
@@ -245,7 +245,7 @@ def _recorded(identity: dict, data_dir: str, secret: bytes):
     from .members import config_addresses
 
     return (identity["node"], config_addresses(identity["config"]), identity["cluster_id"].encode(),
-            data_dir, secret)
+            data_dir, secret, identity["config"])
 
 
 def limits_from(args: argparse.Namespace) -> Limits:
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             extra += ["--require-passwords"] if limits.require_passwords else []
             extra += tls_flags(args)
             return run_local(peers, base, secret_file, extra, metrics_port=args.metrics_port)
-        me, peers, cluster, data_dir, secret = replica_identity(args, peers)
+        me, peers, cluster, data_dir, secret, config = replica_identity(args, peers)
         if args.heartbeat_ms <= 0 or args.failure_timeout_ms < 2 * args.heartbeat_ms:
             raise ConfigError("--failure-timeout-ms must be at least twice --heartbeat-ms, both positive")
         if args.log_retain < 1:
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
             peers, me, data_dir, secret=secret, slow_client_timeout=args.slow_client_timeout,
             heartbeat=args.heartbeat_ms / 1000, failure_timeout=args.failure_timeout_ms / 1000,
             log_retain=args.log_retain, naive=args.naive, limits=limits, metrics_port=args.metrics_port,
-            quorum=args.quorum, tls=tls, cluster=cluster,
+            quorum=args.quorum, tls=tls, cluster=cluster, config=config,
         )
         server.start()
     except (StoreError, MetricsError) as exc:

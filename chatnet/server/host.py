@@ -91,7 +91,7 @@ class ReplicaHost:
     def __init__(self, me: int, cluster, storage: Storage, *, network: Network | None = None,
                  addresses=None, failure_ticks: int = 10, rng: random.Random | None = None,
                  retain_entries: int = 10_000, naive: bool = False, limits=None,
-                 new_token=None, hasher=None, clock=None, quorum: str = "all"):
+                 new_token=None, hasher=None, clock=None, quorum: str = "all", config=None):
         self.me = me
         self.cluster = tuple(cluster)
         self.storage = storage
@@ -113,8 +113,11 @@ class ReplicaHost:
         # Benchmark baseline (--naive): one command per iteration (one fsync per command) and
         # one entry in flight per backup (stop-and-wait) instead of group commit + pipelining.
         self.naive = naive
+        durable = durable_state(loaded)
+        if durable.config is None:  # (a joined replica's first start: the configuration it joined)
+            durable.config = config
         self.replica = Replica(
-            me, self.cluster, durable_state(loaded), heartbeat_ticks=1, failure_ticks=failure_ticks,
+            me, self.cluster, durable, heartbeat_ticks=1, failure_ticks=failure_ticks,
             rng=rng or random.Random(), retain_entries=retain_entries, quorum=quorum,
             addresses=addresses, **({"max_batch": 1, "max_inflight": 1} if naive else {}),
         )

@@ -23,6 +23,8 @@ import marshal
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..replication.membership import is_config_entry
+
 # Results of applying a command (the session layer turns them into the reference texts).
 OK = "ok"
 NAME_TAKEN = "name-taken"
@@ -131,7 +133,9 @@ def encode_command(cmd: tuple) -> bytes:
 
 
 def decode_command(data: bytes) -> tuple:
-    """Decode a log entry of either encoding (a version byte, or a JSON array)."""
+    """Decode a log entry of either encoding (a version byte, or a JSON array).  A membership
+    change's config entry (chatnet/replication/membership.py) decodes as ``("config",)``, which
+    changes no chat state: every replay of a log (store, backup, simulator) passes over it."""
     if data[:1] == _V1:
         try:
             cmd = marshal.loads(data[1:])
@@ -142,6 +146,8 @@ def decode_command(data: bytes) -> tuple:
         return cmd
     if data[:1] == b"[":
         return _decode_json_command(data)
+    if is_config_entry(data):
+        return ("config",)
     raise ValueError(f"unknown command encoding (first byte {bytes(data[:1])!r})")
 
 
@@ -235,6 +241,8 @@ class ChatState:
     def apply(self, cmd: tuple) -> tuple[object, list[tuple]]:
         """Apply one command; return (result, row changes for the store)."""
         kind = cmd[0]
+        if kind == "config":  # a membership change: the replication core's, not the chat's
+            return OK, []
         if kind == "create":
             return self._create(cmd[1], cmd[2], cmd[3] if len(cmd) > 3 else None)
         if kind == "send":
