@@ -702,8 +702,11 @@ class Replica:
         if self._ticks % self.heartbeat_ticks == 0:
             for p in self.peers:
                 self._send_heartbeat(p)
+            for p in self._members:   # (a member being removed is probed until it is out)
+                if p != self.me and p not in self._rank:
+                    self._send_heartbeat(p)
             for p, heard in list(self._contacts.items()):
-                if self._ticks - heard > self.failure_ticks or p in self._rank:
+                if self._ticks - heard > self.failure_ticks or p in self._rank or p in self._members:
                     del self._contacts[p]
                 else:
                     self._send_heartbeat(p)
@@ -1691,7 +1694,9 @@ class Replica:
             # can ever be formed by a fresh minority: there is nothing to be stale of.
             self._become_electing()
             return
-        if not all(q == self.me or q in infos for q in best_members):
+        # (a member whose removal is committed need not be heard: it held the removal before
+        # the commit, so it never campaigned since, and every committed entry is on the others)
+        if not all(q == self.me or q in infos or q not in self._base_cfg.ids for q in best_members):
             return  # cannot tell whether I am stale: wait
         if best_view == self._view and self.me in self._members:
             self._become_electing()
