@@ -304,9 +304,10 @@ class ReplicaHost:
             proposals, self._held = proposals[:1], proposals[1:]
         if replica.serving:
             self.reapply.propose()
+            view = replica.view  # (proposing changes no view)
             for cmd, conn_id in proposals:
                 index = replica.propose(encode_command(cmd))
-                service.bind(index, cmd, conn_id, replica.view)
+                service.bind(index, cmd, conn_id, view)
         elif self.mode == HOLDING:
             self._held = proposals  # proposed once the view is re-established
         elif proposals:

@@ -113,6 +113,7 @@ REQUEST_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
 # Accounts one `list` answer examines at most (besides its page-size limit), so that a pattern
 # matching few names does not walk every account: about a millisecond of work per answer.
 LIST_SCAN_LIMIT = 10_000
+SENT_FRAMES_KEPT = 4096  # recipients whose "sent" answer frame is kept ready (ChatService._sent_frame)
 READ_OPS = frozenset({4, 7})  # list, resume: answered from the state, no log entry of their own
 READ = -2  # Session.waiting_for of a connection whose read waits for earlier commands
 HASHING = -3  # ... whose password is being hashed or checked off the loop
@@ -212,6 +213,7 @@ class ChatService:
     _delivered: dict[tuple, int] = field(default_factory=dict)  # (name, order) -> highest written seq
     _list_cache: list = field(default_factory=list)  # accounts in creation order, see _accounts_in_order
     _list_cache_key: tuple | None = None
+    _sent_frames: dict = field(default_factory=dict)  # recipient -> its "sent" answer frame, see _sent_frame
     _order: ArrivalOrder = field(default_factory=ArrivalOrder)  # reads wait for earlier commands
     clock: object = field(default=time.monotonic)  # only for the password back-off
     throttle: Throttle = field(default_factory=Throttle)
@@ -773,6 +775,17 @@ class ChatService:
             self._answer_read(read)
         return changes
 
+    def _sent_frame(self, recipient: str) -> bytes:
+        """The answer to a chat sent to ``recipient``: the same bytes for every chat to it, so
+        made once per recipient (format, encode, frame) rather than once per chat; at most
+        SENT_FRAMES_KEPT are kept (then the cache starts afresh)."""
+        data = self._sent_frames.get(recipient)
+        if data is None:
+            if len(self._sent_frames) >= SENT_FRAMES_KEPT:
+                self._sent_frames.clear()
+            data = self._sent_frames[recipient] = frame(STATUS_OK, T_SENT.format(recipient=recipient))
+        return data
+
     def _note_refused(self, view: int, index: int) -> None:
         self.refused[(view, index)] = None
         if len(self.refused) > REFUSED_KEPT:
@@ -782,7 +795,7 @@ class ChatService:
         kind = cmd[0]
         if kind == "send":  # the common case first
             if isinstance(result, sm.Mail) or result == sm.DUPLICATE:
-                self._reply(session.conn, STATUS_OK, T_SENT.format(recipient=cmd[2]))
+                self.effects.append(Reply(session.conn, self._sent_frame(cmd[2])))
             else:
                 self._reply(session.conn, STATUS_ERROR, T_NO_RECIPIENT)
         elif kind == "create":
