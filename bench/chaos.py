@@ -546,12 +546,16 @@ def ack_periods(facts: Facts) -> dict[str, list[tuple[float, float, list]]]:
     writes: runs of acks with no gap of a failure timeout or more between one answer and the
     next request (a new primary is only elected after such a silence of the old one).  Each
     period is (start, end, acks) where [start, end] is the part of it that is certain: the
-    first ack answered by ``start`` and the last requested at ``end`` or later."""
+    first ack answered by ``start`` and the last requested at ``end`` or later.  An op answered
+    after more than one attempt is left out: its invocation is not when the answering replica
+    got it (a login invoked just before its replica was killed, answered by it 7 s later after
+    its restart, joined two periods across the time it was down: a false split)."""
     gap = float(facts.meta.get("failure_timeout") or FAILURE_TIMEOUT)
     acks: dict[str, list[tuple[float, float, dict]]] = defaultdict(list)
     for op, (_, r) in facts.results.items():
         inv = facts.invokes.get(op, (0, {}))[1]
-        if r["type"] == "ok" and r.get("server") and inv.get("f") in ACKED_WRITES:
+        if r["type"] == "ok" and r.get("server") and inv.get("f") in ACKED_WRITES \
+                and r.get("attempts", 1) <= 1:
             acks[r["server"]].append((inv["t"], r["t"], inv))
     periods: dict[str, list] = {}
     for server, items in acks.items():

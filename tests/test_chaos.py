@@ -428,6 +428,24 @@ def test_split_brain_two_replicas_acknowledging_in_overlapping_time():
     assert " split=1 " in h.check().summary()
 
 
+def test_split_brain_an_op_answered_after_a_retry_does_not_join_periods():
+    """A acks until 20.9 and is killed; B takes over from 23; an op invoked at 21 (before the
+    failover was noticed) is answered by A at 27 after its restart, on a second attempt.  Its
+    invocation is not when A got it: it must not make A's periods one that spans B's (the
+    majority 10-minute run, seed 45, reported a false split that way)."""
+    def history(attempts):
+        h = majority(clean())
+        acks_by(h, *[("alice", "A", 20 + 0.2 * k, 20.1 + 0.2 * k) for k in range(5)],
+                *[("carol", "B", 23 + 0.2 * k, 23.1 + 0.2 * k) for k in range(10)],
+                ("alice", "A", 21.0, 27.0), ("alice", "A", 26.95, 27.1), ("alice", "A", 27.05, 27.2))
+        late = next(r["op"] for r in h.records if r["type"] == "invoke" and r["t"] == 21.0
+                    and r.get("msg", "").startswith("p-"))
+        next(r for r in h.records if r["type"] == "ok" and r["op"] == late).update(attempts=attempts)
+        return h
+    assert chaos.check_split_brain(history(2).facts()) == []
+    assert len(chaos.check_split_brain(history(1).facts())) == 1
+
+
 def test_split_brain_a_handover_after_a_silence_is_not_one_and_default_mode_allows_overlap():
     handover = majority(clean())      # A acks until 22, silence, B from 23.5: a failover
     acks_by(handover, *[("alice", "A", 20 + 0.2 * k, 20.1 + 0.2 * k) for k in range(10)],
