@@ -129,6 +129,20 @@ def test_a_refused_saved_token_falls_back_to_a_fresh_login_and_says_so():
     assert h.session.saved["alice"] == s.SavedResume("new", 5)
 
 
+def test_a_saved_token_of_another_sides_numbers_starts_numbering_from_zero():
+    """After a healed split brain the saved LAST_SEQ may number the losing side's mailbox: the
+    refusal says so, the fresh login then shows every queued chat (not only those above 4)."""
+    h = restarted({"alice": s.SavedResume("old.7", 4)})
+    h.session.submit(cmd("login|alice"), h.t)
+    assert sent_text(h) == ["7|alice|old.7|4\n"]
+    actions = actions_after(h, err(s.RESUME_OTHER_HISTORY_TEXT))
+    assert s.Persist("alice", None, 0) in actions
+    assert actions[-1] == s.Send(b"2|alice\n")
+    h.feed(ok("Logged in as alice."), ok("token|new.9"), schat(1, "bob", "one"), schat(2, "bob", "two"))
+    assert [e.text for e in h.of(s.FrameReceived) if e.kind == "chat"] == ["one", "two"]
+    assert h.session.saved["alice"] == s.SavedResume("new.9", 2)
+
+
 def test_a_saved_account_that_no_longer_exists_is_forgotten():
     h = restarted({"alice": s.SavedResume("t", 2)})
     h.session.submit(cmd("login|alice"), h.t)

@@ -198,6 +198,7 @@ __all__ = [
     "CommandQueued", "CommandSent", "CommandRequeued", "SessionClosed", "ClientSession",
     "BACKUP_NOTE_RE", "NO_PRIMARY_NOTE", "ALREADY_CONNECTED_TEXT", "CREATE_TAKEN_TEXT",
     "PROBE_COMMAND", "EXT_COMMAND", "EXT_ANSWER", "RESUME_BAD_TOKEN_TEXT", "RESUME_UNKNOWN_TEXT",
+    "RESUME_OTHER_HISTORY_TEXT",
     "random_rid_prefix",
 ]
 
