@@ -127,9 +127,9 @@ class ReplicaHost:
         self.replica.mark_handover = self.reapply.mark_refused
         # Only all mode with peers can split its brain: there, tokens carry an epoch (service.py,
         # _resume_refusal); what was applied before this start came from views up to my view.
-        self._epochs = quorum == "all" and len(self.cluster) > 1
+        self._all_mode = quorum == "all"
+        self.service.in_history = self.replica.holds_view
         if self._epochs:
-            self.service.in_history = self.replica.holds_view
             self.service.epoch = self.replica.view
         self._submitted = storage.durable  # number of the last batch handed to the storage
         self._outputs: deque[_Output] = deque()  # per iteration: what leaves once it is durable
@@ -369,6 +369,12 @@ class ReplicaHost:
             batch.meta.update(snapshot_index=compact, snapshot_view=replica.entry_view(compact) or 0)
             batch.compact_upto = compact
             replica.compact(compact)
+
+    @property
+    def _epochs(self) -> bool:
+        """Tokens carry epochs where a split brain is possible: all mode, more than one
+        replica in the configuration (which can grow at runtime)."""
+        return self._all_mode and self.replica.n > 1
 
     def _follow_role(self) -> None:
         """Follow the core's role: serve, hold clients through a reconfiguration, or send them away.
