@@ -976,7 +976,10 @@ class Simulation:
         if len(prim) != 1:
             return False
         p = prim[0].replica
-        if set(p.members) != set(self.cluster) or set(p.config.ids) != set(self.cluster) \
+        # (in all mode a healed split brain's losing side may have committed a membership
+        # change the winner never saw, and shut a replica down for it: the winner's
+        # configuration then still names that replica -- docs/replication.md section 14)
+        if set(p.members) != set(self.cluster) or set(p.config.ids) - self.retired != set(self.cluster) \
                 or p.config.index > p.commit_index:
             return False
         top = p.commit_index
