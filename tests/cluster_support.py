@@ -15,8 +15,10 @@ from chatnet.testing import FailoverClient, NoPrimary
 class Load:
     """Senders chatting to a sink account in a loop, recording every acknowledged text."""
 
-    def __init__(self, addresses, sink: str, senders: int = 4, prefix: str = "s"):
+    def __init__(self, addresses, sink: str, senders: int = 4, prefix: str = "s", client=FailoverClient):
         self.addresses = addresses
+        self.client = client  # the client class (a test may count what its clients do)
+        self.clients: dict = {}  # sender name -> its client
         self.sink = sink
         self.acked: dict[str, list[str]] = {}
         self.ack_times: list[float] = []
@@ -31,7 +33,7 @@ class Load:
         return self
 
     def _run(self, name: str) -> None:
-        client = FailoverClient(self.addresses, name, create=True)
+        client = self.clients[name] = self.client(self.addresses, name, create=True)
         self.acked[name] = []
         i = 0
         while not self.stop_flag.is_set():

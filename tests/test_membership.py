@@ -12,7 +12,7 @@ import sys
 
 from cluster_support import Load, assert_nothing_lost, drain_mailbox
 
-from chatnet.testing import CHATSERVER, Cluster, FailoverClient, NoPrimary, ServerProcess, free_port, wait_until
+from chatnet.testing import CHATSERVER, Cluster, FailoverClient, ServerProcess, free_port, wait_until
 
 FAST = ["--heartbeat-ms", "50", "--failure-timeout-ms", "500"]
 
@@ -35,37 +35,13 @@ class CountingClient(FailoverClient):
         super().connect(create)
 
 
-class CountingLoad(Load):
-    """The cluster tests' load, its clients counting their connections."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.clients: dict[str, CountingClient] = {}
-
-    def _run(self, name: str) -> None:
-        client = self.clients[name] = CountingClient(self.addresses, name, create=True)
-        self.acked[name] = []
-        i = 0
-        while not self.stop_flag.is_set():
-            text = f"{name}-{i}"
-            try:
-                f = client.request(f"3|{self.sink}|{text}")
-            except NoPrimary:
-                continue
-            if f.status == 0 and f.message.startswith("Message sent"):
-                with self.lock:
-                    self.acked[name].append(text)
-            i += 1
-        client.close()
-
-
 def test_a_dead_replica_is_replaced_under_load_with_one_failover_at_most(tmp_path):
     with Cluster(str(tmp_path / "c"), n=3, extra_args=FAST) as c:
         primary = c.wait_primary()
         new = ("127.0.0.1", free_port())
         everyone = [*c.addresses, new]
         FailoverClient(everyone, "sink", create=True).close()
-        load = CountingLoad(everyone, "sink", senders=3).start()
+        load = Load(everyone, "sink", senders=3, client=CountingClient).start()
         wait_until(lambda: load.total() >= 60, timeout=20, what="chat before the kill")
         c.kill(primary)  # the machine dies: the one failover the clients see
         wait_until(lambda: load.total() >= 120, timeout=20, what="chat after the failover")

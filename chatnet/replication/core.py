@@ -303,15 +303,7 @@ class Replica:
         self._promised = max(durable.view, durable.promised if durable.promised is not None
                              else durable.view)
         self._promised_to = durable.promised_to
-        self._snap_index = durable.snapshot_index
-        self._snap_view = durable.snapshot_view
-        self._log: list[Entry] = list(durable.log)
-        for i, e in enumerate(self._log):
-            if e.index != self._snap_index + 1 + i:
-                raise ValueError("durable log is not contiguous after the snapshot")
-        if durable.applied_index < self._snap_index or durable.applied_index > self.last_index:
-            raise ValueError("applied_index outside [snapshot_index, last log index]")
-        self._refresh_config()
+        self._load_log(durable)
         self._applied = durable.applied_index       # applied and advanced
         self._apply_cursor = durable.applied_index  # handed to the host
         self._commit = durable.applied_index
@@ -330,6 +322,18 @@ class Replica:
         self._new_incarnation()
         if self._alone():
             self._become_sole_primary()
+
+    def _load_log(self, durable: DurableState) -> None:
+        """The durable log after the snapshot point (checked), and the configuration in it."""
+        self._snap_index = durable.snapshot_index
+        self._snap_view = durable.snapshot_view
+        self._log: list[Entry] = list(durable.log)
+        for i, e in enumerate(self._log):
+            if e.index != self._snap_index + 1 + i:
+                raise ValueError("durable log is not contiguous after the snapshot")
+        if durable.applied_index < self._snap_index or durable.applied_index > self.last_index:
+            raise ValueError("applied_index outside [snapshot_index, last log index]")
+        self._refresh_config()
 
     def _init_volatile(self) -> None:
         """State that is not persisted: a (re)start begins with all of it empty."""

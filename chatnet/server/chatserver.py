@@ -326,9 +326,7 @@ class ChatServer:
         cluster: bytes | None = None,
         config=None,
     ):
-        # peers: a --peers list (node ids are positions) or the node id -> address map of the
-        # configuration this replica started from (a joined one); cluster: the cluster id
-        # minted when the cluster was created (default: from the --peers list)
+        # peers: a --peers list or the id -> address map it started from; cluster: the cluster id
         self.peers = dict(peers) if isinstance(peers, dict) else dict(enumerate(peers))
         self.me = me
         self.cluster_id = cluster if cluster is not None else cluster_id(list(peers)).encode()

@@ -89,11 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--secret-file", default=None,
                         help=f"file holding the cluster secret shared by all replicas (default: {DEFAULT_SECRET_FILE}, "
                              "or <data-dir>/cluster.secret with --local)")
-    parser.add_argument("--join", metavar="HOST:PORT",
-                        help="first start of a new replica: join the running cluster through this member "
-                             "(it is added as node of the next id, catches up, then counts for "
-                             "acknowledgements); needs --port (and --host if not 127.0.0.1). Restarts need "
-                             "no --join: the data directory records the membership")
+    parser.add_argument("--join", metavar="HOST:PORT", help="first start of a new replica (--host, --port): "
+                        "join the running cluster through this member; restarts need no --join")
     parser.add_argument("--local", action="store_true",
                         help="start every replica of --peers on this machine as child processes; Ctrl-C stops all")
     parser.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval (default: 100)")
