@@ -311,8 +311,11 @@ class _Reader:
         self.pos = 0
 
     def uint(self) -> int:
+        pos, buf = self.pos, self.buf
+        if pos < len(buf) and buf[pos] < 0x80:  # one byte: most views, counts and lengths
+            self.pos = pos + 1
+            return buf[pos]
         n = shift = 0
-        buf = self.buf
         while True:
             if self.pos >= len(buf):
                 raise DecodeError("truncated integer")
@@ -338,7 +341,7 @@ class _Reader:
         n = self.uint()
         if n > len(self.buf) - self.pos:
             raise DecodeError("truncated bytes")
-        b = bytes(self.buf[self.pos:self.pos + n])
+        b = self.buf[self.pos:self.pos + n]  # buf is bytes (_decode): a slice is bytes
         self.pos += n
         return b
 
@@ -391,7 +394,8 @@ def _decode(payload: bytes) -> Any:
             values.append(tuple(r.uint() for _ in range(r.count())))
         else:
             n = r.count()
-            values.append(tuple(Entry(r.uint(), r.uint(), r.raw()) for _ in range(n)))
+            uint, raw = r.uint, r.raw
+            values.append(tuple([Entry(uint(), uint(), raw()) for _ in range(n)]))
     if r.pos != len(payload):
         raise DecodeError("trailing bytes")
     return cls(*values)

@@ -343,7 +343,9 @@ class ReplicaHost:
                 service.apply(entry.index, ("delivered", []), entry.view)
                 self.admin.committed(entry)
             else:
-                batch.chats += sum(1 for change in self.reapply.apply(entry) if change[0] == "mail+")
+                changes = self.reapply.apply(entry)
+                if self._count_chats is not None:  # (only the metrics read the count)
+                    batch.chats += sum(1 for change in changes if change[0] == "mail+")
             self.applied_index = entry.index
             self.checkpoints.applied(len(entry.data))
             if self.on_applied is not None:
