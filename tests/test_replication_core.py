@@ -731,3 +731,26 @@ def test_reapplied_origins_are_state_applied_once_and_survive_snapshots_and_the_
     other = Store(str(tmp_path / "b"))
     other.commit(Batch(snapshot=(2, 1, state.to_snapshot())))
     assert other.load().state.has_origin(6, 25)
+
+
+def test_a_lone_primary_restarted_hands_its_entries_over_before_a_snapshot_replaces_them():
+    """All mode: replica 2 led view 5 alone (a split brain's cut-off side), acknowledged 2-3
+    and was killed before its stored commit index covered them (the store writes it only with
+    later log rows).  Restarted, it never compared the sides; the other side's primary syncs
+    it with a snapshot beyond its log.  Its entries of its lone view go to that primary first
+    (Ready.handover and a Reapply), instead of being replaced unseen (chaos seed 45)."""
+    d = DurableState(view=5, primary=2, members=(2,), promised=5,
+                     log=[Entry(1, 3, b"a"), Entry(2, 5, b"x"), Entry(3, 5, b"y")], applied_index=1)
+    r = Replica(2, [1, 2, 3], d, rng=random.Random(7))
+    assert r.role == RECOVERING and r.commit_index == 1
+    data = b"the winner's state"
+    for chunk in _chunks(data, 100, view=6, index=9, snap_view=6, echo_inc=r._inc):
+        r.step(3, InstallSnapshot(**{**chunk.__dict__, "members": (3, 1), "force": True}))
+    handed, sent = [], []
+    while (rd := r.ready()) is not None:
+        if rd.handover is not None:
+            handed += [(e.index, e.view) for e in rd.handover]
+        sent += [m for _, m in rd.messages if isinstance(m, Reapply)]
+        r.advance(rd)
+    assert {(2, 5), (3, 5)} <= set(handed)          # (the common entry 1 too: the winner skips it)
+    assert sent and {(2, 5), (3, 5)} <= {(e.index, e.view) for e in sent[0].entries}

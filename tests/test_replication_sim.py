@@ -429,6 +429,30 @@ def test_a_send_refused_on_the_losing_side_is_not_re_applied():
     assert winner.host.status()["reapply"]["refused"] >= 1   # its logins refused there too
 
 
+def test_a_lone_primary_killed_during_the_split_hands_over_after_its_restart():
+    """All mode: the cut-off primary acknowledges alone, is killed before the heal (so it never
+    compares the sides), and restarts after it: recovering, it is synced by the pair's primary.
+    Its acknowledged chat must be handed over and re-applied, not replaced unseen.  (Here its
+    stored commit index covers them; chaos seed 45 lost 30 such chats where it did not, which
+    ``Replica._led_alone_after`` now hands over too.)"""
+    sim, p = cluster(partitions=True)
+    a, others = p, tuple(x for x in (1, 2, 3) if x != p)
+    sim.partition((a,), others)
+    sim.run_ticks(4 * FT)
+    b = sim.wait_serving(40, exclude=(a,))
+    lone = [sim.chat("alice", "bob", f"lone {k}", via=a) for k in range(3)]
+    assert all(c.acked for c in lone)
+    for k in range(30):
+        assert sim.chat("carol", "dave", f"pair {k}", via=b).acked
+    sim.crash(a)
+    sim.heal_network()
+    sim.run_ticks(2 * FT)
+    sim.restart(a)
+    sim.heal_and_check()
+    winner = sim.nodes[sim.serving()[0]]
+    assert {"lone 0", "lone 1", "lone 2"} <= _sent_texts(winner)
+
+
 def test_seed_175_a_snapshot_from_a_crashed_sender_keeps_the_history():
     """The checker's record of a replica's applied history after it installs a snapshot is
     the sender's history up to the snapshot, recorded when the transfer was sent: seed 175
