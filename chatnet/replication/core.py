@@ -1638,6 +1638,10 @@ class Replica:
         theirs = _key(m.est_view, m.last_view, m.last_index)
 
         def refuse() -> None:
+            if self._following == p and self._status == ELECTING:
+                # I voted for it once (a hand-over's campaign, which my preference does not
+                # refuse); now that I refuse it, waiting for it would wait forever
+                self._following = None
             self._send(p, Vote(m.view, False, self._promised, *my))
 
         if m.view < self._promised or (m.view == self._promised
