@@ -69,7 +69,7 @@ DEFAULT_FAULTS = ("crash", "pause", "cut", "drop", "dup")
 # slowdisk: batches become durable a few time units after the host submits them, as with the
 # server's storage thread (BackgroundStorage); a crash loses those still in flight.
 # members: membership changes (docs/replication.md section 14) -- a replica is added (it starts,
-# as with --join, once its add is committed), a member removed (and shut down for good once the
+# as with --join, once its add is appended), a member removed (and shut down for good once the
 # removal is committed), or the primary removed (it hands over first), one change at a time.
 ALL_FAULTS = DEFAULT_FAULTS + ("partition", "slowdisk", "members")
 
@@ -709,6 +709,7 @@ class Simulation:
         try:
             if op == "add":
                 self.note(f"members add n{r.config.next_id} (log index {r.change_config(add=f'n{r.config.next_id}')})")
+                self._start_joiners(r.config)
             elif op == "remove":
                 node = rng.choice([p for p in r.config.ids if p != prim.id])
                 self.note(f"members remove {node} (log index {r.change_config(remove=node)})")
@@ -724,7 +725,8 @@ class Simulation:
 
     def add_member(self, ticks: int = 100) -> str:
         """Scripted ``members add``: the serving primary adds a node, which starts once the add
-        is committed; run until it is a member of the serving primary's view (or ``ticks``)."""
+        is appended (as --join does); run until it is a member of the serving primary's view
+        (or ``ticks``)."""
         self.membership_used = True
         who = self.wait_serving(ticks)
         if who is None:
@@ -735,6 +737,7 @@ class Simulation:
             index = r.change_config(add=f"n{node}")
         except MembershipError as exc:
             return f"refused: {exc}"
+        self._start_joiners(r.config)
         self.process(who)
         self._run_membership(ticks, lambda p: node in p.members)
         where = next((self.nodes[i].replica for i in self.serving()), None)
@@ -764,6 +767,19 @@ class Simulation:
         done = node in self.retired
         return f"node {node} {'removed' if done else 'not removed yet'} at log index {index}; " \
                f"members {','.join(map(str, self.cluster))} ({self._now_ticks()})"
+
+    def _start_joiners(self, config) -> None:
+        """Start the replicas ``config`` names that do not exist yet: a fresh disk and the
+        configuration, as ``--join`` records it (which starts as soon as its add is appended)."""
+        for node in config.ids:
+            if node not in self.nodes and node not in self.retired:
+                nd = self.nodes[node] = Node(node)
+                nd.phase, nd.config = self.rng.randrange(TICK), config
+                nd.disk.delay_commits = "slowdisk" in self.faults
+                self.stats["joined"] += 1
+                self.note(f"node {node} joins")
+                self.start(node)
+        self.cluster = tuple(self.nodes)
 
     def _run_membership(self, ticks: int, done) -> None:
         for t in range(ticks * TICK):
@@ -795,14 +811,7 @@ class Simulation:
                     self.note(f"members remove {node} refused: {exc}")
                 self.process(prim.id)
                 return
-        for node in r.config.ids:
-            if node not in self.nodes and node not in self.retired:
-                nd = self.nodes[node] = Node(node)
-                nd.phase, nd.config = self.rng.randrange(TICK), r.config
-                nd.disk.delay_commits = "slowdisk" in self.faults
-                self.stats["joined"] += 1
-                self.note(f"node {node} joins")
-                self.start(node)
+        self._start_joiners(r.config)
         for node in [i for i in self.nodes if i not in r.config.ids]:
             if self.nodes[node].up:
                 self.crash(node)

@@ -75,6 +75,10 @@ class MembershipRequests:
             return reply({"error": str(exc)})
         if index is None:  # handing over: the client asks the new primary
             return reply(self._elsewhere())
+        if op == "add" and req.get("join"):  # --join: the new replica starts now (see join())
+            cfg = replica.config
+            return reply({"ok": True, "op": op, "address": address, "node": cfg.node_at(address),
+                          "config": config_to_meta(cfg), "index": index, "committed": False})
         self.pending[index] = (replica.view, reply, op, address, replica.config.node_at(address)
                                if op == "add" else self._removing)
 
@@ -256,8 +260,16 @@ def format_answer(answer: dict) -> str:
 
 def join(join_address: Address, me: Address, secret: bytes, data_dir: str) -> dict:
     """``--join``: ask the cluster (any member) to add ``me``; record the answer in ``data_dir``.
-    Returns the identity (as read_identity)."""
-    answer = members_call([join_address], secret, {"op": "add", "address": str(me)})
+    Returns the identity (as read_identity).
+
+    The primary answers as soon as the add is in its log, not once it is committed: the new
+    replica must be running by then (as etcd's ``member add`` is followed by starting the
+    member), or a primary that restarts before the commit could find no majority of the new
+    configuration without it (adding a second replica to a single one, say).  Should the add
+    be lost with that primary, the new replica is a member of no configuration the cluster
+    has: it stays recovering and ``chatserver members`` does not list it (wipe its data
+    directory and join again)."""
+    answer = members_call([join_address], secret, {"op": "add", "address": str(me), "join": True})
     if "error" in answer:
         raise ConfigError(f"--join {join_address}: {answer['error']}")
     cfg = config_from_meta(answer["config"])
