@@ -627,7 +627,7 @@ class Simulation:
                                     2 * self.failure_ticks, 3 * self.failure_ticks])
                 self.pause(nd.id, ticks, jitter=rng.randrange(TICK))
                 self.stats["pauses"] += 1
-        elif ("cut" in self.faults or self.partitions) and rng.random() < 0.004 * k and self.n > 1:
+        elif ("cut" in self.faults or self.partitions) and rng.random() < 0.004 * k and len(self.cluster) > 1:
             self.random_cut()
         if rng.random() < 0.25 * k * TICK / 2:
             self.client_write()
