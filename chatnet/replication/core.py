@@ -1714,9 +1714,15 @@ class Replica:
             # can ever be formed by a fresh minority: there is nothing to be stale of.
             self._become_electing()
             return
-        # (a member whose removal is committed need not be heard: it held the removal before
-        # the commit, so it never campaigned since, and every committed entry is on the others)
-        if not all(q == self.me or q in infos or q not in self._base_cfg.ids for q in best_members):
+        # A member whose removal is committed need not be heard (it held the removal before
+        # the commit, so it never campaigned since, and every committed entry is on the
+        # others) -- but then the view is older than my committed configuration, whose members
+        # (the candidates of any newer view) must all be heard instead (sweep seed 18).
+        base = self._base_cfg.ids
+        need = [q for q in best_members if q in base]
+        if len(need) < len(best_members):
+            need += base
+        if not all(q == self.me or q in infos for q in need):
             return  # cannot tell whether I am stale: wait
         if best_view == self._view and self.me in self._members:
             self._become_electing()
