@@ -596,6 +596,14 @@ class Replica:
                     return found
         return self._base_cfg
 
+    def _joining_past(self, snap_cfg: Config) -> bool:
+        """Am I a joiner whose add lies after this snapshot's point?  Then its configuration
+        does not name me yet, and I keep the one I joined with (the entries after the point
+        bring the add): taking it, I would count myself removed and refuse every vote --
+        which, in majority mode, the new configuration's majority may need (sweep seed 318)."""
+        return self._view == 0 and snap_cfg.index < self._base_cfg.index \
+            and self.me not in snap_cfg.ids and self.me in self._base_cfg.ids
+
     def _append(self, e: Entry) -> None:
         self._log.append(e)
         if e.index > self._cfg.index and is_config_entry(e.data):
@@ -1516,7 +1524,7 @@ class Replica:
                 self._diverged = False
                 self._forced_by = (p, m.view)
             self._log = []
-            if snap_cfg is not None:
+            if snap_cfg is not None and not self._joining_past(snap_cfg):
                 self._base_cfg = snap_cfg     # the configuration at the snapshot point
                 self._hs_dirty = True         # (persisted with the snapshot)
             self._refresh_config()
