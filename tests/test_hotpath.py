@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -31,65 +32,65 @@ class Handler:
             self.victim.closed = True
 
 
-def test_reactor_reports_readiness_within_interest():
-    reactor = Reactor()
-    a, b = socket.socketpair()
-    try:
-        h = Handler()
-        reactor.set_interest(a, READ, h)
-        reactor.run_once(max_wait=0)
-        assert h.masks == []  # nothing to read yet
+@pytest.fixture
+def reactor_and_pairs():
+    """A reactor and a maker of socket pairs; all closed at the end."""
+    reactor, socks = Reactor(), []
+
+    def pair():
+        a, b = socket.socketpair()
+        socks.extend((a, b))
+        return a, b
+
+    yield reactor, pair
+    reactor.close()
+    for sock in socks:
+        sock.close()
+
+
+def test_reactor_reports_readiness_within_interest(reactor_and_pairs):
+    reactor, pair = reactor_and_pairs
+    a, b = pair()
+    h = Handler()
+    reactor.set_interest(a, READ, h)
+    reactor.run_once(max_wait=0)
+    assert h.masks == []  # nothing to read yet
+    b.send(b"x")
+    reactor.run_once(max_wait=1)
+    assert h.masks == [READ]  # writable too, but WRITE is not asked for
+    reactor.set_interest(a, READ | WRITE, h)
+    reactor.run_once(max_wait=1)
+    assert h.masks[-1] == READ | WRITE
+    reactor.set_interest(a, WRITE, h)
+    reactor.run_once(max_wait=1)
+    assert h.masks[-1] == WRITE
+    reactor.forget(a)
+    count = len(h.masks)
+    reactor.run_once(max_wait=0)
+    assert len(h.masks) == count  # unregistered: no more events
+
+
+def test_reactor_hang_up_is_readable(reactor_and_pairs):
+    reactor, pair = reactor_and_pairs
+    a, b = pair()
+    h = Handler()
+    reactor.set_interest(a, READ, h)
+    b.close()
+    reactor.run_once(max_wait=1)
+    assert h.masks == [READ]
+    assert a.recv(10) == b""
+
+
+def test_reactor_skips_a_handler_closed_earlier_in_the_iteration(reactor_and_pairs):
+    reactor, pair = reactor_and_pairs
+    first, second = Handler(), Handler()
+    first.victim, second.victim = second, first  # whichever runs first closes the other
+    for handler in (first, second):
+        a, b = pair()
+        reactor.set_interest(a, READ, handler)
         b.send(b"x")
-        reactor.run_once(max_wait=1)
-        assert h.masks == [READ]  # writable too, but WRITE is not asked for
-        reactor.set_interest(a, READ | WRITE, h)
-        reactor.run_once(max_wait=1)
-        assert h.masks[-1] == READ | WRITE
-        reactor.set_interest(a, WRITE, h)
-        reactor.run_once(max_wait=1)
-        assert h.masks[-1] == WRITE
-        reactor.forget(a)
-        count = len(h.masks)
-        reactor.run_once(max_wait=0)
-        assert len(h.masks) == count  # unregistered: no more events
-    finally:
-        reactor.close()
-        a.close()
-        b.close()
-
-
-def test_reactor_hang_up_is_readable():
-    reactor = Reactor()
-    a, b = socket.socketpair()
-    try:
-        h = Handler()
-        reactor.set_interest(a, READ, h)
-        b.close()
-        reactor.run_once(max_wait=1)
-        assert h.masks == [READ]
-        assert a.recv(10) == b""
-    finally:
-        reactor.close()
-        a.close()
-
-
-def test_reactor_skips_a_handler_closed_earlier_in_the_iteration():
-    reactor = Reactor()
-    pairs = [socket.socketpair() for _ in range(2)]
-    try:
-        first, second = Handler(), Handler()
-        first.victim, second.victim = second, first  # whichever runs first closes the other
-        reactor.set_interest(pairs[0][0], READ, first)
-        reactor.set_interest(pairs[1][0], READ, second)
-        for _, peer in pairs:
-            peer.send(b"x")
-        reactor.run_once(max_wait=1)
-        assert len(first.masks) + len(second.masks) == 1
-    finally:
-        reactor.close()
-        for a, b in pairs:
-            a.close()
-            b.close()
+    reactor.run_once(max_wait=1)
+    assert len(first.masks) + len(second.masks) == 1
 
 
 def test_reactor_wake_returns_at_once_and_drains():
