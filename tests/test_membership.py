@@ -1,7 +1,8 @@
 """Membership changes at runtime (issue 14 item 2), with real processes: a dead replica is replaced
 in a live cluster under chat load -- a new replica started with ``--join``, then ``chatserver
 members remove`` of the dead one -- and no acknowledged chat is lost, and no client fails over
-more than once (the kill of the primary is the one failover)."""
+more than once (the kill of the primary is the one failover); removing the live primary hands
+over first; bad requests are refused with the reason."""
 
 from __future__ import annotations
 
@@ -90,3 +91,19 @@ def test_members_refuses_bad_requests(tmp_path):
         out = subprocess.run([sys.executable, CHATSERVER, "members", "--server", me, "--secret-file", str(bad), "--json"],
                              capture_output=True, text=True, timeout=60)
         assert "wrong cluster secret" in json.loads(out.stdout)["error"]
+
+
+def test_removing_the_live_primary_hands_over_first(tmp_path):
+    with Cluster(str(tmp_path / "c"), n=3, extra_args=FAST) as c:
+        primary = c.wait_primary()
+        FailoverClient(c.addresses, "bob", create=True).close()
+        client = CountingClient(c.addresses, "alice", create=True)
+        assert client.request("3|bob|before").status == 0
+        answer = members(c, "remove", "%s:%d" % c.addresses[primary])
+        assert answer.get("ok") and answer["node"] == primary, answer
+        listing = members(c)
+        assert listing["primary"] != primary and primary not in [i for i, _ in listing["config"]]
+        wait_until(lambda: (c.status(primary) or {}).get("removed"), timeout=10, what="the old primary out")
+        assert client.request("3|bob|after").status == 0  # redirected once, to the new primary
+        assert client.connects <= 2
+        client.close()
