@@ -69,6 +69,11 @@ def test_a_dead_replica_is_replaced_under_load_with_one_failover_at_most(tmp_pat
             assert_nothing_lost(load, drain_mailbox(everyone, "sink"))
             failovers = {name: cl.connects - 1 for name, cl in load.clients.items()}
             assert max(failovers.values()) <= 1, failovers
+            # `status` of the changed cluster: the members column names the new replica
+            now = ",".join("%s:%d" % a for a in everyone if a != c.addresses[primary])
+            table = subprocess.run([sys.executable, CHATSERVER, "status", "--peers", now, "--secret-file",
+                                    c.secret_file], capture_output=True, text=True, timeout=60).stdout
+            assert all(str(new[1]) in line.split()[-1] for line in table.splitlines()[1:4]), table
             # its data directory records the membership: a restart needs no --join
             joined.stop()
             joined.args = ["--secret-file", c.secret_file, *FAST]

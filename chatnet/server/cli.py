@@ -321,7 +321,10 @@ def status_row(addr, status: dict | None, peers) -> str:
     if "error" in status:
         return f"{str(addr):<22} {'refused':<11} {status['error']}"
     one_host = len({p.host for p in peers}) == 1  # ports alone say it; else whole addresses
-    members = ",".join((str(peers[m].port) if one_host else str(peers[m])) if m < len(peers) else str(m)
+    # node id -> address: the replica's own configuration (ids are no longer --peers positions
+    # once members changed), else the --peers list
+    names = {node: parse_address(a) for node, a in status.get("config") or ()} or dict(enumerate(peers))
+    members = ",".join((str(names[m].port) if one_host else str(names[m])) if m in names else str(m)
                        for m in status.get("members", []))
     role = status["role"] + ("*" if status.get("serving") else "")
     return (f"{str(addr):<22} {role:<11} {status.get('view', ''):>5} {status.get('primary_address') or '-':<22} "
