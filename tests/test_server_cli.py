@@ -51,16 +51,8 @@ def test_port_alone_runs_one_plain_server(tmp_path):
         assert status["role"] == "primary" and status["serving"] is True
 
 
-def _two_free_consecutive_ports() -> int:
-    for _ in range(50):
-        base = free_port()
-        if base < 65535 and not port_open("127.0.0.1", base + 1):
-            return base
-    raise AssertionError("no two consecutive free ports")
-
-
 def test_local_cluster_of_n_replicas_on_chosen_ports(tmp_path):
-    base = _two_free_consecutive_ports()
+    base = free_port(count=2)
     log = open(tmp_path / "local.log", "wb")  # a file, not a pipe nobody reads: the launcher never blocks
     proc = subprocess.Popen([sys.executable, CHATSERVER, "--local", "--replicas", "2", "--base-port", str(base),
                              "--data-dir", str(tmp_path / "data")], stdout=log, stderr=subprocess.STDOUT,

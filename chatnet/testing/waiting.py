@@ -6,6 +6,7 @@ deadline, fails with a message that names what it was waiting for.
 
 from __future__ import annotations
 
+import random
 import socket
 import time
 
@@ -16,11 +17,40 @@ class WaitTimeout(TimeoutError):
     """A condition did not come true before its deadline (the message says which)."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port of ``host`` that nothing listens on right now (the kernel picks it)."""
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out as a connection's source port (Linux: the first
+    field of ip_local_port_range; 32768 elsewhere, the common default)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(host: str = "127.0.0.1", count: int = 1) -> int:
+    """A TCP port of ``host`` nothing is bound to right now (or the first of ``count``
+    consecutive ones).
+
+    Picked at random *below* the kernel's ephemeral range: a port the kernel chose with
+    ``bind(0)`` lies inside it, and between this call and the server's ``bind`` any outgoing
+    connection of the test run (replicas dial each other, clients connect) may be given it as
+    its source port, which makes the server fail with "Address already in use".
+    """
+    high = min(_ephemeral_low(), 65536) - count
+    for _ in range(200):
+        base = random.randrange(10_000, high) if high > 10_000 else random.randrange(1024, 65536 - count)
+        if all(_bindable(host, base + i) for i in range(count)):
+            return base
+    raise OSError(f"no {count} consecutive free port(s) found on {host}")
 
 
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
