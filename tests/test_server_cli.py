@@ -51,12 +51,29 @@ def test_port_alone_runs_one_plain_server(tmp_path):
         assert status["role"] == "primary" and status["serving"] is True
 
 
+def _restart_by_printed_command(cwd, port: int) -> None:
+    """Kill the replica on ``port`` and start it again, from ``cwd``, with the command line the
+    launcher printed for it (README: "restart a killed replica by hand")."""
+    line = next(x for x in (cwd / "local.log").read_text().splitlines() if x.startswith(f"[{port}] started pid"))
+    pid, cmd = line.split("started pid ", 1)[1].split(": ", 1)
+    os.kill(int(pid), signal.SIGKILL)
+    wait_until(lambda: not port_open("127.0.0.1", port), timeout=10, what=f"replica on {port} gone")
+    again = subprocess.Popen(cmd.split(), cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: query_status("127.0.0.1", port), timeout=30, what=f"restarted replica on {port}")
+    finally:
+        again.kill()
+        again.wait()
+
+
 def test_local_cluster_of_n_replicas_on_chosen_ports(tmp_path):
+    """Run from a directory outside the checkout, as a user would: the children (and the
+    command line printed for each, to restart it by hand) must still find the package."""
     base = free_port(count=2)
     log = open(tmp_path / "local.log", "wb")  # a file, not a pipe nobody reads: the launcher never blocks
     proc = subprocess.Popen([sys.executable, CHATSERVER, "--local", "--replicas", "2", "--base-port", str(base),
-                             "--data-dir", str(tmp_path / "data")], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                             "--data-dir", "data"], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=tmp_path)
     try:
         for port in (base, base + 1):
             try:
@@ -67,6 +84,7 @@ def test_local_cluster_of_n_replicas_on_chosen_ports(tmp_path):
         wait_until(lambda: any((query_status("127.0.0.1", p) or {}).get("serving") for p in (base, base + 1)),
                    timeout=30, what="one of the two serving")
         assert sorted(os.listdir(tmp_path / "data")) == sorted([str(base), str(base + 1), "cluster.secret"])
+        _restart_by_printed_command(tmp_path, base + 1)
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -35,9 +35,22 @@ def ensure_secret(path: str) -> bool:
     return True
 
 
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def server_program() -> list[str]:
+    """How a child replica is run: ``bin/chatserver`` of this checkout by its absolute path, so
+    the command line printed for it works from any directory (``python -m chatnet.server.cli``
+    would find the package only from the checkout's root), or the installed package."""
+    script = os.path.join(CHECKOUT, "bin", "chatserver")
+    if os.path.exists(script):
+        return [sys.executable, script]
+    return [sys.executable, "-m", "chatnet.server.cli"]
+
+
 def child_command(peers: list[Address], me: Address, base_dir: str, secret_file: str, extra: list[str]) -> list[str]:
     return [
-        sys.executable, "-m", "chatnet.server.cli",
+        *server_program(),
         "--peers", format_peers(peers),
         "--host", me.host, "--port", str(me.port),
         "--data-dir", os.path.join(base_dir, str(me.port)),
@@ -54,9 +67,7 @@ def run_local(peers: list[Address], base_dir: str, secret_file: str, extra: list
         print(f"created cluster secret {secret_file}", flush=True)
     if len(peers) > 1:
         read_secret(secret_file)  # a ConfigError (say, mode 0644) once here, not per child
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=package_root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    env["PYTHONUNBUFFERED"] = "1"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
     children: dict[int, tuple[Address, subprocess.Popen]] = {}
     sel = selectors.DefaultSelector()
     for i, me in enumerate(peers):
