@@ -92,6 +92,7 @@ def test_a_replica_serves_its_metrics(replica):
     assert sample(text, "chatnet_serving") == 1 and sample(text, "chatnet_role", '{role="primary"}') == 1
     assert sample(text, "chatnet_clients") == 2 and sample(text, "chatnet_accounts") == 2
     assert sample(text, "chatnet_store_bytes") > 0
+    assert sample(text, "chatnet_snapshot_bytes") == 0  # no snapshot yet: shown at 0, not left out
     with open(os.path.join(ROOT, "docs", "operations.md"), encoding="utf-8") as f:
         docs = f.read()
     names = set(re.findall(r"^# TYPE (\S+) ", text, re.M))

@@ -32,10 +32,15 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 
 class _Metric:
     kind = ""
+    starts_at_zero = False  # an unlabelled series of this kind exists from the start, at 0
 
     def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()):
         self.name, self.help, self.labels = name, help_text, tuple(labels)
         self.values: dict[tuple, object] = {}
+        if self.starts_at_zero and not self.labels:
+            # a scrape shows it before its first update (a TYPE line with no sample is what
+            # chatnet_snapshot_bytes showed until a snapshot was sent or installed)
+            self.values[()] = 0
 
     def _key(self, labels: tuple) -> tuple:
         if len(labels) != len(self.labels):
@@ -52,11 +57,7 @@ class _Metric:
 
 class Counter(_Metric):
     kind = "counter"
-
-    def __init__(self, name: str, help_text: str, labels: tuple[str, ...] = ()):
-        super().__init__(name, help_text, labels)
-        if not self.labels:
-            self.values[()] = 0  # an unlabelled counter exists from the start, at 0
+    starts_at_zero = True
 
     def inc(self, *labels, amount: float = 1) -> None:
         key = self._key(labels)
@@ -65,6 +66,7 @@ class Counter(_Metric):
 
 class Gauge(_Metric):
     kind = "gauge"
+    starts_at_zero = True
 
     def set(self, value: float, *labels) -> None:
         self.values[self._key(labels)] = value
