@@ -43,6 +43,16 @@ def acked_total(sim):
     return len(sim.acked)
 
 
+def lone_and_pair():
+    """All mode, 3 replicas: the primary ``a`` cut off alone past the failure timeout, the
+    other two serving under ``b``: a split brain, both sides acknowledging."""
+    sim, a = cluster(partitions=True)
+    sim.partition((a,), tuple(x for x in (1, 2, 3) if x != a))
+    sim.run_ticks(4 * FT)
+    b = sim.wait_serving(40, exclude=(a,))
+    return sim, a, b
+
+
 # ---------------------------------------------------------------------------- stories
 
 def test_primary_crash_backup_takes_over_and_loses_nothing():
@@ -380,11 +390,7 @@ def test_a_loser_that_crashes_before_the_reapply_ack_keeps_its_handover():
     the truncation that drops them; crashed before any Reapply arrived (none is let through),
     it loads them back at restart and hands them to the winner then: the lone side's
     acknowledged chat is re-applied all the same (docs/replication.md section 10)."""
-    sim, p = cluster(partitions=True)
-    a, others = p, tuple(x for x in (1, 2, 3) if x != p)
-    sim.partition((a,), others)
-    sim.run_ticks(4 * FT)
-    b = sim.wait_serving(40, exclude=(a,))
+    sim, a, b = lone_and_pair()
     assert sim.chat("alice", "bob", "lone and crashed", via=a).acked
     assert sim.chat("carol", "dave", "from the pair", via=b).acked
     sim.heal_network()
@@ -409,11 +415,7 @@ def test_a_send_refused_on_the_losing_side_is_not_re_applied():
     """All mode: the lone side refuses a send to an account created on the pair's side (it
     does not know it); its client is told so.  At heal the winner must not re-apply it, where
     the recipient exists: it is reported as refused instead (before, it was delivered)."""
-    sim, p = cluster(partitions=True)
-    a, others = p, tuple(x for x in (1, 2, 3) if x != p)
-    sim.partition((a,), others)
-    sim.run_ticks(4 * FT)
-    b = sim.wait_serving(40, exclude=(a,))
+    sim, a, b = lone_and_pair()
     assert sim.chat("carol", "newbie", "created on the pair's side", via=b).acked
     assert sim.chat("alice", "dave", "acknowledged on the lone side", via=a).acked
     alice = sim.named_client("alice")
@@ -435,11 +437,7 @@ def test_a_lone_primary_killed_during_the_split_hands_over_after_its_restart():
     Its acknowledged chat must be handed over and re-applied, not replaced unseen.  (Here its
     stored commit index covers them; chaos seed 45 lost 30 such chats where it did not, which
     ``Replica._led_alone_after`` now hands over too.)"""
-    sim, p = cluster(partitions=True)
-    a, others = p, tuple(x for x in (1, 2, 3) if x != p)
-    sim.partition((a,), others)
-    sim.run_ticks(4 * FT)
-    b = sim.wait_serving(40, exclude=(a,))
+    sim, a, b = lone_and_pair()
     lone = [sim.chat("alice", "bob", f"lone {k}", via=a) for k in range(3)]
     assert all(c.acked for c in lone)
     for k in range(30):
