@@ -160,3 +160,34 @@ def test_a_network_backup_needs_the_cluster_secret(tmp_path):
     finally:
         c.stop_all()
     assert restored_mailbox(tmp_path, dest, "bob") == ["over the network"]
+
+
+def test_a_network_backup_is_taken_only_from_a_member_of_the_view(tmp_path, monkeypatch, capsys):
+    """A replica that says it is recovering (restarted and behind, removed, cut off) may lack
+    acknowledged chats: ``--server`` naming one is refused with the reason, and ``--peers``
+    takes the replica that serves, not the old primary a stale replica still names."""
+    import chatnet.server.backup as backup_module
+    import chatnet.server.cli as cli
+
+    statuses = {  # port -> public status: 7001 is stale and names 7002, removed since; 7003 serves
+        7001: {"role": "recovering", "serving": False, "primary_address": "127.0.0.1:7002"},
+        7002: {"role": "recovering", "serving": False, "primary_address": "127.0.0.1:7003"},
+        7003: {"role": "primary", "serving": True, "primary_address": "127.0.0.1:7003"},
+    }
+    monkeypatch.setattr(cli, "query_status", lambda host, port, **kw: statuses.get(port))
+    fetched = []
+
+    def fetch(host, port, dest, secret, **kw):
+        fetched.append(port)
+        return {"path": dest, "accounts": 0, "queued_chats": 0, "snapshot_index": 0, "last_index": 0, "view": 1}
+
+    monkeypatch.setattr(backup_module, "fetch_backup", fetch)
+    secret = tmp_path / "cluster.secret"
+    secret.write_text("0" * 64)
+    secret.chmod(0o600)
+    common = [str(tmp_path / "b.sqlite3"), "--secret-file", str(secret)]
+    assert backup_module.backup_main([*common, "--server", "127.0.0.1:7002"]) == 1
+    assert "127.0.0.1:7002 is recovering, not a member of the current view" in capsys.readouterr().err
+    assert backup_module.backup_main([*common, "--peers", "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"]) == 0
+    assert backup_module.backup_main([*common, "--server", "127.0.0.1:7003"]) == 0
+    assert fetched == [7003, 7003]

@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 
-from .config import DEFAULT_BASE_DIR, DEFAULT_PEERS, ConfigError, parse_address, parse_peers
+from .config import DEFAULT_BASE_DIR, DEFAULT_PEERS, Address, ConfigError, parse_address, parse_peers
 from .state import ChatState, decode_command
 from .status import status_proof
 from .storage import Batch, replay
@@ -319,23 +319,55 @@ def backup_main(argv: list[str]) -> int:
 
 def _network_backup(args: argparse.Namespace) -> tuple[dict, str]:
     """``backup --server``/``--peers``: the copy from the named replica, or the primary."""
-    from .cli import query_status, read_status_secret, status_tls
+    from .cli import read_status_secret, status_tls
 
-    peers = parse_peers(args.peers or DEFAULT_PEERS)
     secret = read_status_secret(args.secret_file)
     if secret is None:
         raise BackupError("a network backup needs the cluster secret (--secret-file)")
     tls = status_tls(args)
-    server = parse_address(args.server) if args.server else None
-    for peer in ([] if server else peers):
-        status = query_status(peer.host, peer.port, tls=tls)
-        if status and status.get("primary_address"):
-            server = parse_address(status["primary_address"])
-            break
-    if server is None:
-        raise BackupError(f"no replica of {args.peers or DEFAULT_PEERS} knows a primary: give --server")
+    server = _source(args, tls)
     summary = fetch_backup(server.host, server.port, args.dest, secret, tls=tls)
     return summary, f"{server.host}:{server.port}"
+
+
+SAFE_ROLES = ("primary", "backup")  # members of a view: every acknowledged chat is on their disk
+
+
+def _source(args: argparse.Namespace, tls) -> Address:
+    """The replica to copy: ``--server``, else the one of ``--peers`` that serves (else the
+    primary they name).  A replica that says it is ``recovering`` or ``electing`` — restarted
+    and not caught up, removed from the cluster, cut off — is refused: its store may lack
+    acknowledged chats (a removed replica's can be any age), and a backup that looks fine but
+    is stale is found out only at restore."""
+    from .cli import query_status
+
+    if args.server:
+        server = parse_address(args.server)
+    else:
+        server = _serving_replica(parse_peers(args.peers or DEFAULT_PEERS), tls)
+        if server is None:
+            raise BackupError(f"no replica of {args.peers or DEFAULT_PEERS} knows a primary: give --server")
+    role = (query_status(server.host, server.port, tls=tls) or {}).get("role")
+    if role is not None and role not in SAFE_ROLES:
+        raise BackupError(f"{server.host}:{server.port} is {role}, not a member of the current view: its store "
+                          "may lack acknowledged chats; back up the primary (--peers) or a backup that "
+                          "`chatserver status` lists (or, cluster down, --data-dir on its machine)")
+    return server
+
+
+def _serving_replica(peers: list[Address], tls) -> Address | None:
+    """The replica of ``peers`` that says it serves, else the primary the first to name one
+    names (a stale replica may name an old primary: one that serves is asked first)."""
+    from .cli import query_status
+
+    named = None
+    for peer in peers:
+        status = query_status(peer.host, peer.port, tls=tls) or {}
+        if status.get("serving"):
+            return peer
+        if named is None and status.get("primary_address"):
+            named = parse_address(status["primary_address"])
+    return named
 
 
 def restore_main(argv: list[str]) -> int:
