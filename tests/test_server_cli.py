@@ -47,6 +47,12 @@ def test_port_alone_runs_one_plain_server(tmp_path):
         chat = subprocess.run([sys.executable, CHATCLIENT, "--servers", f"{server.host}:{server.port}"],
                               input="create|alice\nlist\n", capture_output=True, text=True, timeout=30, env=env)
         assert "ok: Account created! Logged in as alice." in chat.stdout, chat.stdout + chat.stderr
+        commands = tmp_path / "commands.txt"  # `chatclient < FILE`: stdin a file, which epoll refuses
+        commands.write_text("login|alice\nlist\n")
+        with open(commands) as stdin:
+            chat = subprocess.run([sys.executable, CHATCLIENT, "--servers", f"{server.host}:{server.port}"],
+                                  stdin=stdin, capture_output=True, text=True, timeout=30, env=env)
+        assert "ok: Logged in as alice." in chat.stdout and "ok: 1 account: alice" in chat.stdout, chat.stderr
         status = query_status(server.host, server.port)
         assert status["role"] == "primary" and status["serving"] is True
 

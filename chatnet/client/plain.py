@@ -54,7 +54,7 @@ class PlainUI:
         self.held: deque[str | None] = deque()
 
     def run(self) -> int:
-        self.driver.add_reader(self.fd, self._on_stdin)
+        polled = self._watch_stdin()
         try:
             self._notices()
             self._show(self.driver.start())
@@ -64,7 +64,10 @@ class PlainUI:
                     self.status = 1
                     self._show(self.driver.take_events())
                     break
-                self._show(self.driver.step(1.0))
+                reading = polled and self.eof_at is None
+                if reading:
+                    self._on_stdin()  # a file is always readable: read on, do not wait for it
+                self._show(self.driver.step(0 if reading else 1.0))
                 self._release()
         except KeyboardInterrupt:
             self.session.close(self.driver.clock())
@@ -75,6 +78,16 @@ class PlainUI:
             os.dup2(devnull, sys.stdout.fileno())  # no second error when Python flushes at exit
             return 1
         return self.status
+
+    def _watch_stdin(self) -> bool:
+        """Have the driver call :meth:`_on_stdin` when stdin is readable; True when it must be
+        read without the selector instead: epoll refuses regular files and /dev/null
+        (``chatclient < commands.txt``), which never block anyway."""
+        try:
+            self.driver.add_reader(self.fd, self._on_stdin)
+        except PermissionError:
+            return True
+        return False
 
     def _on_stdin(self) -> None:
         data = os.read(self.fd, 65536)
