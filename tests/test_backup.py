@@ -191,3 +191,10 @@ def test_a_network_backup_is_taken_only_from_a_member_of_the_view(tmp_path, monk
     assert backup_module.backup_main([*common, "--peers", "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003"]) == 0
     assert backup_module.backup_main([*common, "--server", "127.0.0.1:7003"]) == 0
     assert fetched == [7003, 7003]
+
+
+def test_a_backup_into_a_missing_directory_says_so(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "chatnet.sqlite3").write_bytes(b"")  # the source is not read before DEST is checked
+    with pytest.raises(BackupError, match=f"no directory {tmp_path}/nowhere to write the backup in"):
+        backup(str(tmp_path / "data"), str(tmp_path / "nowhere" / "b.sqlite3"))

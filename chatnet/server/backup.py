@@ -95,6 +95,9 @@ def _destination(dest: str) -> str:
         dest = os.path.join(dest, time.strftime("chatnet-backup-%Y%m%d-%H%M%S.sqlite3"))
     if os.path.exists(dest):
         raise BackupError(f"{dest} exists: choose another name (a backup never overwrites)")
+    parent = os.path.dirname(os.path.abspath(dest))
+    if not os.path.isdir(parent):  # else: "No such file or directory: 'DEST.tmp'", a name never given
+        raise BackupError(f"no directory {parent} to write the backup in: create it first")
     return dest
 
 
