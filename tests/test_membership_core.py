@@ -52,6 +52,61 @@ def test_config_entries_round_trip_and_are_never_chat_commands():
         decode_config(data[:-3])
 
 
+def test_pending_ids_round_trip_in_entries_meta_and_snapshots_and_old_forms_decode():
+    from chatnet.replication.membership import (
+        config_from_bytes,
+        config_from_meta,
+        config_to_bytes,
+        config_to_meta,
+    )
+    base = Config.initial([0, 1, 2], ["a:1", "b:2", "c:3"])
+    cfg = base.adding("d:4", pending=True).at(7)
+    assert cfg.pending == (3,) and cfg.claiming(3).pending == () and cfg.removing(3).pending == ()
+    assert decode_config(encode_config(cfg), 7) == cfg
+    assert config_from_meta(config_to_meta(cfg)) == cfg and config_from_bytes(config_to_bytes(cfg)) == cfg
+    # written before pending existed (and any configuration without pending ids): none pending,
+    # byte for byte the old form
+    old = b'\x00chatnet-config\x00{"members":[[0,"a:1"],[1,"b:2"],[3,"d:4"]],"next_id":4}'
+    assert decode_config(old, 5).pending == () and encode_config(decode_config(old)) == old
+    assert config_from_meta({"members": [[0, "a:1"]], "next_id": 1, "index": 2}).pending == ()
+    with pytest.raises(ValueError):   # a pending id must be a member
+        decode_config(encode_config(cfg).replace(b'"pending":[3]', b'"pending":[9]'))
+
+
+def test_a_pending_node_is_claimed_once():
+    net = _Net(3)
+    prim = _change(net, add="node4", pending=True)
+    assert prim.r.config.pending == (4,) and 4 in prim.r.config.ids
+    with pytest.raises(MembershipError, match="already a member"):
+        prim.r.change_config(add="node4")
+    index = prim.r.change_config(claim=4)          # the replica started at node4's address
+    assert prim.r.config.pending == () and prim.r.config.index == index
+    net.settle()
+    assert prim.r.commit_index >= index and prim.r.status()["pending"] == []
+    with pytest.raises(MembershipError, match="node4 is node 4, already started: remove it with "
+                                              "`members remove node4` first"):
+        prim.r.change_config(claim=4)              # a second empty data directory for node4
+    with pytest.raises(MembershipError, match="already started"):
+        prim.r.change_config(claim=1)              # never pending
+    prim = _change(net, remove=4)
+    assert 4 not in prim.r.config.ids and prim.r.config.next_id == 5   # never reused
+
+
+def test_a_pending_node_already_running_cannot_be_claimed():
+    """A claim lost with its primary leaves the id pending while its replica runs: the primary
+    hears it, and refuses to hand the id to another data directory."""
+    net = _Net(3)
+    prim = _change(net, add="node4", pending=True)
+    _grow(net, [4])
+    for _ in range(200):
+        net.tick()
+        if 4 in prim.r.members:
+            break
+    assert 4 in prim.r.members and prim.r.config.pending == (4,)
+    with pytest.raises(MembershipError, match="already started"):
+        prim.r.change_config(claim=4)
+
+
 def test_an_added_replica_catches_up_by_snapshot_then_joins_the_view():
     net = _Net(3)
     prim = _serving(net)

@@ -476,6 +476,7 @@ class Replica:
             else len(self._handover.entries),
             "config": [[i, a] for i, a in self._cfg.members],
             "config_index": self._cfg.index,
+            "pending": list(self._cfg.pending),
             "removed": self.me not in self._rank,
         }
 
@@ -756,14 +757,17 @@ class Replica:
         self._append(e)
         return e.index
 
-    def change_config(self, *, add: str | None = None, remove: int | None = None) -> int:
+    def change_config(self, *, add: str | None = None, remove: int | None = None,
+                      claim: int | None = None, pending: bool = False) -> int:
         """Serving primary: propose adding a replica at address ``add`` (it gets the next
-        node id) or removing node ``remove``; returns the config entry's index (committed
-        when ``commit_index`` reaches it).  Raises MembershipError saying why not.
+        node id; ``pending``: for a replica still to be started), removing node ``remove``, or
+        the replica just started claiming pending node ``claim``; returns the config entry's
+        index (committed when ``commit_index`` reaches it).  Raises MembershipError saying why not.
 
         One change at a time: the next is refused until the last config entry committed, so
         any two configurations in force at once differ by one replica and their majorities
-        intersect (Raft's single-server rule; docs/replication.md section 14)."""
+        intersect (Raft's single-server rule; docs/replication.md section 14).  A claim changes
+        no majority, but goes one at a time too: the second claim of an id is then refused."""
         cfg = self._cfg
         if not self._serving:
             raise MembershipError("not the serving primary")
@@ -775,7 +779,9 @@ class Replica:
                 raise MembershipError(f"node ids are exhausted (at most {MAX_NODES} ever)")
             if cfg.node_at(add) is not None:
                 raise MembershipError(f"{add} is already a member (node {cfg.node_at(add)})")
-            new = cfg.adding(add)
+            new = cfg.adding(add, pending)
+        elif claim is not None:
+            new = self._claim(cfg, claim)
         else:
             new = self._removal(cfg, remove)
         index = self.propose(encode_config(new))
@@ -811,6 +817,18 @@ class Replica:
             self._update_serving()
         elif self._match.get(target, 0) >= self.last_index and self._stable_last >= self.last_index:
             self._send(target, TakeOver(self._view))
+
+    def _claim(self, cfg: Config, node: int) -> Config:
+        """Pending ``node`` handed to the replica started at its address -- once: a node that
+        is claimed, or that I already hear from (in my view or catching up: a claim lost with
+        an old primary), runs somewhere, and a second data directory must not become it."""
+        address = cfg.address(node)
+        if address is None:
+            raise MembershipError(f"node {node} is not a member")
+        if node not in cfg.pending or node in self._members or node in self._learners:
+            raise MembershipError(f"{address} is node {node}, already started: remove it with "
+                                  f"`members remove {address}` first, then join again")
+        return cfg.claiming(node)
 
     def _removal(self, cfg: Config, node: int | None) -> Config:
         if node is None or node not in self._rank:

@@ -10,6 +10,9 @@ appended (Raft's single-server rule), falling back to the one recorded with its 
 Node ids are stable and never reused: the first configuration numbers the ``--peers`` list
 0, 1, ...; an added replica gets ``next_id``, which only grows -- a replacement machine is a
 new node, never a dead one's id with an empty disk (it could then vote for entries it lost).
+An id added by ``chatserver members add`` is *pending* until a replica started at its address
+claims it (its ``--join``: a second config entry clearing the flag), so the id goes to one
+started replica only -- a second empty data directory asking for it is refused.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ class MembershipError(ValueError):
 
 @dataclass(frozen=True)
 class Config:
-    """One configuration: ``members`` = ((id, "host:port"), ...) in election-priority order."""
+    """One configuration: ``members`` = ((id, "host:port"), ...) in election-priority order;
+    ``pending`` = the ids added by ``members add`` that no started replica claimed yet."""
     members: tuple[tuple[int, str], ...]
     next_id: int
     index: int = 0              # the log index of the config entry that made it (0: initial)
+    pending: tuple[int, ...] = ()   # sorted; the core treats them as members like any other
 
     @classmethod
     def initial(cls, ids, addresses=None) -> "Config":
@@ -55,25 +60,40 @@ class Config:
     def node_at(self, address: str) -> int | None:
         return next((i for i, a in self.members if a == address), None)
 
-    def adding(self, address: str) -> "Config":
-        """This configuration plus a new node at ``address`` (id ``next_id``)."""
-        return Config(self.members + ((self.next_id, address),), self.next_id + 1, self.index)
+    def adding(self, address: str, pending: bool = False) -> "Config":
+        """This configuration plus a new node at ``address`` (id ``next_id``); ``pending``: added
+        for a replica still to be started (``members add``), which claims the id with --join."""
+        added = tuple(sorted((*self.pending, self.next_id))) if pending else self.pending
+        return Config(self.members + ((self.next_id, address),), self.next_id + 1, self.index, added)
 
     def removing(self, node: int) -> "Config":
-        return Config(tuple(m for m in self.members if m[0] != node), self.next_id, self.index)
+        return Config(tuple(m for m in self.members if m[0] != node), self.next_id, self.index,
+                      tuple(p for p in self.pending if p != node))
+
+    def claiming(self, node: int) -> "Config":
+        """Pending ``node`` claimed by the replica just started at its address."""
+        return Config(self.members, self.next_id, self.index, tuple(p for p in self.pending if p != node))
 
     def at(self, index: int) -> "Config":
-        return Config(self.members, self.next_id, index)
+        return Config(self.members, self.next_id, index, self.pending)
 
 
 def is_config_entry(data: bytes) -> bool:
     return data[:len(CONFIG_MAGIC)] == CONFIG_MAGIC
 
 
+def _body(cfg: Config) -> dict:
+    """The JSON-able fields; ``pending`` only when some id is (entries and files written before
+    it existed, and every configuration without pending ids, stay byte for byte the same)."""
+    body = {"members": [[i, a] for i, a in cfg.members], "next_id": cfg.next_id}
+    if cfg.pending:
+        body["pending"] = list(cfg.pending)
+    return body
+
+
 def encode_config(cfg: Config) -> bytes:
     """The data of a config entry (the index is the entry's own, so it is not stored)."""
-    body = {"members": [[i, a] for i, a in cfg.members], "next_id": cfg.next_id}
-    return CONFIG_MAGIC + json.dumps(body, separators=(",", ":")).encode()
+    return CONFIG_MAGIC + json.dumps(_body(cfg), separators=(",", ":")).encode()
 
 
 def decode_config(data: bytes, index: int = 0) -> Config:
@@ -94,12 +114,15 @@ def _checked(body: dict, index: int) -> Config:
     if not members or len(set(ids)) != len(ids) or min(ids) < 0 or max(ids) >= next_id \
             or len({a for _, a in members}) != len(members):
         raise ValueError("ids and addresses must be distinct, non-negative, below next_id")
-    return Config(members, next_id, index)
+    pending = tuple(sorted({int(p) for p in body.get("pending", ())}))
+    if not set(pending) <= set(ids):
+        raise ValueError("pending ids must be members")
+    return Config(members, next_id, index, pending)
 
 
 def config_to_meta(cfg: Config) -> dict:
     """JSON-able form, persisted with the hard state (store meta key ``config``)."""
-    return {"members": [[i, a] for i, a in cfg.members], "next_id": cfg.next_id, "index": cfg.index}
+    return {**_body(cfg), "index": cfg.index}
 
 
 def config_from_meta(meta) -> Config | None:

@@ -8,6 +8,7 @@ client follows it.  Requests (one JSON object)::
 
     {"op": "list"}
     {"op": "add", "address": "HOST:PORT"}        answered once the change is committed
+                                                 (the new node is pending: see join())
     {"op": "remove", "address": "HOST:PORT"}     (the primary itself: it hands over first)
 
 Replica side: :class:`MembershipRequests` turns them into the core's config entries
@@ -70,22 +71,26 @@ class MembershipRequests:
             return reply(self.listing())
         try:
             address = str(parse_address(str(req.get("address", ""))))
-            index = self._propose(op, address)
+            index = self._propose(op, address, bool(req.get("join")))
         except (MembershipError, ConfigError) as exc:
             return reply({"error": str(exc)})
         if index is None:  # handing over: the client asks the new primary
             return reply(self._elsewhere())
         if op == "add" and req.get("join"):  # --join: the new replica starts now (see join())
+            # (a fresh add, or the claim of a node `members add` made: answered alike)
             cfg = replica.config
             return reply({"ok": True, "op": op, "address": address, "node": cfg.node_at(address),
                           "config": config_to_meta(cfg), "index": index, "committed": False})
         self.pending[index] = (replica.view, reply, op, address, replica.config.node_at(address)
                                if op == "add" else self._removing)
 
-    def _propose(self, op: str, address: str) -> int | None:
+    def _propose(self, op: str, address: str, join: bool = False) -> int | None:
         replica = self.host.replica
         if op == "add":
-            return replica.change_config(add=address)
+            node = replica.config.node_at(address)
+            if join and node is not None:  # added by `members add`: the started replica claims it
+                return replica.change_config(claim=node)
+            return replica.change_config(add=address, pending=not join)
         node = replica.config.node_at(address)
         if node is None:
             raise MembershipError(f"{address} is not a member (see `chatserver members`)")
@@ -107,7 +112,8 @@ class MembershipRequests:
         status = replica.status()
         return {"ok": True, "config": status["config"], "config_index": status["config_index"],
                 "primary": self.host.me, "view": replica.view, "members": list(replica.members),
-                "learners": status["learners"], "commit_index": replica.commit_index,
+                "learners": status["learners"], "pending": status["pending"],
+                "commit_index": replica.commit_index,
                 "last_index": replica.last_index,
                 "change_pending": status["config_index"] > replica.commit_index}
 
@@ -244,14 +250,17 @@ def format_answer(answer: dict) -> str:
     if answer.get("op") in ("add", "remove"):
         verb = "added as node" if answer["op"] == "add" else "removed; was node"
         members = ", ".join(f"{i}={a}" for i, a in answer["config"]["members"])
+        started = "" if answer.get("node") not in answer["config"].get("pending", ()) else \
+            f"; start it with `chatserver --join HOST:PORT --host/--port` at {answer['address']}"
         return f"{answer['address']} {verb} {answer.get('node', '')} (log index {answer['index']}); " \
-               f"members now: {members}"
+               f"members now: {members}{started}"
     rows = [f"{'node':>4} {'address':<22} {'role':<9} caught up"]
     view, learners = set(answer["members"]), set(answer["learners"])
     for node, address in answer["config"]:
         role = "primary" if node == answer["primary"] else "backup" if node in view else \
-            "learner" if node in learners else "away"
-        caught = "yes" if node in view else "catching up" if node in learners else "no"
+            "learner" if node in learners else "added" if node in answer.get("pending", ()) else "away"
+        caught = "yes" if node in view else "catching up" if node in learners else \
+            "no (added, not started: start it with --join)" if role == "added" else "no"
         rows.append(f"{node:>4} {address:<22} {role:<9} {caught}")
     if answer.get("change_pending"):
         rows.append(f"(a change is being committed: log entry {answer['config_index']})")
@@ -260,7 +269,9 @@ def format_answer(answer: dict) -> str:
 
 def join(join_address: Address, me: Address, secret: bytes, data_dir: str) -> dict:
     """``--join``: ask the cluster (any member) to add ``me``; record the answer in ``data_dir``.
-    Returns the identity (as read_identity).
+    Returns the identity (as read_identity).  If ``chatserver members add`` made ``me`` a
+    member already, the join claims that node (pending until then): an id goes to one started
+    replica only, so a second empty data directory joining at the same address is refused.
 
     The primary answers as soon as the add is in its log, not once it is committed: the new
     replica must be running by then (as etcd's ``member add`` is followed by starting the
