@@ -13,6 +13,8 @@ import sys
 
 from cluster_support import Load, assert_nothing_lost, drain_mailbox
 
+from chatnet.server.cli import query_status
+from chatnet.server.members import format_answer
 from chatnet.testing import CHATSERVER, Cluster, FailoverClient, ServerProcess, free_port, wait_until
 
 FAST = ["--heartbeat-ms", "50", "--failure-timeout-ms", "500"]
@@ -81,6 +83,44 @@ def test_a_dead_replica_is_replaced_under_load_with_one_failover_at_most(tmp_pat
             wait_until(lambda: node in members(c)["members"], timeout=20, what="the restarted replica back")
         finally:
             load.stop_flag.set()
+            joined.stop()
+
+
+def test_members_add_then_the_replica_started_there_with_join_claims_the_node_once(tmp_path):
+    """etcd's flow: `members add X` (X pending: added, not started), then X starts with --join
+    and claims that node id, catches up, and counts; a second empty data directory joining as X
+    is refused (an id is never handed to two data directories)."""
+    with Cluster(str(tmp_path / "c"), n=3, extra_args=FAST) as c:
+        c.wait_primary()
+        new = ("127.0.0.1", free_port())
+        x = "%s:%d" % new
+        added = members(c, "add", x)
+        assert added.get("ok") and added["config"]["pending"] == [added["node"]], added
+        node = added["node"]
+        listing = members(c)
+        assert listing["pending"] == [node] and "added, not started" in format_answer(listing)
+        joined = ServerProcess(str(tmp_path / "x"), port=new[1], peers="",
+                               args=["--join", "%s:%d" % c.addresses[0], "--secret-file", c.secret_file, *FAST])
+        joined.start()
+        try:
+            wait_until(lambda: node in members(c)["members"], timeout=20, what="the claimed replica in the view")
+            listing = members(c)
+            assert listing["pending"] == [] and not listing["change_pending"], listing
+            assert [i for i, a in listing["config"] if a == x] == [node]   # the same id, not a new one
+            sender = FailoverClient([*c.addresses, new], "alice", create=True)
+            FailoverClient([*c.addresses, new], "bob", create=True).close()
+            assert sender.request("3|bob|with x in the view").status == 0
+            sender.close()
+            assert "with x in the view" in drain_mailbox([*c.addresses, new], "bob")
+            mine = query_status(*new, secret=c.secret, cluster=c.cluster_id)
+            assert mine["id"] == node and node in mine["members"]
+            again = subprocess.run([sys.executable, CHATSERVER, "--host", new[0], "--port", str(new[1]),
+                                    "--data-dir", str(tmp_path / "empty"), "--join", "%s:%d" % c.addresses[1],
+                                    "--secret-file", c.secret_file], capture_output=True, text=True, timeout=60)
+            assert again.returncode != 0
+            assert f"{x} is node {node}, already started: remove it with `members remove {x}` first" \
+                in again.stderr, again.stderr
+        finally:
             joined.stop()
 
 
