@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"file holding the cluster secret shared by all replicas (default: {DEFAULT_SECRET_FILE}, "
                              "or <data-dir>/cluster.secret with --local)")
     parser.add_argument("--join", metavar="HOST:PORT", help="first start of a new replica (--host, --port): "
-                        "join the running cluster through this member; restarts need no --join")
+                        "join the running cluster through this member (claiming the node "
+                        "`members add` made for this address, if any); restarts need no --join")
     parser.add_argument("--local", action="store_true",
                         help="start every replica of --peers on this machine as child processes; Ctrl-C stops all")
     parser.add_argument("--heartbeat-ms", type=int, default=100, help="heartbeat interval (default: 100)")

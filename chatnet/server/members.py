@@ -251,7 +251,7 @@ def format_answer(answer: dict) -> str:
         verb = "added as node" if answer["op"] == "add" else "removed; was node"
         members = ", ".join(f"{i}={a}" for i, a in answer["config"]["members"])
         started = "" if answer.get("node") not in answer["config"].get("pending", ()) else \
-            f"; start it with `chatserver --join HOST:PORT --host/--port` at {answer['address']}"
+            f" (added, not started: start the replica at {answer['address']} with --join)"
         return f"{answer['address']} {verb} {answer.get('node', '')} (log index {answer['index']}); " \
                f"members now: {members}{started}"
     rows = [f"{'node':>4} {'address':<22} {'role':<9} caught up"]
