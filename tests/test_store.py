@@ -13,10 +13,11 @@ import pytest
 
 from chatnet.replication.simdisk import SimDisk
 from chatnet.server import state as sm
+from chatnet.server.background import BackgroundStorage
 from chatnet.server.host import ReplicaHost, durable_state
 from chatnet.server.state import ChatState, encode_command
 from chatnet.server.storage import Batch
-from chatnet.server.store import Store, StoreError
+from chatnet.server.store import IDLE_CHECKPOINT_COMMITS, Store, StoreError
 from chatnet.testing import RawClient, wait_until
 
 CMDS = [
@@ -263,3 +264,41 @@ def test_a_real_replica_checkpoints_in_a_child_and_recovers_from_sigkill_and_sig
     assert server.stop() == 0  # SIGTERM
     state_index, _, last = _stored(server.data_dir)
     assert state_index == last
+
+
+def _main_file_log_rows(data_dir) -> int:
+    """Log rows in the database file alone, without its WAL: what checkpoints copied there."""
+    copy = os.path.join(str(data_dir), "main-only.sqlite3")
+    with open(os.path.join(str(data_dir), "chatnet.sqlite3"), "rb") as src, open(copy, "wb") as dst:
+        dst.write(src.read())
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        try:
+            return db.execute("SELECT count(*) FROM log").fetchone()[0]
+        except sqlite3.OperationalError:  # not even the schema checkpointed yet
+            return 0
+
+
+def test_the_storage_thread_checkpoints_the_wal_when_idle_and_keeps_a_checkpoint_failure(tmp_path):
+    store_dir = tmp_path / "store"
+    background = BackgroundStorage(Store(str(store_dir)))
+    try:
+        # one batch at a time, each waited for: the thread is idle after every commit
+        for i in range(1, IDLE_CHECKPOINT_COMMITS + 1):
+            background.submit(Batch(entries=[(i, 1, encode_command(sm.cmd_create(f"u{i}")))],
+                                    committed=i, sync=True))
+            assert background.flush(timeout=10)
+        # far below SQLite's own 1,000-page checkpoint: only the idle checkpoint copies rows
+        wait_until(lambda: _main_file_log_rows(store_dir) == IDLE_CHECKPOINT_COMMITS,
+                   what="the idle checkpoint to copy every row into the database file")
+        assert background.error is None
+
+        def broken():
+            raise StoreError("disk gone")
+        background.store.checkpoint_when_idle = broken
+        number = background.submit(Batch(entries=[(999, 1, b"x")], committed=0, sync=True))
+        wait_until(lambda: background.error is not None, what="the failed checkpoint to be kept")
+        assert background.durable == number and str(background.error) == "disk gone"
+    finally:
+        background.close()
+    loaded = Store(str(store_dir)).load()  # everything acknowledged is there after reopening
+    assert loaded.applied_index == IDLE_CHECKPOINT_COMMITS and len(loaded.state.accounts) == IDLE_CHECKPOINT_COMMITS

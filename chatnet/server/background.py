@@ -3,7 +3,9 @@
 The host hands each loop iteration's :class:`~.storage.Batch` to :meth:`BackgroundStorage.submit`
 and goes on reading, decoding and applying the next requests.  One storage thread writes what
 is queued — every batch waiting when it comes round, in one SQLite transaction (group commit
-across iterations) — then raises :attr:`durable` and wakes the reactor.  The host releases a
+across iterations) — then raises :attr:`durable` and wakes the reactor.  When nothing is
+queued after that, it checkpoints the SQLite WAL now and then (``Store.checkpoint_when_idle``),
+so that copy no longer delays an acknowledgement inside a later ``COMMIT``.  The host releases a
 batch's peer messages, answers and live chat only once :attr:`durable` covers it
 (``ReplicaHost.release``), so persist-before-send and answer-after-commit hold exactly as with
 a synchronous store; only the loop no longer stands still meanwhile.  This is the shape of
@@ -74,16 +76,27 @@ class BackgroundStorage:
                     return
                 batches = list(self._queue)
                 self._queue.clear()
-            try:
-                self.store.commit_many(batches)
-            except BaseException as exc:  # kept for the loop thread, which stops the replica
-                self.error = exc
-                self.wake()
+            if not self._guarded(self.store.commit_many, batches):
                 return
             with self._cv:
                 self.durable += len(batches)
                 self._cv.notify_all()
+                idle = not self._queue
             self.wake()
+            # nothing waits: the WAL's checkpoint, if due, runs now, off any ack's path
+            if idle and not self._guarded(self.store.checkpoint_when_idle):
+                return
+
+    def _guarded(self, write, *args) -> bool:
+        """Run one store operation; False after a failure, which is kept for the loop thread
+        (it re-raises it at the next release and the replica stops rather than acknowledge)."""
+        try:
+            write(*args)
+        except BaseException as exc:
+            self.error = exc
+            self.wake()
+            return False
+        return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted is durable (shutdown); False on timeout or error."""
