@@ -31,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import sqlite3
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -58,6 +60,7 @@ VARIANTS: dict[str, tuple[list[str], dict]] = {
     "sqlite-exclusive": (["locking_mode=EXCLUSIVE", "journal_mode=WAL", "synchronous=FULL"], {}),
     "sqlite-row-by-row": (["journal_mode=WAL", "synchronous=FULL"], {"row_by_row": True}),
     "sqlite-no-stmt-cache": (["journal_mode=WAL", "synchronous=FULL"], {"cached_statements": 0}),
+    "sqlite-one-statement": (["journal_mode=WAL", "synchronous=FULL"], {"one_statement": True}),
 }
 RAW = ("raw-append", "raw-prealloc")
 ALL = ["store", *VARIANTS, *RAW]
@@ -99,6 +102,7 @@ class Writer:
             self.db.execute("PRAGMA " + pragma)
         self.db.executescript(SCHEMA)
         self.row_by_row = options.get("row_by_row", False)
+        self.one_statement = options.get("one_statement", False)
         self.checkpoint_every = options.get("checkpoint_every", 0)
 
     def _open_raw(self, directory: str, total: int) -> None:
@@ -117,7 +121,11 @@ class Writer:
         committed = entries[0][0] - 1
         db = self.db
         db.execute("BEGIN IMMEDIATE")
-        if self.row_by_row:
+        if self.one_statement:  # every row in one multi-row INSERT: one step, one GIL handoff
+            values = ", ".join(["(?, ?, ?, ?)"] * len(entries))
+            db.execute(INSERT.split(" VALUES ")[0] + " VALUES " + values,
+                       [v for idx, view, data in entries for v in (idx, view, data, committed)])
+        elif self.row_by_row:
             for idx, view, data in entries:
                 db.execute(INSERT, (idx, view, data, committed))
         else:
@@ -177,8 +185,21 @@ def summary(name: str, out: dict) -> dict:
     return result
 
 
+def contend(stop: threading.Event) -> None:
+    """The reactor's share of the GIL: Python work in ~50 µs slices, each followed by a system
+    call that lets the GIL go (select), as the loop thread's sends and receives do."""
+    while not stop.is_set():
+        total = 0
+        for i in range(400):
+            total += i * i
+        select.select([], [], [], 0)
+
+
 def measure(args, names: list[str]) -> list[dict]:
     per_round = max(1, args.iterations // args.rounds)
+    stop = threading.Event()
+    if args.gil:
+        threading.Thread(target=contend, args=(stop,), daemon=True).start()
     results = {name: {"lat": [], "cpu": [], "idle": []} for name in names}
     with tempfile.TemporaryDirectory(prefix="commit-latency-", dir=args.dir) as base:
         writers = {}
@@ -192,6 +213,7 @@ def measure(args, names: list[str]) -> list[dict]:
                 run(writers[name], args.warmup + r * per_round, per_round, results[name])
         for writer in writers.values():
             writer.close()
+    stop.set()
     return [summary(name, results[name]) for name in names]
 
 
@@ -205,6 +227,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(ALL), help="comma-separated (default: all)")
     parser.add_argument("--dir", default=None, help="where the files go (default: the temp dir)")
     parser.add_argument("--list", action="store_true", help="name the variants and exit")
+    parser.add_argument("--gil", action="store_true",
+                        help="a second thread runs Python meanwhile, as the replica's loop does")
     parser.add_argument("--json", action="store_true", help="also print one JSON line")
     args = parser.parse_args()
     if args.list:
@@ -216,7 +240,7 @@ def main() -> None:
         parser.error(f"unknown variants {unknown}; --list names them")
     results = measure(args, names)
     print(f"{args.rows} rows x {args.size} B per commit, {args.iterations} commits per variant, "
-          f"{args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds{', a GIL-holding thread alongside' if args.gil else ''}")
     print(f"{'variant':28} {'p50 ms':>7} {'p90 ms':>7} {'p99 ms':>7} {'max ms':>7} {'CPU µs':>7}")
     for r in results:
         extra = f"  (idle checkpoint {r['idle_checkpoint_ms_median']:.2f} ms)" if "idle_checkpoint_ms_median" in r else ""
