@@ -20,6 +20,7 @@ import pytest
 
 from chatnet.loop.tls import TLSEndpoint, client_context
 from chatnet.protocol.codec import STATUS_ERROR
+from chatnet.server.backup import BackupError, fetch_backup
 from chatnet.server.chatserver import T_TLS_REQUIRED
 from chatnet.server.cli import query_status
 from chatnet.testing import CHATCLIENT, Cluster, RawClient
@@ -238,8 +239,21 @@ def test_replication_and_failover_over_tls(certs, tmp_path):
         assert f"<ivan> {CHAT}" in out.stdout, out.stdout + out.stderr
         status = cluster.status(second)
         assert status["serving"] and first not in status["members"]
+        _backup_only_over_tls(cluster, second, tmp_path, certs)
         for r in cluster.replicas:
             assert not r.log_problems(), r.log_tail()
+
+
+def _backup_only_over_tls(cluster, i, tmp_path, certs):
+    """A copy of the store (every chat, token and password record) is refused in plaintext by a
+    --require-tls replica, with the reason; over TLS it is made."""
+    host, port = cluster.replicas[i].addr
+    secret = cluster.secret
+    with pytest.raises(BackupError, match="requires TLS"):
+        fetch_backup(host, port, str(tmp_path / "plain.sqlite3"), secret)
+    assert not os.path.exists(tmp_path / "plain.sqlite3")
+    copy = fetch_backup(host, port, str(tmp_path / "tls.sqlite3"), secret, tls=client_context(certs["ca"]))
+    assert copy["accounts"] >= 2, copy
 
 
 def test_a_plaintext_chatclient_at_a_tls_only_server_says_why_and_backs_off(replica, certs, tmp_path):

@@ -226,9 +226,18 @@ class _BackupQuery(_StatusQuery):
             return
         if not verdict:
             return super().feed(b"")  # the refusal line, as a status query's
+        if self.server.tls is not None and self.server.tls.require and self.io.tls is None:
+            # a copy carries every chat, token and password record: never in plaintext from
+            # a replica that requires TLS (a status answer carries none of them)
+            return self._refuse("this replica requires TLS, and a backup carries the whole store: "
+                                "ask over TLS (backup --tls-ca FILE)")
         self.server.reactor.set_interest(self.io.sock, 0, self)
         self.copy = StoreCopy(self.server.replica_host.storage.path, self.server.reactor.wake)
         self.server.reactor.before_sleep.append(self._ready)
+
+    def _refuse(self, why: str) -> None:
+        self.io.write(json_line({"error": why}))
+        self._send()
 
     def _ready(self) -> None:
         """Each loop pass until the copy is made: then queue it and write as the socket takes it."""
