@@ -100,3 +100,39 @@ def test_local_cluster_of_n_replicas_on_chosen_ports(tmp_path):
             proc.wait()
         log.close()
     assert not port_open("127.0.0.1", base) and not port_open("127.0.0.1", base + 1)
+
+
+@pytest.mark.parametrize("flag", ["--port", "--base-port", "--metrics-port"])
+def test_a_port_out_of_range_is_a_usage_error(flag, capsys):
+    for bad in ("99999", "0", "http"):
+        with pytest.raises(SystemExit) as exit_:
+            build_parser().parse_args([flag, bad])
+        assert exit_.value.code == 2 and "is not a port (1-65535)" in capsys.readouterr().err
+
+
+def test_a_data_dir_of_another_node_is_refused_not_adopted(tmp_path):
+    """A data directory records its node and address (chatnet/server/members.py): started with a
+    --port naming another replica, it must not silently run as the recorded node."""
+    from chatnet.replication.membership import Config
+    from chatnet.server.cli import replica_identity
+    from chatnet.server.config import cluster_id
+    from chatnet.server.members import write_identity
+    from chatnet.testing.cluster import write_secret
+
+    peers = [Address("127.0.0.1", p) for p in (7100, 7101, 7102)]
+    data_dir = str(tmp_path / "d")
+    write_identity(data_dir, 2, cluster_id(peers), Config.initial(range(3), peers))  # node 2 = :7102
+    secret = write_secret(str(tmp_path / "cluster.secret"))
+    argv = ["--peers", ",".join(map(str, peers)), "--data-dir", data_dir, "--secret-file", secret]
+    with pytest.raises(ConfigError, match=r"holds node 2 at 127.0.0.1:7102 .*not 127.0.0.1:7100"):
+        replica_identity(build_parser().parse_args([*argv, "--port", "7100"]), peers)
+    node, addresses, *_ = replica_identity(build_parser().parse_args([*argv, "--port", "7102"]), peers)
+    assert node == 2 and addresses[2] == peers[2]
+
+
+def test_the_status_table_names_a_removed_replica_removed():
+    from chatnet.server.cli import status_row
+
+    removed = {"role": "recovering", "serving": False, "removed": True, "view": 3, "members": []}
+    assert status_row(SEED[2], removed, SEED).split()[1] == "removed"
+    assert status_row(SEED[0], {**removed, "removed": False}, SEED).split()[1] == "recovering"

@@ -78,10 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"every replica's HOST:PORT, comma separated, in priority order (default: {DEFAULT_PEERS}; "
                              "with --port or --host alone, naming no entry of it: just that address, one unreplicated server)")
     parser.add_argument("--host", help="this replica's address (default: the --peers entry matching --port)")
-    parser.add_argument("--port", type=int, help="this replica's port (default: the first of --peers)")
+    parser.add_argument("--port", type=port_number, help="this replica's port (default: the first of --peers)")
     parser.add_argument("--replicas", type=int, default=None, metavar="N",
                         help="with --local: start N replicas (ports 1538, 2538, ... or --base-port P, P+1, ...)")
-    parser.add_argument("--base-port", type=int, default=None, metavar="P",
+    parser.add_argument("--base-port", type=port_number, default=None, metavar="P",
                         help="with --local --replicas N: the first replica's port; the others follow it")
     parser.add_argument("--data-dir",
                         help=f"this replica's store directory (default: ./{DEFAULT_BASE_DIR}/<port>); "
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="logging threshold (default: INFO)")
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="text lines, or one JSON object per line with each event's fields (default: text)")
-    parser.add_argument("--metrics-port", type=int, default=None, metavar="P",
+    parser.add_argument("--metrics-port", type=port_number, default=None, metavar="P",
                         help="serve Prometheus metrics on http://HOST:P/metrics (with --local: P, P+1, ... "
                              "for the replicas in order)")
     parser.add_argument("--slow-client-timeout", type=float, default=60.0, metavar="SECONDS",
@@ -210,6 +210,18 @@ def local_peers(n: int, base_port: int | None) -> list[Address]:
     return [Address("127.0.0.1", port) for port in ports]
 
 
+def port_number(text: str) -> int:
+    """argparse type of every port flag: an integer in 1..65535 (else argparse's usage error
+    names the flag, instead of a traceback from bind() after the data directory was made)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port (1-65535)")
+    return port
+
+
 def replica_identity(args: argparse.Namespace, peers: list[Address]):
     """(node id, addresses, cluster id, data dir, secret, configuration) of the replica to run.
 
@@ -225,7 +237,9 @@ def replica_identity(args: argparse.Namespace, peers: list[Address]):
         address = Address(args.host or "127.0.0.1", args.port)
         data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(args.port))
         secret = read_secret(args.secret_file or DEFAULT_SECRET_FILE)
-        identity = read_identity(data_dir) or join(parse_address(args.join), address, secret, data_dir)
+        identity = read_identity(data_dir)
+        _check_recorded_address(identity, data_dir, address)
+        identity = identity or join(parse_address(args.join), address, secret, data_dir)
         return _recorded(identity, data_dir, secret)
     me = find_self(peers, args.host, args.port if args.port is not None else (peers[0].port if args.host is None else None))
     data_dir = args.data_dir or os.path.join(DEFAULT_BASE_DIR, str(peers[me].port))
@@ -236,7 +250,23 @@ def replica_identity(args: argparse.Namespace, peers: list[Address]):
     if identity is None:
         write_identity(data_dir, me, cluster_id(peers), Config.initial(range(len(peers)), peers))
         return me, peers, cluster_id(peers).encode(), data_dir, secret, None
+    _check_recorded_address(identity, data_dir, peers[me])
     return _recorded(identity, data_dir, secret)
+
+
+def _check_recorded_address(identity: dict | None, data_dir: str, address: Address) -> None:
+    """A data directory belongs to one node at one address: started at another address (a
+    --port or --peers naming another replica, or another cluster's directory), it must not
+    silently become that node on its recorded address."""
+    from .members import config_addresses
+
+    if identity is None:
+        return
+    recorded = config_addresses(identity["config"]).get(identity["node"])
+    if recorded is not None and recorded != address:
+        raise ConfigError(f"{data_dir} holds node {identity['node']} at {recorded} (cluster "
+                          f"{identity['cluster_id'][:12]}), not {address}: give this replica its own "
+                          f"--data-dir, or start that node with --port {recorded.port}")
 
 
 def _recorded(identity: dict, data_dir: str, secret: bytes):
@@ -327,7 +357,7 @@ def status_row(addr, status: dict | None, peers) -> str:
     names = {node: parse_address(a) for node, a in status.get("config") or ()} or dict(enumerate(peers))
     members = ",".join((str(names[m].port) if one_host else str(names[m])) if m in names else str(m)
                        for m in status.get("members", []))
-    role = status["role"] + ("*" if status.get("serving") else "")
+    role = "removed" if status.get("removed") else status["role"] + ("*" if status.get("serving") else "")
     return (f"{str(addr):<22} {role:<11} {status.get('view', ''):>5} {status.get('primary_address') or '-':<22} "
             f"{status.get('last_index', ''):>7} {status.get('commit_index', ''):>7}  {members}")
 
