@@ -136,3 +136,15 @@ def test_the_status_table_names_a_removed_replica_removed():
     removed = {"role": "recovering", "serving": False, "removed": True, "view": 3, "members": []}
     assert status_row(SEED[2], removed, SEED).split()[1] == "removed"
     assert status_row(SEED[0], {**removed, "removed": False}, SEED).split()[1] == "recovering"
+
+
+def test_status_exits_1_when_every_replica_refuses_the_secret(monkeypatch, tmp_path, capsys):
+    from chatnet.server import cli
+    from chatnet.testing.cluster import write_secret
+
+    answers = {1538: {"error": "status proof refused: wrong cluster secret"}, 2538: None, 3538: None}
+    monkeypatch.setattr(cli, "query_status", lambda host, port, **kw: answers[port])
+    argv = ["--secret-file", write_secret(str(tmp_path / "s"))]
+    assert cli.status_main(argv) == 1 and "refused" in capsys.readouterr().out
+    answers[2538] = {"role": "primary", "serving": True, "view": 1, "members": [0, 1]}
+    assert cli.status_main(argv) == 0

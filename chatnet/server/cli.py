@@ -329,7 +329,8 @@ def watch_status(peers, secret: bytes | None, as_json: bool, tls: ssl.SSLContext
 
 
 def status_table(peers, secret: bytes | None, as_json: bool, tls: ssl.SSLContext | None = None) -> int:
-    """Print one line per replica; how many answered."""
+    """Print one line per replica; how many answered (a refused proof is no answer: with a
+    wrong secret everywhere, ``status`` exits 1)."""
     answered = 0
     if not as_json:
         print(f"{'replica':<22} {'role':<11} {'view':>5} {'primary':<22} {'last':>7} {'commit':>7}  members")
@@ -339,7 +340,7 @@ def status_table(peers, secret: bytes | None, as_json: bool, tls: ssl.SSLContext
             print(json.dumps({"address": str(addr), **(status or {"answered": False})}))
         else:
             print(status_row(addr, status, peers))
-        answered += status is not None
+        answered += status is not None and "error" not in status
     if not as_json:
         print("(* = serving clients)")
     return answered
