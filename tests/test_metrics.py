@@ -47,7 +47,12 @@ def test_request_outcomes_and_replication_time():
     m.answered(1, encode_frame(STATUS_OK, INDICATOR_SERVER, "Message sent to bob."))
     m.request_started(2, None)
     m.closed(2)
-    assert m.requests.values == {("send", "ok"): 1, ("invalid", "closed"): 1}
+    m.request_started(3, 0, ("send", "r1", "bob", "hi"))  # chatclient's send: a send too
+    m.answered(3, encode_frame(STATUS_OK, INDICATOR_SERVER, "Message sent to bob."))
+    m.request_started(3, 0, ("ack", "7"))  # no answer: not counted
+    m.request_started(3, 0, ("ext", "1"))
+    m.answered(3, encode_frame(STATUS_OK, INDICATOR_SERVER, "extension on"))
+    assert m.requests.values == {("send", "ok"): 2, ("invalid", "closed"): 1, ("ext", "ok"): 1}
     assert m.request_seconds.values[("send",)][1] == 0.25
 
     class Core:

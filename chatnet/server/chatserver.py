@@ -766,7 +766,7 @@ class ChatServer:
                 return
             conn.identified = True
             if self.metrics is not None:
-                self.metrics.request_started(conn.id, getattr(event, "op", None))
+                self.metrics.request_started(conn.id, getattr(event, "op", None), getattr(event, "args", ()))
             self._apply_effects(host.receive(conn.id, event))
         self._backlog.add(conn)
 

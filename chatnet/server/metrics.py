@@ -175,6 +175,7 @@ def render(snapshot: tuple) -> str:
 # -- chatnet's metrics ---------------------------------------------------------------------------
 
 OP_NAMES = {0: "ext", 1: "create", 2: "login", 3: "send", 4: "list", 5: "delete", 6: "exit", 7: "resume"}
+_EXT_VERBS = frozenset({"create", "login", "send", "delete", "passwd"})  # op-0 verbs counted by name
 OUTCOMES = {STATUS_OK: "ok", STATUS_ERROR: "error", STATUS_NOTE: "note"}
 ROLES = ("primary", "backup", "electing", "recovering")
 
@@ -239,8 +240,18 @@ class ReplicaMetrics:
         self._proposed: list[tuple[int, float]] = []  # primary: (log index, appended at), in order
 
     # -- requests ----------------------------------------------------------------------------
-    def request_started(self, conn: int, op: int | None) -> None:
-        self._pending[conn] = (OP_NAMES.get(op, "other") if op is not None else "invalid", self.clock())
+    def request_started(self, conn: int, op: int | None, args: tuple = ()) -> None:
+        """``op`` None: a request that did not parse.  An extension request (op 0) counts under
+        its verb when the verb is an op's (``0|send|RID|..``, ``0|login|..``: what chatclient
+        sends), so a send is a ``send`` whichever client made it; an ``ack`` has no answer and
+        is not counted."""
+        if op == 0 and args:
+            if args[0] == "ack":
+                return
+            name = args[0] if args[0] in _EXT_VERBS else "ext"
+        else:
+            name = OP_NAMES.get(op, "other") if op is not None else "invalid"
+        self._pending[conn] = (name, self.clock())
 
     def answered(self, conn: int, data: bytes) -> None:
         """A frame for ``conn`` is released: if it answers its pending request, count it."""
