@@ -27,6 +27,7 @@ snapshot at its applied index, in one transaction.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -47,6 +48,7 @@ CREATE TABLE IF NOT EXISTS handover(
     idx INTEGER NOT NULL, view INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY(view, idx)) WITHOUT ROWID;
 """
 OLD_STATE_TABLES = ("accounts", "request_ids", "mail", "origins")
+LOG_ROWS_PER_INSERT = 64  # 256 bound values: far below SQLite's limit (999 before 3.32)
 # Commits after which the storage thread, once no batch waits, checkpoints the WAL itself
 # (Store.checkpoint_when_idle).  Below SQLite's automatic checkpoint (1,000 pages; a batch
 # writes 1-5 pages), which stays as the fallback for a writer that is never idle.
@@ -66,6 +68,13 @@ def _private_files(path: str) -> None:
             continue
         if mode & 0o077:
             os.chmod(name, mode & 0o700)
+
+
+@functools.lru_cache(maxsize=LOG_ROWS_PER_INSERT)
+def _log_insert(rows: int) -> str:
+    """The multi-row INSERT of ``rows`` log rows (one text per size: sqlite3 caches it prepared)."""
+    return ("INSERT OR REPLACE INTO log(idx, view, data, committed) VALUES "
+            + ", ".join(["(?, ?, ?, ?)"] * rows))
 
 
 class Store(Synchronous):
@@ -212,9 +221,7 @@ class Store(Synchronous):
         if batch.truncate_after is not None:
             db.execute("DELETE FROM log WHERE idx > ?", (batch.truncate_after,))
         if batch.entries:
-            committed = batch.committed
-            db.executemany("INSERT OR REPLACE INTO log(idx, view, data, committed) VALUES (?, ?, ?, ?)",
-                           [(idx, view, data, committed) for idx, view, data in batch.entries])
+            self._insert_log(batch.entries, batch.committed)
         if batch.meta:
             db.executemany(
                 "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
@@ -225,6 +232,16 @@ class Store(Synchronous):
         if batch.handover is not None:
             db.execute("DELETE FROM handover")
             db.executemany("INSERT OR REPLACE INTO handover(idx, view, data) VALUES (?, ?, ?)", batch.handover)
+
+    def _insert_log(self, entries: list, committed: int) -> None:
+        """The log rows, up to LOG_ROWS_PER_INSERT per multi-row ``INSERT``: one SQLite step for
+        a batch instead of ``executemany``'s one per row, each of which lets the GIL go and takes
+        it back from the loop thread (rows apply in order, so a later one replaces an earlier
+        one with the same index, exactly as before)."""
+        for start in range(0, len(entries), LOG_ROWS_PER_INSERT):
+            chunk = entries[start:start + LOG_ROWS_PER_INSERT]
+            self._db.execute(_log_insert(len(chunk)),
+                             [v for idx, view, data in chunk for v in (idx, view, data, committed)])
 
     def _put_state(self, index: int, view: int, state: ChatState | bytes) -> None:
         """Store the chat state as of ``index`` (inside the caller's transaction)."""
