@@ -302,3 +302,14 @@ def test_the_storage_thread_checkpoints_the_wal_when_idle_and_keeps_a_checkpoint
         background.close()
     loaded = Store(str(store_dir)).load()  # everything acknowledged is there after reopening
     assert loaded.applied_index == IDLE_CHECKPOINT_COMMITS and len(loaded.state.accounts) == IDLE_CHECKPOINT_COMMITS
+
+
+def test_a_batch_of_more_rows_than_one_insert_takes_writes_them_all_in_order(tmp_path):
+    store = Store(str(tmp_path))
+    rows = [(i, 1, encode_command(sm.cmd_create(f"u{i}"))) for i in range(1, 151)]
+    rows.append((70, 2, encode_command(sm.cmd_create("replaced"))))  # a later row replaces index 70
+    store.commit(Batch(entries=rows, committed=150, sync=True))
+    loaded = Store(str(tmp_path)).load()
+    assert [e[0] for e in loaded.log] == list(range(1, 151)) and loaded.log[69][1] == 2
+    assert "replaced" in loaded.state.accounts and "u70" not in loaded.state.accounts
+    assert len(loaded.state.accounts) == 150
