@@ -105,7 +105,7 @@ __all__ = ["Replica", "Ready", "DurableState", "HardState", "Snapshot", "Entry",
            "MembershipError",
            "QUORUM_ALL", "QUORUM_MAJORITY", "QUORUMS",
            "PRIMARY", "BACKUP", "ELECTING", "RECOVERING", "STATUS_CODES",
-           "SNAPSHOT_CHUNK", "SNAPSHOT_WINDOW"]
+           "SNAPSHOT_CHUNK", "SNAPSHOT_WINDOW", "VIEW_RUNS"]
 
 # A snapshot is sent in chunks of at most SNAPSHOT_CHUNK bytes, with at most SNAPSHOT_WINDOW
 # chunks beyond what the receiver acknowledged in flight (4 MiB per lagging peer): a state of
@@ -115,6 +115,12 @@ __all__ = ["Replica", "Ready", "DurableState", "HardState", "Snapshot", "Entry",
 # shrink them for every replica it makes.
 SNAPSHOT_CHUNK = 256 * 1024
 SNAPSHOT_WINDOW = 16
+
+# The entry views of the compacted prefix are kept as the latest VIEW_RUNS runs of (first
+# index, view) -- views only grow along a log, so a run per view the history held -- so that a
+# healed split brain's handed-over entries can be checked there too (docs/replication.md
+# section 10, "The bound").  Below the oldest run a compacted entry's view is unknown.
+VIEW_RUNS = 64
 
 PRIMARY, BACKUP, ELECTING, RECOVERING = "primary", "backup", "electing", "recovering"
 # Quorum modes (docs/replication.md section 10): "all" forms a view of whoever is alive (N-1
@@ -153,6 +159,40 @@ class Snapshot:
     index: int
     view: int
     data: bytes
+    runs: tuple = ()   # entry views up to ``index``: ((first index, view), ...), the latest runs
+
+
+def extend_runs(runs, entries, bound: int = VIEW_RUNS) -> tuple:
+    """``runs`` ((first index, view), ...) followed by the (index, view) pairs of the
+    contiguous ``entries`` after them, merged by view, the latest ``bound`` runs kept."""
+    out = list(runs)
+    for index, view in entries:
+        if not out or out[-1][1] != view:
+            out.append((index, view))
+    return tuple(out[-bound:])
+
+
+def run_view(runs, index: int, upto: int) -> int | None:
+    """View of the entry at ``index`` by ``runs``, which cover up to ``upto`` (None: unknown)."""
+    if not runs or index < runs[0][0] or index > upto:
+        return None
+    return runs[bisect.bisect_right(runs, index, key=lambda r: r[0]) - 1][1]
+
+
+def checked_runs(runs, upto: int, view: int) -> tuple:
+    """``runs`` if they can describe a history whose entry ``upto`` has ``view`` (first indexes
+    and views strictly growing, at most VIEW_RUNS, the last run holding ``upto``), else only
+    what is known for sure: that entry.  Bad input (a peer's, a store's) never crashes."""
+    try:
+        runs = tuple((int(f), int(v)) for f, v in runs)
+    except (TypeError, ValueError):
+        runs = ()
+    ok = (0 < len(runs) <= VIEW_RUNS and runs[0][0] >= 1 and runs[0][1] >= 1
+          and runs[-1][0] <= upto and runs[-1][1] == view
+          and all(a[0] < b[0] and a[1] < b[1] for a, b in zip(runs, runs[1:])))
+    if ok:
+        return runs
+    return ((upto, view),) if upto > 0 and view > 0 else ()   # (view 0: not known either)
 
 
 @dataclass
@@ -170,6 +210,7 @@ class DurableState:
     handover: list[Entry] = field(default_factory=list)
     promised_to: int | None = None   # None: older stores (the view's rule names the candidate)
     config: Config | None = None     # None: the cluster's first configuration (--peers)
+    view_runs: tuple = ()            # entry views up to snapshot_index (Snapshot.runs); () unknown
 
     @classmethod
     def fresh(cls) -> "DurableState":
@@ -210,6 +251,7 @@ class _SnapOut:
     data: memoryview
     force: bool
     config: bytes = b""        # the configuration in force at ``index``
+    runs: tuple = ()           # entry views up to ``index``, flat (InstallSnapshot.runs)
     sent: int = 0              # bytes sent so far (from ``acked`` again after a rewind)
     acked: int = 0             # bytes the receiver holds in order, as it last told us
     started: bool = False      # a chunk has been sent since the last (re)wind
@@ -327,6 +369,7 @@ class Replica:
         """The durable log after the snapshot point (checked), and the configuration in it."""
         self._snap_index = durable.snapshot_index
         self._snap_view = durable.snapshot_view
+        self._runs = checked_runs(durable.view_runs, self._snap_index, self._snap_view)
         self._log: list[Entry] = list(durable.log)
         for i, e in enumerate(self._log):
             if e.index != self._snap_index + 1 + i:
@@ -436,6 +479,24 @@ class Replica:
         if index < self._snap_index or index > self.last_index:
             return None
         return self._log[index - self._snap_index - 1].view
+
+    @property
+    def view_runs(self) -> tuple:
+        """Entry views of my compacted prefix, up to the snapshot index: ((first, view), ...)."""
+        return self._runs
+
+    def history_view(self, index: int) -> int | None:
+        """View of my history's entry at ``index``, also inside the compacted prefix as far as
+        the kept runs reach (None: unknown or absent).  Only for checking handed-over entries:
+        the protocol itself treats a compacted entry as unknown (``entry_view``)."""
+        if index >= self._snap_index:
+            return self.entry_view(index)
+        return run_view(self._runs, index, self._snap_index)
+
+    def _runs_upto(self, index: int) -> tuple:
+        """My runs extended through my log up to ``index`` (at or after the snapshot point)."""
+        return extend_runs(self._runs, ((e.index, e.view) for e in
+                                        self._log[:max(0, index - self._snap_index)]))
 
     def holds_view(self, view: int) -> bool:
         """Whether my history holds an entry of ``view`` (at the snapshot point or after it:
@@ -1208,7 +1269,7 @@ class Replica:
         self._snap_out[peer] = _SnapOut(next(self._snap_ids), index, view,
                                         memoryview(bytes(data)), peer in self._force_snap,
                                         config_to_bytes(self._config_at(index)),
-                                        quiet_since=self._ticks)
+                                        sum(self._runs_upto(index), ()), quiet_since=self._ticks)
         self._force_snap.discard(peer)
         self._next[peer] = index + 1
         self._snap_pending[peer] = self._ticks
@@ -1228,7 +1289,8 @@ class Replica:
                 view=self._view, index=out.index, snap_view=out.view, commit=self._commit,
                 start=self._start, members=self._members, snap_id=out.snap_id,
                 offset=out.sent, total=total, data=bytes(out.data[out.sent:hi]),
-                echo_inc=self._echo.get(p, (0, 0))[0], force=out.force, config=out.config))
+                echo_inc=self._echo.get(p, (0, 0))[0], force=out.force, config=out.config,
+                runs=out.runs))
             out.sent, out.started = hi, True
 
     def _on_snapshot_ack(self, p: int, m: SnapshotAck) -> None:
@@ -1547,7 +1609,8 @@ class Replica:
                 self._hs_dirty = True         # (persisted with the snapshot)
             self._refresh_config()
             self._snap_index, self._snap_view = m.index, m.snap_view
-            self._pending_snapshot = Snapshot(m.index, m.snap_view, data)
+            self._runs = checked_runs(zip(m.runs[::2], m.runs[1::2]), m.index, m.snap_view)
+            self._pending_snapshot = Snapshot(m.index, m.snap_view, data, self._runs)
             self._pending_trunc = None
             self._commit = m.index
             self._apply_cursor = m.index
@@ -1823,6 +1886,7 @@ class Replica:
         if upto <= self._snap_index:
             return
         v = self.entry_view(upto)
+        self._runs = self._runs_upto(upto)
         del self._log[:upto - self._snap_index]
         self._snap_index, self._snap_view = upto, v or 0
 

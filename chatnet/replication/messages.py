@@ -160,6 +160,10 @@ class InstallSnapshot:
     echo_inc: int = 0
     force: bool = False        # replace the state even if it looks like the same history
     config: bytes = b""        # the configuration in force at ``index`` (membership.config_to_bytes)
+    # The history's entry views up to ``index`` as flat (first index, view) pairs, the latest
+    # runs only (core.VIEW_RUNS): lets the receiver tell its compacted entries apart too.
+    # Added within version 3 as an optional trailing field: absent = unknown (empty).
+    runs: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -236,7 +240,7 @@ _SCHEMA: dict[type, tuple[int, str]] = {
     AppendResp: (3, "ubuub"),
     ViewChange: (4, "uuuub"),
     Vote: (5, "ubuuuu"),
-    InstallSnapshot: (6, "uuuuuIuuuBubB"),
+    InstallSnapshot: (6, "uuuuuIuuuBubBI"),
     SnapshotAck: (7, "uuu"),
     Reapply: (8, "uuE"),       # added within version 2: an older replica closes the link
     ReapplyAck: (9, "uu"),     # on receiving one (only sent while a split brain heals)
@@ -245,6 +249,8 @@ _SCHEMA: dict[type, tuple[int, str]] = {
     PeerChallenge: (17, "uBB"),
     PeerProof: (18, "B"),
 }
+# Trailing fields a payload may omit (added within a version; their defaults apply).
+_OPTIONAL_TAIL = {InstallSnapshot: 1}
 _BY_CODE = {code: (cls, kinds) for cls, (code, kinds) in _SCHEMA.items()}
 for _cls, (_code, _kinds) in _SCHEMA.items():
     assert len(_kinds) == len(fields(_cls)), _cls
@@ -380,7 +386,10 @@ def _decode(payload: bytes) -> Any:
     r = _Reader(payload)
     r.pos = 2
     values: list[Any] = []
+    required = len(kinds) - _OPTIONAL_TAIL.get(cls, 0)
     for kind in kinds:
+        if len(values) >= required and r.pos == len(payload):
+            break  # an optional trailing field left out (a sender that predates it)
         if kind == "u":
             values.append(r.uint())
         elif kind == "o":

@@ -326,7 +326,8 @@ class ReplicaHost:
             batch.truncate_after = None
             batch.compact_upto = None
             self.checkpoints.installed(rd.snapshot.index, len(rd.snapshot.data))
-            batch.meta.update(snapshot_index=rd.snapshot.index, snapshot_view=rd.snapshot.view)
+            batch.meta.update(snapshot_index=rd.snapshot.index, snapshot_view=rd.snapshot.view,
+                              view_runs=runs_meta(rd.snapshot.index, rd.snapshot.runs))
             batch.sync = True
             self.events.snapshot_installed(rd.snapshot.index, len(rd.snapshot.data))
         if rd.truncate_after is not None:
@@ -368,9 +369,11 @@ class ReplicaHost:
         if compact is not None:  # never below the stored snapshot: start-up replays from it
             compact = min(compact, self.applied_index, self.checkpoints.stored_index)
         if compact is not None and compact > replica.snapshot_index:
-            batch.meta.update(snapshot_index=compact, snapshot_view=replica.entry_view(compact) or 0)
             batch.compact_upto = compact
             replica.compact(compact)
+            batch.meta.update(snapshot_index=replica.snapshot_index,
+                              snapshot_view=replica.entry_view(replica.snapshot_index) or 0,
+                              view_runs=runs_meta(replica.snapshot_index, replica.view_runs))
 
     @property
     def _epochs(self) -> bool:
@@ -588,9 +591,11 @@ class Reapplier:
         An entry the loser re-applied itself keeps its origin, and my history has it if it
         holds the wrapper at the loser's position, the origin in its state, or the original
         entry at the origin's position (the loser had received it by re-application, I in
-        the ordinary way).  A position inside my compacted prefix cannot be checked: the
-        loser's position is then dropped and reported; an origin there is not checked (the
-        command was re-applied on the loser's side because its winner lacked it)."""
+        the ordinary way).  Inside my compacted prefix positions are checked by the entry
+        views the core keeps for it (``Replica.history_view``, the latest runs); below what
+        they reach a position cannot be checked: the loser's position is then dropped and
+        reported; an origin there is not checked (the command was re-applied on the loser's
+        side because its winner lacked it)."""
         replica, state = self.host.replica, self.host.service.state
         if is_config_entry(e.data):  # a membership change: the winner's own configuration rules
             return (e.view, e.index), ("config",), "skip"
@@ -601,14 +606,14 @@ class Reapplier:
         origin = (e.view, e.index)
         if cmd[0] == "reapply":
             origin, cmd = (cmd[1], cmd[2]), cmd[3]
-        if state.has_origin(*origin) or replica.entry_view(e.index) == e.view \
-                or replica.entry_view(origin[1]) == origin[0]:
+        seen = replica.history_view  # inside my compacted prefix too, as far as its runs reach
+        if state.has_origin(*origin) or seen(e.index) == e.view or seen(origin[1]) == origin[0]:
             return origin, cmd, "skip"
         if refused:
             return origin, cmd, "refused"
         if origin in self.proposed or origin in in_log:
             return origin, cmd, "wait"
-        if e.index <= replica.snapshot_index or cmd[0] == "delivered":
+        if cmd[0] == "delivered" or e.index <= replica.snapshot_index and seen(e.index) is None:
             return origin, cmd, "drop"
         return origin, cmd, "propose"
 
@@ -698,6 +703,12 @@ def hard_state_meta(hs: HardState) -> dict:
     return meta
 
 
+def runs_meta(upto: int, runs) -> dict:
+    """The store's meta ``view_runs``: the core's runs of entry views up to the snapshot index
+    ``upto``, written in the same transaction as the snapshot or compaction that made them."""
+    return {"upto": upto, "runs": [list(run) for run in runs]}
+
+
 def durable_state(loaded: Loaded) -> DurableState:
     """The replication core's view of what the storage holds."""
     meta = loaded.meta
@@ -719,4 +730,14 @@ def durable_state(loaded: Loaded) -> DurableState:
         handover=[Entry(idx, view, bytes(data)) for idx, view, data in loaded.handover],
         promised_to=meta.get("promised_to"),
         config=config_from_meta(meta.get("config")),
+        view_runs=_stored_runs(meta.get("view_runs"), snapshot_index),
     )
+
+
+def _stored_runs(stored, snapshot_index: int) -> tuple:
+    """The stored runs if they describe this snapshot point (the core checks the rest), else
+    none (a store that predates them, or whose log base moved without them: unknown)."""
+    if isinstance(stored, dict) and stored.get("upto") == snapshot_index:
+        runs = stored.get("runs")
+        return tuple(runs) if isinstance(runs, list) else ()
+    return ()
