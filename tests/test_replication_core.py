@@ -65,7 +65,7 @@ messages = st.one_of(
     st.builds(ViewChange, u, u, u, u, st.booleans()),
     st.builds(Vote, u, st.booleans(), u, u, u, u),
     st.builds(InstallSnapshot, u, u, u, u, u, ids, u, u, u, st.binary(max_size=100), u,
-              st.booleans()),
+              st.booleans(), st.binary(max_size=20), ids),
     st.builds(SnapshotAck, u, u, u),
     st.builds(Reapply, u, u, entries),
     st.builds(ReapplyAck, u, u),
@@ -754,3 +754,65 @@ def test_a_lone_primary_restarted_hands_its_entries_over_before_a_snapshot_repla
         r.advance(rd)
     assert {(2, 5), (3, 5)} <= set(handed)          # (the common entry 1 too: the winner skips it)
     assert sent and {(2, 5), (3, 5)} <= {(e.index, e.view) for e in sent[0].entries}
+
+
+# ---------------------------------------------------------------------------- view runs
+
+def test_an_install_snapshot_without_its_trailing_runs_still_decodes():
+    """``runs`` was added within wire version 3 as an optional trailing field."""
+    msg = InstallSnapshot(7, 9, 6, 9, 1, (1, 2), 3, 0, 2, b"ab", 0, True, b"cfg")
+    full = encode_message(msg)
+    assert full[-1] == 0 and decode_message(full[:-1]) == msg      # (an empty list: one byte)
+    with_runs = InstallSnapshot(**{**msg.__dict__, "runs": (1, 2, 5, 6)})
+    assert decode_message(encode_message(with_runs)) == with_runs
+    with pytest.raises(DecodeError):
+        decode_message(encode_message(Vote(1, True, 2, 3, 4, 5))[:-1])  # only that field may be absent
+
+
+def _runs_replica(views, applied):
+    log = [Entry(i, v, b"x") for i, v in enumerate(views, start=1)]
+    return Replica(2, [1, 2, 3], DurableState(view=views[-1], primary=1, members=(1, 2, 3),
+                                              promised=views[-1], log=log, applied_index=applied),
+                   rng=random.Random(1))
+
+
+def test_compaction_keeps_the_entry_views_as_bounded_runs(monkeypatch):
+    views = [1, 1, 2, 2, 2, 4, 5, 5, 7, 7]
+    r = _runs_replica(views, applied=9)
+    r.compact(4)
+    assert r.view_runs == ((1, 1), (3, 2)) and r.entry_view(3) is None
+    r.compact(9)
+    assert r.view_runs == ((1, 1), (3, 2), (6, 4), (7, 5), (9, 7))
+    assert [r.history_view(i) for i in range(0, 12)] == [None] + views + [None]
+    monkeypatch.setattr(core, "VIEW_RUNS", 2)   # beyond the bound: unknown, as before
+    r = _runs_replica(views, applied=9)
+    r.compact(9)
+    assert r.view_runs == ((7, 5), (9, 7)) and r.history_view(6) is None and r.history_view(8) == 5
+
+
+def test_a_snapshot_carries_the_entry_views_of_the_history_before_it():
+    """The primary sends its runs up to the snapshot's index with every chunk; the receiver
+    adopts them with the snapshot (and bad ones fall back to the one view it is sure of)."""
+    prim = _runs_replica([1, 1, 2, 3, 3, 3], applied=6)
+    prim._status, prim._view, prim._commit = PRIMARY, 3, 6
+    prim.compact(2)
+    prim.send_snapshot(3, 5, None, b"state")
+    sent = [m for _, m in prim._msgs if isinstance(m, InstallSnapshot)]
+    assert sent and sent[0].runs == (1, 1, 3, 2, 4, 3) and sent[0].index == 5
+    for runs, expected in (((1, 1, 3, 2, 4, 3), ((1, 1), (3, 2), (4, 3))),
+                           ((), ((5, 3),)), ((1, 1, 4, 1), ((5, 3),)), ((1, 9, 2), ((5, 3),))):
+        r = Replica(3, [1, 2, 3], DurableState(), rng=random.Random(1))
+        for chunk in _chunks(b"state", 100, view=3, index=5, snap_view=3, echo_inc=r._inc):
+            r.step(1, InstallSnapshot(**{**chunk.__dict__, "runs": runs}))
+        snaps = _drain_all(r)[1]
+        assert [s.index for s in snaps] == [5] and snaps[0].runs == expected == r.view_runs
+        assert r.history_view(4) == (3 if len(expected) > 1 else None) and r.entry_view(4) is None
+
+
+def test_a_newcomer_synced_by_snapshot_knows_the_views_of_the_history_it_never_held():
+    net = _Net(3)
+    prim = _catch_up_by_snapshot(net, b"state")
+    newcomer = net.hosts[3].r
+    point = newcomer.snapshot_index
+    assert point > 0 and newcomer.view_runs
+    assert all(newcomer.history_view(i) == prim.r.history_view(i) is not None for i in range(1, point + 1))

@@ -313,3 +313,28 @@ def test_a_batch_of_more_rows_than_one_insert_takes_writes_them_all_in_order(tmp
     assert [e[0] for e in loaded.log] == list(range(1, 151)) and loaded.log[69][1] == 2
     assert "replaced" in loaded.state.accounts and "u70" not in loaded.state.accounts
     assert len(loaded.state.accounts) == 150
+
+
+def test_the_entry_views_of_the_compacted_prefix_survive_restarts(make):
+    """The core keeps the views of compacted entries as runs (docs/replication.md section 10,
+    "The bound"); they are written with the compaction that extends them and loaded at
+    start-up, so a restarted replica still tells its compacted entries' views."""
+    views = {i: 1 + (i - 1) // 10 for i in range(1, 31)}  # a history of views 1, 2 and 3
+    make().commit(Batch(entries=[(i, v, encode_command(sm.cmd_create(f"a{i}"))) for i, v in views.items()],
+                        committed=30, meta={"view": 3, "primary": 0, "members": [0], "promised": 3},
+                        sync=True))
+    for start in range(3):
+        host = _serving_host(make(), retain=5)
+        for k in range(40):
+            host.replica.propose(encode_command(sm.cmd_create(f"u{start}-{k}")))
+            host.cycle()
+            replica = host.replica
+            views.update((i, replica.entry(i).view) for i in range(replica.snapshot_index + 1,
+                                                                    replica.last_index + 1))
+        before = host.replica.view_runs
+        host.storage.close()  # dropped: what the compactions wrote is what a restart has
+        replica = ReplicaHost(0, (0,), make(), retain_entries=5).replica
+        assert replica.view_runs == before and replica.snapshot_index > 0
+    assert [v for _, v in replica.view_runs][:3] == [1, 2, 3] and replica.snapshot_index > 30
+    assert all(replica.history_view(i) == views[i] for i in range(1, replica.snapshot_index + 1))
+    assert replica.entry_view(1) is None  # (the protocol's own view: compacted = unknown)

@@ -162,14 +162,14 @@ class Snapshot:
     runs: tuple = ()   # entry views up to ``index``: ((first index, view), ...), the latest runs
 
 
-def extend_runs(runs, entries, bound: int = VIEW_RUNS) -> tuple:
+def extend_runs(runs, entries) -> tuple:
     """``runs`` ((first index, view), ...) followed by the (index, view) pairs of the
-    contiguous ``entries`` after them, merged by view, the latest ``bound`` runs kept."""
+    contiguous ``entries`` after them, merged by view, the latest VIEW_RUNS runs kept."""
     out = list(runs)
     for index, view in entries:
         if not out or out[-1][1] != view:
             out.append((index, view))
-    return tuple(out[-bound:])
+    return tuple(out[-VIEW_RUNS:])
 
 
 def run_view(runs, index: int, upto: int) -> int | None:
@@ -187,12 +187,12 @@ def checked_runs(runs, upto: int, view: int) -> tuple:
         runs = tuple((int(f), int(v)) for f, v in runs)
     except (TypeError, ValueError):
         runs = ()
-    ok = (0 < len(runs) <= VIEW_RUNS and runs[0][0] >= 1 and runs[0][1] >= 1
+    ok = (0 < len(runs) <= VIEW_RUNS and runs[0][0] >= 1 and runs[0][1] >= 0
           and runs[-1][0] <= upto and runs[-1][1] == view
           and all(a[0] < b[0] and a[1] < b[1] for a, b in zip(runs, runs[1:])))
     if ok:
         return runs
-    return ((upto, view),) if upto > 0 and view > 0 else ()   # (view 0: not known either)
+    return ((upto, view),) if upto > 0 else ()
 
 
 @dataclass
