@@ -4,7 +4,7 @@ simulated crash, what was never synced.
 It keeps what SQLite keeps (chatnet/server/store.py), in the shape the replica host expects
 back at start-up: the stored snapshot of the chat state (``base`` at ``base_index``), the
 retained log tail with the commit index written with each row, the meta keys (view, primary,
-members, promised, snapshot_*: the log's base), and the handover a healed split brain's losing
+members, promised, snapshot_*: the log's base, view_runs: the entry views up to it), and the handover a healed split brain's losing
 side still owes the winner.  The applied state is rebuilt at load time by replaying the
 committed log after the snapshot (chatnet/server/storage.py), exactly as the real store does.
 

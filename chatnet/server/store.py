@@ -11,7 +11,8 @@ count as committed: the ``committed`` column, written with each row).
 
 Tables:
     meta(key, value)           view, primary, members, promised; snapshot_index and
-                               snapshot_view: the log's base (the index before its first row)
+                               snapshot_view: the log's base (the index before its first row);
+                               view_runs: the entry views up to it (replication core's runs)
     log(idx, view, data, committed)   replicated log entries (a bounded tail is kept);
                                ``committed``: the commit index known when the row was written
     state(id, idx, view, data) the one stored snapshot of the chat state, taken at ``idx``
