@@ -338,3 +338,15 @@ def test_the_entry_views_of_the_compacted_prefix_survive_restarts(make):
     assert [v for _, v in replica.view_runs][:3] == [1, 2, 3] and replica.snapshot_index > 30
     assert all(replica.history_view(i) == views[i] for i in range(1, replica.snapshot_index + 1))
     assert replica.entry_view(1) is None  # (the protocol's own view: compacted = unknown)
+
+
+def test_a_group_of_log_only_batches_is_one_statement_and_a_failing_one_leaves_nothing(tmp_path):
+    store = Store(str(tmp_path))
+    store.commit_many([Batch(entries=ENTRIES[:3], committed=2, sync=True),
+                       Batch(entries=ENTRIES[3:5], committed=5, sync=True)])
+    with pytest.raises(StoreError):  # its last row breaks NOT NULL mid-statement: none stays
+        store.commit_many([Batch(entries=ENTRIES[5:7], committed=7, sync=True),
+                           Batch(entries=[(8, 1, None)], committed=8, sync=True)])
+    loaded = Store(str(tmp_path)).load()
+    assert [e[0] for e in loaded.log] == [1, 2, 3, 4, 5] and loaded.applied_index == 5
+    assert loaded.state.to_snapshot() == replayed(CMDS[:5])

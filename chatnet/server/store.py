@@ -78,6 +78,23 @@ def _log_insert(rows: int) -> str:
             + ", ".join(["(?, ?, ?, ?)"] * rows))
 
 
+def _log_params(entries: list, committed: int) -> list:
+    """The bound values of ``entries``' log rows, flat, in _log_insert's order."""
+    return [v for idx, view, data in entries for v in (idx, view, data, committed)]
+
+
+def _log_only(batches: list[Batch]) -> list | None:
+    """The bound values of every log row of ``batches`` if they hold nothing but log rows, at
+    most LOG_ROWS_PER_INSERT of them; otherwise None.  Compared against a batch made of only
+    those fields, so a field added to Batch later counts as "something else"."""
+    params: list = []
+    for b in batches:
+        if b != Batch(entries=b.entries, committed=b.committed, sync=b.sync, chats=b.chats) or not b.entries:
+            return None
+        params += _log_params(b.entries, b.committed)
+    return params if len(params) <= 4 * LOG_ROWS_PER_INSERT else None
+
+
 class Store(Synchronous):
     def __init__(self, data_dir: str):
         # The store holds every account's resume token and all undelivered chat: only the
@@ -183,10 +200,24 @@ class Store(Synchronous):
         if sync != self._sync:
             self._db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
             self._sync = sync
-        with self._transaction("write"):
-            for batch in batches:
-                self._write(batch)
+        params = _log_only(batches)
+        if params is not None:  # the common case: one statement is the whole transaction
+            self._autocommit_log(params)
+        else:
+            with self._transaction("write"):
+                for batch in batches:
+                    self._write(batch)
         self._commits += 1
+
+    def _autocommit_log(self, params: list) -> None:
+        """Batches of log rows only, up to LOG_ROWS_PER_INSERT: one ``INSERT`` outside any
+        ``BEGIN`` is its own transaction, committed (WAL fsync at synchronous=FULL) before the
+        call returns and rolled back whole if it fails -- the same atomicity and durability as
+        ``BEGIN … COMMIT`` with one SQLite call instead of three, each a GIL hand-off."""
+        try:
+            self._db.execute(_log_insert(len(params) // 4), params)
+        except sqlite3.Error as exc:
+            raise StoreError(f"write in {self.path} failed: {exc}") from exc
 
     def checkpoint_when_idle(self) -> bool:
         """Checkpoint the WAL if enough commits went into it since the last one; True if done.
@@ -241,8 +272,7 @@ class Store(Synchronous):
         one with the same index, exactly as before)."""
         for start in range(0, len(entries), LOG_ROWS_PER_INSERT):
             chunk = entries[start:start + LOG_ROWS_PER_INSERT]
-            self._db.execute(_log_insert(len(chunk)),
-                             [v for idx, view, data in chunk for v in (idx, view, data, committed)])
+            self._db.execute(_log_insert(len(chunk)), _log_params(chunk, committed))
 
     def _put_state(self, index: int, view: int, state: ChatState | bytes) -> None:
         """Store the chat state as of ``index`` (inside the caller's transaction)."""
