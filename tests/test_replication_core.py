@@ -562,6 +562,7 @@ class _Host:
         self.blob, self.applied, self.index = b"", [], 0
         self.installed = 0
         self.inbox = []
+        self.hard = None   # the last hard state handed to the "store"
 
     def dump(self):
         return struct.pack(">Q", len(self.blob)) + self.blob + pickle.dumps(self.applied)
@@ -590,6 +591,7 @@ class _Net:
             moved = True
             if rd.snapshot is not None:
                 h.install(rd.snapshot)
+            h.hard = rd.hard_state or h.hard
             chunks = sum(isinstance(m, InstallSnapshot) for _, m in rd.messages)
             self.max_chunks_per_ready = max(self.max_chunks_per_ready, chunks)
             for peer, msg in rd.messages:
@@ -816,3 +818,53 @@ def test_a_newcomer_synced_by_snapshot_knows_the_views_of_the_history_it_never_h
     point = newcomer.snapshot_index
     assert point > 0 and newcomer.view_runs
     assert all(newcomer.history_view(i) == prim.r.history_view(i) is not None for i in range(1, point + 1))
+
+
+# ---------------------------------------------------------------------------- degraded views
+
+def _restarted(h):
+    """Replica ``h`` restarted from what its store would hold (hard state, log, applied)."""
+    r, hs = h.r, h.hard
+    d = DurableState(view=hs.view, primary=hs.primary, members=hs.members, promised=hs.promised,
+                     promised_to=hs.promised_to, config=hs.config, degraded_from=hs.degraded_from,
+                     snapshot_index=r.snapshot_index, snapshot_view=r._snap_view,
+                     log=list(r._log), applied_index=r.applied_index, view_runs=r.view_runs)
+    return Replica(h.id, [1, 2, 3], d, rng=random.Random(h.id), failure_ticks=6, retain_entries=5)
+
+
+def test_a_degraded_view_keeps_its_log_from_the_split_point_until_the_view_is_full_again():
+    """All mode: a lone primary (a crash or a partition cut the others off) keeps every entry
+    above what it knew committed when it left the full view, whatever the retention -- it may
+    have to hand them over at a heal -- across a restart too, and compacts again in a full
+    view with nothing left to hand over."""
+    net = _Net(3)
+    net.tick(20)
+    p = net.primary()
+    assert p is not None and set(p.r.members) == {1, 2, 3}
+    for i in range(30):
+        p.r.propose(b"full%d" % i)
+        net.settle()
+    assert p.r.snapshot_index > 0 and p.hard.degraded_from is None   # compacts in a full view
+    split = p.r.commit_index + 1
+    net.up = {p.id}
+    net.tick(30)
+    assert p.r.serving and p.r.members == (p.id,)
+    assert p.hard.degraded_from == split
+    for i in range(40):
+        p.r.propose(b"lone%d" % i)
+        net.settle()
+    assert p.r.applied_index >= split + 39
+    assert p.r.snapshot_index < split and p.r.entry_view(split) is not None
+    p.r = _restarted(p)
+    net.tick(3)
+    assert p.r.suggested_compaction() is None and p.r.entry_view(split) is not None
+    net.up = {1, 2, 3}
+    net.tick(60)
+    q = net.primary()
+    assert q is not None and set(q.r.members) == {1, 2, 3}
+    for i in range(30):
+        q.r.propose(b"healed%d" % i)
+        net.settle()
+    net.tick(5)
+    for h in net.hosts.values():
+        assert h.hard.degraded_from is None and h.r.snapshot_index >= split, h.id

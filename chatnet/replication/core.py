@@ -151,6 +151,10 @@ class HardState:
     promised_to: int | None = None
     # the newest *committed* configuration (the log holds any newer one)
     config: Config | None = None
+    # all mode: first entry I may have to hand over after a split brain -- set on entering a
+    # view without the whole configuration, cleared in a full view with nothing left to hand
+    # over; no compaction reaches it (docs/replication.md section 10, "Compaction")
+    degraded_from: int | None = None
 
 
 @dataclass(frozen=True)
@@ -211,6 +215,7 @@ class DurableState:
     promised_to: int | None = None   # None: older stores (the view's rule names the candidate)
     config: Config | None = None     # None: the cluster's first configuration (--peers)
     view_runs: tuple = ()            # entry views up to snapshot_index (Snapshot.runs); () unknown
+    degraded_from: int | None = None  # HardState.degraded_from; None: unset (also older stores)
 
     @classmethod
     def fresh(cls) -> "DurableState":
@@ -345,6 +350,7 @@ class Replica:
         self._promised = max(durable.view, durable.promised if durable.promised is not None
                              else durable.view)
         self._promised_to = durable.promised_to
+        self._degraded_from = durable.degraded_from
         self._load_log(durable)
         self._applied = durable.applied_index       # applied and advanced
         self._apply_cursor = durable.applied_index  # handed to the host
@@ -561,6 +567,7 @@ class Replica:
         if members is not None and members != self._members:
             self._members = members
             self._hs_dirty = True
+            self._track_degraded()
         if promised is not None and promised > self._promised:
             self._promised, self._promised_to = promised, to
             self._hs_dirty = True
@@ -568,6 +575,23 @@ class Replica:
             self._promised, self._promised_to = self._view, self._primary
             self._hs_dirty = True
         self._max_seen = max(self._max_seen, self._promised)
+
+    def _track_degraded(self) -> None:
+        """All mode: keep my log from the point I left the full view until it is full again.
+        In a view without the whole configuration (a crash or a partition: I cannot tell
+        which) every entry above what I knew committed may have to be handed over at a heal,
+        and a handover holds only what my log still holds; in a full view with no handover
+        pending every member holds every committed entry, so compaction loses nothing."""
+        if self.quorum != QUORUM_ALL:
+            return
+        full = set(self.cluster) <= set(self._members)
+        if not full and self._degraded_from is None:
+            self._degraded_from = self._commit + 1
+            self._hs_dirty = True
+        elif full and self._degraded_from is not None and self.me in self._members \
+                and (self._handover is None or self._handover.acked):
+            self._degraded_from = None
+            self._hs_dirty = True
 
     def _new_incarnation(self) -> None:
         self._inc = self._rng.getrandbits(62) | 1
@@ -1839,6 +1863,7 @@ class Replica:
                 or entries or self._msgs or committed or self._snap_requests or self._reapply_in
                 or self._handover_dirty):
             return None
+        self._track_degraded()   # (a handover acknowledged, or the configuration changed)
         for e in committed:
             if e.index > self._base_cfg.index and (cfg := self._config_of(e)) is not None:
                 self._base_cfg = cfg     # committed: persisted with the entries applied
@@ -1846,7 +1871,7 @@ class Replica:
         h = self._handover
         rd = Ready(
             hard_state=HardState(self._view, self._primary, self._members, self._promised,
-                                 self._promised_to, self._base_cfg)
+                                 self._promised_to, self._base_cfg, self._degraded_from)
             if self._hs_dirty else None,
             snapshot=self._pending_snapshot,
             truncate_after=self._pending_trunc,
@@ -1894,4 +1919,6 @@ class Replica:
         if len(self._log) <= 2 * self.retain_entries:
             return None
         upto = self._applied - self.retain_entries
+        if self._degraded_from is not None:   # what a split brain's heal may need: kept
+            upto = min(upto, self._degraded_from - 1)
         return upto if upto > self._snap_index else None

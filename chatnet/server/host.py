@@ -700,6 +700,7 @@ def hard_state_meta(hs: HardState) -> dict:
             "promised_to": hs.promised_to}
     if hs.config is not None:
         meta["config"] = config_to_meta(hs.config)
+    meta["degraded_from"] = hs.degraded_from
     return meta
 
 
@@ -731,6 +732,7 @@ def durable_state(loaded: Loaded) -> DurableState:
         promised_to=meta.get("promised_to"),
         config=config_from_meta(meta.get("config")),
         view_runs=_stored_runs(meta.get("view_runs"), snapshot_index),
+        degraded_from=meta.get("degraded_from"),
     )
 
 

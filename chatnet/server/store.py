@@ -12,7 +12,8 @@ count as committed: the ``committed`` column, written with each row).
 Tables:
     meta(key, value)           view, primary, members, promised; snapshot_index and
                                snapshot_view: the log's base (the index before its first row);
-                               view_runs: the entry views up to it (replication core's runs)
+                               view_runs: the entry views up to it (replication core's runs);
+                               degraded_from: first entry kept for a split brain's handover
     log(idx, view, data, committed)   replicated log entries (a bounded tail is kept);
                                ``committed``: the commit index known when the row was written
     state(id, idx, view, data) the one stored snapshot of the chat state, taken at ``idx``
