@@ -837,13 +837,17 @@ def test_a_degraded_view_keeps_its_log_from_the_split_point_until_the_view_is_fu
     above what it knew committed when it left the full view, whatever the retention -- it may
     have to hand them over at a heal -- across a restart too, and compacts again in a full
     view with nothing left to hand over."""
+    def full_view_writes(tag):
+        q = net.primary()
+        assert q is not None and set(q.r.members) == {1, 2, 3}
+        for i in range(30):
+            q.r.propose(b"%s%d" % (tag, i))
+            net.settle()
+        return q
+
     net = _Net(3)
     net.tick(20)
-    p = net.primary()
-    assert p is not None and set(p.r.members) == {1, 2, 3}
-    for i in range(30):
-        p.r.propose(b"full%d" % i)
-        net.settle()
+    p = full_view_writes(b"full")
     assert p.r.snapshot_index > 0 and p.hard.degraded_from is None   # compacts in a full view
     split = p.r.commit_index + 1
     net.up = {p.id}
@@ -860,11 +864,7 @@ def test_a_degraded_view_keeps_its_log_from_the_split_point_until_the_view_is_fu
     assert p.r.suggested_compaction() is None and p.r.entry_view(split) is not None
     net.up = {1, 2, 3}
     net.tick(60)
-    q = net.primary()
-    assert q is not None and set(q.r.members) == {1, 2, 3}
-    for i in range(30):
-        q.r.propose(b"healed%d" % i)
-        net.settle()
+    full_view_writes(b"healed")
     net.tick(5)
     for h in net.hosts.values():
         assert h.hard.degraded_from is None and h.r.snapshot_index >= split, h.id
