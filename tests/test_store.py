@@ -11,10 +11,11 @@ import sqlite3
 
 import pytest
 
+from chatnet.replication.core import HardState
 from chatnet.replication.simdisk import SimDisk
 from chatnet.server import state as sm
 from chatnet.server.background import BackgroundStorage
-from chatnet.server.host import ReplicaHost, durable_state
+from chatnet.server.host import ReplicaHost, durable_state, hard_state_meta
 from chatnet.server.state import ChatState, encode_command
 from chatnet.server.storage import Batch
 from chatnet.server.store import IDLE_CHECKPOINT_COMMITS, Store, StoreError
@@ -350,3 +351,16 @@ def test_a_group_of_log_only_batches_is_one_statement_and_a_failing_one_leaves_n
     loaded = Store(str(tmp_path)).load()
     assert [e[0] for e in loaded.log] == [1, 2, 3, 4, 5] and loaded.applied_index == 5
     assert loaded.state.to_snapshot() == replayed(CMDS[:5])
+
+
+def test_degraded_from_is_kept_with_the_hard_state_and_unset_in_older_stores(make):
+    """``HardState.degraded_from`` (the first entry kept for a split brain's handover) is a
+    meta key written with the view; a store written before it loads it as unset."""
+    store = make()
+    store.commit(Batch(entries=ENTRIES[:1], meta={"view": 1, "members": [1, 2, 3]}, sync=True))
+    assert durable_state(make().load()).degraded_from is None
+    store.commit(Batch(meta=hard_state_meta(HardState(4, 1, (1,), 4, 1, None, 2)), sync=True))
+    durable = durable_state(make().load())
+    assert (durable.view, durable.members, durable.degraded_from) == (4, (1,), 2)
+    store.commit(Batch(meta=hard_state_meta(HardState(5, 1, (1, 2, 3), 5, 1)), sync=True))
+    assert durable_state(make().load()).degraded_from is None
