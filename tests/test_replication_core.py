@@ -580,6 +580,7 @@ class _Net:
 
     def __init__(self, n, **kw):
         cluster = list(range(1, n + 1))
+        self.kw = kw
         self.hosts = {i: _Host(i, cluster, **kw) for i in cluster}
         self.up = set(cluster)
         self.framers = {}
@@ -632,21 +633,24 @@ class _Net:
 
 
 def _catch_up_by_snapshot(net, blob):
-    """Nodes 1 and 2 of 3 start a cluster, write and compact; node 3 arrives and must catch
-    up by snapshot.  Returns the primary's host."""
-    net.up = {1, 2}
+    """Nodes 1, 2 and 3 start a cluster, write and compact (in the full view: in all mode a
+    view without node 3 keeps its log, section 6); node 3 then arrives with a replaced, empty
+    disk and must catch up by snapshot.  Returns the primary's host."""
     for _ in range(60):
         net.tick()
-        if net.primary() is not None:
+        if net.primary() is not None and len(net.primary().r.members) == 3:
             break
     prim = net.primary()
-    assert prim is not None
+    assert prim is not None and len(prim.r.members) == 3
     prim.blob = blob               # the state is large from here on (the entries say nothing)
     for k in range(30):
         assert prim.r.propose(b"w%d" % k) is not None
         net.settle()
     assert prim.r.snapshot_index > 0           # compacted: a newcomer needs a snapshot
-    net.up.add(3)
+    net.up = {1, 2}                            # node 3 is down for a while ...
+    net.tick(30)
+    net.hosts[3] = _Host(3, [1, 2, 3], **net.kw)
+    net.up.add(3)                              # ... and back with an empty disk
     for _ in range(200):
         net.tick()
         if 3 in prim.r.members and net.hosts[3].index == prim.index:
