@@ -872,3 +872,24 @@ def test_a_degraded_view_keeps_its_log_from_the_split_point_until_the_view_is_fu
     net.tick(5)
     for h in net.hosts.values():
         assert h.hard.degraded_from is None and h.r.snapshot_index >= split, h.id
+
+
+def test_a_degraded_view_keeps_its_log_only_up_to_a_bound(monkeypatch):
+    """The log kept from the split point is bounded (DEGRADED_RETAIN_FACTOR x the retention):
+    a replica down for days does not grow the survivors' log without end."""
+    from chatnet.replication import core
+
+    monkeypatch.setattr(core, "DEGRADED_RETAIN_FACTOR", 4)   # retain_entries=5: 20 kept at most
+    net = _Net(3)
+    net.tick(20)
+    p = net.primary()
+    net.up = {p.id}
+    net.tick(30)
+    assert p.r.serving and p.r.members == (p.id,) and p.hard.degraded_from is not None
+    split = p.hard.degraded_from
+    for i in range(60):
+        p.r.propose(b"lone%d" % i)
+        net.settle()
+    assert p.r.snapshot_index >= split                # compacted past the split point ...
+    assert p.r.applied_index - p.r.snapshot_index >= 20    # ... never below the bound
+    assert p.hard.degraded_from == split              # still degraded

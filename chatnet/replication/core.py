@@ -138,6 +138,12 @@ MAX_NODES = 1 << 10
 _CODE_STATUS = {v: k for k, v in STATUS_CODES.items()}
 
 
+# All mode, in a view without every configured replica: the log is kept from the split point
+# (HardState.degraded_from) for at most this many times ``retain_entries`` (10,000 by default:
+# a million entries, some 100-200 MB of log in memory and on disk), then compacted as usual.
+DEGRADED_RETAIN_FACTOR = 100
+
+
 @dataclass(frozen=True)
 class HardState:
     """What must be persisted (with the log changes of the same Ready) before any message
@@ -1919,6 +1925,9 @@ class Replica:
         if len(self._log) <= 2 * self.retain_entries:
             return None
         upto = self._applied - self.retain_entries
-        if self._degraded_from is not None:   # what a split brain's heal may need: kept
-            upto = min(upto, self._degraded_from - 1)
+        if self._degraded_from is not None:   # what a split brain's heal may need: kept ...
+            # ... up to DEGRADED_RETAIN_FACTOR x the retention: a replica down for days must not
+            # grow the survivors' log (held in memory too) without end.  Past that bound a heal
+            # can lose (reported nowhere) what the losing side compacted: docs/replication.md §6
+            upto = min(upto, max(self._degraded_from - 1, self._applied - DEGRADED_RETAIN_FACTOR * self.retain_entries))
         return upto if upto > self._snap_index else None
