@@ -189,3 +189,16 @@ def test_a_view_number_is_promised_to_one_candidate_only():
     r.step(1, ViewChange(view=8, est_view=6, last_view=6, last_index=2, failover=True))
     votes = [m for _, m in drain(r)[0] if isinstance(m, Vote)]
     assert votes and not votes[0].granted
+
+
+def test_members_names_every_replica_it_could_not_reach():
+    """Off the default ports without --server, the error names every address tried (was: only
+    the last one's 'Connection refused')."""
+    from chatnet.server.config import Address
+    from chatnet.server.members import members_call
+    from chatnet.testing import free_port
+
+    servers = [Address("127.0.0.1", free_port()), Address("127.0.0.1", free_port())]
+    answer = members_call(servers, b"s" * 32, {"op": "list"})
+    assert answer["error"].startswith("no replica answered: ")
+    assert all(str(a) in answer["error"] for a in servers) and "--server" in answer["error"]

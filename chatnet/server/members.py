@@ -200,13 +200,15 @@ def members_call(servers: list[Address], secret: bytes, request: dict, tls=None)
     """Ask the replicas in turn until one answers; follow "not the primary" to the primary
     (a handover may take a few failure timeouts: retried for up to REQUEST_TIMEOUT)."""
     deadline = time.monotonic() + REQUEST_TIMEOUT
-    queue, last = list(servers), None
+    queue, last, unreachable = list(servers), None, []
     while queue and time.monotonic() < deadline:
         address = queue.pop(0)
         try:
             answer = members_request(address, secret, request, tls=tls)
         except (OSError, ValueError) as exc:
-            last = {"error": f"{address}: {exc}"}
+            unreachable.append(f"{address} ({exc})")
+            last = {"error": "no replica answered: " + ", ".join(unreachable)
+                    + " (give --server HOST:PORT or --peers for a cluster off the default ports)"}
             continue
         if answer.get("error") != "not the primary":
             return answer
