@@ -1,4 +1,4 @@
-"""A single-threaded event loop on ``epoll`` with a timer wheel, in the manner of Redis' ae.c.
+"""A single-threaded event loop on ``selectors`` with a timer wheel, in the manner of Redis' ae.c.
 
 One iteration:  run the before-sleep hooks (group commit, then writing replies) → wait in
 ``select`` until a socket is ready or the nearest timer is due → dispatch socket events →
@@ -11,18 +11,16 @@ handler that an earlier callback of the same iteration closed.  Signals (SIGINT/
 set a flag and wake the selector through a socket pair, so shutdown happens between
 iterations, never inside a handler.
 
-The loop calls ``select.epoll`` itself rather than ``selectors``: that wrapper costs a method
-call, a key look-up and a tuple per ready socket, on the path of every request
-(docs/benchmarks.md, the hot path).  Events are mapped as ``selectors.EpollSelector`` maps them
-(a hang-up or an error is both readable and writable, within the registered interest), and
-every handler is resolved before the first one runs, as there, so a socket closed and replaced
-by a new one on the same descriptor within one iteration never receives its predecessor's event.
+The loop waits in ``selectors.DefaultSelector`` (epoll on Linux, kqueue on the BSDs and macOS),
+so a replica runs wherever CPython does.  Calling ``select.epoll`` directly was measured
+(docs/benchmarks.md, the hot path) to save a key look-up and a tuple per ready socket, but it
+ties the server to Linux; what the hot path kept is the rest: interest changes only when the
+mask changes, and one read to drain the waker.
 """
 
 from __future__ import annotations
 
 import logging
-import select
 import selectors
 import signal
 import socket
@@ -34,7 +32,6 @@ log = logging.getLogger(__name__)
 
 READ = selectors.EVENT_READ
 WRITE = selectors.EVENT_WRITE
-_EPOLL_EVENTS = {READ: select.EPOLLIN, WRITE: select.EPOLLOUT, READ | WRITE: select.EPOLLIN | select.EPOLLOUT}
 
 
 class _Waker:
@@ -57,13 +54,12 @@ class _Waker:
 class Reactor:
     def __init__(self, clock=time.monotonic, tick: float = 0.01):
         self.clock = clock
-        self._epoll = select.epoll()
+        self.selector = selectors.DefaultSelector()
         self.timers = TimerWheel(clock(), tick=tick)
         self.before_sleep: list = []  # callables returning True when more work is pending
         self.stopping = False
         self.stop_reason = ""
         self._masks: dict[int, int] = {}  # fd -> registered READ/WRITE mask
-        self._handlers: dict[int, object] = {}  # fd -> its handler
         self._signals_installed = False
         self.on_stall = None  # called with the lateness (s) when select() returned far too late
         self.stall_threshold = float("inf")
@@ -81,17 +77,14 @@ class Reactor:
         if old == mask:
             return
         if mask == 0:
-            del self._masks[fd], self._handlers[fd]
-            try:
-                self._epoll.unregister(fd)
-            except OSError:  # as selectors does: the descriptor is gone already
-                pass
+            del self._masks[fd]
+            self.selector.unregister(fd)
             return
         if old == 0:
-            self._epoll.register(fd, _EPOLL_EVENTS[mask])
+            self.selector.register(fd, mask, handler)
         else:
-            self._epoll.modify(fd, _EPOLL_EVENTS[mask])
-        self._masks[fd], self._handlers[fd] = mask, handler
+            self.selector.modify(fd, mask, handler)
+        self._masks[fd] = mask
 
     def forget(self, sock: socket.socket) -> None:
         """Unregister ``sock`` before it is closed."""
@@ -167,14 +160,7 @@ class Reactor:
 
     def _poll(self, timeout: float | None) -> list:
         """Wait for events; (handler, READ/WRITE mask) of each ready descriptor."""
-        ready = self._epoll.poll(-1 if timeout is None else timeout, max(len(self._masks), 1))
-        handlers, masks, events = self._handlers, self._masks, []
-        for fd, ev in ready:
-            handler = handlers.get(fd)
-            if handler is not None:
-                mask = (WRITE if ev & ~select.EPOLLIN else 0) | (READ if ev & ~select.EPOLLOUT else 0)
-                events.append((handler, mask & masks[fd]))
-        return events
+        return [(key.data, mask) for key, mask in self.selector.select(timeout)]
 
     def run(self) -> None:
         self._last_wake = self.clock()  # start-up work before the loop is not a stall
@@ -184,6 +170,6 @@ class Reactor:
     def close(self) -> None:
         if self._signals_installed:
             signal.set_wakeup_fd(-1)
-        self._epoll.close()
+        self.selector.close()
         self._wake_r.close()
         self._wake_w.close()
