@@ -19,6 +19,12 @@ Both servers get the same bytes: ``\\n1|name\\n`` to create and log in, then ``3
     python bench/vs_seed.py --configs seed,1 --rounds 7      # only seed and one replica
     python bench/vs_seed.py --configs seed,1,1@HEAD~3        # chatnet of a git revision too
     python bench/vs_seed.py --rate 2000 --configs 1,3        # ack latency at 2,000 chats/s
+    python bench/vs_seed.py --configs seed,floor,floor-durable,floor-thread,1
+
+``floor``, ``floor-durable``, ``floor-thread`` and ``floor-process`` are ``bench/floor_server.py``:
+one ``selectors`` loop answering this load with no chat logic at all (in memory; with an inline
+``fdatasync`` per loop pass; with the sync on a storage thread; in a child process) -- the
+ceiling of the project's fixed shape on this machine, against which chatnet's figures read.
 """
 
 from __future__ import annotations
@@ -105,10 +111,13 @@ class SeedServer:
             [sys.executable, "reference-server.py", "primary", str(self.port)], cwd=self.dir,
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             start_new_session=True)
+        return self._wait_listening(timeout)
+
+    def _wait_listening(self, timeout: float):
         wait_until(lambda: self.proc.poll() is not None or port_open(*self.addr), timeout,
-                   what=f"the seed server to listen on port {self.port}")
+                   what=f"{self.label} to listen on port {self.port}")
         if self.proc.poll() is not None:
-            raise RuntimeError(f"the seed server exited with status {self.proc.returncode}")
+            raise RuntimeError(f"{self.label} exited with status {self.proc.returncode}")
         return self
 
     def stop(self) -> None:
@@ -127,29 +136,54 @@ class SeedServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class FloorServer(SeedServer):
+    """``bench/floor_server.py``: the least one ``selectors`` loop thread can do for this load
+    (in memory, or with ``durable`` an inline ``fdatasync`` per loop pass), on a free port;
+    stopped by PID like the seed."""
+
+    MODES = {"floor": ([], "in memory"),
+             "floor-durable": (["--durable"], "fdatasync per pass, inline"),
+             "floor-thread": (["--durable", "--thread"], "fdatasync on a storage thread"),
+             "floor-process": (["--durable", "--thread=process"], "fdatasync in a child process")}
+
+    def __init__(self, mode: str) -> None:
+        super().__init__(os.path.join(os.path.dirname(os.path.abspath(__file__)), "floor_server.py"))
+        self.flags, what = self.MODES[mode]
+        self.label = f"floor: one selectors loop, {what}"
+
+    def start(self, timeout: float = 15.0) -> FloorServer:
+        extra = [f if f != "--durable" else f"--durable={self.dir}" for f in self.flags]
+        self.proc = subprocess.Popen(
+            [sys.executable, self.script, str(self.port), *extra], cwd=self.dir,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)
+        return self._wait_listening(timeout)
+
+
 @dataclass(frozen=True)
 class Config:
     """One configuration of a round: ``seed``, or chatnet with ``replicas`` (and a git ``rev``)."""
 
     name: str
-    replicas: int = 0  # 0: the seed
+    replicas: int = 0  # 0: the seed or a floor
     rev: str | None = None
 
     @staticmethod
     def parse(text: str) -> Config:
         n, _, rev = text.strip().partition("@")
-        if n == "seed":
-            return Config("seed")
+        if n == "seed" or n in FloorServer.MODES:
+            return Config(n)
         if not n.isdigit() or int(n) < 1:
-            raise ValueError(f"bad configuration {text!r}: 'seed', N or N@REV")
+            raise ValueError(f"bad configuration {text!r}: 'seed', 'floor', 'floor-durable', 'floor-thread', N or N@REV")
         return Config(text.strip(), int(n), rev or None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="seed,1,3",
-                    help="comma-separated, run in this order each round: 'seed', N (chatnet, N replicas) "
-                         "or N@REV (chatnet code of git revision REV); default seed,1,3")
+                    help="comma-separated, run in this order each round: 'seed', N (chatnet, N replicas), "
+                         "N@REV (chatnet code of git revision REV) or a floor (floor, floor-durable, "
+                         "floor-thread, floor-process: bench/floor_server.py); default seed,1,3")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     common.add_load_args(ap, senders=25, duration=8.0)
     ap.add_argument("--procs", type=int, default=1, help="load-generator processes (default 1)")
@@ -162,7 +196,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(str(exc))
     if not args.configs or args.rounds < 1 or args.senders < 1 or args.duration <= 0:
         ap.error("need at least one configuration, --rounds >= 1, --senders >= 1, --duration > 0")
-    if args.configs[0].replicas and any(not c.replicas for c in args.configs[1:]):
+    if args.configs[0].name != "seed" and any(c.name == "seed" for c in args.configs[1:]):
         ap.error("put 'seed' first: ratios are taken against it")
     args.procs = min(args.procs, args.senders)
     return args
@@ -181,8 +215,10 @@ def run_one(args, config: Config) -> dict:
     generator, stop everything by PID whatever happens; the window's summary."""
     if config.replicas:
         target = common.Target(config.replicas, rev=config.rev)
-    else:
+    elif config.name == "seed":
         target = SeedServer(args.seed_script)
+    else:
+        target = FloorServer(config.name)
     targs = load_args(args, config)
     workers, pipes = [], []
     try:
