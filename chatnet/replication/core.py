@@ -44,7 +44,7 @@ Host contract (etcd-raft style; see docs/replication.md "Host contract")::
             with store.transaction():          # persisted with the state changes
                 store.apply(e); store.set_applied_index(e.index)
             answer_client_if_pending(e)        # match on (index, view) of the proposal
-        for peer in rd.snapshot_requests:
+        for peer in rd.snapshot_requests:      # (or later, from a copy serialized off the loop)
             r.send_snapshot(peer, store.applied_index, r.entry_view(..), store.dump())
         r.advance(rd)
 
@@ -1289,8 +1289,11 @@ class Replica:
         The state goes out in chunks of ``snapshot_chunk`` bytes, at most ``snapshot_window``
         of them beyond what the peer acknowledged (:class:`SnapshotAck`), so it can be of any
         size and is never queued whole on one link; a new call for the same peer replaces
-        the transfer in progress."""
-        if self._status != PRIMARY or index > self._commit:
+        the transfer in progress.  The host may serialize off its loop and call later (outside
+        ``ready()``/``advance()``): a state at or after my snapshot point still serves, since
+        the peer continues from ``index + 1`` in my log; an older one would not (dropped).
+        Entries after a transfer in progress are kept (:meth:`suggested_compaction`)."""
+        if self._status != PRIMARY or index > self._commit or index < self._snap_index:
             return
         if view is None:
             view = self.entry_view(index)
@@ -1930,4 +1933,6 @@ class Replica:
             # grow the survivors' log (held in memory too) without end.  Past that bound a heal
             # can lose (reported nowhere) what the losing side compacted: docs/replication.md §6
             upto = min(upto, max(self._degraded_from - 1, self._applied - DEGRADED_RETAIN_FACTOR * self.retain_entries))
+        for out in self._snap_out.values():  # its receiver continues after its index, from my log
+            upto = min(upto, out.index)
         return upto if upto > self._snap_index else None

@@ -57,6 +57,7 @@ from ..protocol.texts import T_LOGIN_UNKNOWN, T_SENT
 from ..server.host import ReplicaHost
 from ..server.service import Close, Reply
 from ..server.state import ChatState, decode_command
+from ..server.status import state_digest
 from .core import PRIMARY
 from .membership import Config, MembershipError, is_config_entry
 from .messages import InstallSnapshot, decode_message, encode_message
@@ -94,6 +95,39 @@ class SimNetwork:
         self.sim.send(self.node, peer, msg)
 
 
+class SimSnapshots:
+    """The simulator's stand-in for the forked serializations of the real server
+    (``ForkSnapshots``): the state is serialized at ``start`` (as the fork freezes it), and the
+    bytes are handed back only after a number of host cycles drawn from its own seeded rng, so
+    checkpoints, peer snapshots and the compaction held behind them run late, as they do
+    in the server, and deterministically."""
+
+    MAX_CYCLES = 12
+
+    def __init__(self, rng: random.Random) -> None:
+        self.rng = rng
+        self._done: tuple | None = None
+        self._left = 0
+
+    @property
+    def busy(self) -> bool:
+        return self._done is not None
+
+    def start(self, state: ChatState, tag: tuple) -> None:
+        data = state.to_snapshot()
+        self._done, self._left = (tag, data, state_digest(data)), self.rng.randint(0, self.MAX_CYCLES)
+
+    def take(self) -> tuple | None:
+        if self._done is None or self._left > 0:
+            self._left -= 1
+            return None
+        done, self._done = self._done, None
+        return done
+
+    def close(self) -> None:
+        self._done = None
+
+
 class Node:
     def __init__(self, nid: int) -> None:
         self.id = nid
@@ -112,6 +146,7 @@ class Node:
         self.snap_from: tuple | None = None  # (sender, view, snap_id) of the last snapshot it completed
         self.seen: tuple[str, int] | None = None  # (role, view) last noted in the trace
         self.config: Config | None = None  # the configuration it joined (None: the first one)
+        self.starts = 0
 
     @property
     def up(self) -> bool:
@@ -234,6 +269,8 @@ class Simulation:
         nd = self.nodes[i]
         nd.net = SimNetwork(self, i)
         token_rng = random.Random(self.rng.getrandbits(64))
+        nd.starts += 1  # (its own rng: the delays it draws change no other draw of the run)
+        nd.disk.snapshotter = SimSnapshots(random.Random(f"snapshots {self.seed} {i} {nd.starts}"))
         first = nd.config.ids if nd.config is not None else tuple(range(1, self.n + 1))
         nd.host = ReplicaHost(i, first, nd.disk, network=nd.net, config=nd.config,
                               failure_ticks=self.failure_ticks,

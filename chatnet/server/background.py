@@ -26,6 +26,7 @@ import signal
 import threading
 from collections import deque
 
+from .status import state_digest
 from .storage import Batch, Loaded
 from .store import Store
 
@@ -138,31 +139,33 @@ class ForkSnapshots:
     def busy(self) -> bool:
         return self._thread is not None
 
-    def start(self, state, index: int, view: int, epoch: int) -> None:
+    def start(self, state, tag: tuple) -> None:
+        """Fork a child that serializes ``state`` as it is now; ``tag`` (what the caller needs
+        to know of that moment: its index, view, ...) comes back with the bytes."""
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
             _serialize_in_child(state, read_end, write_end)  # never returns
         os.close(write_end)
         self._pid, self._finished, self._done = pid, False, None
-        self._thread = threading.Thread(target=self._collect, args=(read_end, pid, (index, view, epoch)),
+        self._thread = threading.Thread(target=self._collect, args=(read_end, pid, tag),
                                         name="chatnet-snapshot", daemon=True)
         self._thread.start()
 
-    def _collect(self, read_end: int, pid: int, what: tuple) -> None:
+    def _collect(self, read_end: int, pid: int, tag: tuple) -> None:
         with os.fdopen(read_end, "rb") as pipe:
             data = pipe.read()
         _, status = os.waitpid(pid, 0)
         if os.waitstatus_to_exitcode(status) == 0:
-            index, view, epoch = what
-            self._done = (index, view, data, epoch)
+            self._done = (tag, data, state_digest(data))  # (hashlib lets the loop run meanwhile)
         else:
-            log.warning("the checkpoint child %d failed (status %d): checkpoint skipped", pid, status)
+            log.warning("the snapshot child %d failed (status %d): snapshot skipped", pid, status)
         self._finished = True
         self.wake()
 
     def take(self) -> tuple | None:
-        """The finished checkpoint (index, view, bytes, epoch), once; None while it runs."""
+        """The finished snapshot (tag, bytes, digest), once; None while it runs, and once
+        (then :attr:`busy` is false) when the child failed."""
         if self._thread is None or not self._finished:
             return None
         self._thread.join()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import hashlib
 import itertools
 import logging
 import os
@@ -76,7 +75,7 @@ STATUS_PER_SECOND = 50  # public status answers per second; more queries are clo
 MAX_STATUS_QUERIES = 16  # authenticated status queries in progress at once
 STATUS_TIMEOUT = 5.0  # seconds an authenticated status query has to send its proof
 BACKUP_TIMEOUT = 600.0  # seconds a network backup may take, proof, copy and transfer
-DIGEST_MAX_AGE = 1.0  # seconds a status digest of the state may be reused
+DIGEST_MAX_AGE = 1.0  # seconds between two status queries' requests for a fresh state digest
 # -- TLS (--tls-cert, --require-tls): the answer to a plaintext client when TLS is required
 
 
@@ -389,7 +388,7 @@ class ChatServer:
         self._accept_errors = 0
         self._accept_error_logged = float("-inf")
         self._status_window = (0.0, 0)  # (second it started, answers given in it)
-        self._digest = (-1, float("-inf"), "")  # (applied index, computed at, digest)
+        self._digest_asked = float("-inf")  # when a status query last asked for a fresh digest
 
     def _peer_transport(self, secret: bytes | None, tls) -> PeerTransport | None:
         if len(self.peers) == 1:
@@ -723,15 +722,16 @@ class ChatServer:
         return given < STATUS_PER_SECOND
 
     def _state_digest(self) -> tuple[str, int]:
-        """A digest of the chat state and the applied index it describes, recomputed at most
-        once per DIGEST_MAX_AGE (it serializes the whole state: on a large state, one query per
-        loop pass would stall the loop); compare digests only at equal ``digest_applied``."""
-        applied, at, digest = self._digest
+        """A digest of the chat state and the applied index it describes: the latest one taken
+        (off the loop, with a checkpoint or a peer's snapshot, or for this: host.Checkpoints);
+        a query that finds it behind the applied index asks for a fresh one, at most once per
+        DIGEST_MAX_AGE.  Compare digests only at equal ``digest_applied``."""
+        checkpoints = self.replica_host.checkpoints
+        digest, applied = checkpoints.digest
         now = self.reactor.clock()
-        if applied != self.replica_host.applied_index and now - at >= DIGEST_MAX_AGE:
-            applied = self.replica_host.applied_index
-            digest = hashlib.sha256(self.service.state.to_snapshot()).hexdigest()[:16]
-            self._digest = (applied, now, digest)
+        if applied != self.replica_host.applied_index and now - self._digest_asked >= DIGEST_MAX_AGE:
+            self._digest_asked = now
+            checkpoints.digest_wanted = True
         return digest, applied
 
     def _feed(self, conn: ClientConnection) -> None:

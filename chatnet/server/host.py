@@ -46,6 +46,7 @@ from .members import MembershipRequests
 from .passwords import InlineHasher
 from .service import ChatService, Close, Reply, frame
 from .state import ChatState, decode_command, encode_command
+from .status import state_digest
 from .storage import Batch, Loaded, Storage, StoreError
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class ReplicaHost:
             self._collect(rd, batch, messages)
         self._follow_role()
         self.reapply.persist(batch)
-        self.checkpoints.due(batch)
+        sent = self.checkpoints.due(batch)  # (a snapshot sent to a peer leaves on the next pass)
         if batch.chats and self._count_chats is not None:
             self._count_chats(batch.chats)
         if batch:
@@ -237,7 +238,7 @@ class ReplicaHost:
         effects, unblocked = self.release()
         more = not throttled and bool(service.proposals or self._held and self.mode == SERVING) \
             or service.has_delivery_marks() and not throttled or rounds == MAX_READY_ROUNDS \
-            or self.hasher.has_done()
+            or self.hasher.has_done() or sent
         return CycleResult(effects, unblocked, more)
 
     def release(self) -> tuple[list, list]:
@@ -360,14 +361,11 @@ class ReplicaHost:
         if rd.handover is not None:  # with the truncation or snapshot that drops them
             batch.handover = [(e.index, e.view, e.data) for e in rd.handover]
             batch.sync = True
-        for peer in rd.snapshot_requests:
-            data = service.state.to_snapshot()
-            replica.send_snapshot(peer, self.applied_index, replica.entry_view(self.applied_index), data)
-            self.events.snapshot_sent(peer, self.applied_index, len(data))
+        self.checkpoints.requested(rd.snapshot_requests)  # serialized off the loop, sent later
         replica.advance(rd)
         compact = replica.suggested_compaction()
-        if compact is not None:  # never below the stored snapshot: start-up replays from it
-            compact = min(compact, self.applied_index, self.checkpoints.stored_index)
+        if compact is not None:  # never below the stored snapshot (start-up replays from it)
+            compact = min(compact, self.applied_index, self.checkpoints.floor)  # nor one being made
         if compact is not None and compact > replica.snapshot_index:
             batch.compact_upto = compact
             replica.compact(compact)
@@ -453,8 +451,9 @@ class InlineSnapshots:
     def __init__(self) -> None:
         self._done: tuple | None = None
 
-    def start(self, state: ChatState, index: int, view: int, epoch: int) -> None:
-        self._done = (index, view, state.to_snapshot(), epoch)
+    def start(self, state: ChatState, tag: tuple) -> None:
+        data = state.to_snapshot()
+        self._done = (tag, data, state_digest(data))
 
     def take(self) -> tuple | None:
         done, self._done = self._done, None
@@ -465,7 +464,9 @@ class InlineSnapshots:
 
 
 class Checkpoints:
-    """When the host snapshots its in-memory chat state into the storage (issue 12).
+    """Every serialization of the in-memory chat state: checkpoints into the storage, snapshots
+    for lagging peers and the status digest (issue 12), one at a time, never on the loop where
+    the storage offers otherwise.
 
     A checkpoint is due once at least ``every`` entries (``--log-retain``) were applied since
     the stored snapshot *and* their commands add up to at least that snapshot's size: the log
@@ -474,7 +475,14 @@ class Checkpoints:
     The serialization runs where the storage offers (``storage.snapshotter``: a forked child in
     the real server, so the loop pauses only for the fork), else inline.  The result goes into
     a later batch (``Batch.checkpoint``), written after the entries it covers.  A snapshot
-    installed meanwhile supersedes a checkpoint still being made (the epoch changed)."""
+    installed meanwhile supersedes a serialization still being made (the epoch changed).
+
+    Peers the core wants a snapshot sent to (``Ready.snapshot_requests``) wait for the next
+    serialization to finish -- or share the one already running -- and get its bytes with the
+    index and view it was taken at (``Replica.send_snapshot``).  The core then continues them
+    from that index, so the log is never compacted past a serialization in flight (:attr:`floor`;
+    the core itself keeps the log after a transfer in progress): otherwise the peer would need
+    yet another snapshot when this one lands, and could chase the log forever."""
 
     def __init__(self, host: "ReplicaHost", loaded: Loaded, every: int) -> None:
         self.host = host
@@ -486,6 +494,10 @@ class Checkpoints:
         self.maker = getattr(host.storage, "snapshotter", None) or InlineSnapshots()
         self.epoch = 0
         self.written = 0  # checkpoints handed to the storage (status)
+        self.peers: list[int] = []  # waiting for the next serialization to be sent to them
+        self.running: tuple | None = None  # (index, view, epoch, checkpoint?) being serialized
+        self.digest_wanted = False
+        self.digest = ("", -1)  # (status digest, applied index) of the latest serialization
 
     def applied(self, size: int) -> None:
         self.since_entries += 1
@@ -497,25 +509,63 @@ class Checkpoints:
         self.since_entries = self.since_bytes = 0
         self.epoch += 1
 
-    def due(self, batch: Batch) -> None:
-        """Start a checkpoint if one is due; put a finished one into ``batch``."""
-        host = self.host
-        if not self.maker.busy and batch.snapshot is None and self.since_entries >= self.every \
-                and self.since_bytes >= self.stored_bytes:
-            self.maker.start(host.service.state, host.applied_index,
-                             host.replica.entry_view(host.applied_index) or 0, self.epoch)
-            self.since_entries = self.since_bytes = 0
+    def requested(self, peers) -> None:
+        """The core asks for a snapshot to send to each of ``peers``."""
+        self.peers += [peer for peer in peers if peer not in self.peers]
+
+    @property
+    def floor(self) -> int:
+        """How far the log may be compacted: the stored snapshot, and the serialization in
+        flight (the peers it goes to continue from its index)."""
+        return self.stored_index if self.running is None else min(self.stored_index, self.running[0])
+
+    def due(self, batch: Batch) -> bool:
+        """Start a serialization if one is wanted; hand a finished one to the peers waiting,
+        the status digest and, if it was a due checkpoint, ``batch``.  True when something
+        was sent to a peer (its first chunks leave with the next pass)."""
+        self._start(batch)
         done = self.maker.take()
         if done is None:
+            if not self.maker.busy:
+                self.running = None  # (a child that failed: the peers ask again)
+            return False
+        (index, view, epoch, checkpoint), data, digest = done
+        self.running = None
+        if epoch != self.epoch:
+            return False  # of a state an installed snapshot replaced
+        self.digest = (digest, index)
+        sent = self._send(index, view, data)
+        if checkpoint and index > self.stored_index and batch.snapshot is None:
+            batch.checkpoint = (index, view or 0, data)
+            self.stored_index, self.stored_bytes = index, len(data)
+            self.written += 1
+            log.info("checkpoint of the chat state at index %d (%d bytes)", index, len(data),
+                     extra={"event": "checkpoint", "index": index, "bytes": len(data)})
+        return sent
+
+    def _start(self, batch: Batch) -> None:
+        host = self.host
+        if host.replica.role != PRIMARY:
+            self.peers = []  # only a primary sends snapshots (it asks again once primary)
+        if self.maker.busy:
             return
-        index, view, data, epoch = done
-        if epoch != self.epoch or index <= self.stored_index or batch.snapshot is not None:
-            return  # of a state an installed snapshot replaced
-        batch.checkpoint = (index, view, data)
-        self.stored_index, self.stored_bytes = index, len(data)
-        self.written += 1
-        log.info("checkpoint of the chat state at index %d (%d bytes)", index, len(data),
-                 extra={"event": "checkpoint", "index": index, "bytes": len(data)})
+        checkpoint = batch.snapshot is None and self.since_entries >= self.every \
+            and self.since_bytes >= self.stored_bytes
+        if not (checkpoint or self.peers or self.digest_wanted):
+            return
+        if checkpoint:
+            self.since_entries = self.since_bytes = 0
+        self.digest_wanted = False
+        index = host.applied_index
+        self.running = (index, host.replica.entry_view(index), self.epoch, checkpoint)
+        self.maker.start(host.service.state, self.running)
+
+    def _send(self, index: int, view: int, data: bytes) -> bool:
+        peers, self.peers = self.peers, []
+        for peer in peers:
+            self.host.replica.send_snapshot(peer, index, view, data)
+            self.host.events.snapshot_sent(peer, index, len(data))
+        return bool(peers)
 
     def final(self) -> None:
         """At a clean stop: the state at the applied index becomes the stored snapshot, so the

@@ -39,6 +39,12 @@ def members_proof(secret: bytes, cluster_id: bytes, nonce: bytes, request: bytes
                     hashlib.sha256).digest()
 
 
+def state_digest(data: bytes) -> str:
+    """The ``digest`` of the full status: a SHA-256 prefix of the serialized chat state (taken
+    off the loop with a snapshot: chatnet/server/host.py, ``Checkpoints``)."""
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def public_status(status: dict) -> dict:
     """What an unauthenticated query may see."""
     return {key: status.get(key) for key in PUBLIC_FIELDS}
