@@ -10,8 +10,19 @@ request id, as clients send them), then measures, ``--repeat`` times each (media
 * start-up: ``ChatState.from_snapshot()`` of those bytes, and the replay of ``--replay``
   logged sends after it (what a restart costs on top).
 
+``--catchup`` measures instead what a client of a real 3-replica cluster sees while a replica
+catches up by snapshot: three replicas start on a store seeded with that state (``chatserver
+restore``), one backup is killed and loses its store, one probe client on the primary sends
+requests one at a time (a send to an unknown recipient: the loop answers it) and records
+every round trip, and the backup starts again with an empty store, so the primary must send
+it a snapshot of the whole state.  Printed: the
+probe's longest and 99th-percentile round trip before the backup restarts and from then
+until it is back in the view, and how long that took.  ``--rev`` runs the server code of
+a git revision (the "before" of a change) instead of the working tree.
+
     python bench/snapshot_pause.py                      # 10,000 accounts, 100,000 chats
     python bench/snapshot_pause.py --accounts 1000 --chats 10000
+    python bench/snapshot_pause.py --catchup [--rev main~3]
 """
 
 from __future__ import annotations
@@ -20,15 +31,23 @@ import argparse
 import os
 import random
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import common  # noqa: E402  (puts the checkout first on sys.path)
 
 from chatnet.server.background import ForkSnapshots  # noqa: E402
+from chatnet.server.backup import STORE_NAME, restore  # noqa: E402
 from chatnet.server.state import ChatState, cmd_create, cmd_send, decode_command, encode_command  # noqa: E402
+from chatnet.server.storage import Batch  # noqa: E402
+from chatnet.server.store import Store  # noqa: E402
+from chatnet.testing import Cluster, RawClient  # noqa: E402
 
 
 def build(accounts: int, chats: int, rng: random.Random) -> ChatState:
@@ -46,11 +65,96 @@ def fork_once(state: ChatState) -> tuple[float, float, int]:
     done = threading.Event()
     maker = ForkSnapshots(done.set)
     started = time.perf_counter()
-    maker.start(state, 1, 1, 0)
+    maker.start(state, (1, 1, 0, False))
     paused = time.perf_counter() - started
     done.wait(600)
-    result = maker.take()
-    return paused, time.perf_counter() - started, len(result[2])
+    _, data, _ = maker.take()
+    return paused, time.perf_counter() - started, len(data)
+
+
+def seed_store(state: ChatState, chats: int, into: str) -> int:
+    """A backup-like store holding ``state`` as its snapshot; returns the log index given it."""
+    index = len(state.accounts) + chats
+    store = Store(into)
+    try:
+        store.commit(Batch(snapshot=(index, 1, state), sync=True,
+                           meta={"view": 1, "promised": 1, "snapshot_index": index, "snapshot_view": 1}))
+    finally:
+        store.close()
+    return index
+
+
+class Probe:
+    """One client on the primary, one request at a time; every round trip, stamped."""
+
+    def __init__(self, addr) -> None:
+        self.client = RawClient(*addr, timeout=30)
+        self.client.request("1|snapshot-probe")
+        self.samples: list[tuple[float, float]] = []  # (answered at, round trip), s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.client.request("3|nobody-by-this-name|ping")
+            now = time.monotonic()
+            self.samples.append((now, now - started))
+
+    def window(self, since: float, until: float) -> dict:
+        trips = sorted(rtt for at, rtt in self.samples if since <= at < until)
+        if not trips:
+            return {"n": 0, "max_ms": float("nan"), "p99_ms": float("nan")}
+        return {"n": len(trips), "max_ms": trips[-1] * 1000,
+                "p99_ms": trips[min(len(trips) - 1, int(len(trips) * 0.99))] * 1000}
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+        self.client.close()
+
+
+def catchup(args, state: ChatState) -> dict:
+    """The --catchup measurement (module docstring); also run by tests/test_snapshot_send.py."""
+    work = tempfile.mkdtemp(prefix="chatnet-snapshot-pause-")
+    code = common.export_rev(args.rev, work) if args.rev else None
+    label = common.describe_rev(args.rev) if args.rev else common.describe_tree()
+    cluster = Cluster(os.path.join(work, "cluster"), n=3, root=code, log_level="WARNING")
+    probe = None
+    try:
+        seed_store(state, args.chats, os.path.join(work, "seed"))
+        for replica in cluster.replicas:
+            restore(os.path.join(work, "seed", STORE_NAME), replica.data_dir)
+        cluster.start(timeout=60)
+        primary = cluster.wait_primary(timeout=60)
+        cluster.wait_in_sync(timeout=60)
+        lagging = (primary + 1) % 3
+        cluster.kill(lagging)  # its store goes: it comes back with nothing
+        for name in os.listdir(cluster.replicas[lagging].data_dir):
+            if name.startswith(STORE_NAME):
+                os.unlink(os.path.join(cluster.replicas[lagging].data_dir, name))
+        probe = Probe(cluster.replicas[primary].addr)
+        time.sleep(args.baseline)
+        started = time.monotonic()
+        cluster.start(lagging, timeout=60)
+        cluster.wait_in_sync(timeout=300)
+        ended = time.monotonic()
+        time.sleep(0.5)
+        probe.stop()
+        result = {"before": probe.window(0, started), "during": probe.window(started, ended),
+                  "seconds": ended - started}
+        print(f"code: {label}; catch-up by snapshot of {args.accounts} accounts, {args.chats} chats: "
+              f"{ended - started:.1f} s until the emptied backup was back in the view")
+        for name, w in (("before it restarted", result["before"]), ("while it caught up", result["during"])):
+            print(f"probe round trip {name}: max {w['max_ms']:7.1f} ms, p99 {w['p99_ms']:6.1f} ms "
+                  f"({w['n']} requests)")
+        return result
+    finally:
+        if probe is not None:
+            probe.stop()
+        cluster.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def median_ms(f, repeat: int) -> float:
@@ -68,9 +172,15 @@ def main() -> int:
     ap.add_argument("--chats", type=int, default=100_000)
     ap.add_argument("--replay", type=int, default=10_000, help="logged sends replayed at start-up")
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--catchup", action="store_true", help="a replica's catch-up by snapshot, seen by a client")
+    ap.add_argument("--baseline", type=float, default=3.0, help="--catchup: seconds probed before it starts")
+    common.add_code_args(ap, server_root=False)
     args = ap.parse_args()
     rng = random.Random(1)
     state = build(args.accounts, args.chats, rng)
+    if args.catchup:
+        catchup(args, state)
+        return 0
     blob = state.to_snapshot()
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"state: {args.accounts} accounts, {args.chats} queued chats, snapshot {len(blob) / 1e6:.1f} MB, "

@@ -364,8 +364,8 @@ class ReplicaHost:
         self.checkpoints.requested(rd.snapshot_requests)  # serialized off the loop, sent later
         replica.advance(rd)
         compact = replica.suggested_compaction()
-        if compact is not None:  # never below the stored snapshot (start-up replays from it)
-            compact = min(compact, self.applied_index, self.checkpoints.floor)  # nor one being made
+        if compact is not None:  # never below the stored snapshot: start-up replays from it
+            compact = min(compact, self.applied_index, self.checkpoints.stored_index)
         if compact is not None and compact > replica.snapshot_index:
             batch.compact_upto = compact
             replica.compact(compact)
@@ -477,12 +477,15 @@ class Checkpoints:
     a later batch (``Batch.checkpoint``), written after the entries it covers.  A snapshot
     installed meanwhile supersedes a serialization still being made (the epoch changed).
 
-    Peers the core wants a snapshot sent to (``Ready.snapshot_requests``) wait for the next
+    A maker (``storage.snapshotter``, :class:`InlineSnapshots`) is ``busy`` from ``start`` until
+    its result is taken.  Peers the core wants a snapshot sent to (``Ready.snapshot_requests``) wait for the next
     serialization to finish -- or share the one already running -- and get its bytes with the
-    index and view it was taken at (``Replica.send_snapshot``).  The core then continues them
-    from that index, so the log is never compacted past a serialization in flight (:attr:`floor`;
-    the core itself keeps the log after a transfer in progress): otherwise the peer would need
-    yet another snapshot when this one lands, and could chase the log forever."""
+    index and view it was taken at (``Replica.send_snapshot``).  The core continues them from
+    that index, so the log after it must still be there: it is, as the log is never compacted
+    past the stored snapshot, which no serialization in flight precedes (one at a time, and
+    only a finished one moves it), and the core keeps the log after a transfer in progress.
+    Otherwise the peer would need yet another snapshot once this one lands, and could chase
+    the log for ever."""
 
     def __init__(self, host: "ReplicaHost", loaded: Loaded, every: int) -> None:
         self.host = host
@@ -495,7 +498,6 @@ class Checkpoints:
         self.epoch = 0
         self.written = 0  # checkpoints handed to the storage (status)
         self.peers: list[int] = []  # waiting for the next serialization to be sent to them
-        self.running: tuple | None = None  # (index, view, epoch, checkpoint?) being serialized
         self.digest_wanted = False
         self.digest = ("", -1)  # (status digest, applied index) of the latest serialization
 
@@ -513,24 +515,15 @@ class Checkpoints:
         """The core asks for a snapshot to send to each of ``peers``."""
         self.peers += [peer for peer in peers if peer not in self.peers]
 
-    @property
-    def floor(self) -> int:
-        """How far the log may be compacted: the stored snapshot, and the serialization in
-        flight (the peers it goes to continue from its index)."""
-        return self.stored_index if self.running is None else min(self.stored_index, self.running[0])
-
     def due(self, batch: Batch) -> bool:
         """Start a serialization if one is wanted; hand a finished one to the peers waiting,
         the status digest and, if it was a due checkpoint, ``batch``.  True when something
         was sent to a peer (its first chunks leave with the next pass)."""
         self._start(batch)
         done = self.maker.take()
-        if done is None:
-            if not self.maker.busy:
-                self.running = None  # (a child that failed: the peers ask again)
+        if done is None:  # (running, or a child that failed: the peers wait for the next one)
             return False
         (index, view, epoch, checkpoint), data, digest = done
-        self.running = None
         if epoch != self.epoch:
             return False  # of a state an installed snapshot replaced
         self.digest = (digest, index)
@@ -557,8 +550,7 @@ class Checkpoints:
             self.since_entries = self.since_bytes = 0
         self.digest_wanted = False
         index = host.applied_index
-        self.running = (index, host.replica.entry_view(index), self.epoch, checkpoint)
-        self.maker.start(host.service.state, self.running)
+        self.maker.start(host.service.state, (index, host.replica.entry_view(index), self.epoch, checkpoint))
 
     def _send(self, index: int, view: int, data: bytes) -> bool:
         peers, self.peers = self.peers, []
