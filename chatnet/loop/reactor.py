@@ -64,6 +64,7 @@ class Reactor:
         self.on_stall = None  # called with the lateness (s) when select() returned far too late
         self.stall_threshold = float("inf")
         self._last_wake = clock()
+        self._polling = False  # from the start of the hooks until select() returns
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -111,6 +112,17 @@ class Reactor:
         except OSError:  # the buffer is full (the loop is awake anyway) or we are closing
             pass
 
+    def wake_before_poll(self) -> None:
+        """:meth:`wake`, for a thread whose news the before-sleep hooks pick up: sent only from
+        the start of the hooks until select() returns, when the hooks may have looked already
+        and the loop may sleep.  At any other time the loop is dispatching events or timers
+        and runs the hooks, which then see the news, before it waits again (the flag and the
+        news are plain attributes: under the GIL each thread sees the other's writes in
+        order).  Under load that saves, per durable commit, a send() on the storage thread
+        (and its GIL round trip), an epoll event and a recv() on the loop."""
+        if self._polling:
+            self.wake()
+
     def stop(self, reason: str = "stop requested") -> None:
         self.stopping = True
         self.stop_reason = reason
@@ -121,6 +133,7 @@ class Reactor:
 
     # -- the loop -----------------------------------------------------------------------------
     def run_once(self, max_wait: float | None = None) -> None:
+        self._polling = True  # before the hooks look (wake_before_poll)
         busy = False
         for hook in self.before_sleep:
             busy = bool(hook()) or busy
@@ -133,6 +146,7 @@ class Reactor:
                 timeout = max_wait if timeout is None else min(timeout, max_wait)
         before = self.clock()
         events = self._poll(timeout)
+        self._polling = False
         after = self.clock()
         # A stall is time the loop did not run when it should have: select() returning far past
         # its timeout (SIGSTOP while idle), or the previous iteration's work taking that long

@@ -22,9 +22,10 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import queue
 import signal
 import threading
-from collections import deque
+import time
 
 from .status import state_digest
 from .storage import Batch, Loaded
@@ -32,17 +33,28 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
+_STOP = object()  # queued by close(): the thread ends after what was queued before it
+FLUSH_POLL = 0.001  # s between looks at durable while flush() waits (shutdown only)
+
 
 class BackgroundStorage:
+    """The storage thread and its hand-off with the loop.
+
+    The queue is a ``queue.SimpleQueue`` (C): ``submit`` is one ``put`` that wakes the thread
+    only when it waits, and the thread blocks in ``get`` with the GIL released.  It replaced a
+    ``threading.Condition``, whose Python ``notify``/``wait`` (a lock allocated per wait, an
+    RLock taken on both sides) cost the loop more than the hand-off itself (docs/benchmarks.md,
+    "Where the loop's time goes").  ``durable`` is written by the thread alone and read by the
+    loop (an int, atomic under the GIL); ``wake`` should be the reactor's ``wake_before_poll``,
+    which skips the wake-up when the loop will look at ``durable`` anyway."""
+
     def __init__(self, store: Store, wake=None):
         self.store = store
-        self.wake = wake or (lambda: None)  # thread-safe: makes the reactor's select() return
+        self.wake = wake or (lambda: None)  # thread-safe: makes the loop run its hooks soon
         self.durable = 0  # batches made durable so far (only the thread writes it)
         self.error: BaseException | None = None
         self._submitted = 0
-        self._queue: deque[Batch] = deque()
-        self._cv = threading.Condition()
-        self._stopping = False
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()  # Batch, or _STOP
         # the host's checkpoints (host.Checkpoints) serialize the state in a forked child
         self.snapshotter = ForkSnapshots(self.wake) if hasattr(os, "fork") else None
         self._thread = threading.Thread(target=self._run, name="chatnet-storage", daemon=True)
@@ -58,11 +70,9 @@ class BackgroundStorage:
 
     def submit(self, batch: Batch) -> int:
         """Queue ``batch``; its number, which :attr:`durable` reaches once it is on disk."""
-        with self._cv:
-            self._queue.append(batch)
-            self._submitted += 1
-            self._cv.notify()
-            return self._submitted
+        self._submitted += 1
+        self._queue.put(batch)
+        return self._submitted
 
     @property
     def pending(self) -> int:
@@ -70,23 +80,26 @@ class BackgroundStorage:
 
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if not self._queue:
+            batches, stop = self._take()
+            if batches:
+                if not self._guarded(self.store.commit_many, batches):
                     return
-                batches = list(self._queue)
-                self._queue.clear()
-            if not self._guarded(self.store.commit_many, batches):
-                return
-            with self._cv:
                 self.durable += len(batches)
-                self._cv.notify_all()
-                idle = not self._queue
-            self.wake()
-            # nothing waits: the WAL's checkpoint, if due, runs now, off any ack's path
-            if idle and not self._guarded(self.store.checkpoint_when_idle):
+                self.wake()
+                # nothing waits: the WAL's checkpoint, if due, runs now, off any ack's path
+                if self._queue.empty() and not self._guarded(self.store.checkpoint_when_idle):
+                    return
+            if stop:
                 return
+
+    def _take(self) -> tuple[list, bool]:
+        """Every batch queued (waiting for the first), and whether close() asked to stop."""
+        first = self._queue.get()
+        items = [first]
+        while not self._queue.empty():  # (one consumer: what empty() denies, get_nowait has)
+            items.append(self._queue.get_nowait())
+        batches = [item for item in items if item is not _STOP]
+        return batches, len(batches) < len(items)
 
     def _guarded(self, write, *args) -> bool:
         """Run one store operation; False after a failure, which is kept for the loop thread
@@ -100,18 +113,21 @@ class BackgroundStorage:
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
-        """Wait until everything submitted is durable (shutdown); False on timeout or error."""
-        with self._cv:
-            return self._cv.wait_for(lambda: self.durable == self._submitted or self.error is not None,
-                                     timeout) and self.error is None
+        """Wait until everything submitted is durable; False on timeout or error.  Only a
+        stopping replica waits (shutdown, the final checkpoint), so it polls rather than
+        make the thread signal every commit to a waiter that almost never exists."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.durable < self._submitted and self.error is None and self._thread.is_alive():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(FLUSH_POLL)
+        return self.durable >= self._submitted and self.error is None
 
     def close(self) -> None:
         if self.snapshotter is not None:
             self.snapshotter.close()
         self.flush(timeout=30)
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
+        self._queue.put(_STOP)
         self._thread.join(timeout=30)
         self.store.close()
 
