@@ -45,7 +45,7 @@ from .events import HostEvents
 from .members import MembershipRequests
 from .passwords import InlineHasher
 from .service import ChatService, Close, Reply, frame
-from .state import ChatState, decode_command, encode_command
+from .state import ChatState, Mail, changed_state, decode_command, encode_command
 from .status import state_digest
 from .storage import Batch, Loaded, Storage, StoreError
 
@@ -292,11 +292,15 @@ class ReplicaHost:
         return len(self._outputs)
 
     def _hash_passwords(self) -> None:
-        """Hand finished password jobs back to the service, then start the ones it queued."""
-        for job in self.hasher.take_done():
-            self.service.hashed(job)
-        for job in self.service.take_hash_jobs():
-            self.hasher.submit(job)
+        """Hand finished password jobs back to the service, then start the ones it queued.
+        Every cycle asks, and almost never is there a job: looked at first, so that a cycle
+        takes no lock and builds no list for nothing."""
+        if self.hasher.has_done():
+            for job in self.hasher.take_done():
+                self.service.hashed(job)
+        if self.service.hash_jobs:
+            for job in self.service.take_hash_jobs():
+                self.hasher.submit(job)
 
     def _propose(self) -> None:
         replica, service = self.replica, self.service
@@ -345,9 +349,9 @@ class ReplicaHost:
                 service.apply(entry.index, ("delivered", []), entry.view)
                 self.admin.committed(entry)
             else:
-                changes = self.reapply.apply(entry)
-                if self._count_chats is not None:  # (only the metrics read the count)
-                    batch.chats += sum(1 for change in changes if change[0] == "mail+")
+                result = self.reapply.apply(entry)
+                if self._count_chats is not None and isinstance(result, Mail):  # (only the metrics
+                    batch.chats += 1                                              # read the count)
             self.applied_index = entry.index
             self.checkpoints.applied(len(entry.data))
             if self.on_applied is not None:
@@ -695,27 +699,25 @@ class Reapplier:
             replica.propose(encode_command(cmd))
         self.queue = []
 
-    def apply(self, entry) -> list:
-        """Apply one committed entry (a re-applied command unwrapped); its row changes."""
+    def apply(self, entry) -> object:
+        """Apply one committed entry (a re-applied command unwrapped); its result."""
         cmd = decode_command(entry.data)
         if cmd[0] != "reapply":
             return self.host.service.apply(entry.index, cmd, entry.view)
         origin, cmd = (cmd[1], cmd[2]), cmd[3]
-        noted = self.host.service.state.note_origin(*origin)  # the same on every replica
-        if noted is None:  # proposed twice (a primary changed meanwhile): applied once
+        if not self.host.service.state.note_origin(*origin):  # the same on every replica
+            # proposed twice (a primary changed meanwhile): applied once
             self.counts["skipped"] += 1
-            self.host.service.apply(entry.index, ("delivered", []), entry.view)  # a no-op, in order
-            changes = []
+            result = self.host.service.apply(entry.index, ("delivered", []), entry.view)  # a no-op, in order
         else:
-            changes = self.host.service.apply(entry.index, cmd, entry.view)
+            result = self.host.service.apply(entry.index, cmd, entry.view)
             self.counts["reapplied"] += 1
-            if not changes:
+            if not changed_state(result):  # (delivery marks are never re-applied: _classify)
                 self._report("no_effect", origin, cmd, "no longer applies")
-            changes = noted + changes
         for upto, pending in self.waiting.values():
             pending.discard(origin)
         self._acknowledge()
-        return changes
+        return result
 
     def _acknowledge(self) -> None:
         for peer, (upto, pending) in list(self.waiting.items()):

@@ -745,12 +745,12 @@ class ChatService:
         self._throttled.clear()
         self._creating.clear()
 
-    def apply(self, index: int, cmd: tuple, view: int = 0) -> list:
-        """Apply a committed command; queue its answer and live chat; return the store's row changes.
+    def apply(self, index: int, cmd: tuple, view: int = 0) -> object:
+        """Apply a committed command; queue its answer and live chat; return its result.
 
         The waiter of ``index`` is answered only if the committed entry is the one it proposed
         (same view): an entry of another primary at that index is not its command."""
-        result, changes = self.state.apply(cmd)
+        result = self.state.apply(cmd)
         if cmd[0] == "login":
             self._logging_in.discard(cmd[1])
         if not isinstance(result, sm.Mail) and result in _REFUSED:  # (a Mail would be compared
@@ -773,7 +773,7 @@ class ChatService:
             self._answer(session, cmd, result)
         for read in self._order.applied(index):  # reads that waited for this command
             self._answer_read(read)
-        return changes
+        return result
 
     def _sent_frame(self, recipient: str) -> bytes:
         """The answer to a chat sent to ``recipient``: the same bytes for every chat to it, so

@@ -6,9 +6,11 @@ the same state and the same results everywhere, so the primary can decide a requ
 from the result of applying its command (for example "name taken" when two connections create
 the same name in one batch) and the backups reach the identical state.
 
-The state machine does no I/O.  ``apply`` returns, besides the result, the list of row
-changes the store must write in the same transaction as the applied index; the store is the
-only module that knows SQL.
+The state machine does no I/O and reports nothing but each command's result: the store
+writes only the log (and, now and then, a snapshot of this state), so ``apply`` no longer
+builds the row changes it once returned for state tables (docs/benchmarks.md, "Where the
+loop's time goes").  :func:`changed_state` tells from a result whether the command changed
+anything.
 
 Mailboxes hold every chat that was acknowledged but not yet confirmed delivered.  Each chat
 gets a per-recipient sequence number; seqs in a mailbox are contiguous because chat is only
@@ -156,6 +158,13 @@ def _decode_json_command(data: bytes) -> tuple:
     return tuple(json.loads(bytes(data).decode("utf-8")))
 
 
+def changed_state(result: object) -> bool:
+    """Whether a command whose ``apply`` returned ``result`` changed the state: it did exactly
+    when it succeeded (OK) or queued a chat (a Mail); every refusal and DUPLICATE changes
+    nothing.  (Not for ``delivered``, which answers OK whether or not it removed chat.)"""
+    return isinstance(result, Mail) or result == OK
+
+
 class ChatState:
     """Accounts (in creation order) and their mailboxes; mutated only by ``apply``."""
 
@@ -238,11 +247,11 @@ class ChatState:
         return account.next_seq - 1 if account else 0
 
     # -- the state machine -----------------------------------------------------------------
-    def apply(self, cmd: tuple) -> tuple[object, list[tuple]]:
-        """Apply one command; return (result, row changes for the store)."""
+    def apply(self, cmd: tuple) -> object:
+        """Apply one command; return its result (OK, a refusal, DUPLICATE, or the queued Mail)."""
         kind = cmd[0]
         if kind == "config":  # a membership change: the replication core's, not the chat's
-            return OK, []
+            return OK
         if kind == "create":
             return self._create(cmd[1], cmd[2], cmd[3] if len(cmd) > 3 else None)
         if kind == "send":
@@ -254,114 +263,100 @@ class ChatState:
         if kind == "logout":
             return self._set_token(cmd[1], None)
         if kind == "delivered":
-            changes = []
             for recipient, order, upto_seq in cmd[1]:
-                changes += self._delivered(recipient, order, upto_seq)[1]
-            return OK, changes
+                self._delivered(recipient, order, upto_seq)
+            return OK
         if kind == "delete":
             return self._delete(cmd[1])
         if kind == "reapply":  # ("reapply", view, index, command): a healed split brain's losing
-            noted = self.note_origin(cmd[1], cmd[2])  # side, re-applied (docs/replication.md section 10)
-            if noted is None:
-                return DUPLICATE, []
-            result, changes = self.apply(cmd[3])
-            return result, noted + changes
+            if not self.note_origin(cmd[1], cmd[2]):  # side, re-applied (docs/replication.md section 10)
+                return DUPLICATE
+            return self.apply(cmd[3])
         raise ValueError(f"unknown command {kind!r}")
 
     def has_origin(self, view: int, index: int) -> bool:
         return (view, index) in self.origins
 
-    def note_origin(self, view: int, index: int) -> list | None:
+    def note_origin(self, view: int, index: int) -> bool:
         """Remember that the command of ``(view, index)`` (its original log position) is being
-        re-applied; its row changes, or None if it was already: then it must change nothing.
+        re-applied; False if it was already: then it must change nothing.
         Part of the state (and of snapshots), so the answer is the same on every replica and
         survives a snapshot that replaces the state -- memory outside it would not."""
         if (view, index) in self.origins:
-            return None
+            return False
         pos = self._next_origin_pos
         self._next_origin_pos += 1
         self.origins[(view, index)] = pos
-        changes = [("origin+", pos, view, index)]
         if len(self.origins) > RECENT_ORIGINS:
             del self.origins[next(iter(self.origins))]
-            changes.append(("origin-", pos - RECENT_ORIGINS))
-        return changes
+        return True
 
     def _create(self, name: str, token: str | None, password: str | None):
         if name in self.accounts:
-            return NAME_TAKEN, []
+            return NAME_TAKEN
         order = self._next_order
         self._next_order += 1
         self.accounts[name] = Account(name, order, token=token, password=password)
         self.mailboxes[name] = deque()
-        changes = [("account+", name, order, token)]
-        if password is not None:
-            changes.append(("password", name, password))
-        return OK, changes
+        return OK
 
     def _login(self, cmd: tuple):
         """``("login", name, token)`` (seed-style: only without a password) or ``("login", name,
         token, checked)`` (the password was checked against the record with salt ``checked``)."""
         account = self.accounts.get(cmd[1])
         if account is None:
-            return NO_SUCH_ACCOUNT, []
+            return NO_SUCH_ACCOUNT
         if len(cmd) < 4 and account.password is not None:
-            return PASSWORD_REQUIRED, []
+            return PASSWORD_REQUIRED
         if len(cmd) >= 4 and account.password_salt != cmd[3]:
-            return PASSWORD_CHANGED, []
+            return PASSWORD_CHANGED
         return self._set_token(cmd[1], cmd[2])
 
     def _set_password(self, name: str, record: str, checked: str | None):
         account = self.accounts.get(name)
         if account is None:
-            return NO_SUCH_ACCOUNT, []
+            return NO_SUCH_ACCOUNT
         if account.password_salt != checked:
-            return PASSWORD_CHANGED, []
+            return PASSWORD_CHANGED
         account.password = record
-        return OK, [("password", name, record)]
+        return OK
 
     def _set_token(self, name: str, token: str | None):
         account = self.accounts.get(name)
         if account is None:
-            return NO_SUCH_ACCOUNT, []
+            return NO_SUCH_ACCOUNT
         account.token = token
-        return OK, [("token", name, token)]
+        return OK
 
     def _send(self, sender: str, recipient: str, text: str, request_id: str | None):
         account = self.accounts.get(recipient)
         if account is None:  # refused: its request id is not spent (a retry is refused again)
-            return NO_SUCH_RECIPIENT, []
-        sender_account = self.accounts.get(sender)
-        changes = []
-        if request_id is not None and sender_account is not None:
-            if request_id in sender_account.request_ids:
-                return DUPLICATE, []
-            pos = sender_account.next_rid_pos
-            sender_account.next_rid_pos += 1
-            sender_account.request_ids[request_id] = pos
-            changes.append(("rid+", sender, pos, request_id))
-            if len(sender_account.request_ids) > RECENT_REQUEST_IDS:
-                oldest = next(iter(sender_account.request_ids))
-                del sender_account.request_ids[oldest]
-                changes.append(("rid-", sender, pos - RECENT_REQUEST_IDS))
+            return NO_SUCH_RECIPIENT
+        if request_id is not None:
+            sender_account = self.accounts.get(sender)
+            if sender_account is not None:
+                if request_id in sender_account.request_ids:
+                    return DUPLICATE
+                sender_account.request_ids[request_id] = sender_account.next_rid_pos
+                sender_account.next_rid_pos += 1
+                if len(sender_account.request_ids) > RECENT_REQUEST_IDS:
+                    del sender_account.request_ids[next(iter(sender_account.request_ids))]
         mail = Mail(account.next_seq, sender, text)
         account.next_seq += 1
         self.mailboxes[recipient].append(mail)
-        changes += [("mail+", recipient, mail.seq, sender, text), ("next_seq", recipient, account.next_seq)]
-        return mail, changes
+        return mail
 
-    def _delivered(self, recipient: str, order: int, upto_seq: int):
+    def _delivered(self, recipient: str, order: int, upto_seq: int) -> None:
         account = self.accounts.get(recipient)
         box = self.mailboxes.get(recipient)
         if account is None or account.order != order or not box or box[0].seq > upto_seq:
-            return OK, []
+            return
         while box and box[0].seq <= upto_seq:
             box.popleft()
-        return OK, [("mail-", recipient, upto_seq)]
 
     def _delete(self, name: str):
         if name not in self.accounts:
-            return NO_SUCH_ACCOUNT, []
+            return NO_SUCH_ACCOUNT
         del self.accounts[name]
         del self.mailboxes[name]
         # Chat this account already sent keeps waiting for its recipients, shown as "name [deleted]".
@@ -369,4 +364,4 @@ class ChatState:
             for i, mail in enumerate(box):
                 if mail.sender == name and not mail.sender_deleted:
                     box[i] = Mail(mail.seq, mail.sender, mail.text, True)
-        return OK, [("account-", name), ("sender-deleted", name)]
+        return OK
