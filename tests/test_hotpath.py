@@ -108,6 +108,38 @@ def test_reactor_wake_returns_at_once_and_drains():
         reactor.close()
 
 
+def test_wake_hooks_sends_only_while_the_loop_may_sleep():
+    """News that arrives while the hooks run costs no wake-up byte, yet the loop looks again
+    at once; news that arrives while it sleeps in select() wakes it."""
+    import threading
+
+    reactor = Reactor()
+    seen = []
+    try:
+        def hook():
+            seen.append(len(seen))
+            if len(seen) == 1:
+                reactor.wake_hooks()  # as if the storage thread finished a batch right now
+            return False
+        reactor.before_sleep.append(hook)
+        started = time.monotonic()
+        reactor.run_once(max_wait=5)  # the news came during the hooks: no wait
+        assert time.monotonic() - started < 4
+        reactor._wake_r.setblocking(False)
+        with pytest.raises(BlockingIOError):  # and no byte was sent for it
+            reactor._wake_r.recv(1)
+        reactor.run_once(max_wait=0)  # the hooks look again
+        assert len(seen) == 2
+        timer = threading.Timer(0.2, reactor.wake_hooks)  # news while the loop sleeps
+        timer.start()
+        started = time.monotonic()
+        reactor.run_once(max_wait=5)
+        timer.join()
+        assert time.monotonic() - started < 4
+    finally:
+        reactor.close()
+
+
 @given(st.lists(st.integers(1, 3), min_size=1, max_size=60), st.data())
 def test_arrival_order_with_many_commands_in_flight(gaps, data):
     """A read deferred after k commands is released exactly when the log is applied up to the

@@ -64,7 +64,8 @@ class Reactor:
         self.on_stall = None  # called with the lateness (s) when select() returned far too late
         self.stall_threshold = float("inf")
         self._last_wake = clock()
-        self._polling = False  # from the start of the hooks until select() returns
+        self._polling = False  # from just before select() until it returns (wake_hooks)
+        self._news = 0  # wake_hooks() calls so far
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -112,14 +113,18 @@ class Reactor:
         except OSError:  # the buffer is full (the loop is awake anyway) or we are closing
             pass
 
-    def wake_before_poll(self) -> None:
-        """:meth:`wake`, for a thread whose news the before-sleep hooks pick up: sent only from
-        the start of the hooks until select() returns, when the hooks may have looked already
-        and the loop may sleep.  At any other time the loop is dispatching events or timers
-        and runs the hooks, which then see the news, before it waits again (the flag and the
-        news are plain attributes: under the GIL each thread sees the other's writes in
-        order).  Under load that saves, per durable commit, a send() on the storage thread
-        (and its GIL round trip), an epoll event and a recv() on the loop."""
+    def wake_hooks(self) -> None:
+        """:meth:`wake`, for a thread whose news the before-sleep hooks pick up (the storage
+        thread's durable batches), with the wake-up sent only when the loop is in select() or
+        about to enter it.  The news is counted first; the loop compares the count after its
+        hooks with the count before them and, if it moved, polls without waiting and runs the
+        hooks again.  So news that arrives while the loop dispatches events, timers or runs
+        its hooks costs nothing but the count; only news that arrives while it may sleep is
+        sent as a byte (the flag and the count are plain attributes: under the GIL each
+        thread sees the other's writes in order).  Under load that saves, per durable commit,
+        a send() on the storage thread (and its GIL round trip), an epoll event and a recv()
+        on the loop."""
+        self._news += 1
         if self._polling:
             self.wake()
 
@@ -133,11 +138,12 @@ class Reactor:
 
     # -- the loop -----------------------------------------------------------------------------
     def run_once(self, max_wait: float | None = None) -> None:
-        self._polling = True  # before the hooks look (wake_before_poll)
+        news = self._news
         busy = False
         for hook in self.before_sleep:
             busy = bool(hook()) or busy
-        if busy:
+        self._polling = True  # from here on, news is sent as a wake-up (wake_hooks)
+        if busy or self._news != news:  # (news the hooks may have missed: look again at once)
             timeout = 0.0
         else:
             deadline = self.timers.next_deadline()

@@ -45,7 +45,7 @@ class BackgroundStorage:
     ``threading.Condition``, whose Python ``notify``/``wait`` (a lock allocated per wait, an
     RLock taken on both sides) cost the loop more than the hand-off itself (docs/benchmarks.md,
     "Where the loop's time goes").  ``durable`` is written by the thread alone and read by the
-    loop (an int, atomic under the GIL); ``wake`` should be the reactor's ``wake_before_poll``,
+    loop (an int, atomic under the GIL); ``wake`` should be the reactor's ``wake_hooks``,
     which skips the wake-up when the loop will look at ``durable`` anyway."""
 
     def __init__(self, store: Store, wake=None):

@@ -412,7 +412,7 @@ class ChatServer:
         """Durable writes on the storage thread, so the loop never waits for fsync (the --naive
         baseline keeps the synchronous store: one fsync per command, on the loop); timed for
         the metrics when they are on."""
-        storage = Store(data_dir) if naive else BackgroundStorage(Store(data_dir), wake=self.reactor.wake_before_poll)
+        storage = Store(data_dir) if naive else BackgroundStorage(Store(data_dir), wake=self.reactor.wake_hooks)
         return TimedStorage(storage, self.metrics) if self.metrics is not None else storage
 
     # -- start and stop ------------------------------------------------------------------------
