@@ -41,6 +41,7 @@ from ..protocol.codec import STATUS_NOTE
 from ..protocol.texts import T_BACKUP_KNOWS, T_BACKUP_UNKNOWN
 from ..replication.core import PRIMARY, DurableState, Entry, HardState, Ready, Replica
 from ..replication.membership import config_from_meta, config_to_meta, is_config_entry
+from ..replication.messages import Append
 from .events import HostEvents
 from .members import MembershipRequests
 from .passwords import InlineHasher
@@ -68,10 +69,11 @@ class _NoPeers:
 
 @dataclass
 class _Output:
-    """What one loop iteration may send and answer once its batch (number ``batch``) is durable."""
+    """What one loop iteration may answer once batch number ``batch`` is durable: the newest
+    batch holding an entry of the state it applied (:meth:`ReplicaHost._answer_barrier`),
+    not necessarily the iteration's own."""
 
     batch: int
-    messages: list
     effects: list
     unblocked: list
     applied: list  # (index, data) for the on_applied observer
@@ -133,7 +135,10 @@ class ReplicaHost:
         if self._epochs:
             self.service.epoch = self.replica.view
         self._submitted = storage.durable  # number of the last batch handed to the storage
-        self._outputs: deque[_Output] = deque()  # per iteration: what leaves once it is durable
+        self._outputs: deque[_Output] = deque()  # per iteration: what it answers once durable
+        self._outbox: deque[tuple[int, list]] = deque()  # (batch, peer messages held until it is durable)
+        self._entry_batches: deque[tuple[int, int]] = deque()  # (lowest index written, batch) in flight
+        self._fence = storage.durable  # the last batch that wrote more than log entries (_ship)
         self._held: list = []  # commands waiting for the view to be re-established
         # Observer (index, data) -> None of entries applied *and durable* (called as their
         # iteration is released); the simulator's checker uses it.
@@ -210,7 +215,7 @@ class ReplicaHost:
         ``list``) are included first, in order."""
         self._follow_role()
         self._hash_passwords()
-        throttled = len(self._outputs) >= MAX_BATCHES_IN_FLIGHT  # the disk is behind: let it catch up
+        throttled = self._submitted - self.storage.durable >= MAX_BATCHES_IN_FLIGHT  # the disk is behind
         if not throttled:
             self._propose()
         batch, messages = Batch(), []
@@ -230,10 +235,17 @@ class ReplicaHost:
         if batch:
             batch.committed = self.applied_index
             self._submitted = self.storage.submit(batch)
+            if batch.entries or batch.snapshot is not None:
+                lowest = 0 if batch.snapshot is not None else batch.entries[0][0]
+                self._entry_batches.append((lowest, self._submitted))
+            if batch.meta or batch.truncate_after is not None or batch.snapshot is not None \
+                    or batch.handover is not None:
+                self._fence = self._submitted  # a view, truncation, snapshot or handover
         self.events.after_cycle()
+        self._ship(messages, early=self.storage.durable >= self._fence and len(self.replica.members) > 1)
         service = self.service
         applied, self._applied_now = self._applied_now, []
-        self._outputs.append(_Output(self._submitted, messages, service.take_effects(), service.take_unblocked(),
+        self._outputs.append(_Output(self._answer_barrier(), service.take_effects(), service.take_unblocked(),
                                      applied))
         effects, unblocked = self.release()
         more = not throttled and bool(service.proposals or self._held and self.mode == SERVING) \
@@ -241,20 +253,56 @@ class ReplicaHost:
             or self.hasher.has_done() or sent
         return CycleResult(effects, unblocked, more)
 
+    def _ship(self, messages: list, early: bool) -> None:
+        """Send this iteration's ``Append``s now, the rest once its batch is durable.
+
+        A primary may ship its entries to the backups while it writes them itself (as Raft's
+        leaders do, thesis section 10.2.1): an ``Append`` promises nothing, and an entry
+        commits only once every member's *ack* -- sent after the member's own write -- and the
+        primary's own write are in; answers wait for the latter (:meth:`_answer_barrier`).  The
+        backups' write thus overlaps the primary's instead of following it.  Not while a
+        batch that writes a view, a truncation, a snapshot or a handover is in flight
+        (``early`` False: nobody hears of a view before it is durable here), nor while this
+        replica is its view's only member (its commit index is then its own log, whose
+        ``commit`` a learner would apply before it is durable), and never past a message
+        still held for the same peer (the order of a link)."""
+        held, late = {peer for _, sent in self._outbox for peer, _ in sent}, []
+        send = self.network.send
+        for peer, msg in messages:
+            if early and peer not in held and type(msg) is Append:
+                send(peer, msg)
+            else:
+                held.add(peer)
+                late.append((peer, msg))
+        if late:
+            self._outbox.append((self._submitted, late))
+
+    def _answer_barrier(self) -> int:
+        """The batch after whose write the applied state is durable here: the newest batch
+        still in flight that wrote an entry at or below the applied index (or a snapshot).
+        Answers wait for it, and no longer for a later batch of newer proposals."""
+        batches, durable = self._entry_batches, self.storage.durable
+        while batches and batches[0][1] <= durable:
+            batches.popleft()
+        applied = self.applied_index
+        return max((n for lowest, n in batches if lowest <= applied), default=durable)
+
     def release(self) -> tuple[list, list]:
-        """Send the peer messages and hand back the client effects of every iteration whose
-        batch is durable now, in order (persist before send, answer after commit).  A failure
-        of the storage writer stops the replica here, before anything else is acknowledged."""
+        """Send the held peer messages of every iteration whose batch is durable now, and hand
+        back the client effects of every iteration whose answer barrier is, each in order
+        (persist before send, answer after commit).  A failure of the storage writer stops
+        the replica here, before anything else is acknowledged."""
         if self.storage.error is not None:
             raise StoreError(f"the store failed: {self.storage.error}") from self.storage.error
         durable, effects, unblocked = self.storage.durable, [], []
-        outputs = self._outputs
+        outbox, outputs = self._outbox, self._outputs
+        while outbox and outbox[0][0] <= durable:
+            for peer, msg in outbox.popleft()[1]:
+                self.network.send(peer, msg)
         while outputs and outputs[0].batch <= durable:
             out = outputs.popleft()
             for index, data in out.applied:
                 self.on_applied(index, data)
-            for peer, msg in out.messages:
-                self.network.send(peer, msg)
             effects += out.effects
             unblocked += out.unblocked
         return effects, unblocked
@@ -288,8 +336,8 @@ class ReplicaHost:
 
     @property
     def waiting_for_disk(self) -> int:
-        """Iterations whose batch is submitted but not yet durable."""
-        return len(self._outputs)
+        """Iterations whose answers or messages wait for a batch to be durable."""
+        return max(len(self._outputs), len(self._outbox))
 
     def _hash_passwords(self) -> None:
         """Hand finished password jobs back to the service, then start the ones it queued.
