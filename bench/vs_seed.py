@@ -19,6 +19,7 @@ Both servers get the same bytes: ``\\n1|name\\n`` to create and log in, then ``3
     python bench/vs_seed.py --configs seed,1 --rounds 7      # only seed and one replica
     python bench/vs_seed.py --configs seed,1,1@HEAD~3        # chatnet of a git revision too
     python bench/vs_seed.py --rate 2000 --configs 1,3        # ack latency at 2,000 chats/s
+    python bench/vs_seed.py --configs 1,3,3/majority         # 3 replicas in both quorum modes
     python bench/vs_seed.py --configs seed,floor,floor-durable,floor-thread,1
 
 ``floor``, ``floor-durable``, ``floor-thread`` and ``floor-process`` are ``bench/floor_server.py``:
@@ -167,22 +168,26 @@ class Config:
     name: str
     replicas: int = 0  # 0: the seed or a floor
     rev: str | None = None
+    quorum: str | None = None  # chatnet's --quorum (None: the server's default, all)
 
     @staticmethod
     def parse(text: str) -> Config:
-        n, _, rev = text.strip().partition("@")
+        spec, _, quorum = text.strip().partition("/")
+        n, _, rev = spec.partition("@")
         if n == "seed" or n in FloorServer.MODES:
             return Config(n)
-        if not n.isdigit() or int(n) < 1:
-            raise ValueError(f"bad configuration {text!r}: 'seed', 'floor', 'floor-durable', 'floor-thread', N or N@REV")
-        return Config(text.strip(), int(n), rev or None)
+        if not n.isdigit() or int(n) < 1 or quorum not in ("", "all", "majority"):
+            raise ValueError(f"bad configuration {text!r}: 'seed', 'floor', 'floor-durable', 'floor-thread', "
+                             "N, N@REV, N/majority or N@REV/majority")
+        return Config(text.strip(), int(n), rev or None, quorum or None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--configs", default="seed,1,3",
                     help="comma-separated, run in this order each round: 'seed', N (chatnet, N replicas), "
-                         "N@REV (chatnet code of git revision REV) or a floor (floor, floor-durable, "
+                         "N@REV (chatnet code of git revision REV), either with /majority (--quorum "
+                         "majority; default all), or a floor (floor, floor-durable, "
                          "floor-thread, floor-process: bench/floor_server.py); default seed,1,3")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
     common.add_load_args(ap, senders=25, duration=8.0)
@@ -214,7 +219,8 @@ def run_one(args, config: Config) -> dict:
     """Start one server (or cluster), load it for one window with ``throughput.py``'s load
     generator, stop everything by PID whatever happens; the window's summary."""
     if config.replicas:
-        target = common.Target(config.replicas, rev=config.rev)
+        target = common.Target(config.replicas, rev=config.rev,
+                               extra_args=("--quorum", config.quorum) if config.quorum else ())
     elif config.name == "seed":
         target = SeedServer(args.seed_script)
     else:
