@@ -60,7 +60,7 @@ from ..server.state import ChatState, decode_command
 from ..server.status import state_digest
 from .core import PRIMARY
 from .membership import Config, MembershipError, is_config_entry
-from .messages import InstallSnapshot, decode_message, encode_message
+from .messages import Append, InstallSnapshot, decode_message, encode_message
 from .simdisk import SimCrash, SimDisk
 
 TICK = 10   # time units per replica tick
@@ -304,6 +304,8 @@ class Simulation:
     def send(self, src: int, dst: int, msg: object) -> None:
         if isinstance(msg, InstallSnapshot) and msg.offset == 0:
             self._note_snapshot_sent(src, msg)
+        if type(msg) is Append:
+            self._check_commit_durable(src, msg)
         if self.rng.random() < self.p_drop:
             return
         if self.blocked.get((src, dst), -1) > self.now:
@@ -314,6 +316,16 @@ class Simulation:
             self._seq += 1
             t = self.now + self.rng.randint(1, self.max_delay)
             heapq.heappush(self.net, (t, self._seq, src, dst, payload))
+
+    def _check_commit_durable(self, src: int, msg: Append) -> None:
+        """A commit index that leaves a primary is durable in its own log: a backup that
+        learns it applies those entries, and a primary that crashed before writing them could
+        come back and form a view without them (an entry applied somewhere, then lost)."""
+        disk = self.nodes[src].disk
+        durable_last = disk.log[-1][0] if disk.log else disk.base_index
+        if msg.commit > durable_last:
+            self.fail(f"node {src} sent commit {msg.commit} to a backup with its own log durable "
+                      f"only to {durable_last}")
 
     def process(self, i: int, crash_at: str | None = None) -> None:
         """Run host cycles until the host has nothing more to do, as the reactor does before

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from ..protocol.codec import STATUS_NOTE
@@ -267,15 +267,33 @@ class ReplicaHost:
         ``commit`` a learner would apply before it is durable), and never past a message
         still held for the same peer (the order of a link)."""
         held, late = {peer for _, sent in self._outbox for peer, _ in sent}, []
-        send = self.network.send
+        send, durable_last = self.network.send, self._durable_last()
         for peer, msg in messages:
             if early and peer not in held and type(msg) is Append:
+                if msg.commit > durable_last:  # a commit index leaves only once durable here
+                    msg = replace(msg, commit=durable_last)
                 send(peer, msg)
             else:
                 held.add(peer)
                 late.append((peer, msg))
         if late:
             self._outbox.append((self._submitted, late))
+
+    def _durable_last(self) -> int:
+        """The end of this replica's log that is on its disk: below the first entry of the
+        oldest batch still in flight (batches land in order; truncations are fenced).
+
+        An early ``Append`` carries at most this as its commit index.  The core counts its own
+        log as written when it is handed to the storage, so its commit index may cover entries
+        still in flight here; a backup told so applies them, and if this primary then crashed
+        before writing them, it could come back and form a view with another replica without
+        them (majority mode): an applied entry lost.  Capped, a commit index that leaves says
+        what it said before early shipping: on every member's disk, this one's included."""
+        durable = self.storage.durable
+        for lowest, n in self._entry_batches:
+            if n > durable:
+                return lowest - 1
+        return self.replica.last_index
 
     def _answer_barrier(self) -> int:
         """The batch after whose write the applied state is durable here: the newest batch
