@@ -194,8 +194,9 @@ def split_token(token: str) -> tuple[str, int | None]:
 
 def chat_frame(mail: sm.Mail, extended: bool = False) -> bytes:
     """The seed's `sender|text`, or `seq|sender|text` for an extended session."""
-    prefix = f"{mail.seq}|" if extended else ""
-    return encode_frame(STATUS_OK, INDICATOR_CHAT, f"{prefix}{mail.display_sender}|{mail.text}")
+    sender = mail.display_sender if mail.sender_deleted else mail.sender  # (one per chat: the
+    body = f"{mail.seq}|{sender}|{mail.text}" if extended else f"{sender}|{mail.text}"  # usual case inline)
+    return encode_frame(STATUS_OK, INDICATOR_CHAT, body)
 
 
 @dataclass
