@@ -12,12 +12,13 @@ request id, as clients send them), then measures, ``--repeat`` times each (media
 
 ``--catchup`` measures instead what a client of a real 3-replica cluster sees while a replica
 catches up by snapshot: three replicas start on a store seeded with that state (``chatserver
-restore``), one backup is killed and loses its store, one probe client on the primary sends
-requests one at a time (a send to an unknown recipient: the loop answers it) and records
-every round trip, and the backup starts again with an empty store, so the primary must send
-it a snapshot of the whole state.  Printed: the
-probe's longest and 99th-percentile round trip before the backup restarts and from then
-until it is back in the view, and how long that took.  ``--rev`` runs the server code of
+restore``), one backup is killed and loses its store, two probes ask the primary one request
+at a time and record every round trip -- ``chat``, a logged-in client's send to an unknown
+recipient (through the log: a view change holds it), and ``status``, a public status query
+every 25 ms (answered by the loop at once: its round trip is the loop's own delay) -- and the
+backup starts again with an empty store, so the primary must send it a snapshot of the
+whole state.  Printed: each probe's longest and 99th-percentile round trip before the backup
+restarts and from then until it is back in the view, and how long that took.  ``--rev`` runs the server code of
 a git revision (the "before" of a change) instead of the working tree.
 
     python bench/snapshot_pause.py                      # 10,000 accounts, 100,000 chats
@@ -44,6 +45,7 @@ import common  # noqa: E402  (puts the checkout first on sys.path)
 
 from chatnet.server.background import ForkSnapshots  # noqa: E402
 from chatnet.server.backup import STORE_NAME, restore  # noqa: E402
+from chatnet.server.cli import query_status  # noqa: E402
 from chatnet.server.state import ChatState, cmd_create, cmd_send, decode_command, encode_command  # noqa: E402
 from chatnet.server.storage import Batch  # noqa: E402
 from chatnet.server.store import Store  # noqa: E402
@@ -85,22 +87,34 @@ def seed_store(state: ChatState, chats: int, into: str) -> int:
 
 
 class Probe:
-    """One client on the primary, one request at a time; every round trip, stamped."""
+    """Requests to the primary one at a time, ``every`` seconds at most; every round trip,
+    stamped.  ``chat``: a logged-in client's send to an unknown recipient (through the log, so
+    a view change holds it too); else a public status query (answered by the loop at once, so
+    its round trip is the loop's own delay; at most 50 a second are answered)."""
 
-    def __init__(self, addr) -> None:
-        self.client = RawClient(*addr, timeout=30)
-        self.client.request("1|snapshot-probe")
+    def __init__(self, addr, chat: bool, every: float = 0.0) -> None:
+        self.addr, self.every, self.chat = addr, every, chat
+        self.client = RawClient(*addr, timeout=30) if chat else None
+        if self.client is not None:
+            self.client.request("1|snapshot-probe")
         self.samples: list[tuple[float, float]] = []  # (answered at, round trip), s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
+    def _ask(self) -> None:
+        if self.chat:
+            self.client.request("3|nobody-by-this-name|ping")
+        elif query_status(*self.addr, timeout=30) is None:
+            raise RuntimeError("the primary did not answer a status query")
+
     def _run(self) -> None:
         while not self._stop.is_set():
             started = time.monotonic()
-            self.client.request("3|nobody-by-this-name|ping")
+            self._ask()
             now = time.monotonic()
             self.samples.append((now, now - started))
+            self._stop.wait(max(0.0, self.every - (now - started)))
 
     def window(self, since: float, until: float) -> dict:
         trips = sorted(rtt for at, rtt in self.samples if since <= at < until)
@@ -112,7 +126,9 @@ class Probe:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=60)
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
 
 def catchup(args, state: ChatState) -> dict:
@@ -121,7 +137,7 @@ def catchup(args, state: ChatState) -> dict:
     code = common.export_rev(args.rev, work) if args.rev else None
     label = common.describe_rev(args.rev) if args.rev else common.describe_tree()
     cluster = Cluster(os.path.join(work, "cluster"), n=3, root=code, log_level="WARNING")
-    probe = None
+    probes: dict[str, Probe] = {}
     try:
         seed_store(state, args.chats, os.path.join(work, "seed"))
         for replica in cluster.replicas:
@@ -134,24 +150,27 @@ def catchup(args, state: ChatState) -> dict:
         for name in os.listdir(cluster.replicas[lagging].data_dir):
             if name.startswith(STORE_NAME):
                 os.unlink(os.path.join(cluster.replicas[lagging].data_dir, name))
-        probe = Probe(cluster.replicas[primary].addr)
+        addr = cluster.replicas[primary].addr
+        probes = {"chat": Probe(addr, chat=True), "status": Probe(addr, chat=False, every=0.025)}
         time.sleep(args.baseline)
         started = time.monotonic()
         cluster.start(lagging, timeout=60)
         cluster.wait_in_sync(timeout=300)
         ended = time.monotonic()
         time.sleep(0.5)
-        probe.stop()
-        result = {"before": probe.window(0, started), "during": probe.window(started, ended),
-                  "seconds": ended - started}
+        result = {"seconds": ended - started}
         print(f"code: {label}; catch-up by snapshot of {args.accounts} accounts, {args.chats} chats: "
               f"{ended - started:.1f} s until the emptied backup was back in the view")
-        for name, w in (("before it restarted", result["before"]), ("while it caught up", result["during"])):
-            print(f"probe round trip {name}: max {w['max_ms']:7.1f} ms, p99 {w['p99_ms']:6.1f} ms "
-                  f"({w['n']} requests)")
+        for kind, probe in probes.items():
+            probe.stop()
+            result[kind] = {"before": probe.window(0, started), "during": probe.window(started, ended)}
+            for name, w in (("before it restarted", result[kind]["before"]),
+                            ("while it caught up", result[kind]["during"])):
+                print(f"{kind:6} round trip {name}: max {w['max_ms']:7.1f} ms, p99 {w['p99_ms']:6.1f} ms "
+                      f"({w['n']} requests)")
         return result
     finally:
-        if probe is not None:
+        for probe in probes.values():
             probe.stop()
         cluster.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -182,5 +182,5 @@ def test_the_primary_keeps_answering_while_a_replica_catches_up_by_snapshot():
     class Args:
         rev, accounts, chats, baseline = None, 10_000, 100_000, 1.0
     result = snapshot_pause.catchup(Args, state)
-    during = result["during"]
+    during = result["status"]["during"]  # (the loop's own delay; chat also waits for a view change)
     assert during["n"] > 0 and during["max_ms"] / 1000 < max(0.15, inline / 2), (result, inline)
