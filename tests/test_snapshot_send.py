@@ -93,8 +93,6 @@ def test_a_snapshot_request_is_serialized_in_a_child_not_on_the_loop(monkeypatch
     monkeypatch.setattr(ChatState, "to_snapshot", lambda self: on_loop.append(os.getpid()) or real(self))
     sent = recorded_sends(host)
     host.checkpoints.requested([2, 3])
-    host.cycle()
-    assert host.checkpoints.maker.busy  # the child runs; the loop goes on
     wait_until(lambda: host.cycle() and False or sent, 10, what="the snapshot sent")
     assert on_loop == []  # never serialized in this process
     assert sorted(s[0] for s in sent) == [2, 3]  # one serialization for both
@@ -184,3 +182,26 @@ def test_the_primary_keeps_answering_while_a_replica_catches_up_by_snapshot():
     result = snapshot_pause.catchup(Args, state)
     during = result["status"]["during"]  # (the loop's own delay; chat also waits for a view change)
     assert during["n"] > 0 and during["max_ms"] / 1000 < max(0.15, inline / 2), (result, inline)
+
+
+def test_the_status_digest_is_taken_off_the_loop_once_the_state_is_quiet(tmp_path):
+    """Two replicas: the digest a status query reports describes ``digest_applied``; a quiet
+    state gets a fresh one (asked by one query, taken by a forked child, shown by a later
+    query), and both replicas report the same one at the same index."""
+    from chatnet.server.cli import query_status
+    from chatnet.testing import Cluster, RawClient
+
+    c = Cluster(str(tmp_path), n=2).start()
+    try:
+        primary = c.wait_primary()
+        c.wait_in_sync()
+        with RawClient(*c.addresses[primary]) as alice:
+            assert alice.request("1|alice").message == "Account created! Logged in as alice."
+
+        def fresh():
+            full = [query_status(*address, secret=c.secret, cluster=c.cluster_id) for address in c.addresses]
+            ok = all(s and s["digest"] and s["digest_applied"] == s["applied"] for s in full)
+            return full if ok and len({(s["digest"], s["applied"]) for s in full}) == 1 else None
+        wait_until(fresh, 10, what="equal fresh digests", interval=0.2)
+    finally:
+        c.stop_all()

@@ -118,7 +118,9 @@ class SimSnapshots:
         self._done, self._left = (tag, data, state_digest(data)), self.rng.randint(0, self.MAX_CYCLES)
 
     def take(self) -> tuple | None:
-        if self._done is None or self._left > 0:
+        if self._done is None:
+            return None
+        if self._left > 0:  # (one host cycle calls take once)
             self._left -= 1
             return None
         done, self._done = self._done, None

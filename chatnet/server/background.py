@@ -133,15 +133,17 @@ class BackgroundStorage:
 
 
 class ForkSnapshots:
-    """Serializes the chat state in a forked child: copy-on-write, as Redis' BGSAVE does.
+    """Serializes the chat state in a forked child: copy-on-write, as Redis' BGSAVE does (for
+    the host's checkpoints, snapshots sent to lagging peers and the status digest alike).
 
     The loop pauses only for ``fork()`` (about 4 ms for a 200 MB replica here: docs/benchmarks.md)
     instead of the whole serialization (a third of a second for 10,000 accounts and 100,000
     queued chats); the child sees the state exactly as of the fork, writes its bytes into a pipe
-    and exits; a reader thread collects them, reaps the child and wakes the reactor.  The child
+    and exits; a reader thread collects them (and hashes them for the digest), reaps the child
+    and wakes the reactor.  The child
     closes every other file descriptor at once (the listening socket, peer links, the store), so
     a replica restarted while a child still runs can bind its port again, and it exits with
-    status 0 only after writing everything: a child that dies is a checkpoint skipped, never a
+    status 0 only after writing everything: a child that dies is a snapshot skipped, never a
     torn one.  One at a time (``busy``)."""
 
     def __init__(self, wake) -> None:

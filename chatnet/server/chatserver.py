@@ -389,6 +389,7 @@ class ChatServer:
         self._accept_error_logged = float("-inf")
         self._status_window = (0.0, 0)  # (second it started, answers given in it)
         self._digest_asked = float("-inf")  # when a status query last asked for a fresh digest
+        self._digest_seen = -1  # the applied index the previous status query saw
 
     def _peer_transport(self, secret: bytes | None, tls) -> PeerTransport | None:
         if len(self.peers) == 1:
@@ -723,13 +724,16 @@ class ChatServer:
 
     def _state_digest(self) -> tuple[str, int]:
         """A digest of the chat state and the applied index it describes: the latest one taken
-        (off the loop, with a checkpoint or a peer's snapshot, or for this: host.Checkpoints);
-        a query that finds it behind the applied index asks for a fresh one, at most once per
-        DIGEST_MAX_AGE.  Compare digests only at equal ``digest_applied``."""
-        checkpoints = self.replica_host.checkpoints
+        (off the loop, with a checkpoint or a peer's snapshot, or for this: host.Checkpoints).
+        A query that finds it behind a state that has not moved since the previous query asks
+        for a fresh one, at most once per DIGEST_MAX_AGE: digests are compared only at equal
+        ``digest_applied``, i.e. on a quiet cluster, and a state under load is not worth a
+        fork a second while someone polls."""
+        checkpoints, now_applied = self.replica_host.checkpoints, self.replica_host.applied_index
         digest, applied = checkpoints.digest
+        quiet, self._digest_seen = now_applied == self._digest_seen, now_applied
         now = self.reactor.clock()
-        if applied != self.replica_host.applied_index and now - self._digest_asked >= DIGEST_MAX_AGE:
+        if applied != now_applied and quiet and now - self._digest_asked >= DIGEST_MAX_AGE:
             self._digest_asked = now
             checkpoints.digest_wanted = True
         return digest, applied
