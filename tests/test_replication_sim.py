@@ -670,3 +670,35 @@ def test_the_simulator_drives_the_production_host():
     sim, _ = cluster()
     assert all(type(nd.host) is host.ReplicaHost for nd in sim.nodes.values())
     assert chatserver.ReplicaHost is host.ReplicaHost
+
+
+def test_backups_write_while_the_primary_writes_and_the_answer_waits_for_both():
+    """A primary ships its entries as it submits them (docs/replication.md section 11): with
+    its own write still in flight, a backup already holds the chat's entry on its disk, yet
+    the client gets no answer until the primary's batch is durable too; then it does.  (The
+    stall stays well under the failure timeout: the primary's heartbeats wait for its disk.)"""
+    sim, p = cluster()
+    primary = sim.nodes[p]
+    backups = [nd for nd in sim.nodes.values() if nd.id != p]
+    assert sim.chat("alice", "bob", "first").acked
+    sim.complete_disks = lambda: None   # nothing lands by chance: this test decides
+    primary.disk.delay_commits = True   # the primary's batches wait until complete()
+    before, acked = primary.replica.last_index, len(sim.acked)
+
+    def holds_the_chat(nd) -> bool:
+        entries = (nd.replica.entry(i) for i in range(before + 1, nd.replica.last_index + 1))
+        return not nd.disk.in_flight and any(decode_command(e.data)[:4] == ("send", "alice", "bob", "second")
+                                             for e in entries)
+
+    assert not sim.chat("alice", "bob", "second", ticks=3).acked
+    assert any(holds_the_chat(nd) for nd in backups), "a backup wrote the chat first"
+    assert primary.disk.in_flight and len(sim.acked) == acked, \
+        "no answer while the primary's own write is not durable"
+    primary.disk.delay_commits = False
+    primary.disk.complete(len(primary.disk.in_flight))
+    sim.process(p)
+    for _ in range(4 * TICK):
+        if len(sim.acked) > acked:
+            break
+        sim.unit()
+    assert len(sim.acked) == acked + 1
