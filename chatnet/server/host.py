@@ -232,17 +232,15 @@ class ReplicaHost:
         sent = self.checkpoints.due(batch)  # (a snapshot sent to a peer leaves on the next pass)
         if batch.chats and self._count_chats is not None:
             self._count_chats(batch.chats)
+        writes_more = bool(batch.meta or batch.truncate_after is not None or batch.snapshot is not None
+                           or batch.handover is not None)  # a view, truncation, snapshot or handover
+        late = self._ship(messages, batch, early=not writes_more and self.storage.durable >= self._fence
+                          and len(self.replica.members) > 1)
         if batch:
-            batch.committed = self.applied_index
-            self._submitted = self.storage.submit(batch)
-            if batch.entries or batch.snapshot is not None:
-                lowest = 0 if batch.snapshot is not None else batch.entries[0][0]
-                self._entry_batches.append((lowest, self._submitted))
-            if batch.meta or batch.truncate_after is not None or batch.snapshot is not None \
-                    or batch.handover is not None:
-                self._fence = self._submitted  # a view, truncation, snapshot or handover
+            self._submit(batch, writes_more)
+        if late:
+            self._outbox.append((self._submitted, late))
         self.events.after_cycle()
-        self._ship(messages, early=self.storage.durable >= self._fence and len(self.replica.members) > 1)
         service = self.service
         applied, self._applied_now = self._applied_now, []
         self._outputs.append(_Output(self._answer_barrier(), service.take_effects(), service.take_unblocked(),
@@ -253,8 +251,19 @@ class ReplicaHost:
             or self.hasher.has_done() or sent
         return CycleResult(effects, unblocked, more)
 
-    def _ship(self, messages: list, early: bool) -> None:
-        """Send this iteration's ``Append``s now, the rest once its batch is durable.
+    def _submit(self, batch: Batch, writes_more: bool) -> None:
+        """Hand ``batch`` to the storage; note what answers and early sends must wait for."""
+        batch.committed = self.applied_index
+        self._submitted = self.storage.submit(batch)
+        if batch.entries or batch.snapshot is not None:
+            lowest = 0 if batch.snapshot is not None else batch.entries[0][0]
+            self._entry_batches.append((lowest, self._submitted))
+        if writes_more:
+            self._fence = self._submitted
+
+    def _ship(self, messages: list, batch: Batch, early: bool) -> list:
+        """Send this iteration's ``Append``s now, and return the rest: they leave once
+        ``batch`` (about to be submitted) is durable.
 
         A primary may ship its entries to the backups while it writes them itself (as Raft's
         leaders do, thesis section 10.2.1): an ``Append`` promises nothing, and an entry
@@ -265,23 +274,30 @@ class ReplicaHost:
         (``early`` False: nobody hears of a view before it is durable here), nor while this
         replica is its view's only member (its commit index is then its own log, whose
         ``commit`` a learner would apply before it is durable), and never past a message
-        still held for the same peer (the order of a link)."""
-        held, late = {peer for _, sent in self._outbox for peer, _ in sent}, []
-        send, durable_last = self.network.send, self._durable_last()
+        still held for the same peer (the order of a link).
+
+        They are flushed at once, before the batch goes to the storage thread: a ``send()``
+        releases the GIL, and a storage thread just woken would take it for its own Python
+        work there and then, holding up the loop in the middle of the send."""
+        held, late, sent = {peer for _, out in self._outbox for peer, _ in out}, [], False
+        send, durable_last = self.network.send, self._durable_last(batch)
         for peer, msg in messages:
             if early and peer not in held and type(msg) is Append:
                 if msg.commit > durable_last:  # a commit index leaves only once durable here
                     msg = replace(msg, commit=durable_last)
                 send(peer, msg)
+                sent = True
             else:
                 held.add(peer)
                 late.append((peer, msg))
-        if late:
-            self._outbox.append((self._submitted, late))
+        if sent and (flush := getattr(self.network, "flush", None)) is not None:
+            flush()
+        return late
 
-    def _durable_last(self) -> int:
+    def _durable_last(self, batch: Batch) -> int:
         """The end of this replica's log that is on its disk: below the first entry of the
-        oldest batch still in flight (batches land in order; truncations are fenced).
+        oldest batch still in flight, or of ``batch`` about to be submitted (batches land in
+        order; truncations are fenced).
 
         An early ``Append`` carries at most this as its commit index.  The core counts its own
         log as written when it is handed to the storage, so its commit index may cover entries
@@ -293,7 +309,7 @@ class ReplicaHost:
         for lowest, n in self._entry_batches:
             if n > durable:
                 return lowest - 1
-        return self.replica.last_index
+        return batch.entries[0][0] - 1 if batch.entries else self.replica.last_index
 
     def _answer_barrier(self) -> int:
         """The batch after whose write the applied state is durable here: the newest batch
