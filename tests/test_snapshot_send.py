@@ -9,6 +9,7 @@ a client of a real cluster sees while a replica catches up by snapshot of a larg
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import sys
@@ -19,6 +20,7 @@ from test_replication_core import _runs_replica
 
 from chatnet.replication.core import PRIMARY, InstallSnapshot
 from chatnet.replication.simdisk import SimDisk
+from chatnet.server import background
 from chatnet.server import state as sm
 from chatnet.server.background import ForkSnapshots
 from chatnet.server.host import ReplicaHost
@@ -205,3 +207,50 @@ def test_the_status_digest_is_taken_off_the_loop_once_the_state_is_quiet(tmp_pat
         wait_until(fresh, 10, what="equal fresh digests", interval=0.2)
     finally:
         c.stop_all()
+
+
+def test_a_refused_fork_serializes_on_the_loop_and_the_peer_still_gets_its_snapshot(monkeypatch, caplog):
+    """Out of memory or at the process limit, fork() fails: the replica carries on, serializing
+    on the loop as it did before snapshots were forked, instead of raising out of its cycle."""
+    host = lone_primary(ForkSnapshots(lambda: None))
+    host.checkpoints.every = 10**9
+    apply_commands(host, [sm.cmd_create(f"user{i}", f"token{i}") for i in range(20)])
+    expected, index = host.service.state.to_snapshot(), host.applied_index
+
+    def refuse():
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+    monkeypatch.setattr(background.os, "fork", refuse)
+    sent = recorded_sends(host)
+    host.checkpoints.requested([2])
+    wait_until(lambda: host.cycle() and False or sent, 5, what="the snapshot sent")
+    assert [s[1:] for s in sent] == [(index, host.replica.entry_view(index), expected)]
+    assert "cannot fork a snapshot child" in caplog.text
+
+
+def test_a_failing_snapshot_child_is_not_forked_again_on_every_pass(monkeypatch, caplog):
+    """A child that dies is retried after CHILD_RETRY_S, not on the next loop pass (peers still
+    wait: every pass would fork and log again); once children work again, the peer is served."""
+    host = lone_primary(ForkSnapshots(lambda: None))
+    host.checkpoints.every = 10**9
+    apply_commands(host, [sm.cmd_create("alice", "t1")])
+    real_fork, real_snapshot, forks = os.fork, ChatState.to_snapshot, []
+
+    def counting_fork():
+        forks.append(1)
+        return real_fork()
+
+    def broken(self):
+        raise RuntimeError("serialization fails in the child")
+    monkeypatch.setattr(background.os, "fork", counting_fork)
+    monkeypatch.setattr(ChatState, "to_snapshot", broken)  # inherited by the child
+    sent = recorded_sends(host)
+    host.checkpoints.requested([2])
+    wait_until(lambda: host.cycle() and False or "snapshot child" in caplog.text, 10,
+               what="the failed child reaped")
+    until = time.monotonic() + 0.3
+    while time.monotonic() < until:
+        host.cycle()
+    assert len(forks) == 1  # no second child within 0.3 s (CHILD_RETRY_S is 1 s)
+    monkeypatch.setattr(ChatState, "to_snapshot", real_snapshot)
+    wait_until(lambda: host.cycle() and False or sent, 10, what="the snapshot sent once a child works")
+    assert len(forks) == 2 and [s[0] for s in sent] == [2]

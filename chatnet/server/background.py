@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 _STOP = object()  # queued by close(): the thread ends after what was queued before it
 FLUSH_POLL = 0.001  # s between looks at durable while flush() waits (shutdown only)
+CHILD_RETRY_S = 1.0  # after a snapshot child failed: no new one before this many seconds
 
 
 class BackgroundStorage:
@@ -144,7 +145,13 @@ class ForkSnapshots:
     closes every other file descriptor at once (the listening socket, peer links, the store), so
     a replica restarted while a child still runs can bind its port again, and it exits with
     status 0 only after writing everything: a child that dies is a snapshot skipped, never a
-    torn one.  One at a time (``busy``)."""
+    torn one.  One at a time (``busy``).
+
+    Failures do not stop the replica and do not spin: a child that fails keeps the maker busy
+    for ``CHILD_RETRY_S`` (otherwise the peers still waiting would have a child forked, and a
+    warning logged, on every loop pass), and a ``fork()`` the system refuses (out of memory,
+    the process limit) serializes on the loop instead, as before this class existed: a pause,
+    but the checkpoint that bounds the log and the snapshot a lagging peer waits for are made."""
 
     def __init__(self, wake) -> None:
         self.wake = wake
@@ -152,16 +159,30 @@ class ForkSnapshots:
         self._thread: threading.Thread | None = None
         self._done: tuple | None = None
         self._finished = False
+        self._inline: tuple | None = None  # made on the loop because fork() failed
+        self._retry_at: float | None = None  # busy until then, after a failed child
 
     @property
     def busy(self) -> bool:
+        if self._retry_at is not None:
+            if time.monotonic() < self._retry_at:
+                return True
+            self._retry_at = None
         return self._thread is not None
 
     def start(self, state, tag: tuple) -> None:
         """Fork a child that serializes ``state`` as it is now; ``tag`` (what the caller needs
         to know of that moment: its index, view, ...) comes back with the bytes."""
         read_end, write_end = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            os.close(read_end)
+            os.close(write_end)
+            log.warning("cannot fork a snapshot child (%s): serializing on the loop instead", exc)
+            data = state.to_snapshot()
+            self._inline = (tag, data, state_digest(data))
+            return
         if pid == 0:
             _serialize_in_child(state, read_end, write_end)  # never returns
         os.close(write_end)
@@ -183,12 +204,17 @@ class ForkSnapshots:
 
     def take(self) -> tuple | None:
         """The finished snapshot (tag, bytes, digest), once; None while it runs, and once
-        (then :attr:`busy` is false) when the child failed."""
+        when the child failed (then :attr:`busy` for ``CHILD_RETRY_S``)."""
+        if self._inline is not None:
+            done, self._inline = self._inline, None
+            return done
         if self._thread is None or not self._finished:
             return None
         self._thread.join()
         self._thread = self._pid = None
         done, self._done = self._done, None
+        if done is None:
+            self._retry_at = time.monotonic() + CHILD_RETRY_S
         return done
 
     def close(self) -> None:
