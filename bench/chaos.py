@@ -56,7 +56,7 @@ from chatnet.testing.netns import Netns, NetnsError  # noqa: E402,F401 - NetnsEr
 NO_RECIPIENT = "Recipient username cannot be found."
 FAILURE_TIMEOUT = 1.0      # the replicas' default --failure-timeout-ms, in seconds
 LOGIN_UNKNOWN_PREFIX = "Unable to login: This username does not exist."
-DIGEST_REFRESH = 1.3       # more than the replicas' DIGEST_MAX_AGE (1 s): a status digest is fresh after it
+DIGEST_REFRESH = 1.3       # more than the replicas' DIGEST_MAX_AGE (1 s): a quiet replica's digest is fresh after it
 
 def log(message: str) -> None:
     print(f"chaos: {message}", file=sys.stderr, flush=True)
@@ -879,13 +879,15 @@ def converge_phase(args, cluster: Cluster, history: History) -> None:
     """Wait until every replica is in one view at one applied index, and record the statuses
     of a round of queries that showed it (those digests are the ones compared).
 
-    A replica recomputes its status digest at most once per second (``DIGEST_MAX_AGE`` of
-    chatserver.py) and meanwhile reports the previous one next to the *current* applied
-    index, so one round can pair a fresh index with a stale digest.  The round recorded is
-    therefore one taken more than that second after an earlier round that showed the same
-    applied index everywhere: every digest in it was computed at that index.  Where the
-    status has ``digest_applied`` (the index the digest describes), it must equal ``applied``
-    too."""
+    A replica's status digest is the one of its latest serialization of the state (made off
+    the loop); a query that finds it behind an applied index that has not moved since the
+    previous query asks for a fresh one, at most once per ``DIGEST_MAX_AGE`` (chatserver.py),
+    and it lands a poll or two later.  Meanwhile the status reports the older digest next to
+    the *current* applied index, so one round can pair a fresh index with a stale digest.  The
+    round recorded is therefore one taken more than that second after an earlier round that
+    showed the same applied index everywhere, and where the status has ``digest_applied`` (the
+    index the digest describes), it must equal ``applied`` too: every digest compared was
+    computed at that index."""
     history.write("phase", name="converge")
     last: list = []
 
