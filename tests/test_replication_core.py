@@ -739,6 +739,41 @@ def test_reapplied_origins_are_state_applied_once_and_survive_snapshots_and_the_
     assert other.load().state.has_origin(6, 25)
 
 
+def test_refusals_are_state_remembered_bounded_and_survive_snapshots_and_the_store(tmp_path, monkeypatch):
+    """The log indexes of refused commands are part of the chat state (ChatState.refused), as
+    origins are: recorded by apply at a log index (not without one), carried by snapshots and
+    rebuilt by the store's replay, absent from the snapshot while empty (older snapshots, and
+    the digests of states that never refused anything, are unchanged), oldest dropped first."""
+    import json
+
+    from chatnet.server import state as sm
+    from chatnet.server.state import NO_SUCH_RECIPIENT, ChatState, cmd_create, cmd_send, encode_command
+    from chatnet.server.storage import Batch
+    from chatnet.server.store import Store
+
+    state = ChatState()
+    state.apply(cmd_create("bob"), 1)
+    assert "refused" not in json.loads(state.to_snapshot())        # none yet: no field
+    assert state.apply(cmd_send("bob", "amy", "hi"), 2) == NO_SUCH_RECIPIENT
+    assert state.apply(cmd_create("bob"), 3) == sm.NAME_TAKEN
+    assert state.apply(cmd_send("bob", "amy", "again")) == NO_SUCH_RECIPIENT   # no index: not logged
+    assert state.apply(("reapply", 7, 40, cmd_send("bob", "amy", "x")), 4) == NO_SUCH_RECIPIENT
+    assert list(state.refused) == [2, 3, 4]
+    copy = ChatState.from_snapshot(state.to_snapshot())
+    assert list(copy.refused) == [2, 3, 4] and copy.to_snapshot() == state.to_snapshot()
+    old = json.loads(state.to_snapshot())                            # a snapshot of an older version
+    del old["refused"]
+    assert ChatState.from_snapshot(json.dumps(old).encode()).refused == {}
+    store = Store(str(tmp_path / "a"))  # replayed from the log at start-up
+    store.commit(Batch(entries=[(1, 1, encode_command(cmd_create("bob"))),
+                                (2, 1, encode_command(cmd_send("bob", "amy", "hi")))], committed=2, sync=True))
+    store.close()
+    assert list(Store(str(tmp_path / "a")).load().state.refused) == [2]
+    monkeypatch.setattr(sm, "RECENT_REFUSALS", 2)
+    state.apply(cmd_send("bob", "amy", "y"), 9)
+    assert list(state.refused) == [4, 9]
+
+
 def test_a_lone_primary_restarted_hands_its_entries_over_before_a_snapshot_replaces_them():
     """All mode: replica 2 led view 5 alone (a split brain's cut-off side), acknowledged 2-3
     and was killed before its stored commit index covered them (the store writes it only with

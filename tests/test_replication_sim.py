@@ -13,6 +13,7 @@ import os
 import pytest
 
 from chatnet.replication.core import BACKUP, PRIMARY, RECOVERING
+from chatnet.replication.membership import is_config_entry
 from chatnet.replication.messages import Reapply, decode_message
 from chatnet.replication.sim import (
     ALL_FAULTS,
@@ -439,17 +440,54 @@ def test_a_send_refused_on_the_losing_side_is_not_re_applied():
     sim, a, b = lone_and_pair()
     assert sim.chat("carol", "newbie", "created on the pair's side", via=b).acked
     assert sim.chat("alice", "dave", "acknowledged on the lone side", via=a).acked
-    alice = sim.named_client("alice")
-    alice.answer = alice.acked = None
-    alice.outbox.append("3|newbie|refused on the lone side")
-    sim._run_until(lambda: alice.answer is not None, sim.now + 40 * TICK, alice, a)
-    assert alice.acked is None and "cannot be found" in alice.answer
+    _refuse_a_send_on(sim, a)
     sim.heal_network()
     sim.heal_and_check()
     winner = sim.nodes[sim.serving()[0]]
     assert "acknowledged on the lone side" in _sent_texts(winner)
     assert "refused on the lone side" not in _sent_texts(winner)
     assert winner.host.status()["reapply"]["refused"] >= 1   # its logins refused there too
+
+
+def _refuse_a_send_on(sim, a) -> int:
+    """The lone side ``a`` refuses alice's send to "newbie", an account created on the other
+    side only; her client is told so.  The send's log index on ``a``."""
+    alice = sim.named_client("alice")
+    alice.answer = alice.acked = None
+    alice.outbox.append("3|newbie|refused on the lone side")
+    sim._run_until(lambda: alice.answer is not None, sim.now + 40 * TICK, alice, a)
+    assert alice.acked is None and "cannot be found" in alice.answer
+    return next(i for i, d in sim.nodes[a].hist.items()
+                if not is_config_entry(d) and decode_command(d)[1:4] == ("alice", "newbie", "refused on the lone side"))
+
+
+def test_a_send_refused_on_the_losing_side_stays_refused_across_its_restart():
+    """As above, but the losing replica takes a checkpoint covering the refused send and is
+    restarted during the split (so start-up does not replay it): the refusal is part of the
+    chat state it reloads (ChatState.refused), so it still hands the send over marked, and
+    the winner reports it instead of delivering it (before: re-applied, a phantom delivery)."""
+    sim, a, b = lone_and_pair()
+    sim.nodes[a].host.checkpoints.every = 1     # a checkpoint as soon as the log outweighs it
+    assert sim.chat("carol", "newbie", "created on the pair's side", via=b).acked
+    assert sim.chat("alice", "dave", "acknowledged on the lone side", via=a).acked
+    refused_at = _refuse_a_send_on(sim, a)
+    assert refused_at in sim.nodes[a].host.service.state.refused
+    for k in range(40):                         # until a checkpoint covers the refused send
+        if sim.nodes[a].disk.base_index >= refused_at:
+            break
+        assert sim.chat("alice", "dave", f"lone {k}", via=a).acked
+    assert sim.nodes[a].disk.base_index >= refused_at
+    sim.crash(a)
+    sim.heal_network()
+    sim.run_ticks(2 * FT)
+    sim.restart(a)
+    assert refused_at in sim.nodes[a].host.service.state.refused   # from the checkpoint
+    sim.heal_and_check()
+    winner = sim.nodes[sim.serving()[0]]
+    assert "acknowledged on the lone side" in _sent_texts(winner)
+    assert "refused on the lone side" not in _sent_texts(winner)
+    assert not [m for m in winner.host.service.state.mailboxes["newbie"] if m.text == "refused on the lone side"]
+    assert winner.host.status()["reapply"]["refused"] >= 1
 
 
 def test_a_lone_primary_killed_during_the_split_hands_over_after_its_restart():

@@ -549,7 +549,7 @@ class Simulation:
             if data is None:
                 return None
             if not is_config_entry(data):
-                state.apply(decode_command(data))
+                state.apply(decode_command(data), index)
         return state.to_snapshot()
 
     def holds(self, i: int, index: int, data: bytes) -> bool:

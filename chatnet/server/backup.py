@@ -269,7 +269,7 @@ def _fold(stage: str) -> dict:
             if idx == index:
                 view = entry_view
             elif idx > index:
-                state.apply(decode_command(bytes(data)))
+                state.apply(decode_command(bytes(data)), idx)
                 index, view = idx, entry_view
         view = max(view, int(loaded.meta.get("view", 0)))
         store.commit(Batch(snapshot=(index, view, state), sync=True,

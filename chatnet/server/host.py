@@ -758,9 +758,10 @@ class Reapplier:
         """An entry this replica hands over after losing a split brain (the core's hook): a
         command refused when it was applied here goes as ``("refused", command)``, so the
         winner reports it instead of applying it where it would succeed (a send told "no such
-        recipient" here, whose recipient was created on the other side).  What was applied
-        before a restart is not known (ChatService.refused is memory): handed over unmarked."""
-        if (entry.view, entry.index) not in self.host.service.refused:
+        recipient" here, whose recipient was created on the other side).  The chat state
+        remembers the log indexes it refused (``ChatState.refused``, in its snapshots, so across
+        a restart): my log holds, at each of them, the entry my state refused."""
+        if entry.index not in self.host.service.state.refused:
             return entry
         return Entry(entry.index, entry.view, encode_command(("refused", decode_command(entry.data))))
 

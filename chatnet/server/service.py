@@ -179,8 +179,6 @@ def frame(status: int, message: str) -> bytes:
 
 
 EPOCH_SEPARATOR = "."  # never in a drawn token (A-Z a-z 0-9 _ -)
-REFUSED_KEPT = 100_000  # refused positions remembered for a handover (ChatService.refused)
-_REFUSED = (sm.NO_SUCH_RECIPIENT, sm.NAME_TAKEN, sm.NO_SUCH_ACCOUNT, sm.PASSWORD_REQUIRED, sm.PASSWORD_CHANGED)
 
 
 def split_token(token: str) -> tuple[str, int | None]:
@@ -227,11 +225,6 @@ class ChatService:
     # carry it, so a resume elsewhere can tell whose numbering its LAST_SEQ is (see _resume).
     epoch: int | None = None
     in_history: object = field(default=lambda view: True)  # view -> whether my log holds entries of it
-    # Positions (view, index) of recently applied commands that were refused (a send to an
-    # unknown recipient, a create of a taken name, ...): a healed split brain's losing side
-    # marks them in its handover, so the winner does not re-apply what its sender was told
-    # had failed (docs/replication.md section 10).  Memory only, the most recent REFUSED_KEPT.
-    refused: dict = field(default_factory=dict)
 
     # -- connection life cycle -------------------------------------------------------------
     def connection_opened(self, conn: int, address: str | None = None) -> None:
@@ -751,11 +744,9 @@ class ChatService:
 
         The waiter of ``index`` is answered only if the committed entry is the one it proposed
         (same view): an entry of another primary at that index is not its command."""
-        result = self.state.apply(cmd)
+        result = self.state.apply(cmd, index)  # (remembers a refusal: ChatState.note_refused)
         if cmd[0] == "login":
             self._logging_in.discard(cmd[1])
-        if not isinstance(result, sm.Mail) and result in _REFUSED:  # (a Mail would be compared
-            self._note_refused(view, index)                         # with each refusal in turn)
         waiter = self._waiters.pop(index, None)
         session = None
         if waiter is not None:
@@ -786,11 +777,6 @@ class ChatService:
                 self._sent_frames.clear()
             data = self._sent_frames[recipient] = frame(STATUS_OK, T_SENT.format(recipient=recipient))
         return data
-
-    def _note_refused(self, view: int, index: int) -> None:
-        self.refused[(view, index)] = None
-        if len(self.refused) > REFUSED_KEPT:
-            del self.refused[next(iter(self.refused))]
 
     def _answer(self, session: Session, cmd: tuple, result) -> None:
         kind = cmd[0]

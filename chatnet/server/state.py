@@ -41,6 +41,16 @@ RECENT_REQUEST_IDS = 1024  # per account: how far back a retried send is recogni
 # Origins (view, index) of a healed split brain's re-applied commands the state remembers, so
 # that one handed over twice is applied once on every replica, snapshots included.
 RECENT_ORIGINS = 65_536
+# Results that refuse a command: its client is told it failed (ChatState.refused).
+REFUSALS = frozenset((NO_SUCH_RECIPIENT, NAME_TAKEN, NO_SUCH_ACCOUNT, PASSWORD_REQUIRED, PASSWORD_CHANGED))
+# Log indexes of refused commands the state remembers (ChatState.refused), oldest dropped
+# first.  A losing side hands over at most the log it kept since the split: up to
+# DEGRADED_RETAIN_FACTOR x --log-retain entries (chatnet/replication/core.py; about a million
+# with the default retention), so this covers every refusal of any handover in which at most
+# one entry in ten was refused; a flood of refused sends beyond that hands its oldest over
+# unmarked.  The bound is a count, the same on every replica whatever its --log-retain, and
+# keeps what such a flood costs small (about 10 MB of memory, 1 MB of snapshot).
+RECENT_REFUSALS = 100_000
 
 
 class Mail(NamedTuple):
@@ -177,6 +187,7 @@ class ChatState:
         self._next_order = 1
         self.origins: dict[tuple[int, int], int] = {}  # re-applied (view, index) -> position, oldest first
         self._next_origin_pos = 1
+        self.refused: dict[int, None] = {}  # log indexes of refused commands, oldest first (note_refused)
 
     # -- loading (used by the store when it rebuilds the state from its tables) ------------
     def load_account(self, name: str, order: int, next_seq: int, token: str | None = None,
@@ -211,6 +222,8 @@ class ChatState:
         doc = {"v": 1, "next_order": self._next_order, "accounts": accounts}
         if self.origins:  # (absent in a state that never re-applied anything: older readers)
             doc["origins"] = [[pos, view, index] for (view, index), pos in self.origins.items()]
+        if self.refused:  # (absent, like origins, in a state that never refused a command)
+            doc["refused"] = list(self.refused)
         return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -228,6 +241,7 @@ class ChatState:
         state._next_order = max(state._next_order, doc["next_order"])
         for pos, view, index in doc.get("origins", ()):
             state.load_origin(pos, view, index)
+        state.refused = dict.fromkeys(doc.get("refused", ()))
         return state
 
     # -- queries ---------------------------------------------------------------------------
@@ -250,8 +264,30 @@ class ChatState:
         return account.next_seq - 1 if account else 0
 
     # -- the state machine -----------------------------------------------------------------
-    def apply(self, cmd: tuple) -> object:
-        """Apply one command; return its result (OK, a refusal, DUPLICATE, or the queued Mail)."""
+    def apply(self, cmd: tuple, index: int = 0) -> object:
+        """Apply one command, the committed log entry at ``index`` (0: not from the log, nothing
+        remembered); return its result (OK, a refusal, DUPLICATE, or the queued Mail)."""
+        result = self._apply(cmd)
+        if index and result.__class__ is str and result in REFUSALS:  # (a Mail is a tuple)
+            self.note_refused(index)
+        return result
+
+    def note_refused(self, index: int) -> None:
+        """Remember that the command at ``index`` was refused: a healed split brain's losing side
+        hands it over marked so, and the winner does not re-apply what its client was told had
+        failed (docs/replication.md section 10).  Part of the state, as ``origins`` is: every
+        replica applies the same entries in the same order, so each remembers the same ones,
+        and snapshots (checkpoints included) carry them across a restart.
+
+        The index alone names the entry: a state and its replica's log agree on every index up
+        to the applied one (a committed entry is replaced only with the whole state, by a
+        snapshot), and only that replica's own log entries are looked up."""
+        refused = self.refused
+        refused[index] = None
+        while len(refused) > RECENT_REFUSALS:
+            del refused[next(iter(refused))]
+
+    def _apply(self, cmd: tuple) -> object:
         kind = cmd[0]
         if kind == "config":  # a membership change: the replication core's, not the chat's
             return OK
@@ -274,7 +310,7 @@ class ChatState:
         if kind == "reapply":  # ("reapply", view, index, command): a healed split brain's losing
             if not self.note_origin(cmd[1], cmd[2]):  # side, re-applied (docs/replication.md section 10)
                 return DUPLICATE
-            return self.apply(cmd[3])
+            return self._apply(cmd[3])
         raise ValueError(f"unknown command {kind!r}")
 
     def has_origin(self, view: int, index: int) -> bool:

@@ -109,7 +109,7 @@ def replay(state: ChatState, log: list, after: int, upto: int) -> ChatState:
 
     for row in log:
         if after < row[0] <= upto and not is_config_entry(row[2]):
-            state.apply(decode_command(bytes(row[2])))
+            state.apply(decode_command(bytes(row[2])), row[0])
     return state
 
 
