@@ -267,7 +267,10 @@ class ChatState:
     def apply(self, cmd: tuple, index: int = 0) -> object:
         """Apply one command, the committed log entry at ``index`` (0: not from the log, nothing
         remembered); return its result (OK, a refusal, DUPLICATE, or the queued Mail)."""
-        result = self._apply(cmd)
+        if cmd[0] == "send":  # the common case, without a second call
+            result = self._send(cmd[1], cmd[2], cmd[3], cmd[4])
+        else:
+            result = self._apply(cmd)
         if index and result.__class__ is str and result in REFUSALS:  # (a Mail is a tuple)
             self.note_refused(index)
         return result
