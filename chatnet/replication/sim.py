@@ -57,7 +57,7 @@ from ..protocol.texts import T_LOGIN_UNKNOWN, T_SENT
 from ..server.host import ReplicaHost
 from ..server.service import Close, Reply
 from ..server.state import ChatState, decode_command
-from ..server.status import state_digest
+from ..server.status import serialized
 from .core import PRIMARY
 from .membership import Config, MembershipError, is_config_entry
 from .messages import Append, InstallSnapshot, decode_message, encode_message
@@ -114,8 +114,7 @@ class SimSnapshots:
         return self._done is not None
 
     def start(self, state: ChatState, tag: tuple) -> None:
-        data = state.to_snapshot()
-        self._done, self._left = (tag, data, state_digest(data)), self.rng.randint(0, self.MAX_CYCLES)
+        self._done, self._left = serialized(state, tag), self.rng.randint(0, self.MAX_CYCLES)
 
     def take(self) -> tuple | None:
         if self._done is None:

@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 
-from .status import state_digest
+from .status import serialized, state_digest
 from .storage import Batch, Loaded
 from .store import Store
 
@@ -180,8 +180,7 @@ class ForkSnapshots:
             os.close(read_end)
             os.close(write_end)
             log.warning("cannot fork a snapshot child (%s): serializing on the loop instead", exc)
-            data = state.to_snapshot()
-            self._inline = (tag, data, state_digest(data))
+            self._inline = serialized(state, tag)
             return
         if pid == 0:
             _serialize_in_child(state, read_end, write_end)  # never returns

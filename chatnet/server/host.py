@@ -47,7 +47,7 @@ from .members import MembershipRequests
 from .passwords import InlineHasher
 from .service import ChatService, Close, Reply, frame
 from .state import ChatState, Mail, changed_state, decode_command, encode_command
-from .status import state_digest
+from .status import serialized
 from .storage import Batch, Loaded, Storage, StoreError
 
 log = logging.getLogger(__name__)
@@ -538,8 +538,7 @@ class InlineSnapshots:
         self._done: tuple | None = None
 
     def start(self, state: ChatState, tag: tuple) -> None:
-        data = state.to_snapshot()
-        self._done = (tag, data, state_digest(data))
+        self._done = serialized(state, tag)
 
     def take(self) -> tuple | None:
         done, self._done = self._done, None

@@ -45,6 +45,13 @@ def state_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+def serialized(state, tag: tuple) -> tuple:
+    """Serialize ``state`` now: what a snapshot maker hands back, ``(tag, bytes, digest)``
+    (the inline maker, the simulator's, a forked child's fallback when fork() fails)."""
+    data = state.to_snapshot()
+    return tag, data, state_digest(data)
+
+
 def public_status(status: dict) -> dict:
     """What an unauthenticated query may see."""
     return {key: status.get(key) for key in PUBLIC_FIELDS}
