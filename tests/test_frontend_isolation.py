@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -18,6 +19,7 @@ import time
 import pytest
 
 from chatnet.protocol.codec import NEED_DATA, ResponseDecoder
+from chatnet.protocol.texts import STATUS_PREFACE
 from chatnet.server.chatserver import ChatServer
 from chatnet.server.config import Address
 from chatnet.testing import RawClient, free_port, wait_until
@@ -97,3 +99,24 @@ def test_a_list_flood_does_not_freeze_others_or_blow_up_memory(server):
     print(f"worst bystander wait {worst * 1000:.1f} ms, RSS +{rss_after - rss_before} KiB")
     assert worst < 0.5 * slack, f"a bystander waited {worst:.3f}s during the flood"
     assert rss_after - rss_before < 40 * 1024, f"RSS grew {rss_after - rss_before} KiB"
+
+
+def test_a_public_status_query_never_asks_for_a_state_digest(in_process_server, monkeypatch):
+    """The digest (a serialization of the whole state, in a forked child) is for authenticated
+    queries: an unauthenticated poller of a quiet replica must not make it fork every second."""
+    server = in_process_server
+    asked = []
+    real = server._state_digest
+    monkeypatch.setattr(server, "_state_digest", lambda: asked.append(1) or real())
+    for _ in range(3):
+        with socket.create_connection((server.host, server.port), timeout=10) as s:
+            s.sendall(STATUS_PREFACE)
+            data = b""
+            while not data.endswith(b"\n"):
+                chunk = s.recv(4096)
+                assert chunk, "the public status answer was cut short"
+                data += chunk
+        assert json.loads(data)["role"] == "primary"
+    assert asked == []
+    assert "digest" in server.status()  # the authenticated query still carries it
+    assert asked == [1]

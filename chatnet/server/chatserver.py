@@ -670,7 +670,7 @@ class ChatServer:
         io = conn.io  # plaintext, or the TLS session the preface came in
         if preface == STATUS_PREFACE:
             if self._status_allowed():
-                _send_and_close(io, json_line(public_status(self.status())))
+                _send_and_close(io, json_line(public_status(self.status(digest=False))))
             else:
                 io.close()
         elif preface in _AUTHENTICATED:
@@ -685,10 +685,13 @@ class ChatServer:
         else:
             self.transport.adopt(io, conn.addr, rest)
 
-    def status(self) -> dict:
+    def status(self, digest: bool = True) -> dict:
+        """The full status (an authenticated query).  ``digest`` False for a public query,
+        which shows no digest: an unauthenticated poller must not make a quiet replica fork a
+        serialization every DIGEST_MAX_AGE (:meth:`_state_digest`)."""
         status = self.replica_host.status()
         primary = status.get("primary")
-        digest, digest_applied = self._state_digest()
+        digest, digest_applied = self._state_digest() if digest else ("", -1)
         status.update(address=f"{self.host}:{self.port}", clients=len(self.conns), digest=digest,
                       digest_applied=digest_applied,
                       primary_address=self.replica.config.address(primary) if primary is not None else None)
